@@ -1,0 +1,22 @@
+"""Recorded CAN logs read as frame batches: candump by our own numpy parser, the rest via python-can."""
+
+from agent.logs import candump, pythoncan
+from agent.logs.base import (
+    DEFAULT_BATCH_FRAMES,
+    LogError,
+    LogReader,
+    LogStats,
+    formats,
+    open_log,
+)
+
+__all__ = [
+    "DEFAULT_BATCH_FRAMES",
+    "LogError",
+    "LogReader",
+    "LogStats",
+    "candump",
+    "formats",
+    "open_log",
+    "pythoncan",
+]

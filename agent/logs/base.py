@@ -1,0 +1,90 @@
+"""The log reader interface: one small abstract class, one module per format, registered by name."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from agent.frames import FrameBatch
+
+#: Frames per batch when the caller does not say: large enough to amortise numpy's
+#: per-call overhead, small enough to keep a batch's memory in the low megabytes.
+DEFAULT_BATCH_FRAMES = 10_000
+
+#: How many malformed lines a reader quotes in its stats (all are counted).
+MAX_EXAMPLES = 5
+
+
+class LogError(Exception):
+    """A log file that cannot be read at all (missing, unreadable, not this format)."""
+
+
+@dataclass
+class LogStats:
+    """What a reader has seen so far; updated as batches are produced."""
+
+    frames: int = 0
+    malformed: int = 0
+    #: The first few malformed records, as "line N: <text>" (or the reader's own locator).
+    examples: list[str] = field(default_factory=list)
+
+    def add_malformed(self, count: int, examples: list[str]) -> None:
+        self.malformed += count
+        room = MAX_EXAMPLES - len(self.examples)
+        if room > 0:
+            self.examples.extend(examples[:room])
+
+
+class LogReader(abc.ABC):
+    """Reads one recorded log as frame batches, in the log's order, in bounded memory.
+
+    Bus names are the log's own channel names (`can0` in candump). Each batch's `buses`
+    table only ever grows, so a bus keeps its index for the whole file.
+    """
+
+    #: Format name, as given to `open_log(..., fmt=...)`.
+    format: ClassVar[str]
+    #: File name suffixes (lower case, with the dot) that select this format.
+    suffixes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.stats = LogStats()
+        if not self.path.is_file():
+            raise LogError(f"{self.path}: no such log file")
+
+    @abc.abstractmethod
+    def batches(self, max_frames: int = DEFAULT_BATCH_FRAMES) -> Iterator[FrameBatch]:
+        """Yield batches of at most `max_frames` frames until the log ends."""
+
+
+_READERS: dict[str, type[LogReader]] = {}
+
+
+def register(cls: type[LogReader]) -> type[LogReader]:
+    _READERS[cls.format] = cls
+    return cls
+
+
+def formats() -> dict[str, type[LogReader]]:
+    return dict(_READERS)
+
+
+def open_log(path: str | Path, fmt: str | None = None) -> LogReader:
+    """A reader for `path`, chosen by `fmt` or else by the file's suffix."""
+    path = Path(path)
+    if fmt is not None:
+        if fmt not in _READERS:
+            raise LogError(f"{path}: unknown log format {fmt!r} (known: {', '.join(_READERS)})")
+        return _READERS[fmt](path)
+    suffix = path.suffix.lower()
+    for cls in _READERS.values():
+        if suffix in cls.suffixes:
+            return cls(path)
+    known = ", ".join(s for cls in _READERS.values() for s in cls.suffixes)
+    raise LogError(f"{path}: cannot tell the log format from the suffix {suffix!r} (known: {known})")
+
+
