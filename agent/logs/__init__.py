@@ -1,4 +1,4 @@
-"""Recorded CAN logs read as frame batches: candump by our own numpy parser, the rest via python-can."""
+"""Recorded CAN logs read as frame batches: candump by a numpy parser, the rest via python-can."""
 
 from agent.logs import candump, pythoncan
 from agent.logs.base import (

@@ -1,0 +1,20 @@
+"""Vectorised DBC decoding: cantools parses the DBC, numpy decodes whole frame batches."""
+
+from agent.decode.dbc import Dbc, DbcError, load_dbc
+from agent.decode.decoder import ALL_BUSES, DecodedBatch, Decoder, j1939_pgn
+from agent.decode.plan import MessageBlock, MessageInfo, MessagePlan, SignalColumn, SignalInfo
+
+__all__ = [
+    "ALL_BUSES",
+    "Dbc",
+    "DbcError",
+    "DecodedBatch",
+    "Decoder",
+    "MessageBlock",
+    "MessageInfo",
+    "MessagePlan",
+    "SignalColumn",
+    "SignalInfo",
+    "j1939_pgn",
+    "load_dbc",
+]
