@@ -5,18 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.decode.dbc import Dbc, load_dbc
-from agent.decode.plan import MessageBlock, MessagePlan
+from agent.decode.plan import WORDS, MessageBlock, MessagePlan
 from agent.frames import FrameBatch, FrameFlag
 
 #: The bus name that stands for every bus, in the DBC mapping and in the J1939 list.
 ALL_BUSES = "*"
 
 _EXTENDED_KEY = 1 << 31
+# As numpy scalars: an enum operand costs numpy a slow conversion on every call.
+_EXTENDED = np.uint8(FrameFlag.EXTENDED)
+_ERROR = np.uint8(FrameFlag.ERROR)
+_UNDECODABLE = np.uint8(FrameFlag.ERROR | FrameFlag.REMOTE)
 
 
 def j1939_pgn(can_id: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -49,21 +54,58 @@ class DecodedBatch:
     unknown: int
     error_frames: int
     remote_frames: int
+    signals: int = 0  # signal values decoded (present in their frames)
     blocks: list[MessageBlock] = field(default_factory=list)
 
-    @property
-    def signals(self) -> int:
-        """Signal values decoded (present in their frames)."""
-        return sum(column.count() for block in self.blocks for column in block.signals)
 
-
-@dataclass(frozen=True, slots=True)
 class _Lookup:
-    """Every known message key of the buses of one bus table, sorted for searchsorted."""
+    """The messages of the buses of one bus table, with every signal's parameters in flat
+    arrays, so that one gather per parameter serves all the signals of a batch."""
 
-    keys: npt.NDArray[np.int64]
-    plans: list[tuple[str, MessagePlan]]
-    j1939: npt.NDArray[np.bool_]  # per bus index
+    def __init__(self, buses: tuple[str, ...], plans: list[tuple[str, int, MessagePlan]]) -> None:
+        self.plans = [(bus, plan) for bus, _, plan in plans]
+        keys = np.array([(buses.index(bus) << 32) | key for bus, key, _ in plans], np.int64)
+        self.standard = np.full(len(buses) * 2048, -1, np.int32)
+        extended = keys & _EXTENDED_KEY != 0
+        self.standard[(keys[~extended] >> 32) * 2048 + (keys[~extended] & 0x7FF)] = np.flatnonzero(
+            ~extended
+        )
+        self.extended_keys = keys[extended]
+        self.extended_index = np.flatnonzero(extended).astype(np.int32)
+        order = np.argsort(self.extended_keys)
+        self.extended_keys, self.extended_index = (
+            self.extended_keys[order],
+            self.extended_index[order],
+        )
+        self.j1939 = np.array([False] * len(buses))
+        self.index_dtype = np.int16 if len(plans) < 2**15 else np.int32
+
+        signals = [p.signals for _, _, p in plans]
+        self.width = np.array([len(s) for s in signals], np.int64)
+        self.first_signal = np.concatenate([[0], np.cumsum(self.width)[:-1]]).astype(np.int64)
+        self.max_needed = np.array([p.max_needed for _, _, p in plans], np.int64)
+        self.irregular = np.array(
+            [bool(p.multiplexed or p.straddlers or p.never.any()) for _, _, p in plans]
+        )
+
+        def flat(name: str, dtype: type[np.generic]) -> npt.NDArray[Any]:
+            parts = [getattr(p, name) for _, _, p in plans]
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        self.word = flat("word", np.int64)
+        self.shift_left = flat("shift_left", np.uint64)
+        self.shift_right = flat("shift_right", np.int64)
+        self.mask = flat("mask", np.uint64)
+        self.needed = flat("needed", np.int64)
+        self._columns: dict[int, npt.NDArray[np.int64]] = {}
+
+    def columns(self, words: int) -> npt.NDArray[np.int64]:
+        """Each signal's column in a batch's table of payload words (see `_column`)."""
+        columns = self._columns.get(words)
+        if columns is None:
+            columns = _column(self.word, words)
+            self._columns[words] = columns
+        return columns
 
 
 class Decoder:
@@ -124,16 +166,9 @@ class Decoder:
     def _lookup(self, buses: tuple[str, ...]) -> _Lookup:
         lookup = self._lookups.get(buses)
         if lookup is None:
-            entries = sorted(
-                ((index << 32) | key, bus, plan)
-                for index, bus in enumerate(buses)
-                for key, plan in self._plans_of(bus).items()
-            )
-            lookup = _Lookup(
-                keys=np.array([e[0] for e in entries], np.int64),
-                plans=[(bus, plan) for _, bus, plan in entries],
-                j1939=np.array([self.is_j1939(b) for b in buses], np.bool_),
-            )
+            plans = [(bus, key, plan) for bus in buses for key, plan in self._plans_of(bus).items()]
+            lookup = _Lookup(buses, plans)
+            lookup.j1939 = np.array([self.is_j1939(b) for b in buses], np.bool_)
             self._lookups[buses] = lookup
         return lookup
 
@@ -141,32 +176,150 @@ class Decoder:
         """Decode every frame of `batch` that a DBC of its bus knows."""
         n = len(batch)
         flags = batch.flags
-        error = (flags & FrameFlag.ERROR) != 0
-        remote = ((flags & FrameFlag.REMOTE) != 0) & ~error
-        extended = (flags & FrameFlag.EXTENDED) != 0
+        error = (flags & _ERROR) != 0
+        undecodable = (flags & _UNDECODABLE) != 0
+        n_error = int(np.count_nonzero(error))
+        n_remote = int(np.count_nonzero(undecodable)) - n_error
         lookup = self._lookup(batch.buses)
-        n_error, n_remote = int(np.count_nonzero(error)), int(np.count_nonzero(remote))
-        if n == 0 or len(lookup.keys) == 0:
-            return DecodedBatch(n, 0, n - n_error - n_remote, n_error, n_remote)
-
-        ids = batch.can_id.astype(np.int64)
-        if lookup.j1939.any():
-            ids = np.where(lookup.j1939[batch.bus] & extended, j1939_pgn(ids), ids)
-        keys = (batch.bus.astype(np.int64) << 32) | (extended.astype(np.int64) << 31) | ids
-        position = np.minimum(np.searchsorted(lookup.keys, keys), len(lookup.keys) - 1)
-        known = (lookup.keys[position] == keys) & ~error & ~remote
+        message = self._identify(batch, lookup, undecodable)
         # A narrow key makes numpy's stable sort a radix sort: one pass, no comparisons.
-        dtype = np.int16 if len(lookup.keys) < 2**15 else np.int32
-        message_index = np.where(known, position, -1).astype(dtype)
-        order = np.argsort(message_index, kind="stable")
-        grouped = message_index[order]
-        first = int(np.searchsorted(grouped, 0))
-        starts = [first, *(np.flatnonzero(np.diff(grouped[first:])) + first + 1).tolist()]
-        ends = [*starts[1:], n]
-        blocks = []
-        if first < n:
-            for start, end in zip(starts, ends, strict=True):
-                bus, plan = lookup.plans[int(grouped[start])]
-                blocks.append(plan.decode(batch, order[start:end], bus))
-        decoded = n - first
-        return DecodedBatch(n, decoded, n - decoded - n_error - n_remote, n_error, n_remote, blocks)
+        order = np.argsort(message.astype(lookup.index_dtype), kind="stable")
+        first = n - int(np.count_nonzero(message >= 0))
+        result = DecodedBatch(n, n - first, first - n_error - n_remote, n_error, n_remote)
+        if first == n:
+            return result
+
+        # Blocks of frames of one message; within a block, one segment per signal holding
+        # its value in every frame of the block (signal-major, so each column is contiguous).
+        rows = order[first:]
+        counts = np.bincount(message[rows], minlength=len(lookup.plans))
+        blocks = np.flatnonzero(counts)
+        frames_in = counts[blocks]
+        frame_ends = np.cumsum(frames_in)
+        signals_in = lookup.width[blocks]
+        segment_block = np.repeat(np.arange(len(blocks)), signals_in)
+        segment_signal = np.repeat(
+            lookup.first_signal[blocks] - (np.cumsum(signals_in) - signals_in), signals_in
+        ) + np.arange(len(segment_block))
+        segment_length = frames_in[segment_block]
+        segment_ends = np.cumsum(segment_length)
+        total = int(segment_ends[-1]) if len(segment_ends) else 0
+
+        # The payload words of the decoded frames, in block order: little endian, then big.
+        words = max(1, min(WORDS, -(-int(batch.length[rows].max()) // 8)))
+        stride = 2 * words
+        little = np.take(batch.data.view("<u8")[:, :words], rows, axis=0)
+        table = np.concatenate([little, little.byteswap()], axis=1).reshape(-1)
+        # Each value's cell in `table`: its frame's row plus its signal's word column.
+        segment_first_frame = (frame_ends - frames_in)[segment_block]
+        cell = np.repeat(
+            stride * (segment_first_frame - (segment_ends - segment_length))
+            + lookup.columns(words)[segment_signal],
+            segment_length,
+        )
+        cell += _steps(total, stride)
+        bits = table.take(cell)
+        # Parameters are constant along a segment: 1-D repeats are numpy's fastest fill.
+        bits <<= np.repeat(lookup.shift_left[segment_signal], segment_length)
+        signed = bits.view(np.int64)
+        signed >>= np.repeat(lookup.shift_right[segment_signal], segment_length)  # sign-extends
+        bits &= np.repeat(lookup.mask[segment_signal], segment_length)
+
+        present: npt.NDArray[np.bool_] | None = None
+        lengths = batch.length[rows]
+        if (lengths < np.repeat(lookup.max_needed[blocks], frames_in)).any():
+            present = lengths.take(cell // stride) >= np.repeat(
+                lookup.needed[segment_signal], segment_length
+            )
+        irregular = lookup.irregular[blocks]
+        if present is None and irregular.any():
+            present = np.ones(total, np.bool_)
+
+        block_value_ends = np.cumsum(frames_in * signals_in)
+        for m, f1, n_frames, v1, n_values, odd in zip(
+            blocks.tolist(),
+            frame_ends.tolist(),
+            frames_in.tolist(),
+            block_value_ends.tolist(),
+            (frames_in * signals_in).tolist(),
+            irregular.tolist(),
+            strict=True,
+        ):
+            bus, plan = lookup.plans[m]
+            span = (f1 - n_frames, f1, v1 - n_values, v1)
+            block = MessageBlock(bus, plan, batch, rows, bits, present, span)
+            if odd:
+                _irregular(block, table, words)
+            result.blocks.append(block)
+        result.signals = total if present is None else int(np.count_nonzero(present))
+        return result
+
+    @staticmethod
+    def _identify(
+        batch: FrameBatch, lookup: _Lookup, undecodable: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.int32]:
+        """The index in `lookup.plans` of each frame's message, or -1."""
+        extended = (batch.flags & _EXTENDED) != 0
+        bus = batch.bus.astype(np.int64)
+        can_id = batch.can_id.astype(np.int64)
+        standard_slot = bus * 2048 + (can_id & 0x7FF)
+        message = lookup.standard.take(standard_slot)
+        message[extended | undecodable | (can_id > 0x7FF)] = -1
+        if len(lookup.extended_keys) and extended.any():
+            rows = np.flatnonzero(extended & ~undecodable)
+            ids = can_id[rows]
+            if lookup.j1939.any():
+                ids = np.where(lookup.j1939[bus[rows]], j1939_pgn(ids), ids)
+            keys = (bus[rows] << 32) | _EXTENDED_KEY | ids
+            last = len(lookup.extended_keys) - 1
+            at = np.minimum(np.searchsorted(lookup.extended_keys, keys), last)
+            found = lookup.extended_keys[at] == keys
+            message[rows[found]] = lookup.extended_index[at[found]]
+        return message
+
+
+_Words = TypeVar("_Words", int, npt.NDArray[np.int64])
+
+
+def _column(word: _Words, words: int) -> _Words:
+    """Where payload word `word` (0..7 little endian, 8..15 big endian) sits in a table of
+    `words` little endian then `words` big endian columns. Words past the table read its
+    last word: only frames too short to carry them would need them."""
+    return np.minimum(word % WORDS, words - 1) + (word >= WORDS) * words  # type: ignore[no-any-return]
+
+
+_STEPS: dict[int, npt.NDArray[np.int64]] = {}
+
+
+def _steps(count: int, step: int) -> npt.NDArray[np.int64]:
+    """`np.arange(count) * step`, from a cache that grows: read only, never write to it."""
+    cached = _STEPS.get(step)
+    if cached is None or len(cached) < count:
+        cached = np.arange(max(count, 2 * len(cached) if cached is not None else 0)) * step
+        _STEPS[step] = cached
+    return cached[:count]
+
+
+def _irregular(block: MessageBlock, table: npt.NDArray[np.uint64], words: int) -> None:
+    """The per-message part of decoding, in place: straddling signals, signals no frame can
+    carry, and multiplexed signals."""
+    plan, bits, present = block.plan, block.bits, block.present
+    assert present is not None  # allocated by decode() for every irregular block
+    # `table` holds the block's frames from its first frame on, `2 * words` words each.
+    frames = table.reshape(-1, 2 * words)[block.frame_span[0] : block.frame_span[1]]
+    for index, low, high, shift in plan.straddlers:
+        joined = (frames[:, _column(low, words)] >> np.uint64(shift)) | (
+            frames[:, _column(high, words)] << np.uint64(64 - shift)
+        )
+        joined <<= plan.shift_left[index]
+        signed = joined.view(np.int64)
+        signed >>= plan.shift_right[index]
+        joined &= plan.mask[index]
+        bits[index] = joined
+    present[plan.never] = False
+    for parent, children, selector in plan.multiplexed:
+        info = plan.signals[parent]
+        key = info.physical(info.raw_from_bits(bits[parent]))
+        if key.dtype.kind == "f":
+            key = np.trunc(key)  # cantools selects by int() of the scaled value
+        present[children] &= selector(key) & present[parent]

@@ -1,16 +1,18 @@
-"""A DBC message compiled once into array operations, and the columns it decodes into.
+"""A DBC message compiled once into extraction parameters, and the columns it decodes into.
 
-Every signal is read out of one 64-bit word of the payload: an aligned word of the frame
-(the whole payload of a classic frame is word 0, read once per message) or, for CAN FD
-signals that straddle an 8-byte boundary, a word read at the signal's own byte. The signals
-that share a word are extracted together by one broadcast shift and one mask, so the cost
-of a batch grows with the number of messages in it, not with the number of signals.
+A signal is a bit field of the payload read as one 512-bit integer, little endian for Intel
+signals and big endian for Motorola ones. Nearly every signal lies inside one aligned 64-bit
+word of that integer, and is read by two shifts: left, to put its top bit at bit 63, then
+arithmetic right, to put its lowest bit at bit 0 with the sign extended; a mask then clears
+the extension of unsigned signals. Those three numbers per signal (and which word) are all
+the decoder needs, so it can decode every signal of every frame in a batch in one pass.
+The few CAN FD signals that straddle two words are read from both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -18,13 +20,14 @@ import numpy.typing as npt
 
 from agent.frames import MAX_PAYLOAD, FrameBatch
 
-U64 = np.uint64
 RawArray = npt.NDArray[np.uint64] | npt.NDArray[np.int64] | npt.NDArray[np.floating[Any]]
 # Physical values: float64, or int64/uint64 for integer conversions, or object (Python int)
 # where an integer conversion could overflow 64 bits.
 PhysicalArray = npt.NDArray[Any]
 
-_WORDS = MAX_PAYLOAD // 8
+#: 64-bit words in a payload.
+WORDS = MAX_PAYLOAD // 8
+_ALL_ONES = (1 << 64) - 1
 _FLOAT_DTYPES: dict[int, type[np.floating[Any]]] = {16: np.float16, 32: np.float32, 64: np.float64}
 
 
@@ -72,8 +75,14 @@ class SignalInfo:
         """Physical values are integers: cantools returns int for these, so do we."""
         return not self.is_float and _is_integral(self.scale) and _is_integral(self.offset)
 
-    def _raw_bound(self) -> int:
-        return 1 << (self.length - 1 if self.is_signed else self.length)
+    def raw_from_bits(self, bits: npt.NDArray[np.uint64]) -> RawArray:
+        """Typed raw values from extracted bits: unsigned, two's complement, or IEEE float."""
+        if self.is_float:
+            dtype = _FLOAT_DTYPES[self.length]
+            return bits.astype(f"u{np.dtype(dtype).itemsize}").view(dtype)
+        if self.is_signed:
+            return bits.view(np.int64)
+        return bits
 
     def physical(self, raw: RawArray) -> PhysicalArray:
         """raw * scale + offset, computed as cantools does, so values match bit for bit."""
@@ -88,7 +97,8 @@ class SignalInfo:
             return raw.astype(np.float64) * float(self.scale) + self.offset
         # An integral scale multiplies exactly, as Python ints do in cantools.
         scale = int(self.scale)
-        fits = self._raw_bound() * abs(scale) + abs(int(self.offset)) < 2**63
+        bound = 1 << (self.length - 1 if self.is_signed else self.length)
+        fits = bound * abs(scale) + abs(int(self.offset)) < 2**63
         product = raw.astype(np.int64) * scale if fits else raw.astype(object) * scale
         if _is_integral(self.offset):
             return product + int(self.offset)
@@ -128,84 +138,46 @@ class MessageInfo:
     dbc: str  # the file it came from
 
 
-@dataclass(frozen=True, slots=True)
-class MessageBlock:
-    """The frames of one message on one bus in a batch, decoded to signal columns."""
-
-    bus: str
-    message: MessageInfo
-    rows: npt.NDArray[np.intp]  # positions of these frames in the frame batch, ascending
-    t_ns: npt.NDArray[np.int64]
-    can_id: npt.NDArray[np.uint32]  # as received: on J1939 buses it keeps priority and source
-    signals: list[SignalColumn]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def signal(self, name: str) -> SignalColumn:
-        for column in self.signals:
-            if column.name == name:
-                return column
-        raise KeyError(name)
-
-
-@dataclass(slots=True)
-class _WordGroup:
-    """Signals read from the same 64-bit word by one broadcast shift and mask."""
-
-    big_endian: bool
-    byte: int  # where the word starts in the payload
-    members: list[int] = field(default_factory=list)  # indices into the message's signals
-    shifts: list[int] = field(default_factory=list)
-    masks: list[int] = field(default_factory=list)
-    sign_bits: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class _Straddler:
-    """A signal of 58 to 64 bits that spans nine bytes: the word plus one more byte."""
-
-    member: int
-    big_endian: bool
-    byte: int
-    shift: int  # right shift of the word (little endian) or left shift (big endian)
-    mask: int
-    sign_bit: int
-
-
-def _mask(length: int) -> int:
-    return (1 << length) - 1
-
-
 class MessagePlan:
-    """A DBC message compiled into word groups, ready to decode rows of frame batches."""
+    """A DBC message compiled into per-signal extraction parameters.
+
+    Word numbers count 64-bit words of the payload: 0..7 read little endian, 8..15 the
+    same words read big endian.
+    """
 
     def __init__(self, info: MessageInfo, signals: list[SignalInfo]) -> None:
         self.info = info
         self.signals = signals
-        groups: dict[tuple[bool, int], _WordGroup] = {}
-        self._straddlers: list[_Straddler] = []
-        # Signals that lie beyond 64 bytes can never be present: a bad DBC that cantools
-        # loads with strict=False. They decode to nothing.
-        self._impossible: set[int] = set()
+        k = len(signals)
+        self.word = np.zeros(k, np.int64)
+        self.shift_left = np.zeros(k, np.uint64)
+        self.shift_right = np.zeros(k, np.int64)
+        self.mask = np.zeros(k, np.uint64)
+        self.needed = np.array([s.needed_bytes for s in signals], np.int64)
+        #: Signals that straddle two words: (index, low word, high word, shift).
+        self.straddlers: list[tuple[int, int, int, int]] = []
+        #: Signals that no frame can carry (a bad DBC loaded leniently).
+        self.never = np.zeros(k, np.bool_)
         for index, signal in enumerate(signals):
-            self._place(index, signal, groups)
-        self._groups = list(groups.values())
-        self._needed = np.array([s.needed_bytes for s in signals], np.int64)
-        self._max_needed = int(self._needed.max()) if signals else 0
+            self._place(index, signal)
+        self.max_needed = int(self.needed.max()) if k else 0
         by_name = {s.name: i for i, s in enumerate(signals)}
-        # Parents before children, so a multiplexer's presence is known before its signals'.
-        self._mux: list[tuple[int, int, npt.NDArray[np.int64]]] = []
-        for index in sorted(range(len(signals)), key=lambda i: self._depth(i, by_name)):
+        # Children of one multiplexer that share their selector values share one check:
+        # grouped, parents before children.
+        groups: dict[tuple[int, frozenset[int]], list[int]] = {}
+        for index in sorted(range(k), key=lambda i: self._depth(i, by_name)):
             signal = signals[index]
             if signal.multiplexer is None:
                 continue
             parent = by_name.get(signal.multiplexer)
             if parent is None or signal.multiplexer_ids is None:
-                self._impossible.add(index)
+                self.never[index] = True
                 continue
-            ids = np.array(sorted(signal.multiplexer_ids), np.int64)
-            self._mux.append((index, parent, ids))
+            groups.setdefault((parent, signal.multiplexer_ids), []).append(index)
+        #: Multiplexed signals: (multiplexer index, children, their selector values).
+        self.multiplexed = [
+            (parent, _index(children), Selector(ids)) for (parent, ids), children in groups.items()
+        ]
 
     def _depth(self, index: int, by_name: dict[str, int]) -> int:
         depth, seen = 0, {index}
@@ -216,118 +188,159 @@ class MessagePlan:
             parent = self.signals[by_name[parent]].multiplexer
         return depth
 
-    def _place(
-        self, index: int, signal: SignalInfo, groups: dict[tuple[bool, int], _WordGroup]
-    ) -> None:
+    def _place(self, index: int, signal: SignalInfo) -> None:
         length = signal.length
         first = signal.first_network_bit
-        last = first + length - 1  # in payload bit order: for Intel, bit k of byte k // 8
-        unreadable_float = signal.is_float and length not in _FLOAT_DTYPES
-        if length < 1 or length > 64 or last >= 8 * MAX_PAYLOAD or unreadable_float:
-            self._impossible.add(index)
+        last = first + length - 1  # bit numbers in payload order, as for `first`
+        if (
+            not 1 <= length <= 64
+            or last >= 8 * MAX_PAYLOAD
+            or (signal.is_float and length not in _FLOAT_DTYPES)
+        ):
+            self.never[index] = True
             return
         big = signal.byte_order == "big_endian"
-        sign_bit = 1 << (length - 1) if signal.is_signed and not signal.is_float else 0
-        if first // 64 == last // 64:
-            byte = 8 * (first // 64)
-        else:
-            byte = min(first // 8, MAX_PAYLOAD - 8)
-        if last - 8 * byte >= 64:
-            if big:
-                shift = last - (8 * byte + 63)
-            else:
-                shift = first - 8 * byte
-            self._straddlers.append(_Straddler(index, big, byte, shift, _mask(length), sign_bit))
-            return
-        group = groups.setdefault((big, byte), _WordGroup(big, byte))
-        group.members.append(index)
-        group.shifts.append(8 * byte + 63 - last if big else first - 8 * byte)
-        group.masks.append(_mask(length))
-        group.sign_bits.append(sign_bit)
-
-    def decode(self, batch: FrameBatch, rows: npt.NDArray[np.intp], bus: str) -> MessageBlock:
-        """Decode the frames at `rows` of `batch`, all of which are this message."""
-        n = len(rows)
-        bits: list[npt.NDArray[np.uint64] | None] = [None] * len(self.signals)
-        words_le = batch.data.view("<u8")
-        for group in self._groups:
-            word = self._word(batch, words_le, rows, group.big_endian, group.byte)
-            values = word[:, None] >> np.array(group.shifts, U64)
-            values &= np.array(group.masks, U64)
-            if any(group.sign_bits):
-                sign = np.array(group.sign_bits, U64)
-                values ^= sign
-                values -= sign
-            for column, member in enumerate(group.members):
-                bits[member] = values[:, column]
-        for s in self._straddlers:
-            word = self._word(batch, words_le, rows, s.big_endian, s.byte)
-            extra = batch.data[rows, s.byte + 8].astype(U64)
-            if s.big_endian:
-                value = (word << U64(s.shift)) | (extra >> U64(8 - s.shift))
-            else:
-                value = (word >> U64(s.shift)) | (extra << U64(64 - s.shift))
-            value &= U64(s.mask)
-            if s.sign_bit:
-                value ^= U64(s.sign_bit)
-                value -= U64(s.sign_bit)
-            bits[s.member] = value
-
-        lengths = batch.length[rows]
-        present: list[npt.NDArray[np.bool_] | None] = [None] * len(self.signals)
-        if n and int(lengths.min()) < self._max_needed:
-            fits = lengths[:, None] >= self._needed[None, :]
-            for index in range(len(self.signals)):
-                if not fits[:, index].all():
-                    present[index] = fits[:, index]
-        raws: list[RawArray] = []
-        for index, signal in enumerate(self.signals):
-            raw_bits = bits[index]
-            if index in self._impossible:
-                present[index] = np.zeros(n, np.bool_)
-            raws.append(_typed(signal, np.zeros(n, U64) if raw_bits is None else raw_bits))
-        for index, parent, ids in self._mux:
-            # cantools selects by int() of the scaled multiplexer value.
-            key = np.trunc(self.signals[parent].physical(raws[parent]).astype(np.float64))
-            selected = np.isin(key, ids)
-            for mask in (present[parent], present[index]):
-                if mask is not None:
-                    selected &= mask
-            present[index] = selected
-        return MessageBlock(
-            bus=bus,
-            message=self.info,
-            rows=rows,
-            t_ns=batch.t_ns[rows],
-            can_id=batch.can_id[rows],
-            signals=[SignalColumn(*c) for c in zip(self.signals, raws, present, strict=True)],
+        # The position of the signal's lowest bit in the payload read as one integer.
+        low = 8 * MAX_PAYLOAD - 1 - last if big else first
+        word, shift = divmod(low, 64)
+        if big:
+            word = WORDS - 1 - word  # big endian: word 0 holds the most significant bits
+        self.word[index] = word + (WORDS if big else 0)
+        self.mask[index] = (
+            _ALL_ONES if signal.is_signed and not signal.is_float else (1 << length) - 1
         )
-
-    @staticmethod
-    def _word(
-        batch: FrameBatch,
-        words_le: npt.NDArray[Any],
-        rows: npt.NDArray[np.intp],
-        big_endian: bool,
-        byte: int,
-    ) -> npt.NDArray[np.uint64]:
-        if byte % 8 == 0:
-            word = words_le[rows, byte // 8].astype(U64)
+        if shift + length <= 64:
+            self.shift_left[index] = 64 - shift - length
+            self.shift_right[index] = 64 - length
         else:
-            word = (
-                np.ascontiguousarray(batch.data[rows, byte : byte + 8])
-                .view("<u8")[:, 0]
-                .astype(U64)
+            high = word - 1 if big else word + 1
+            self.straddlers.append(
+                (index, int(self.word[index]), high + (WORDS if big else 0), shift)
             )
-        swapped: npt.NDArray[np.uint64] = word.byteswap() if big_endian else word
-        return swapped
+            # After the two words are joined, the signal starts at bit 0.
+            self.shift_left[index] = 64 - length
+            self.shift_right[index] = 64 - length
 
 
-def _typed(signal: SignalInfo, bits: npt.NDArray[np.uint64]) -> RawArray:
-    if signal.is_float:
-        dtype = _FLOAT_DTYPES[signal.length]
-        width = np.dtype(dtype).itemsize
-        return bits.astype(f"u{width}").view(dtype)
-    if signal.is_signed:
-        return bits.view(np.int64)
-    return bits
+def _index(positions: list[int]) -> slice | npt.NDArray[np.intp]:
+    """A slice where the positions are consecutive: rows of a matrix are then a view."""
+    if positions == list(range(positions[0], positions[-1] + 1)):
+        return slice(positions[0], positions[-1] + 1)
+    return np.array(positions, np.intp)
+
+
+class Selector:
+    """The selector values of a multiplexed group, checked by table lookup where they are
+    small non-negative integers (nearly always), else by search."""
+
+    def __init__(self, ids: frozenset[int]) -> None:
+        self.ids = np.array(sorted(ids), np.int64)
+        self.table: npt.NDArray[np.bool_] | None = None
+        if ids and all(0 <= i < 1 << 16 for i in ids):
+            # One entry past the end stands for every value outside the table.
+            self.table = np.zeros(max(ids) + 2, np.bool_)
+            self.table[list(ids)] = True
+
+    def __call__(self, key: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """Whether each multiplexer value (already truncated to an integer) selects."""
+        if self.table is None:
+            return np.isin(key, self.ids)
+        outside = len(self.table) - 1
+        inside = (key >= 0) & (key < outside)
+        return self.table[np.where(inside, key, outside).astype(np.intp)]
+
+
+class MessageBlock:
+    """The frames of one message on one bus in a batch, decoded to signal columns."""
+
+    __slots__ = (
+        "_batch_bits",
+        "_batch_present",
+        "_columns",
+        "_rows",
+        "_span",
+        "batch",
+        "bus",
+        "plan",
+    )
+
+    def __init__(
+        self,
+        bus: str,
+        plan: MessagePlan,
+        batch: FrameBatch,
+        rows: npt.NDArray[np.intp],
+        bits: npt.NDArray[np.uint64],
+        present: npt.NDArray[np.bool_] | None,
+        span: tuple[int, int, int, int],
+    ) -> None:
+        """`rows`, `bits` and `present` are the whole decoded batch's, shared by its blocks;
+        `span` is this block's part: (first frame, end frame, first value, end value).
+        Slicing waits until asked: most consumers touch only some of a block's parts."""
+        self.bus = bus
+        self.plan = plan
+        self.batch = batch
+        self._rows = rows
+        self._batch_bits = bits  # signal-major: one signal in every frame, then the next
+        self._batch_present = present
+        self._span = span
+        self._columns: list[SignalColumn] | None = None
+
+    @property
+    def frame_span(self) -> tuple[int, int]:
+        """Where this block's frames are among the decoded frames of its batch."""
+        return self._span[0], self._span[1]
+
+    @property
+    def rows(self) -> npt.NDArray[np.intp]:
+        """Positions of these frames in the frame batch, ascending."""
+        return self._rows[self._span[0] : self._span[1]]
+
+    @property
+    def bits(self) -> npt.NDArray[np.uint64]:
+        """(signals, frames): the extracted bits, sign-extended where the signal is signed."""
+        f0, f1, s0, s1 = self._span
+        return self._batch_bits[s0:s1].reshape(len(self.plan.signals), f1 - f0)
+
+    @property
+    def present(self) -> npt.NDArray[np.bool_] | None:
+        """(signals, frames), or None when every signal is in every frame."""
+        if self._batch_present is None:
+            return None
+        f0, f1, s0, s1 = self._span
+        return self._batch_present[s0:s1].reshape(len(self.plan.signals), f1 - f0)
+
+    @property
+    def t_ns(self) -> npt.NDArray[np.int64]:
+        return self.batch.t_ns[self.rows]
+
+    @property
+    def can_id(self) -> npt.NDArray[np.uint32]:
+        """As received: on J1939 buses it keeps the priority and the source address."""
+        return self.batch.can_id[self.rows]
+
+    def __len__(self) -> int:
+        return self._span[1] - self._span[0]
+
+    @property
+    def message(self) -> MessageInfo:
+        return self.plan.info
+
+    @property
+    def signals(self) -> list[SignalColumn]:
+        if self._columns is None:
+            columns = []
+            bits, matrix = self.bits, self.present
+            for j, info in enumerate(self.plan.signals):
+                present = None
+                if matrix is not None and not matrix[j].all():
+                    present = matrix[j]
+                columns.append(SignalColumn(info, info.raw_from_bits(bits[j]), present))
+            self._columns = columns
+        return self._columns
+
+    def signal(self, name: str) -> SignalColumn:
+        for column in self.signals:
+            if column.name == name:
+                return column
+        raise KeyError(name)

@@ -85,6 +85,6 @@ def open_log(path: str | Path, fmt: str | None = None) -> LogReader:
         if suffix in cls.suffixes:
             return cls(path)
     known = ", ".join(s for cls in _READERS.values() for s in cls.suffixes)
-    raise LogError(f"{path}: cannot tell the log format from the suffix {suffix!r} (known: {known})")
-
-
+    raise LogError(
+        f"{path}: cannot tell the log format from the suffix {suffix!r} (known: {known})"
+    )
