@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench run clean
 
 install: $(STAMP)
 
@@ -28,3 +28,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Until the daemon lands: decode the bundled excerpt of a real Tesla Model 3 log.
+run: install
+	$(BIN)/telemetry-agent decode tests/fixtures/tesla-model3/excerpt.candump.log \
+		--dbc tests/fixtures/tesla-model3/Model3CAN.dbc --choices

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import cantools
@@ -10,6 +12,11 @@ import numpy as np
 
 from agent.decode import DecodedBatch
 from agent.frames import FrameBatch, FrameFlag
+
+
+def load_cantools(path: Path) -> Any:
+    """cantools' database for a DBC file, loaded leniently as the decoder does."""
+    return cantools.database.load_file(path, database_format="dbc", strict=False)
 
 
 def same_value(ours: Any, reference: Any) -> bool:
@@ -48,9 +55,12 @@ def reference(message: Any, payload: bytes) -> dict[str, Any] | None:
     return decoded
 
 
-def mismatches(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """Differences, ignoring the extra columns we keep for duplicated signal names."""
-    ours = {k: v for k, v in ours.items() if "#" not in k}
+def mismatches(ours: dict[str, Any], theirs: dict[str, Any], message: Any) -> list[str]:
+    """Differences, leaving out the columns we keep where the DBC repeats a signal name
+    (`NAME#2`...: cantools has one value for all of them, the first one's)."""
+    names = Counter(s.name for s in message.signals)
+    extra = {f"{n}#{k}" for n, count in names.items() for k in range(2, count + 1)}
+    ours = {k: v for k, v in ours.items() if k not in extra}
     problems = [
         f"{k}: ours={ours.get(k)!r} cantools={theirs.get(k)!r}" for k in set(ours) ^ set(theirs)
     ]

@@ -114,7 +114,7 @@ def assert_parity(path: Path, frames: list[tuple[int, bytes]]) -> int:
         theirs = reference(message, payload)
         if theirs is None:
             continue
-        problems = mismatches(ours, theirs)
+        problems = mismatches(ours, theirs, message)
         assert not problems, f"{path.name} {message.name} payload {payload.hex()}: {problems}"
         compared += 1
     return compared

@@ -1,6 +1,5 @@
 """Recorded CAN logs read as frame batches: candump by a numpy parser, the rest via python-can."""
 
-from agent.logs import candump, pythoncan
 from agent.logs.base import (
     DEFAULT_BATCH_FRAMES,
     LogError,
@@ -9,6 +8,8 @@ from agent.logs.base import (
     formats,
     open_log,
 )
+
+from . import candump, pythoncan
 
 __all__ = [
     "DEFAULT_BATCH_FRAMES",

@@ -6,7 +6,7 @@ import abc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from agent.frames import FrameBatch
 
@@ -64,7 +64,11 @@ class LogReader(abc.ABC):
 _READERS: dict[str, type[LogReader]] = {}
 
 
-def register(cls: type[LogReader]) -> type[LogReader]:
+ReaderClass = TypeVar("ReaderClass", bound=type[LogReader])
+
+
+def register(cls: ReaderClass) -> ReaderClass:
+    """Make a reader class known to `open_log` under its format name."""
     _READERS[cls.format] = cls
     return cls
 

@@ -1,0 +1,171 @@
+"""The one entry point: `telemetry-agent COMMAND ...` (also `python -m agent`)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from agent import __version__
+from agent.decode import ALL_BUSES, DbcError, Decoder
+from agent.logs import LogError, open_log
+from agent.memory import keep_freed_memory
+from agent.records import WRITERS
+
+_BUS_NAME = re.compile(r"[A-Za-z0-9_.*-]+")
+
+
+def parse_dbc_option(value: str) -> tuple[str, str]:
+    """`[BUS=]PATH` -> (bus, path); without `BUS=` the DBC applies to every bus."""
+    bus, sep, path = value.partition("=")
+    if sep and path and _BUS_NAME.fullmatch(bus) and not Path(value).exists():
+        return bus, path
+    return ALL_BUSES, value
+
+
+@dataclass
+class DecodeTotals:
+    frames: int = 0
+    decoded: int = 0
+    unknown: int = 0
+    error_frames: int = 0
+    remote_frames: int = 0
+    malformed: int = 0
+    signals: int = 0
+
+    def summary(self, elapsed: float) -> str:
+        rate = self.frames / elapsed if elapsed > 0 else 0.0
+        return (
+            f"{self.frames} frames read, {self.decoded} decoded, {self.unknown} unknown, "
+            f"{self.error_frames} error frames, {self.remote_frames} remote, "
+            f"{self.malformed} malformed lines, {self.signals} signals "
+            f"in {elapsed:.3f} s ({rate:,.0f} frames/s)"
+        )
+
+
+class Progress:
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.last = 0.0
+
+    def show(self, label: str, totals: DecodeTotals, started: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        rate = totals.frames / max(now - started, 1e-9)
+        self.stream.write(f"\r{label}: {totals.frames:,} frames, {rate:,.0f} frames/s\x1b[K")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\x1b[K")
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    dbcs: dict[str, list[str]] = {}
+    for bus, path in map(parse_dbc_option, args.dbc):
+        dbcs.setdefault(bus, []).append(path)
+    try:
+        decoder = Decoder(dbcs, args.j1939)
+    except DbcError as error:
+        print(f"telemetry-agent decode: {error}", file=sys.stderr)
+        return 2
+    for warning in decoder.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+    totals = DecodeTotals()
+    progress = Progress(sys.stderr)
+    failed = False
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        out: TextIO = sys.stdout
+        if args.output and args.format != "none":
+            out = stack.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
+        writer = WRITERS[args.format](out, choices=args.choices) if args.format != "none" else None
+        for log in args.logs:
+            try:
+                reader = open_log(log, args.log_format)
+                for batch in reader.batches():
+                    result = decoder.decode(batch)
+                    totals.frames += result.frames
+                    totals.decoded += result.decoded
+                    totals.unknown += result.unknown
+                    totals.error_frames += result.error_frames
+                    totals.remote_frames += result.remote_frames
+                    totals.signals += result.signals
+                    if writer is not None:
+                        writer.write(result)
+                    progress.show(Path(log).name, totals, started)
+            except LogError as error:
+                progress.clear()
+                print(f"telemetry-agent decode: {error}", file=sys.stderr)
+                failed = True
+                continue
+            totals.malformed += reader.stats.malformed
+            progress.clear()
+            for example in reader.stats.examples:
+                print(f"warning: {log}: malformed {example}", file=sys.stderr)
+        out.flush()
+    print(totals.summary(time.perf_counter() - started), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telemetry-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    decode = commands.add_parser(
+        "decode",
+        help="decode CAN logs with DBC files into JSON Lines or CSV",
+        description="Decode CAN logs (candump, ASC, BLF, TRC, CSV, MF4) with DBC files.",
+    )
+    decode.add_argument("logs", nargs="+", metavar="LOG", help="log files, decoded in order")
+    decode.add_argument(
+        "--dbc",
+        action="append",
+        required=True,
+        metavar="[BUS=]PATH",
+        help="a DBC file for BUS (as the log names it), or for every bus; repeatable",
+    )
+    decode.add_argument(
+        "--j1939",
+        action="append",
+        default=[],
+        metavar="BUS",
+        help="match this bus's extended frames by J1939 PGN; '*' for every bus; repeatable",
+    )
+    decode.add_argument("--format", choices=[*WRITERS, "none"], default="jsonl")
+    decode.add_argument("--output", metavar="PATH", help="write records here (default: stdout)")
+    decode.add_argument("--choices", action="store_true", help="show choice names for values")
+    decode.add_argument(
+        "--log-format",
+        metavar="NAME",
+        help="read every LOG as this format instead of guessing from its suffix",
+    )
+    decode.set_defaults(handler=run_decode)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    keep_freed_memory()
+    try:
+        code: int = args.handler(args)
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): not an error of ours.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    return code

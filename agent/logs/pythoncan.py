@@ -1,0 +1,156 @@
+"""ASC, BLF, TRC, CSV and MF4 logs through python-can's readers, gathered into frame batches.
+
+python-can hands over one `Message` at a time, so this path is per frame by nature; the
+frames go straight into preallocated columns. Bus names are python-can's channel (`"1"`,
+for example), or `can0` where the format has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import can
+import numpy as np
+
+from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag
+from agent.logs.base import DEFAULT_BATCH_FRAMES, LogError, LogReader, register
+
+#: The bus name of frames whose format records no channel.
+DEFAULT_BUS = "can0"
+
+
+class PythonCanReader(LogReader):
+    """A log read by one of python-can's readers."""
+
+    @staticmethod
+    def open_reader(path: Path) -> Any:
+        raise NotImplementedError
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self._buses: list[str] = []
+        self._bus_index: dict[Any, int] = {}
+
+    def _open(self) -> Any:
+        try:
+            return self.open_reader(self.path)
+        except ImportError as error:
+            raise LogError(f"{self.path}: {error}") from None
+        except Exception as error:  # python-can raises many kinds for a file it cannot read
+            reason = str(error).strip() or type(error).__name__
+            raise LogError(f"{self.path}: cannot read the {self.format} log: {reason}") from None
+
+    def batches(self, max_frames: int = DEFAULT_BATCH_FRAMES) -> Iterator[FrameBatch]:
+        reader = self._open()
+        try:
+            yield from self._fill(iter(reader), max_frames)
+        finally:
+            stop = getattr(reader, "stop", None)
+            if stop is not None:
+                stop()
+
+    def _fill(self, messages: Iterator[Any], max_frames: int) -> Iterator[FrameBatch]:
+        position = 0
+        while True:
+            batch = FrameBatch.allocate(max_frames, ())
+            n = 0
+            ended = False
+            while n < max_frames:
+                try:
+                    msg = next(messages)
+                except StopIteration:
+                    ended = True
+                    break
+                except Exception as error:  # a damaged file: keep what was read before it
+                    reason = str(error).strip() or type(error).__name__
+                    self.stats.add_malformed(
+                        1, [f"after frame {position}: {reason}; reading stopped"]
+                    )
+                    ended = True
+                    break
+                position += 1
+                problem = self._put(batch, n, msg)
+                if problem:
+                    self.stats.add_malformed(1, [f"frame {position}: {problem}"])
+                    continue
+                n += 1
+            if n:
+                self.stats.frames += n
+                filled = batch.take(slice(0, n))
+                yield FrameBatch(
+                    filled.t_ns,
+                    filled.bus,
+                    filled.can_id,
+                    filled.flags,
+                    filled.length,
+                    filled.data,
+                    tuple(self._buses),
+                )
+            if ended:
+                return
+
+    def _put(self, batch: FrameBatch, row: int, msg: Any) -> str | None:
+        """Write one message into a row; the reason it cannot be, if it cannot."""
+        data = msg.data or b""
+        if len(data) > MAX_PAYLOAD:
+            return f"{len(data)} bytes of payload"
+        if not 0 <= msg.arbitration_id < 1 << 29:
+            return f"ID 0x{msg.arbitration_id:X} out of range"
+        channel = msg.channel
+        bus = self._bus_index.get(channel)
+        if bus is None:
+            if len(self._buses) > 255:
+                return "more than 256 buses"
+            bus = self._bus_index[channel] = len(self._buses)
+            self._buses.append(DEFAULT_BUS if channel is None else str(channel))
+        batch.t_ns[row] = round(msg.timestamp * 1e9)
+        batch.bus[row] = bus
+        batch.can_id[row] = msg.arbitration_id
+        batch.flags[row] = (
+            (FrameFlag.EXTENDED if msg.is_extended_id else 0)
+            | (FrameFlag.REMOTE if msg.is_remote_frame else 0)
+            | (FrameFlag.ERROR if msg.is_error_frame else 0)
+            | (FrameFlag.FD if msg.is_fd else 0)
+            | (FrameFlag.BRS if msg.bitrate_switch else 0)
+            | (FrameFlag.ESI if msg.error_state_indicator else 0)
+        )
+        if msg.is_remote_frame:
+            batch.length[row] = min(msg.dlc, MAX_PAYLOAD)
+        else:
+            batch.length[row] = len(data)
+            batch.data[row, : len(data)] = np.frombuffer(bytes(data), np.uint8)
+        batch.data[row, len(data) :] = 0
+        return None
+
+
+def _reader(name: str, suffix: str, factory: Callable[[Path], Any]) -> type[PythonCanReader]:
+    class Reader(PythonCanReader):
+        format: ClassVar[str] = name
+        suffixes: ClassVar[tuple[str, ...]] = (suffix,)
+
+        @staticmethod
+        def open_reader(path: Path) -> Any:
+            return factory(path)
+
+    Reader.__name__ = Reader.__qualname__ = f"{name.upper()}Reader"
+    return register(Reader)
+
+
+def _mf4(path: Path) -> Any:
+    try:
+        import asammdf  # noqa: F401  (python-can's MF4Reader needs it)
+    except ImportError:
+        raise ImportError(
+            "reading MF4 needs asammdf: pip install 'vehicle-telemetry-agent[mf4]'"
+        ) from None
+    return can.MF4Reader(str(path))
+
+
+# ASC keeps a start date: absolute timestamps then match the other formats of the same log.
+ASCReader = _reader("asc", ".asc", lambda p: can.ASCReader(str(p), relative_timestamp=False))
+BLFReader = _reader("blf", ".blf", lambda p: can.BLFReader(str(p)))
+TRCReader = _reader("trc", ".trc", lambda p: can.TRCReader(str(p)))
+CSVReader = _reader("csv", ".csv", lambda p: can.CSVReader(str(p)))
+MF4Reader = _reader("mf4", ".mf4", _mf4)

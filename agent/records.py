@@ -1,0 +1,148 @@
+"""Decoded frames as text records: JSON Lines or CSV, one record per frame in the log's order.
+
+JSON Lines: `{"t": 46408.58493, "bus": "can0", "id": 608, "message": "STEER_TORQUE_SENSOR",
+"signals": {"STEER_TORQUE_DRIVER": -12.0}}` with `"ext": true` after `id` on extended frames.
+CSV: one row per signal value, `t,bus,id,ext,message,signal,value`.
+
+The text is built column by column (one formatted list per signal), then joined per row:
+formatting is the costly part of writing records, and it is cheapest done in bulk.
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import json
+import math
+from typing import Any, ClassVar, TextIO
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.decode import DecodedBatch, MessageBlock, SignalColumn
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        # JSON has no NaN or infinity; null keeps every line valid JSON.
+        return repr(value) if math.isfinite(value) else "null"
+    return str(value)
+
+
+def seconds_text(t_ns: npt.NDArray[np.int64]) -> list[str]:
+    """Timestamps in seconds as exact decimal text: the log's own digits, not a float's."""
+    whole, fraction = np.divmod(t_ns, 1_000_000_000)
+    return [
+        f"{w}.{f:09d}".rstrip("0") if f else f"{w}.0"
+        for w, f in zip(whole.tolist(), fraction.tolist(), strict=True)
+    ]
+
+
+def column_text(column: SignalColumn, choices: bool) -> list[str]:
+    """The JSON text of every value of a column (choice names as JSON strings)."""
+    values = [_number(v) for v in column.physical().tolist()]
+    names = column.info.choices
+    if choices and names:
+        raw = (
+            np.trunc(column.raw.astype(np.float64)).tolist()
+            if column.info.is_float
+            else column.raw.tolist()
+        )
+        for k, key in enumerate(raw):
+            name = names.get(int(key)) if math.isfinite(key) else None
+            if name is not None:
+                values[k] = json.dumps(name)
+    return values
+
+
+def _present_rows(block: MessageBlock) -> list[list[int]]:
+    """For each frame of the block, the indices of the signal columns it carries."""
+    n = len(block)
+    everywhere = [i for i, c in enumerate(block.signals) if c.present is None]
+    if len(everywhere) == len(block.signals):
+        return [everywhere] * n
+    mask = np.ones((n, len(block.signals)), np.bool_)
+    for i, column in enumerate(block.signals):
+        if column.present is not None:
+            mask[:, i] = column.present
+    return [np.flatnonzero(row).tolist() for row in mask]
+
+
+class RecordWriter(abc.ABC):
+    """Writes the decoded frames of each batch as text records, in frame order."""
+
+    name: ClassVar[str]
+
+    def __init__(self, out: TextIO, *, choices: bool = False) -> None:
+        self.out = out
+        self.choices = choices
+
+    def write(self, result: DecodedBatch) -> None:
+        lines: dict[int, str] = {}
+        for block in result.blocks:
+            lines.update(zip(block.rows.tolist(), self.block_lines(block), strict=True))
+        self.out.write("".join(lines[row] for row in sorted(lines)))
+
+    @abc.abstractmethod
+    def block_lines(self, block: MessageBlock) -> list[str]:
+        """The text of each frame of a block, newline included."""
+
+
+class JsonLinesWriter(RecordWriter):
+    name = "jsonl"
+
+    def block_lines(self, block: MessageBlock) -> list[str]:
+        info = block.message
+        ext = ', "ext": true' if info.is_extended else ""
+        middle = f', "bus": {json.dumps(block.bus)}, "id": '
+        tail = f'{ext}, "message": {json.dumps(info.name)}, "signals": {{'
+        pairs = [
+            [f"{json.dumps(c.name)}: {v}" for v in column_text(c, self.choices)]
+            for c in block.signals
+        ]
+        times = seconds_text(block.t_ns)
+        ids = block.can_id.tolist()
+        return [
+            f'{{"t": {t}{middle}{i}{tail}{", ".join(pairs[c][k] for c in carried)}}}}}\n'
+            for k, (t, i, carried) in enumerate(zip(times, ids, _present_rows(block), strict=True))
+        ]
+
+
+class CsvWriter(RecordWriter):
+    name = "csv"
+    HEADER = ("t", "bus", "id", "ext", "message", "signal", "value")
+
+    def __init__(self, out: TextIO, *, choices: bool = False) -> None:
+        super().__init__(out, choices=choices)
+        csv.writer(out, lineterminator="\n").writerow(self.HEADER)
+
+    def block_lines(self, block: MessageBlock) -> list[str]:
+        info = block.message
+        prefix = (
+            f"{{}},{_csv_field(block.bus)},{{}},{int(info.is_extended)},{_csv_field(info.name)},"
+        )
+        names = [_csv_field(c.name) for c in block.signals]
+        values = [[_csv_value(v) for v in column_text(c, self.choices)] for c in block.signals]
+        times = seconds_text(block.t_ns)
+        ids = block.can_id.tolist()
+        lines = []
+        for k, (t, i, carried) in enumerate(zip(times, ids, _present_rows(block), strict=True)):
+            head = prefix.format(t, i)
+            lines.append("".join(f"{head}{names[c]},{values[c][k]}\n" for c in carried))
+        return lines
+
+
+def _csv_value(text: str) -> str:
+    """A JSON value's text as a CSV field: strings unquoted from JSON, null as empty."""
+    if text.startswith('"'):
+        return _csv_field(json.loads(text))
+    return "" if text == "null" else text
+
+
+def _csv_field(text: str) -> str:
+    if any(ch in text for ch in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+WRITERS: dict[str, type[RecordWriter]] = {w.name: w for w in (JsonLinesWriter, CsvWriter)}

@@ -1,0 +1,84 @@
+"""The whole `telemetry-agent decode --format none` against a python-can + cantools loop.
+
+Both run as their own processes on the same log, start-up included, and the CPU time they
+use is measured (user + system), so a busy second core does not count against either.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import LOGS, table
+
+REPEAT_BIG_LOG = 8
+
+
+def cpu_seconds(command: list[str]) -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def big_log(source: Path, copies: int, folder: Path) -> Path:
+    """The log repeated end to end, timestamps shifted so the copies follow one another."""
+    lines = source.read_text().splitlines()
+    first = float(lines[0].split(")")[0][1:])
+    span = float(lines[-1].split(")")[0][1:]) - first + 0.001
+    out = folder / f"{source.stem}.x{copies}.log"
+    with out.open("w") as f:
+        for copy in range(copies):
+            for line in lines:
+                stamp, rest = line.split(")", 1)
+                f.write(f"({float(stamp[1:]) + copy * span:.6f}){rest}\n")
+    return out
+
+
+def run() -> str:
+    log, dbcs, _ = LOGS["rav4"]
+    dbc_options = [f"{bus}={path}" for bus, paths in dbcs.items() for path in paths]
+    rows: list[list[object]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, path, frames in (
+            ("RAV4 log", log, 135_468),
+            (
+                f"RAV4 log x{REPEAT_BIG_LOG}",
+                big_log(log, REPEAT_BIG_LOG, Path(folder)),
+                135_468 * REPEAT_BIG_LOG,
+            ),
+        ):
+            ours_command = [sys.executable, "-m", "agent", "decode", str(path), "--format", "none"]
+            for option in dbc_options:
+                ours_command += ["--dbc", option]
+            baseline_command = [sys.executable, "-m", "bench.baseline_decode", str(path)]
+            for option in dbc_options:
+                baseline_command += ["--dbc", option]
+            ours = min(cpu_seconds(ours_command) for _ in range(3))
+            baseline = cpu_seconds(baseline_command)
+            rows.append(
+                [
+                    name,
+                    f"{frames:,}",
+                    f"{ours:.2f} s ({frames / ours / 1e6:.2f} M frames/s)",
+                    f"{baseline:.2f} s ({frames / baseline / 1e3:.0f} k frames/s)",
+                    f"{baseline / ours:.1f}",
+                ]
+            )
+    return table(
+        [
+            "log",
+            "frames",
+            "telemetry-agent decode --format none (CPU)",
+            "python-can + cantools (CPU)",
+            "x",
+        ],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    print(run())

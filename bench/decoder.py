@@ -1,0 +1,122 @@
+"""Our decoder against cantools, on the same frames: the real logs and a synthetic full load.
+
+cantools gets its best case: messages looked up in a prepared dict (by PGN on J1939 buses)
+and `Message.decode` called directly, so only decoding is compared.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.decode import ALL_BUSES, Decoder
+from agent.frames import FrameBatch, FrameFlag
+from bench.common import DATA, LOGS, best_of, load_cantools, rate, read_all, table
+
+BATCH_SIZES = (1_000, 2_000, 5_000, 10_000)
+#: cantools is slow: time it on this many frames of each set (the whole set if smaller).
+ORACLE_FRAMES = 40_000
+
+
+def synthetic_full_load(frames: int = 200_000, seed: int = 1) -> tuple[FrameBatch, Path]:
+    """Every message of the Tesla DBC (multiplexed ones included) with random payloads."""
+    dbc = DATA / "tesla-model3" / "Model3CAN.dbc"
+    messages = load_cantools(dbc).messages
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(messages), frames)
+    batch = FrameBatch.allocate(frames, ("can0",))
+    batch.t_ns[:] = np.arange(frames) * 250_000  # 4,000 frames/s: a fully loaded 500 kbit/s bus
+    batch.can_id[:] = np.array([m.frame_id for m in messages])[pick]
+    lengths = np.array([m.length for m in messages])[pick]
+    batch.length[:] = lengths
+    payload = rng.integers(0, 256, (frames, 64), dtype=np.uint8)
+    payload[np.arange(64)[None, :] >= lengths[:, None]] = 0
+    batch.data[:] = payload
+    return batch, dbc
+
+
+def _pgn(can_id: int) -> int:
+    pf, ps = (can_id >> 16) & 0xFF, (can_id >> 8) & 0xFF
+    return ((can_id >> 24) & 3) << 16 | pf << 8 | (ps if pf >= 240 else 0)
+
+
+def cantools_rates(
+    frames: FrameBatch, dbcs: dict[str, list[Path]], j1939: bool
+) -> tuple[float, float, int]:
+    """Seconds, frames and signals for cantools on the first ORACLE_FRAMES frames."""
+    known: dict[tuple[str, int], Any] = {}
+    for bus in frames.buses:
+        for path in dbcs.get(bus, []) + dbcs.get(ALL_BUSES, []):
+            for message in load_cantools(path).messages:
+                key = (
+                    _pgn(message.frame_id)
+                    if j1939 and message.is_extended_frame
+                    else message.frame_id
+                )
+                known.setdefault((bus, key), message)
+    n = min(len(frames), ORACLE_FRAMES)
+    work = [
+        (
+            frames.buses[frames.bus[i]],
+            int(frames.can_id[i]),
+            bool(frames.flags[i] & FrameFlag.EXTENDED),
+            frames.payload(i),
+        )
+        for i in range(n)
+    ]
+    signals = 0
+
+    def decode_all() -> None:
+        nonlocal signals
+        signals = 0
+        for bus, can_id, extended, payload in work:
+            message = known.get((bus, _pgn(can_id) if j1939 and extended else can_id))
+            if message is not None:
+                signals += len(message.decode(payload, decode_choices=False, allow_truncated=True))
+
+    seconds = best_of(2, decode_all)
+    return seconds, n, signals
+
+
+def _decode_all(decoder: Decoder, parts: list[FrameBatch]) -> None:
+    for part in parts:
+        decoder.decode(part)
+
+
+def run() -> str:
+    sets: list[tuple[str, FrameBatch, dict[str, list[Path]], list[str]]] = []
+    for name, (log, dbcs, j1939) in LOGS.items():
+        sets.append((name, read_all(log), dbcs, j1939))
+    synthetic, dbc = synthetic_full_load()
+    sets.append(("synthetic (Tesla DBC, all messages)", synthetic, {ALL_BUSES: [dbc]}, []))
+
+    rows: list[list[object]] = []
+    for name, frames, dbcs, j1939 in sets:
+        seconds, n, oracle_signals = cantools_rates(frames, dbcs, bool(j1939))
+        oracle_signal_rate = oracle_signals / seconds
+        rows.append(
+            [name, "cantools, per frame", rate(n, seconds), rate(oracle_signals, seconds), "1"]
+        )
+        decoder = Decoder(dbcs, j1939)
+        for size in BATCH_SIZES:
+            parts = [frames.take(slice(i, i + size)) for i in range(0, len(frames), size)]
+            signals = sum(decoder.decode(p).signals for p in parts)
+            ours = best_of(5, partial(_decode_all, decoder, parts))
+            ratio = signals / ours / oracle_signal_rate
+            rows.append(
+                [
+                    name,
+                    f"ours, batches of {size:,}",
+                    rate(len(frames), ours),
+                    rate(signals, ours),
+                    f"{ratio:.0f}",
+                ]
+            )
+    return table(["frames", "decoder", "frames/s", "signals/s", "x cantools"], rows)
+
+
+if __name__ == "__main__":
+    print(run())

@@ -1,0 +1,218 @@
+"""The numpy candump reader against python-can's, and against everything a log can throw at it."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import cache
+from pathlib import Path
+
+import can
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.frames import FrameBatch, FrameFlag
+from agent.logs import LogError, open_log
+from agent.logs.candump import CandumpReader
+from tests.data import RAV4_LOG, TESLA_LOG, TRUCK_LOG
+
+
+def read(path: Path, max_frames: int = 100_000, **options: int) -> tuple[FrameBatch, CandumpReader]:
+    reader = CandumpReader(path, **options)
+    batches = list(reader.batches(max_frames))
+    for batch in batches:
+        assert len(batch) <= max_frames
+    return FrameBatch.concat(batches) if batches else FrameBatch.empty(), reader
+
+
+@cache
+def python_can(path: Path) -> list[can.Message]:
+    return list(can.CanutilsLogReader(str(path)))
+
+
+def exact_ns(line: str) -> int:
+    return int(Decimal(line.split(")")[0][1:]) * 1_000_000_000)
+
+
+@pytest.mark.parametrize("log", [TESLA_LOG, RAV4_LOG, TRUCK_LOG], ids=lambda p: p.name)
+def test_real_logs_read_as_python_can_reads_them(log: Path) -> None:
+    frames, reader = read(log)
+    reference = python_can(log)
+    assert len(frames) == len(reference) == reader.stats.frames
+    assert reader.stats.malformed == 0
+    lines = log.read_text().splitlines()
+    assert frames.t_ns.tolist() == [exact_ns(line) for line in lines]
+    for row, msg in enumerate(reference):
+        assert frames.buses[frames.bus[row]] == msg.channel
+        assert frames.can_id[row] == msg.arbitration_id
+        flags = int(frames.flags[row])
+        assert bool(flags & FrameFlag.EXTENDED) == msg.is_extended_id
+        assert bool(flags & FrameFlag.REMOTE) == msg.is_remote_frame
+        assert bool(flags & FrameFlag.FD) == msg.is_fd
+        assert frames.payload(row) == bytes(msg.data)
+
+
+KINDS = """\
+(1.000001) can0 123#DEADBEEF
+(2.5) can0 12345678#0102030405060708
+(3.000000) can0 123#R
+(3.100000) can0 123#R5
+(4.000000) vcan1 20000004#0000080000000000
+(5.000000) can0 123##1000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F\
+202122232425262728292A2B2C2D2E2F303132333435363738393A3B3C3D3E3F
+(6.000000) can0 7FF##2AABB
+(7.000000) can0 123#1122_C
+(8.000000) can0 456#0102 R\r
+(9.123456789) can0 000#
+
+(10.000000) can0 321#AABB T"""
+
+
+def test_every_kind_of_line(tmp_path: Path) -> None:
+    log = tmp_path / "kinds.log"
+    log.write_text(KINDS)
+    frames, reader = read(log)
+    assert reader.stats.malformed == 0, reader.stats.examples
+    assert frames.buses == ("can0", "vcan1")
+    F = FrameFlag
+    expected = [
+        (1_000_001_000, 0x123, 0, b"\xde\xad\xbe\xef"),
+        (2_500_000_000, 0x12345678, F.EXTENDED, bytes(range(1, 9))),
+        (3_000_000_000, 0x123, F.REMOTE, b""),
+        (3_100_000_000, 0x123, F.REMOTE, b"\0" * 5),
+        (4_000_000_000, 0x4, F.ERROR, bytes.fromhex("0000080000000000")),
+        (5_000_000_000, 0x123, F.FD | F.BRS, bytes(range(64))),
+        (6_000_000_000, 0x7FF, F.FD | F.ESI, b"\xaa\xbb"),
+        (7_000_000_000, 0x123, 0, b"\x11\x22"),
+        (8_000_000_000, 0x456, 0, b"\x01\x02"),
+        (9_123_456_789, 0x000, 0, b""),
+        (10_000_000_000, 0x321, 0, b"\xaa\xbb"),
+    ]
+    assert len(frames) == len(expected)
+    for row, (t_ns, can_id, flags, payload) in enumerate(expected):
+        assert (int(frames.t_ns[row]), int(frames.can_id[row]), int(frames.flags[row])) == (
+            t_ns,
+            can_id,
+            flags,
+        ), row
+        if flags & F.REMOTE:
+            assert frames.length[row] == len(payload) and not frames.data[row].any()
+        else:
+            assert frames.payload(row) == payload
+            assert not frames.data[row, len(payload) :].any()
+
+
+GARBAGE = [
+    "garbage",
+    "(1.0) can0 123#ABC",  # odd number of hex digits
+    "(1.0) can0 123#0102030405060708090A",  # 10 bytes in a classic frame
+    "(1.0) can0 1234#00",  # a 4-digit ID
+    "(1.0) can0 800#00",  # above 0x7FF in a standard frame
+    "(x.0) can0 123#00",
+    "(1.0) can0 123#GG",
+    "(1.0) can0 123##1" + "00" * 10,  # 10 bytes is no CAN FD length
+    "(1.0) can0 123###00",  # CAN XL
+    "(1.0) can0 123#R5x",
+    "(1.0) can0 123#00 X",
+    "(1.0)can0 123#00",
+    "(1.0) averyveryverylongifname 123#00",
+    "(99999999999.0) can0 123#00",  # seconds beyond int64 nanoseconds
+    "(1.0) can0",
+    "\x00\x01\x02\xff binary",
+]
+
+
+def test_malformed_lines_are_counted_with_their_numbers_and_skipped(tmp_path: Path) -> None:
+    lines = []
+    for i, bad in enumerate(GARBAGE):
+        lines += [f"({i}.000000) can0 1{i % 10}0#{i:02X}", bad]
+    log = tmp_path / "mixed.log"
+    log.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    frames, reader = read(log)
+    assert len(frames) == len(GARBAGE)
+    assert frames.payload(3) == b"\x03"
+    assert reader.stats.malformed == len(GARBAGE)
+    assert reader.stats.examples[0] == "line 2: 'garbage'"
+    assert reader.stats.examples[1].startswith("line 4: ")
+
+
+def test_a_binary_file_is_malformed_lines_not_a_crash(tmp_path: Path) -> None:
+    log = tmp_path / "random.log"
+    log.write_bytes(np.random.default_rng(7).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    frames, reader = read(log)
+    assert len(frames) == 0 and reader.stats.malformed > 0
+
+
+def test_unreadable_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(LogError, match=r"missing\.log"):
+        open_log(tmp_path / "missing.log")
+    with pytest.raises(LogError, match="a-folder"):
+        (tmp_path / "a-folder.log").mkdir()
+        open_log(tmp_path / "a-folder.log")
+
+
+@pytest.mark.parametrize(
+    ("max_frames", "chunk_bytes"), [(1, 1 << 20), (7, 64), (1000, 333), (10, 1)]
+)
+def test_batch_and_chunk_boundaries_change_nothing(
+    tmp_path: Path, max_frames: int, chunk_bytes: int
+) -> None:
+    whole, _ = read(TESLA_LOG)
+    n = 3000 if chunk_bytes < 100 or max_frames == 1 else len(whole)
+    path = tmp_path / "excerpt.log"
+    path.write_bytes(b"".join(TESLA_LOG.read_bytes().splitlines(keepends=True)[:n]))
+    parts, reader = read(path, max_frames, chunk_bytes=chunk_bytes)
+    expected = whole.take(slice(0, n))
+    for column in ("t_ns", "bus", "can_id", "flags", "length", "data"):
+        assert np.array_equal(getattr(parts, column), getattr(expected, column)), column
+    assert reader.stats.frames == n
+
+
+FRAME = st.tuples(
+    st.integers(0, 9_223_372_035),  # whole seconds whose nanoseconds fit int64 (to 2262)
+    st.integers(0, 999_999),
+    st.sampled_from(["can0", "can1", "vcan12", "x"]),
+    st.booleans(),
+    st.integers(0, 0x1FFFFFFF),
+    st.binary(max_size=8),
+)
+
+
+# Text that is never a frame line: it does not start with '(' and stays on one line.
+GARBAGE_TEXT = st.text(max_size=30).filter(
+    lambda t: "\n" not in t and "\r" not in t and not t.startswith("(")
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(frames=st.lists(st.one_of(FRAME, GARBAGE_TEXT), max_size=60))
+def test_generated_lines_round_trip(
+    tmp_path: Path, frames: list[tuple[int, int, str, bool, int, bytes] | str]
+) -> None:
+    lines: list[str] = []
+    expected: list[tuple[int, str, int, bool, bytes]] = []
+    for item in frames:
+        if isinstance(item, str):
+            lines.append(item)
+            continue
+        seconds, micros, bus, extended, can_id, payload = item
+        can_id = can_id if extended else can_id & 0x7FF
+        text_id = f"{can_id:08X}" if extended else f"{can_id:03X}"
+        if extended and can_id & 0x20000000:
+            continue
+        lines.append(f"({seconds}.{micros:06d}) {bus} {text_id}#{payload.hex().upper()}")
+        expected.append((seconds * 10**9 + micros * 1000, bus, can_id, extended, payload))
+    log = tmp_path / "generated.log"
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    got, reader = read(log, 5, chunk_bytes=97)
+    assert len(got) == len(expected)
+    for row, (t_ns, bus, can_id, extended, payload) in enumerate(expected):
+        assert int(got.t_ns[row]) == t_ns
+        assert got.buses[got.bus[row]] == bus
+        assert int(got.can_id[row]) == can_id
+        assert bool(got.flags[row] & FrameFlag.EXTENDED) == extended
+        assert got.payload(row) == payload
+    assert reader.stats.malformed == sum(1 for item in frames if isinstance(item, str) and item)

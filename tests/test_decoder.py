@@ -1,0 +1,149 @@
+"""The decoder's own rules: what is counted, what is matched, what the DBC loader reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.decode import DbcError, Decoder, load_dbc
+from agent.frames import FrameBatch, FrameFlag
+from tests.data import RAV4_PT_DBC, TRUCK_DBC
+from tests.oracle import batch_of, decoded_rows
+
+DBC = """VERSION ""
+
+BU_: ECU
+
+BO_ 256 Engine: 8 ECU
+ SG_ Speed : 0|16@1+ (0.01,0) [0|655.35] "km/h" ECU
+ SG_ Torque : 16|12@1- (0.5,-10) [-1034|1013.5] "Nm" ECU
+ SG_ Gear : 63|4@0+ (1,0) [0|15] "" ECU
+
+BO_ 2566844926 Wide: 64 ECU
+ SG_ Across : 60|64@1+ (1,0) [0|0] "" ECU
+ SG_ Last : 504|8@1+ (1,0) [0|255] "" ECU
+
+VAL_ 256 Gear 0 "Park" 1 "Drive" ;
+"""
+
+OTHER = """VERSION ""
+
+BU_: ECU
+
+BO_ 256 Body: 2 ECU
+ SG_ Door : 0|1@1+ (1,0) [0|1] "" ECU
+"""
+
+
+@pytest.fixture
+def dbc(tmp_path: Path) -> Path:
+    path = tmp_path / "engine.dbc"
+    path.write_text(DBC)
+    return path
+
+
+def test_remote_error_and_unknown_frames_are_counted_not_decoded(dbc: Path) -> None:
+    batch = batch_of([(0x100, False, bytes(8)), (0x101, False, bytes(8)), (0x100, False, bytes(8))])
+    batch.flags[1] |= FrameFlag.REMOTE
+    batch.flags[2] |= FrameFlag.ERROR
+    more = batch_of([(0x100, False, bytes(8)), (0x7FF, False, bytes(8))])
+    result = Decoder({"can0": [dbc]}).decode(FrameBatch.concat([batch, more]))
+    assert (result.frames, result.decoded, result.unknown) == (5, 2, 1)
+    assert (result.remote_frames, result.error_frames) == (1, 1)
+    assert sorted(decoded_rows(result)) == [0, 3]
+
+
+def test_values_raw_and_physical(dbc: Path) -> None:
+    payload = bytes([0x10, 0x27, 0xFF, 0x0F, 0, 0, 0, 0x10])  # 100.00 km/h, torque raw -1, gear 1
+    result = Decoder({"*": [dbc]}).decode(batch_of([(0x100, False, payload)]))
+    block = result.blocks[0]
+    assert block.signal("Speed").raw.tolist() == [10_000]
+    assert block.signal("Speed").physical().tolist() == [100.0]
+    assert block.signal("Torque").raw.tolist() == [-1]
+    assert block.signal("Torque").physical().tolist() == [-10.5]
+    assert block.signal("Gear").physical().tolist() == [1]
+    assert block.signal("Gear").info.choices == {0: "Park", 1: "Drive"}
+    assert result.signals == 3
+
+
+def test_fd_signals_across_words_and_at_the_end(dbc: Path) -> None:
+    payload = bytearray(64)
+    value = 0x0123456789ABCDEF
+    as_int = value << 60
+    payload[: len(as_int.to_bytes(17, "little"))] = as_int.to_bytes(17, "little")
+    payload[63] = 0xA5
+    rows = decoded_rows(
+        Decoder({"*": [dbc]}).decode(batch_of([(0x18FEF1FE, True, bytes(payload))]))
+    )
+    assert rows[0] == ("Wide", {"Across": value, "Last": 0xA5})
+
+
+def test_a_short_frame_drops_only_the_signals_past_its_end(dbc: Path) -> None:
+    rows = decoded_rows(Decoder({"*": [dbc]}).decode(batch_of([(0x100, False, b"\x10\x27\xff")])))
+    assert rows[0] == ("Engine", {"Speed": 100.0})
+
+
+def test_each_bus_has_its_own_dbcs(dbc: Path, tmp_path: Path) -> None:
+    other = tmp_path / "body.dbc"
+    other.write_text(OTHER)
+    batch = FrameBatch.concat([batch_of([(0x100, False, b"\x01" * 8)], bus) for bus in ("can0",)])
+    batch = FrameBatch(
+        np.array([0, 1]),
+        np.array([0, 1], np.uint8),
+        np.array([0x100, 0x100], np.uint32),
+        np.zeros(2, np.uint8),
+        np.array([8, 2], np.uint8),
+        np.repeat(batch.data, 2, axis=0),
+        ("can0", "can1"),
+    )
+    rows = decoded_rows(Decoder({"can0": [dbc], "can1": [other]}).decode(batch))
+    assert rows[0][0] == "Engine" and rows[1] == ("Body", {"Door": 1})
+
+
+def test_a_bus_without_dbc_decodes_nothing(dbc: Path) -> None:
+    result = Decoder({"can0": [dbc]}).decode(batch_of([(0x100, False, bytes(8))], "can9"))
+    assert (result.decoded, result.unknown) == (0, 1)
+
+
+def test_j1939_matches_pdu2_by_group_extension_and_pdu1_without_destination() -> None:
+    decoder = Decoder({"*": [TRUCK_DBC]}, ["*"])
+    plain = Decoder({"*": [TRUCK_DBC]})
+    eec1 = 0x0CF00400  # PDU2: PF 0xF0, PS 0x04 is part of the PGN
+    frames = [
+        (eec1, True, bytes(8)),
+        (0x18F00431, True, bytes(8)),  # other priority and source: same PGN 0xF004
+        (0x18F00531, True, bytes(8)),  # PS 0x05: another PGN
+        (0x0C010003, True, bytes(8)),  # PDU1 TC1 (PGN 0x0100) to 0x00 from 0x03
+        (0x0C01FF17, True, bytes(8)),  # the same PGN to everyone, from elsewhere
+    ]
+    rows = decoded_rows(decoder.decode(batch_of(frames)))
+    names = {row: name for row, (name, _) in rows.items()}
+    assert names[0] == names[1] == "EEC1"
+    assert names.get(2) != "EEC1"
+    assert names[3] == names[4] == "TC1"
+    assert 1 not in decoded_rows(plain.decode(batch_of(frames)))
+
+
+def test_dbc_warnings_name_the_file_and_the_problem() -> None:
+    warnings = load_dbc(RAV4_PT_DBC).warnings
+    assert any("PCS_HUD" in w and "overlapping" in w for w in warnings)
+    assert all(w.startswith(str(RAV4_PT_DBC)) for w in warnings)
+    truck = load_dbc(TRUCK_DBC)
+    assert any("is decoded as" in w and "#2" in w for w in truck.warnings)
+
+
+def test_strict_loading_refuses_what_lenient_loading_lists() -> None:
+    with pytest.raises(DbcError, match=r"toyota_new_mc_pt_generated\.dbc"):
+        load_dbc(RAV4_PT_DBC, strict=True)
+
+
+def test_a_missing_dbc_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DbcError, match=r"nope\.dbc: cannot read"):
+        Decoder({"*": [tmp_path / "nope.dbc"]})
+
+
+def test_an_empty_batch(dbc: Path) -> None:
+    result = Decoder({"*": [dbc]}).decode(FrameBatch.empty(("can0",)))
+    assert (result.frames, result.decoded, result.signals, result.blocks) == (0, 0, 0, [])
