@@ -10,7 +10,7 @@ import pytest
 from agent.decode import DbcError, Decoder, load_dbc
 from agent.frames import FrameBatch, FrameFlag
 from tests.data import RAV4_PT_DBC, TRUCK_DBC
-from tests.oracle import batch_of, decoded_rows
+from tests.oracle import batch_of, decoded_rows, load_cantools
 
 DBC = """VERSION ""
 
@@ -147,3 +147,38 @@ def test_a_missing_dbc_is_a_clear_error(tmp_path: Path) -> None:
 def test_an_empty_batch(dbc: Path) -> None:
     result = Decoder({"*": [dbc]}).decode(FrameBatch.empty(("can0",)))
     assert (result.frames, result.decoded, result.signals, result.blocks) == (0, 0, 0, [])
+
+
+BIG_SELECTORS = """VERSION ""
+
+BU_: ECU
+
+BO_ 1024 Paged: 8 ECU
+ SG_ Page M : 0|32@1+ (1,0) [0|0] "" ECU
+ SG_ Low m3 : 32|16@1+ (1,0) [0|0] "" ECU
+ SG_ High m70000 : 32|16@1- (1,0) [0|0] "" ECU
+"""
+
+
+def test_selector_values_beyond_the_lookup_table(tmp_path: Path) -> None:
+    path = tmp_path / "paged.dbc"
+    path.write_text(BIG_SELECTORS)
+    database = load_cantools(path)
+    message = database.get_message_by_name("Paged")
+    payloads = [
+        (3).to_bytes(4, "little") + b"\x01\x02\0\0",
+        (70000).to_bytes(4, "little") + b"\xff\xff\0\0",
+        (5).to_bytes(4, "little") + b"\x01\x02\0\0",
+    ]
+    rows = decoded_rows(
+        Decoder({"*": [path]}).decode(batch_of([(1024, False, p) for p in payloads]))
+    )
+    assert (
+        rows[0][1] == message.decode(payloads[0], decode_choices=False) == {"Page": 3, "Low": 513}
+    )
+    assert (
+        rows[1][1]
+        == message.decode(payloads[1], decode_choices=False)
+        == {"Page": 70000, "High": -1}
+    )
+    assert rows[2][1] == {"Page": 5}  # cantools refuses a value no signal is selected by

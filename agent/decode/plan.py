@@ -162,21 +162,21 @@ class MessagePlan:
             self._place(index, signal)
         self.max_needed = int(self.needed.max()) if k else 0
         by_name = {s.name: i for i, s in enumerate(signals)}
-        # Children of one multiplexer that share their selector values share one check:
-        # grouped, parents before children.
-        groups: dict[tuple[int, frozenset[int]], list[int]] = {}
-        for index in sorted(range(k), key=lambda i: self._depth(i, by_name)):
-            signal = signals[index]
+        children: dict[int, list[int]] = {}
+        for index, signal in enumerate(signals):
             if signal.multiplexer is None:
                 continue
             parent = by_name.get(signal.multiplexer)
             if parent is None or signal.multiplexer_ids is None:
                 self.never[index] = True
                 continue
-            groups.setdefault((parent, signal.multiplexer_ids), []).append(index)
-        #: Multiplexed signals: (multiplexer index, children, their selector values).
-        self.multiplexed = [
-            (parent, _index(children), Selector(ids)) for (parent, ids), children in groups.items()
+            children.setdefault(parent, []).append(index)
+        #: One per multiplexer signal, parents before their children's multiplexers.
+        self.multiplexers = [
+            Multiplexer(parent, [(i, signals[i].multiplexer_ids or frozenset()) for i in members])
+            for parent, members in sorted(
+                children.items(), key=lambda p: self._depth(p[0], by_name)
+            )
         ]
 
     def _depth(self, index: int, by_name: dict[str, int]) -> int:
@@ -222,32 +222,33 @@ class MessagePlan:
             self.shift_right[index] = 64 - length
 
 
-def _index(positions: list[int]) -> slice | npt.NDArray[np.intp]:
-    """A slice where the positions are consecutive: rows of a matrix are then a view."""
-    if positions == list(range(positions[0], positions[-1] + 1)):
-        return slice(positions[0], positions[-1] + 1)
-    return np.array(positions, np.intp)
+class Multiplexer:
+    """A multiplexer signal and the signals it selects, with a table from each selector
+    value to the children it selects, so one lookup serves them all."""
 
-
-class Selector:
-    """The selector values of a multiplexed group, checked by table lookup where they are
-    small non-negative integers (nearly always), else by search."""
-
-    def __init__(self, ids: frozenset[int]) -> None:
-        self.ids = np.array(sorted(ids), np.int64)
+    def __init__(self, parent: int, children: list[tuple[int, frozenset[int]]]) -> None:
+        self.parent = parent
+        self.children = np.array([index for index, _ in children], np.intp)
+        ids = [i for _, selected in children for i in selected]
         self.table: npt.NDArray[np.bool_] | None = None
+        self.ids = [np.array(sorted(selected), np.int64) for _, selected in children]
         if ids and all(0 <= i < 1 << 16 for i in ids):
-            # One entry past the end stands for every value outside the table.
-            self.table = np.zeros(max(ids) + 2, np.bool_)
-            self.table[list(ids)] = True
+            # (children, values): the last column stands for every value outside the table.
+            self.table = np.zeros((len(children), max(ids) + 2), np.bool_)
+            for row, (_, selected) in enumerate(children):
+                self.table[row, sorted(selected)] = True
 
-    def __call__(self, key: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
-        """Whether each multiplexer value (already truncated to an integer) selects."""
+    def select(self, key: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """(children, frames): which child each frame's multiplexer value (an integer)
+        selects."""
         if self.table is None:
-            return np.isin(key, self.ids)
-        outside = len(self.table) - 1
+            return np.array([np.isin(key, ids) for ids in self.ids]).reshape(len(self.ids), -1)
+        outside = self.table.shape[1] - 1
         inside = (key >= 0) & (key < outside)
-        return self.table[np.where(inside, key, outside).astype(np.intp)]
+        column: npt.NDArray[np.bool_] = self.table[
+            :, np.where(inside, key, outside).astype(np.intp)
+        ]
+        return column
 
 
 class MessageBlock:
