@@ -289,23 +289,10 @@ class Decoder:
             slot = lookup.j1939_slot.take(bus[rows])
             on = slot >= 0
             j1939 = rows[on]
-            message[j1939] = lookup.pgns.take((slot[on] << 18) | j1939_pgn(can_id[j1939]))
+            message[j1939] = lookup.pgns.take(slot[on] * _PGN_SPACE + j1939_pgn(can_id[j1939]))
             rows = rows[~on]
         if len(rows) and len(lookup.extended_keys):
             keys = (bus[rows].astype(np.int64) << 32) | _EXTENDED_KEY | can_id[rows]
-            last = len(lookup.extended_keys) - 1
-            at = np.minimum(np.searchsorted(lookup.extended_keys, keys), last)
-            found = lookup.extended_keys[at] == keys
-            message[rows[found]] = lookup.extended_index[at[found]]
-        return message
-        if len(lookup.pgns):
-            slot = lookup.j1939_slot[bus[rows]]
-            on = slot >= 0
-            pgn = j1939_pgn(can_id[rows[on]])
-            message[rows[on]] = lookup.pgns[slot[on] * _PGN_SPACE + pgn]
-            rows = rows[~on]
-        if len(rows) and len(lookup.extended_keys):
-            keys = (bus[rows] << 32) | _EXTENDED_KEY | can_id[rows]
             last = len(lookup.extended_keys) - 1
             at = np.minimum(np.searchsorted(lookup.extended_keys, keys), last)
             found = lookup.extended_keys[at] == keys
