@@ -50,20 +50,29 @@ class DecodeTotals:
 
 
 class Progress:
-    """A one-line progress display on stderr, only when stderr is a terminal."""
+    """A progress line on stderr, with a bar where the reader knows how far it is; only
+    when stderr is a terminal."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.enabled = stream.isatty()
         self.last = 0.0
 
-    def show(self, label: str, totals: DecodeTotals, started: float) -> None:
+    WIDTH = 30
+
+    def show(self, label: str, done: float | None, totals: DecodeTotals, started: float) -> None:
+        """`done` is the fraction of the current log read, where its reader can tell."""
         now = time.perf_counter()
         if not self.enabled or now - self.last < 0.2:
             return
         self.last = now
         rate = totals.frames / max(now - started, 1e-9)
-        self.stream.write(f"\r{label}: {totals.frames:,} frames, {rate:,.0f} frames/s\x1b[K")
+        bar = ""
+        if done is not None:
+            filled = round(done * self.WIDTH)
+            bar = f" [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done:4.0%}"
+        line = f"\r{label}{bar} {totals.frames:,} frames, {rate:,.0f} frames/s\x1b[K"
+        self.stream.write(line)
         self.stream.flush()
 
     def clear(self) -> None:
@@ -105,7 +114,7 @@ def run_decode(args: argparse.Namespace) -> int:
                     totals.signals += result.signals
                     if writer is not None:
                         writer.write(result)
-                    progress.show(Path(log).name, totals, started)
+                    progress.show(Path(log).name, reader.progress(), totals, started)
             except LogError as error:
                 progress.clear()
                 print(f"telemetry-agent decode: {error}", file=sys.stderr)

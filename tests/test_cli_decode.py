@@ -12,6 +12,8 @@ from typing import Any
 
 import can
 
+from agent.cli import DecodeTotals, Progress
+from agent.logs import open_log
 from tests.data import (
     RAV4_ADAS_DBC,
     RAV4_LOG,
@@ -192,3 +194,28 @@ def test_the_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "telemetry-agent"
     done = subprocess.run([script, "decode", "--help"], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "--j1939" in done.stdout
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_on_a_terminal_and_nothing_elsewhere() -> None:
+    totals = DecodeTotals(frames=5_000)
+    shown = Terminal()
+    Progress(shown).show("drive.log", 0.5, totals, started=0.0)
+    assert f"drive.log [{'#' * 15}{'.' * 15}]  50% 5,000 frames" in shown.getvalue()
+    quiet = io.StringIO()
+    Progress(quiet).show("drive.log", 0.5, totals, started=0.0)
+    assert quiet.getvalue() == ""
+
+
+def test_the_candump_reader_reports_how_far_it_is() -> None:
+    reader = open_log(TESLA_LOG)
+    seen: list[float] = []
+    for _ in reader.batches(1_000):
+        done = reader.progress()
+        assert done is not None
+        seen.append(done)
+    assert seen == sorted(seen) and seen[-1] == 1.0

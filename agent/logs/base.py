@@ -60,6 +60,10 @@ class LogReader(abc.ABC):
     def batches(self, max_frames: int = DEFAULT_BATCH_FRAMES) -> Iterator[FrameBatch]:
         """Yield batches of at most `max_frames` frames until the log ends."""
 
+    def progress(self) -> float | None:
+        """How much of the file has been read, 0 to 1, where the reader can tell."""
+        return None
+
 
 _READERS: dict[str, type[LogReader]] = {}
 

@@ -117,10 +117,16 @@ class CandumpReader(LogReader):
         self._buses: list[str] = []
         #: Each bus's name as two little-endian 64-bit words, in bus index order.
         self._bus_keys: list[tuple[int, int]] = []
+        self._consumed = 0
+        self._size = 1
+
+    def progress(self) -> float:
+        return min(self._consumed / self._size, 1.0)
 
     def batches(self, max_frames: int = DEFAULT_BATCH_FRAMES) -> Iterator[FrameBatch]:
         lines_before = 0
         carry = b""
+        self._size = max(self.path.stat().st_size, 1)
         try:
             f = self.path.open("rb")
         except OSError as error:
@@ -147,6 +153,7 @@ class CandumpReader(LogReader):
                         chunk += b"\n"
                 frames, lines = self._parse(chunk, lines_before)
                 lines_before += lines
+                self._consumed += len(chunk)
                 self.stats.frames += len(frames)
                 for start in range(0, len(frames), max_frames):
                     yield frames.take(slice(start, start + max_frames))
