@@ -83,10 +83,13 @@ class _Lookup:
         on_j1939 = np.array(j1939, np.bool_)[bus_of] & extended
         self.j1939_slot = np.cumsum(j1939) - 1
         self.j1939_slot[~np.array(j1939, np.bool_)] = -1
+        # A PDU1 PGN is entered at all 256 destination addresses, so a frame's PGN slot
+        # is just bits 8 to 25 of its ID, with nothing to clear per frame.
         self.pgns = np.full(sum(j1939) * _PGN_SPACE, -1, np.int32)
-        self.pgns[
-            self.j1939_slot[bus_of[on_j1939]] * _PGN_SPACE + (keys[on_j1939] & (_PGN_SPACE - 1))
-        ] = index[on_j1939]
+        base = self.j1939_slot[bus_of[on_j1939]] * _PGN_SPACE + (keys[on_j1939] & (_PGN_SPACE - 1))
+        pdu1 = (keys[on_j1939] & 0xFF00) < 0xF000
+        destinations = np.where(pdu1[:, None], np.arange(256)[None, :], 0)
+        self.pgns[base[:, None] + destinations] = index[on_j1939][:, None]
         # Other 29-bit IDs are sparse: sorted keys, found by binary search.
         searched = extended & ~on_j1939
         self.extended_keys = (bus_of[searched] << 32) | keys[searched]
@@ -103,6 +106,9 @@ class _Lookup:
         self.width = np.array([len(s) for s in signals], np.int64)
         self.first_signal = np.concatenate([[0], np.cumsum(self.width)[:-1]]).astype(np.int64)
         self.max_needed = np.array([p.max_needed for _, _, p in plans], np.int64)
+        self.signed = np.array(
+            [any(s.is_signed and not s.is_float for s in p.signals) for _, _, p in plans], np.bool_
+        )
         self.irregular = np.array(
             [bool(p.multiplexers or p.straddlers or p.never.any()) for _, _, p in plans]
         )
@@ -238,9 +244,13 @@ class Decoder:
         bits = table.take(cell)
         # Parameters are constant along a segment: 1-D repeats are numpy's fastest fill.
         bits <<= np.repeat(lookup.shift_left[segment_signal], segment_length)
-        signed = bits.view(np.int64)
-        signed >>= np.repeat(lookup.shift_right[segment_signal], segment_length)  # sign-extends
-        bits &= np.repeat(lookup.mask[segment_signal], segment_length)
+        shift_right = np.repeat(lookup.shift_right[segment_signal], segment_length)
+        if lookup.signed[blocks].any():
+            signed = bits.view(np.int64)
+            signed >>= shift_right  # arithmetic: extends the sign, which unsigned ones mask off
+            bits &= np.repeat(lookup.mask[segment_signal], segment_length)
+        else:
+            bits >>= shift_right.view(np.uint64)  # logical: nothing to mask
 
         present: npt.NDArray[np.bool_] | None = None
         lengths = batch.length[rows]
@@ -280,16 +290,21 @@ class Decoder:
         # 32-bit arithmetic throughout: half the memory traffic of numpy's default int64.
         bus = batch.bus.astype(np.int32)
         can_id = batch.can_id.view(np.int32)
-        message = lookup.standard.take((bus << 11) | (can_id & 0x7FF))
-        message[extended | undecodable | (can_id > 0x7FF)] = -1
+        if extended.all():  # a J1939 bus, say: no standard frame to look up
+            message = np.full(len(batch), -1, np.int32)
+        else:
+            message = lookup.standard.take((bus << 11) | (can_id & 0x7FF))
+            message[extended | undecodable | (can_id > 0x7FF)] = -1
         rows = np.flatnonzero(extended & ~undecodable)
         if not len(rows):
             return message
         if len(lookup.pgns):
             slot = lookup.j1939_slot.take(bus[rows])
             on = slot >= 0
-            j1939 = rows[on]
-            message[j1939] = lookup.pgns.take(slot[on] * _PGN_SPACE + j1939_pgn(can_id[j1939]))
+            j1939, slot = (rows, slot) if on.all() else (rows[on], slot[on])
+            pgn_slot = (can_id[j1939] >> 8) & (_PGN_SPACE - 1)
+            pgn_slot += slot * _PGN_SPACE
+            message[j1939] = lookup.pgns.take(pgn_slot)
             rows = rows[~on]
         if len(rows) and len(lookup.extended_keys):
             keys = (bus[rows].astype(np.int64) << 32) | _EXTENDED_KEY | can_id[rows]
