@@ -57,15 +57,10 @@ def column_text(column: SignalColumn, choices: bool) -> list[str]:
 
 def _present_rows(block: MessageBlock) -> list[list[int]]:
     """For each frame of the block, the indices of the signal columns it carries."""
-    n = len(block)
-    everywhere = [i for i, c in enumerate(block.signals) if c.present is None]
-    if len(everywhere) == len(block.signals):
-        return [everywhere] * n
-    mask = np.ones((n, len(block.signals)), np.bool_)
-    for i, column in enumerate(block.signals):
-        if column.present is not None:
-            mask[:, i] = column.present
-    return [np.flatnonzero(row).tolist() for row in mask]
+    matrix = block.present
+    if matrix is None:
+        return [list(range(len(block.plan.signals)))] * len(block)
+    return [np.flatnonzero(row).tolist() for row in matrix.T]
 
 
 class RecordWriter(abc.ABC):

@@ -216,3 +216,11 @@ def test_generated_lines_round_trip(
         assert bool(got.flags[row] & FrameFlag.EXTENDED) == extended
         assert got.payload(row) == payload
     assert reader.stats.malformed == sum(1 for item in frames if isinstance(item, str) and item)
+
+
+def test_a_line_longer_than_many_chunks_is_one_malformed_line(tmp_path: Path) -> None:
+    log = tmp_path / "long.log"
+    log.write_bytes(b"(1.0) can0 123#00\n" + b"x" * 10_000 + b"\n(2.0) can0 124#01\n")
+    frames, reader = read(log, chunk_bytes=100)
+    assert frames.can_id.tolist() == [0x123, 0x124]
+    assert reader.stats.malformed >= 1

@@ -126,9 +126,9 @@ class CandumpReader(LogReader):
     def batches(self, max_frames: int = DEFAULT_BATCH_FRAMES) -> Iterator[FrameBatch]:
         lines_before = 0
         carry = b""
-        self._size = max(self.path.stat().st_size, 1)
         try:
             f = self.path.open("rb")
+            self._size = max(self.path.stat().st_size, 1)
         except OSError as error:
             raise LogError(f"{self.path}: cannot read the log: {error.strerror or error}") from None
         with f:
@@ -146,7 +146,10 @@ class CandumpReader(LogReader):
                     if cut == 0 and len(chunk) < 64 * self.chunk_bytes:
                         carry = chunk  # no line end yet: read on
                         continue
-                    chunk, carry = (chunk, b"") if cut == 0 else (chunk[:cut], chunk[cut:])
+                    if cut == 0:  # a "line" of 64 chunks: garbage, parsed as one line
+                        chunk, carry = chunk + b"\n", b""
+                    else:
+                        chunk, carry = chunk[:cut], chunk[cut:]
                 else:
                     carry = b""
                     if not chunk.endswith(b"\n"):

@@ -7,6 +7,7 @@ for example), or `can0` where the format has none.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,8 +26,9 @@ class PythonCanReader(LogReader):
     """A log read by one of python-can's readers."""
 
     @staticmethod
+    @abc.abstractmethod
     def open_reader(path: Path) -> Any:
-        raise NotImplementedError
+        """python-can's reader object for the file."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
@@ -121,7 +123,6 @@ class PythonCanReader(LogReader):
         else:
             batch.length[row] = len(data)
             batch.data[row, : len(data)] = np.frombuffer(bytes(data), np.uint8)
-        batch.data[row, len(data) :] = 0
         return None
 
 
