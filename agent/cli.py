@@ -14,7 +14,7 @@ from typing import TextIO
 
 from agent import __version__
 from agent.decode import ALL_BUSES, DbcError, Decoder
-from agent.logs import LogError, open_log
+from agent.logs import LogError, formats, open_log
 from agent.memory import keep_freed_memory
 from agent.records import WRITERS
 
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--choices", action="store_true", help="show choice names for values")
     decode.add_argument(
         "--log-format",
-        metavar="NAME",
+        choices=sorted(formats()),
         help="read every LOG as this format instead of guessing from its suffix",
     )
     decode.set_defaults(handler=run_decode)

@@ -219,3 +219,12 @@ def test_the_candump_reader_reports_how_far_it_is() -> None:
         assert done is not None
         seen.append(done)
     assert seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_log_format_overrides_the_suffix(tmp_path: Path) -> None:
+    renamed = tmp_path / "capture.txt"
+    renamed.write_bytes(TESLA_LOG.read_bytes())
+    guessed = decode(renamed, "--dbc", TESLA_DBC, "--format", "none")
+    assert guessed.returncode == 1 and "cannot tell the log format" in guessed.stderr
+    told = decode(renamed, "--dbc", TESLA_DBC, "--format", "none", "--log-format", "candump")
+    assert told.returncode == 0 and "12138 decoded" in told.stderr

@@ -43,6 +43,8 @@ def load_dbc(path: str | Path, *, strict: bool = False) -> Dbc:
     collect = _Collect()
     logger = logging.getLogger("cantools")
     logger.addHandler(collect)
+    # Collected here and listed with the rest, not printed once more by logging itself.
+    propagate, logger.propagate = logger.propagate, False
     try:
         database: Any = cantools.database.load_file(path, database_format="dbc", strict=strict)
     except OSError as error:
@@ -52,13 +54,14 @@ def load_dbc(path: str | Path, *, strict: bool = False) -> Dbc:
         raise DbcError(f"{path}: not a valid DBC file: {reason}") from None
     finally:
         logger.removeHandler(collect)
+        logger.propagate = propagate
     warnings = [f"{path}: {message}" for message in collect.messages]
     plans = []
     for message in database.messages:
         warnings.extend(f"{path}: {problem}" for problem in _strict_problems(message))
         plan = compile_message(message, path.name)
         warnings.extend(
-            f"{path}: message {message.name}: a second signal named {s.name.rsplit('#', 1)[0]!r} "
+            f"{path}: message {message.name}: another signal named {original.name!r} "
             f"is decoded as {s.name!r}"
             for s, original in zip(plan.signals, message.signals, strict=True)
             if s.name != original.name

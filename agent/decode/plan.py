@@ -70,11 +70,6 @@ class SignalInfo:
     def identity(self) -> bool:
         return self.scale == 1 and self.offset == 0
 
-    @property
-    def integer_physical(self) -> bool:
-        """Physical values are integers: cantools returns int for these, so do we."""
-        return not self.is_float and _is_integral(self.scale) and _is_integral(self.offset)
-
     def raw_from_bits(self, bits: npt.NDArray[np.uint64]) -> RawArray:
         """Typed raw values from extracted bits: unsigned, two's complement, or IEEE float."""
         if self.is_float:
@@ -124,9 +119,6 @@ class SignalColumn:
 
     def physical(self) -> PhysicalArray:
         return self.info.physical(self.raw)
-
-    def count(self) -> int:
-        return len(self.raw) if self.present is None else int(np.count_nonzero(self.present))
 
 
 @dataclass(frozen=True, slots=True)
