@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -136,3 +138,20 @@ def test_an_unknown_suffix(tmp_path: Path) -> None:
     path.write_text("")
     with pytest.raises(LogError, match="cannot tell the log format"):
         open_log(path)
+
+
+def test_mf4_without_asammdf_says_what_to_install() -> None:
+    script = (
+        "import sys\n"
+        "sys.modules['asammdf'] = None  # as if the mf4 extra were not installed\n"
+        "from agent.logs import LogError, open_log\n"
+        "try:\n"
+        f"    list(open_log({str(TRUCK_DIR / 'truck_00000001.MF4')!r}).batches())\n"
+        "except LogError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert "pip install 'vehicle-telemetry-agent[mf4]'" in done.stdout, done.stderr
+    assert "truck_00000001.MF4" in done.stdout
