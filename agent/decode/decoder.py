@@ -106,9 +106,6 @@ class _Lookup:
         self.width = np.array([len(s) for s in signals], np.int64)
         self.first_signal = np.concatenate([[0], np.cumsum(self.width)[:-1]]).astype(np.int64)
         self.max_needed = np.array([p.max_needed for _, _, p in plans], np.int64)
-        self.signed = np.array(
-            [any(s.is_signed and not s.is_float for s in p.signals) for _, _, p in plans], np.bool_
-        )
         self.irregular = np.array(
             [bool(p.multiplexers or p.straddlers or p.never.any()) for _, _, p in plans]
         )
@@ -119,8 +116,7 @@ class _Lookup:
 
         self.word = flat("word", np.int64)
         self.shift_left = flat("shift_left", np.uint64)
-        self.shift_right = flat("shift_right", np.int64)
-        self.mask = flat("mask", np.uint64)
+        self.shift_right = flat("shift_right", np.uint64)
         self.needed = flat("needed", np.int64)
         self._columns: dict[int, npt.NDArray[np.int64]] = {}
 
@@ -244,13 +240,7 @@ class Decoder:
         bits = table.take(cell)
         # Parameters are constant along a segment: 1-D repeats are numpy's fastest fill.
         bits <<= np.repeat(lookup.shift_left[segment_signal], segment_length)
-        shift_right = np.repeat(lookup.shift_right[segment_signal], segment_length)
-        if lookup.signed[blocks].any():
-            signed = bits.view(np.int64)
-            signed >>= shift_right  # arithmetic: extends the sign, which unsigned ones mask off
-            bits &= np.repeat(lookup.mask[segment_signal], segment_length)
-        else:
-            bits >>= shift_right.view(np.uint64)  # logical: nothing to mask
+        bits >>= np.repeat(lookup.shift_right[segment_signal], segment_length)
 
         present: npt.NDArray[np.bool_] | None = None
         lengths = batch.length[rows]
@@ -348,10 +338,7 @@ def _irregular(block: MessageBlock, table: npt.NDArray[np.uint64], words: int) -
         joined = (frames[:, _column(low, words)] >> np.uint64(shift)) | (
             frames[:, _column(high, words)] << np.uint64(64 - shift)
         )
-        joined <<= plan.shift_left[index]
-        signed = joined.view(np.int64)
-        signed >>= plan.shift_right[index]
-        joined &= plan.mask[index]
+        joined &= np.uint64((1 << plan.signals[index].length) - 1)
         bits[index] = joined
     present[plan.never] = False
     for multiplexer in plan.multiplexers:

@@ -3,10 +3,11 @@
 A signal is a bit field of the payload read as one 512-bit integer, little endian for Intel
 signals and big endian for Motorola ones. Nearly every signal lies inside one aligned 64-bit
 word of that integer, and is read by two shifts: left, to put its top bit at bit 63, then
-arithmetic right, to put its lowest bit at bit 0 with the sign extended; a mask then clears
-the extension of unsigned signals. Those three numbers per signal (and which word) are all
-the decoder needs, so it can decode every signal of every frame in a batch in one pass.
-The few CAN FD signals that straddle two words are read from both.
+right, to put its lowest bit at bit 0. Those two numbers per signal (and which word) are
+all the decoder needs, so it can decode every signal of every frame in a batch in one pass.
+What it keeps is each signal's bit field as an unsigned integer; a signed signal's field is
+read as two's complement when its column is read. The few CAN FD signals that straddle two
+words are read from both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ PhysicalArray = npt.NDArray[Any]
 
 #: 64-bit words in a payload.
 WORDS = MAX_PAYLOAD // 8
-_ALL_ONES = (1 << 64) - 1
 _FLOAT_DTYPES: dict[int, type[np.floating[Any]]] = {16: np.float16, 32: np.float32, 64: np.float64}
 
 
@@ -71,12 +71,14 @@ class SignalInfo:
         return self.scale == 1 and self.offset == 0
 
     def raw_from_bits(self, bits: npt.NDArray[np.uint64]) -> RawArray:
-        """Typed raw values from extracted bits: unsigned, two's complement, or IEEE float."""
+        """Typed raw values from the signal's bit fields: unsigned, two's complement, or
+        IEEE float."""
         if self.is_float:
             dtype = _FLOAT_DTYPES[self.length]
             return bits.astype(f"u{np.dtype(dtype).itemsize}").view(dtype)
         if self.is_signed:
-            return bits.view(np.int64)
+            sign = np.uint64(1 << (self.length - 1))
+            return ((bits ^ sign) - sign).view(np.int64)
         return bits
 
     def physical(self, raw: RawArray) -> PhysicalArray:
@@ -143,8 +145,7 @@ class MessagePlan:
         k = len(signals)
         self.word = np.zeros(k, np.int64)
         self.shift_left = np.zeros(k, np.uint64)
-        self.shift_right = np.zeros(k, np.int64)
-        self.mask = np.zeros(k, np.uint64)
+        self.shift_right = np.zeros(k, np.uint64)
         self.needed = np.array([s.needed_bytes for s in signals], np.int64)
         #: Signals that straddle two words: (index, low word, high word, shift).
         self.straddlers: list[tuple[int, int, int, int]] = []
@@ -198,20 +199,15 @@ class MessagePlan:
         if big:
             word = WORDS - 1 - word  # big endian: word 0 holds the most significant bits
         self.word[index] = word + (WORDS if big else 0)
-        self.mask[index] = (
-            _ALL_ONES if signal.is_signed and not signal.is_float else (1 << length) - 1
-        )
         if shift + length <= 64:
             self.shift_left[index] = 64 - shift - length
             self.shift_right[index] = 64 - length
         else:
+            # Read from two words by the per-message step; the batch pass leaves it alone.
             high = word - 1 if big else word + 1
             self.straddlers.append(
                 (index, int(self.word[index]), high + (WORDS if big else 0), shift)
             )
-            # After the two words are joined, the signal starts at bit 0.
-            self.shift_left[index] = 64 - length
-            self.shift_right[index] = 64 - length
 
 
 class Multiplexer:
@@ -291,7 +287,7 @@ class MessageBlock:
 
     @property
     def bits(self) -> npt.NDArray[np.uint64]:
-        """(signals, frames): the extracted bits, sign-extended where the signal is signed."""
+        """(signals, frames): each signal's bit field, as an unsigned integer."""
         f0, f1, s0, s1 = self._span
         return self._batch_bits[s0:s1].reshape(len(self.plan.signals), f1 - f0)
 
