@@ -166,7 +166,7 @@ class MessagePlan:
             children.setdefault(parent, []).append(index)
         #: One per multiplexer signal, parents before their children's multiplexers.
         self.multiplexers = [
-            Multiplexer(parent, [(i, signals[i].multiplexer_ids or frozenset()) for i in members])
+            Multiplexer(parent, [(i, _ids(signals[i])) for i in members])
             for parent, members in sorted(
                 children.items(), key=lambda p: self._depth(p[0], by_name)
             )
@@ -203,11 +203,17 @@ class MessagePlan:
             self.shift_left[index] = 64 - shift - length
             self.shift_right[index] = 64 - length
         else:
-            # Read from two words by the per-message step; the batch pass leaves it alone.
+            # Read from two words by the per-message step, which replaces what the batch
+            # pass reads for it.
             high = word - 1 if big else word + 1
             self.straddlers.append(
                 (index, int(self.word[index]), high + (WORDS if big else 0), shift)
             )
+
+
+def _ids(signal: SignalInfo) -> frozenset[int]:
+    assert signal.multiplexer_ids is not None  # signals without ids are never present
+    return signal.multiplexer_ids
 
 
 class Multiplexer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,16 +81,8 @@ class PythonCanReader(LogReader):
                 n += 1
             if n:
                 self.stats.frames += n
-                filled = batch.take(slice(0, n))
-                yield FrameBatch(
-                    filled.t_ns,
-                    filled.bus,
-                    filled.can_id,
-                    filled.flags,
-                    filled.length,
-                    filled.data,
-                    tuple(self._buses),
-                )
+                # The bus table may have grown while the batch filled.
+                yield replace(batch.take(slice(0, n)), buses=tuple(self._buses))
             if ended:
                 return
 
