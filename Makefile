@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench run clean
+.PHONY: install test lint bench run proto broker clean
 
 install: $(STAMP)
 
@@ -14,9 +14,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install
+test: install broker
 	$(BIN)/python -m pytest -q
 	$(MAKE) lint
+
+# The MQTT tests start their own mosquitto on a free loopback port: install it where missing.
+broker:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+
+# The generated protobuf module; a test checks that the committed one is what this makes.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iagent/wire=proto --python_out=. --pyi_out=. \
+		proto/telemetry.proto
 
 lint: install
 	$(BIN)/ruff check agent tests bench
@@ -29,7 +40,7 @@ bench: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Until the daemon lands: decode the bundled excerpt of a real Tesla Model 3 log.
+# The agent on its embedded defaults: simulated traffic of dbc/demo.dbc into state/outbox,
+# metrics on 127.0.0.1:9108. Ctrl-C stops it.
 run: install
-	$(BIN)/telemetry-agent decode tests/fixtures/tesla-model3/excerpt.candump.log \
-		--dbc tests/fixtures/tesla-model3/Model3CAN.dbc --choices
+	$(BIN)/telemetry-agent run

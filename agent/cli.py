@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import re
 import sys
 import time
@@ -10,10 +12,11 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from agent import __version__
-from agent.decode import ALL_BUSES, DbcError, Decoder
+from agent.config import EX_CONFIG, Config, ConfigError, TlsConfig, embedded_defaults, load_config
+from agent.decode import ALL_BUSES, DbcError, Decoder, load_dbc
 from agent.logs import LogError, formats, open_log
 from agent.memory import keep_freed_memory
 from agent.records import WRITERS
@@ -113,7 +116,7 @@ def run_decode(args: argparse.Namespace) -> int:
                     totals.remote_frames += result.remote_frames
                     totals.signals += result.signals
                     if writer is not None:
-                        writer.write(result)
+                        writer.write(result.blocks)
                     progress.show(Path(log).name, reader.progress(), totals, started)
             except LogError as error:
                 progress.clear()
@@ -127,6 +130,102 @@ def run_decode(args: argparse.Namespace) -> int:
         out.flush()
     print(totals.summary(time.perf_counter() - started), file=sys.stderr)
     return 1 if failed else 0
+
+
+def _log_to_stderr(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="telemetry-agent: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Their per-connection chatter is not the agent's news.
+    for noisy in ("asyncio", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    _log_to_stderr(args.verbose)
+    try:
+        config = load_config(args.config) if args.config else embedded_defaults()
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"telemetry-agent: {error.source}: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    from agent.service import Agent  # the daemon's imports are not needed by the others
+
+    try:
+        return asyncio.run(_run(Agent, config))
+    except DbcError as error:
+        print(f"telemetry-agent: {error}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as error:
+        print(f"telemetry-agent: {error}", file=sys.stderr)
+        return 1
+
+
+async def _run(agent_class: Any, config: Config) -> int:
+    agent = agent_class(config)
+    code: int = await agent.run()
+    return code
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"{error.source}: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    problems = []
+    for bus in config.buses:
+        for path in bus.dbc:
+            try:
+                load_dbc(path)
+            except DbcError as error:
+                problems.append(f"bus {bus.name}: {error}")
+    for problem in problems:
+        print(f"{args.config}: {problem}", file=sys.stderr)
+    if problems:
+        return EX_CONFIG
+    print(f"{args.config}: OK ({len(config.buses)} buses, uplink {config.uplink.kind})")
+    return 0
+
+
+def run_receive(args: argparse.Namespace) -> int:
+    _log_to_stderr()
+    from agent import receiver
+
+    tls = None
+    if args.ca_file or args.cert_file or args.key_file:
+        tls = TlsConfig(
+            *(Path(p) if p else None for p in (args.ca_file, args.cert_file, args.key_file))
+        )
+    with ExitStack() as stack:
+        out: TextIO = sys.stdout
+        if args.output:
+            out = stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        sink = receiver.Receiver(out)
+        if args.dir:
+            work = receiver.receive_dir(sink, Path(args.dir), args.idle_exit)
+        elif args.mqtt:
+            work = receiver.receive_mqtt(
+                sink, args.mqtt, args.topic, args.share, tls, args.idle_exit
+            )
+        else:
+            work = receiver.receive_grpc(sink, args.grpc_listen, tls, args.idle_exit)
+        try:
+            asyncio.run(work)
+        except ValueError as error:  # a malformed URL
+            print(f"telemetry-agent receive: {error}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            return 0  # the reader of our output went away (`| head`)
+        except OSError as error:
+            print(f"telemetry-agent receive: {error}", file=sys.stderr)
+            return 1
+        finally:
+            print(sink.stats.summary(), file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +262,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="read every LOG as this format instead of guessing from its suffix",
     )
     decode.set_defaults(handler=run_decode)
+
+    run = commands.add_parser(
+        "run",
+        help="run the agent",
+        description="Run the agent: read the buses, decode, batch, send. Without --config it "
+        "runs on its embedded defaults: simulated traffic of the demo DBC into batch files "
+        "under ./state/outbox, metrics on 127.0.0.1:9108.",
+    )
+    run.add_argument("--config", metavar="PATH", help="the TOML config file")
+    run.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    run.set_defaults(handler=run_agent)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description=f"Validate a config: exit 0, or print every problem and exit {EX_CONFIG}.",
+    )
+    check.add_argument("config", metavar="PATH")
+    check.set_defaults(handler=run_check_config)
+
+    receive = commands.add_parser(
+        "receive",
+        help="receive batches and write them as JSON Lines records",
+        description="The reference receiver: batches from MQTT, gRPC or a folder, written as "
+        'the same JSON Lines records as `decode` (plus "vehicle"), duplicates dropped.',
+    )
+    where = receive.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mqtt", metavar="URL", help="mqtt://HOST[:PORT] or mqtts://...")
+    where.add_argument(
+        "--grpc-listen", metavar="HOST:PORT", help="serve the Telemetry gRPC service"
+    )
+    where.add_argument("--dir", metavar="PATH", help="read batch files from a folder")
+    receive.add_argument("--topic", default="vehicles/+/telemetry", help="MQTT topic filter")
+    receive.add_argument("--share", metavar="GROUP", help="an MQTT 5 shared subscription group")
+    receive.add_argument("--ca-file", metavar="PATH", help="TLS: the CA that signed the peer")
+    receive.add_argument("--cert-file", metavar="PATH", help="TLS: this side's certificate")
+    receive.add_argument("--key-file", metavar="PATH", help="TLS: this side's private key")
+    receive.add_argument("--output", metavar="PATH", help="write records here (default: stdout)")
+    receive.add_argument(
+        "--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a batch"
+    )
+    receive.set_defaults(handler=run_receive)
     return parser
 
 

@@ -14,12 +14,40 @@ import abc
 import csv
 import json
 import math
-from typing import Any, ClassVar, TextIO
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol, TextIO
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.decode import DecodedBatch, MessageBlock, SignalColumn
+from agent.decode import SignalColumn
+
+
+class Message(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def is_extended(self) -> bool: ...
+
+
+class Block(Protocol):
+    """The frames of one message: a decoder's `MessageBlock`, or one received off the wire."""
+
+    @property
+    def bus(self) -> str: ...
+    @property
+    def message(self) -> Message: ...
+    @property
+    def t_ns(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def can_id(self) -> npt.NDArray[np.uint32]: ...
+    @property
+    def signals(self) -> list[SignalColumn]: ...
+    @property
+    def present(self) -> npt.NDArray[np.bool_] | None: ...
+    @property
+    def rows(self) -> npt.NDArray[np.intp]: ...
+    def __len__(self) -> int: ...
 
 
 def _number(value: Any) -> str:
@@ -55,11 +83,11 @@ def column_text(column: SignalColumn, choices: bool) -> list[str]:
     return values
 
 
-def _present_rows(block: MessageBlock) -> list[list[int]]:
+def _present_rows(block: Block) -> list[list[int]]:
     """For each frame of the block, the indices of the signal columns it carries."""
     matrix = block.present
     if matrix is None:
-        return [list(range(len(block.plan.signals)))] * len(block)
+        return [list(range(len(block.signals)))] * len(block)
     return [np.flatnonzero(row).tolist() for row in matrix.T]
 
 
@@ -68,28 +96,31 @@ class RecordWriter(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, out: TextIO, *, choices: bool = False) -> None:
+    def __init__(self, out: TextIO, *, choices: bool = False, vehicle: str | None = None) -> None:
         self.out = out
         self.choices = choices
+        self.vehicle = vehicle
 
-    def write(self, result: DecodedBatch) -> None:
+    def write(self, blocks: Sequence[Block]) -> None:
+        """The frames of a batch's blocks, in the batch's frame order (`rows`)."""
         lines: dict[int, str] = {}
-        for block in result.blocks:
+        for block in blocks:
             lines.update(zip(block.rows.tolist(), self.block_lines(block), strict=True))
         self.out.write("".join(lines[row] for row in sorted(lines)))
 
     @abc.abstractmethod
-    def block_lines(self, block: MessageBlock) -> list[str]:
+    def block_lines(self, block: Block) -> list[str]:
         """The text of each frame of a block, newline included."""
 
 
 class JsonLinesWriter(RecordWriter):
     name = "jsonl"
 
-    def block_lines(self, block: MessageBlock) -> list[str]:
+    def block_lines(self, block: Block) -> list[str]:
         info = block.message
         ext = ', "ext": true' if info.is_extended else ""
-        middle = f', "bus": {json.dumps(block.bus)}, "id": '
+        vehicle = "" if self.vehicle is None else f', "vehicle": {json.dumps(self.vehicle)}'
+        middle = f'{vehicle}, "bus": {json.dumps(block.bus)}, "id": '
         tail = f'{ext}, "message": {json.dumps(info.name)}, "signals": {{'
         pairs = [
             [f"{json.dumps(c.name)}: {v}" for v in column_text(c, self.choices)]
@@ -107,22 +138,23 @@ class CsvWriter(RecordWriter):
     name = "csv"
     HEADER = ("t", "bus", "id", "ext", "message", "signal", "value")
 
-    def __init__(self, out: TextIO, *, choices: bool = False) -> None:
-        super().__init__(out, choices=choices)
-        csv.writer(out, lineterminator="\n").writerow(self.HEADER)
+    def __init__(self, out: TextIO, *, choices: bool = False, vehicle: str | None = None) -> None:
+        super().__init__(out, choices=choices, vehicle=vehicle)
+        header = self.HEADER if vehicle is None else ("t", "vehicle", *self.HEADER[1:])
+        csv.writer(out, lineterminator="\n").writerow(header)
 
-    def block_lines(self, block: MessageBlock) -> list[str]:
+    def block_lines(self, block: Block) -> list[str]:
         info = block.message
-        prefix = (
-            f"{{}},{_csv_field(block.bus)},{{}},{int(info.is_extended)},{_csv_field(info.name)},"
-        )
+        vehicle = "" if self.vehicle is None else f"{_csv_field(self.vehicle)},"
+        source = f"{vehicle}{_csv_field(block.bus)},"
+        message = f",{int(info.is_extended)},{_csv_field(info.name)},"
         names = [_csv_field(c.name) for c in block.signals]
         values = [[_csv_value(v) for v in column_text(c, self.choices)] for c in block.signals]
         times = seconds_text(block.t_ns)
         ids = block.can_id.tolist()
         lines = []
         for k, (t, i, carried) in enumerate(zip(times, ids, _present_rows(block), strict=True)):
-            head = prefix.format(t, i)
+            head = f"{t},{source}{i}{message}"
             lines.append("".join(f"{head}{names[c]},{values[c][k]}\n" for c in carried))
         return lines
 

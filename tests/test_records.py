@@ -50,7 +50,7 @@ def frames() -> list[tuple[int, bool, bytes]]:
 
 def test_jsonl_lines_in_frame_order(tmp_path: Path) -> None:
     out = io.StringIO()
-    JsonLinesWriter(out).write(decoded(tmp_path).decode(batch_of(frames())))
+    JsonLinesWriter(out).write(decoded(tmp_path).decode(batch_of(frames())).blocks)
     assert out.getvalue().splitlines() == [
         '{"t": 0.0, "bus": "can0", "id": 768, "message": "Muxed", "signals": {"Page": 2, "B": 7}}',
         '{"t": 0.001, "bus": "can0", "id": 256, "message": "Engine", '
@@ -65,13 +65,13 @@ def test_jsonl_lines_in_frame_order(tmp_path: Path) -> None:
 
 def test_jsonl_with_choices(tmp_path: Path) -> None:
     out = io.StringIO()
-    JsonLinesWriter(out, choices=True).write(decoded(tmp_path).decode(batch_of(frames())))
+    JsonLinesWriter(out, choices=True).write(decoded(tmp_path).decode(batch_of(frames())).blocks)
     assert '"Gear": "Drive, forward"' in out.getvalue().splitlines()[1]
 
 
 def test_csv_rows(tmp_path: Path) -> None:
     out = io.StringIO()
-    CsvWriter(out, choices=True).write(decoded(tmp_path).decode(batch_of(frames())))
+    CsvWriter(out, choices=True).write(decoded(tmp_path).decode(batch_of(frames())).blocks)
     assert out.getvalue().splitlines() == [
         "t,bus,id,ext,message,signal,value",
         "0.0,can0,768,0,Muxed,Page,2",

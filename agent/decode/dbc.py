@@ -95,6 +95,7 @@ def compile_message(message: Any, source: str) -> MessagePlan:
         is_extended=bool(message.is_extended_frame or message.frame_id > 0x7FF),
         length=message.length,
         dbc=source,
+        cycle_time_ms=message.cycle_time or None,
     )
     # Converters that shorten names can give two signals one name; cantools then returns
     # one value for both. Each keeps its own column here: the first under the DBC's name.
@@ -125,4 +126,6 @@ def _signal_info(signal: Any, name: str) -> SignalInfo:
         multiplexer=signal.multiplexer_signal,
         multiplexer_ids=frozenset(int(i) for i in ids) if ids is not None else None,
         is_multiplexer=bool(signal.is_multiplexer),
+        minimum=signal.minimum,
+        maximum=signal.maximum,
     )

@@ -60,6 +60,12 @@ class DecodedBatch:
     remote_frames: int
     signals: int = 0  # signal values decoded (present in their frames)
     blocks: list[MessageBlock] = field(default_factory=list)
+    # What the blocks are views of, for consumers that work on all of them at once: the
+    # batch's row of each decoded frame, block after block; each block's bit fields,
+    # signal-major; and which of them the frames carry (None: all).
+    rows: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    bits: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    present: npt.NDArray[np.bool_] | None = None
 
 
 class _Lookup:
@@ -269,6 +275,7 @@ class Decoder:
                 _irregular(block, table, words)
             result.blocks.append(block)
         result.signals = total if present is None else int(np.count_nonzero(present))
+        result.rows, result.bits, result.present = rows, bits, present
         return result
 
     @staticmethod

@@ -53,6 +53,8 @@ class SignalInfo:
     multiplexer: str | None  # the signal that selects this one, if multiplexed
     multiplexer_ids: frozenset[int] | None
     is_multiplexer: bool
+    minimum: float | None = None  # the DBC's physical range, where it gives one
+    maximum: float | None = None
 
     @property
     def first_network_bit(self) -> int:
@@ -130,6 +132,7 @@ class MessageInfo:
     is_extended: bool
     length: int
     dbc: str  # the file it came from
+    cycle_time_ms: int | None = None  # GenMsgCycleTime, where the DBC gives it
 
 
 class MessagePlan:

@@ -1,0 +1,448 @@
+"""The agent's one config file (TOML), validated into typed settings.
+
+Every problem is reported with its key path (`bus[1].pace`, `uplink.url`), all at once, so
+one run of `telemetry-agent check-config` shows everything to fix. Unknown keys are errors:
+a misspelt key silently ignored is a setting that silently does not apply. Relative paths
+are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+#: Exit status of `check-config` and `run` for a bad config (sysexits.h EX_CONFIG).
+EX_CONFIG = 78
+
+SOURCES = ("replay", "python-can", "simulate")
+UPLINKS = ("mqtt", "grpc", "file")
+COMPRESSIONS = ("zstd", "none")
+
+_REPO_DBC = Path(__file__).resolve().parents[1] / "dbc"
+_INSTALLED_DBC = Path(sys.prefix) / "share" / "telemetry-agent" / "dbc"
+
+
+def demo_dbc() -> Path:
+    """The demo DBC that the embedded defaults simulate: in the source tree, or installed."""
+    for folder in (_REPO_DBC, _INSTALLED_DBC):
+        if (folder / "demo.dbc").is_file():
+            return folder / "demo.dbc"
+    return _REPO_DBC / "demo.dbc"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `problems` lists each one with its key path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast a replay or simulation runs: as fast as possible (`factor` None), or at
+    `factor` times the frames' own timing (1: realtime)."""
+
+    factor: float | None
+
+    @property
+    def is_max(self) -> bool:
+        return self.factor is None
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    name: str
+    source: str
+    dbc: tuple[Path, ...]
+    j1939: bool = False
+    # replay
+    path: Path | None = None
+    pace: Pace = Pace(None)
+    loop: bool = False
+    channel: str | None = None  # replay: the log's channel to take ("*": all); python-can
+    # python-can
+    interface: str | None = None
+    bitrate: int | None = None
+    fd: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # simulate
+    duration_s: float | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_age_ms: int = 1000
+    max_bytes: int = 120_000
+    compression: str = "zstd"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    kind: str = "file"
+    url: str = "outbox"
+    topic: str = "vehicles/{vehicle_id}/telemetry"
+    status_topic: str = "vehicles/{vehicle_id}/status"
+    tls: TlsConfig | None = None
+    keepalive_s: int = 30
+    ack_timeout_s: float = 10.0
+    window: int = 8  # batches sent but not yet acknowledged
+    queue_max_batches: int = 1000  # batches held in memory until acknowledged
+    drain_timeout_s: float = 30.0  # at the end of a replay: how long to wait for acks
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9108"  # "" turns the endpoint off
+
+
+@dataclass(frozen=True)
+class Config:
+    vehicle_id: str
+    state_dir: Path
+    buses: tuple[BusConfig, ...]
+    batch: BatchConfig = BatchConfig()
+    uplink: UplinkConfig = UplinkConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    status_interval_s: float = 5.0
+    source: str = "<embedded defaults>"
+
+
+def embedded_defaults(state_dir: Path = Path("state")) -> Config:
+    """What `telemetry-agent run` uses without a config: simulated traffic of the demo DBC
+    into batch files under `state_dir`, metrics on 127.0.0.1:9108."""
+    return Config(
+        vehicle_id="demo-1",
+        state_dir=state_dir,
+        buses=(BusConfig(name="can0", source="simulate", dbc=(demo_dbc(),), pace=Pace(1.0)),),
+        uplink=UplinkConfig(kind="file", url=str(state_dir / "outbox")),
+    )
+
+
+T = TypeVar("T")
+
+
+class _Checker:
+    """Reads typed values out of a TOML table, collecting problems instead of raising."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.problems: list[str] = []
+
+    def table(self, data: Mapping[str, Any], path: str, known: set[str]) -> None:
+        for key in data:
+            if key not in known:
+                where = f"{path}.{key}" if path else key
+                self.problems.append(f"{where}: unknown key")
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        key: str,
+        kind: type[T] | tuple[type, ...],
+        default: T,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> T:
+        where = f"{path}.{key}" if path else key
+        if key not in data:
+            return default
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML booleans are not numbers here, though Python's bool is an int.
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            self.problems.append(f"{where}: expected {names}, got {value!r}")
+            return default
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.problems.append(f"{where}: {problem}")
+                return default
+        return value  # type: ignore[return-value]
+
+    def path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base / path
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}; got {value!r}"
+
+    return check
+
+
+def _listen(value: str) -> str | None:
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"expected HOST:PORT, got {value!r}"
+    return None
+
+
+_BUS_KEYS = {"name", "source", "dbc", "j1939"}
+_SOURCE_KEYS = {
+    "replay": {"path", "pace", "loop", "channel"},
+    "python-can": {"interface", "channel", "bitrate", "fd", "options"},
+    "simulate": {"pace", "duration_s", "seed"},
+}
+
+
+def _pace(check: _Checker, data: Mapping[str, Any], where: str, default: Pace) -> Pace:
+    if "pace" not in data:
+        return default
+    value = data["pace"]
+    if value == "max":
+        return Pace(None)
+    if value == "realtime":
+        return Pace(1.0)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return Pace(float(value))
+    check.problems.append(
+        f'{where}.pace: expected "max", "realtime" or a speed factor above 0, got {value!r}'
+    )
+    return default
+
+
+def _bus(check: _Checker, data: Any, where: str) -> BusConfig | None:
+    if not isinstance(data, dict):
+        check.problems.append(f"{where}: expected a table")
+        return None
+    source = check.get(data, where, "source", str, "", _one_of(SOURCES))
+    if "source" not in data:
+        check.problems.append(f"{where}.source: missing (one of {', '.join(SOURCES)})")
+    known = _BUS_KEYS | _SOURCE_KEYS.get(source, set())
+    for key in data:
+        if key not in known:
+            other = [s for s, keys in _SOURCE_KEYS.items() if key in keys]
+            if other and source:
+                check.problems.append(
+                    f"{where}.{key}: does not apply to source {source!r} (only to {other[0]!r})"
+                )
+            elif not other:
+                check.problems.append(f"{where}.{key}: unknown key")
+    name = check.get(data, where, "name", str, "")
+    if not name:
+        check.problems.append(f"{where}.name: missing")
+    dbc_list = check.get(data, where, "dbc", list, [])
+    dbcs: list[Path] = []
+    for k, item in enumerate(dbc_list):
+        if not isinstance(item, str):
+            check.problems.append(f"{where}.dbc[{k}]: expected a path, got {item!r}")
+            continue
+        path = check.path(item)
+        if not path.is_file():
+            check.problems.append(f"{where}.dbc[{k}]: no such file {path}")
+        dbcs.append(path)
+    if "dbc" not in data:
+        check.problems.append(f"{where}.dbc: missing (a list of DBC files)")
+    bus = BusConfig(
+        name=name,
+        source=source,
+        dbc=tuple(dbcs),
+        j1939=check.get(data, where, "j1939", bool, False),
+        channel=check.get(data, where, "channel", str, "") or None,
+    )
+    if source == "replay":
+        log = check.get(data, where, "path", str, "")
+        replayed = check.path(log) if log else None
+        if replayed is None:
+            check.problems.append(f"{where}.path: missing (the log to replay)")
+        elif not replayed.is_file():
+            check.problems.append(f"{where}.path: no such file {replayed}")
+        return _replace(
+            bus,
+            path=replayed,
+            pace=_pace(check, data, where, Pace(None)),
+            loop=check.get(data, where, "loop", bool, False),
+        )
+    if source == "python-can":
+        interface = check.get(data, where, "interface", str, "")
+        if not interface:
+            check.problems.append(f"{where}.interface: missing (a python-can interface name)")
+        bitrate = check.get(data, where, "bitrate", int, 0, _positive)
+        return _replace(
+            bus,
+            interface=interface,
+            bitrate=bitrate or None,
+            fd=check.get(data, where, "fd", bool, False),
+            options=check.get(data, where, "options", dict, {}),
+        )
+    if source == "simulate":
+        duration = check.get(data, where, "duration_s", (int, float), 0.0, _positive)
+        return _replace(
+            bus,
+            pace=_pace(check, data, where, Pace(1.0)),
+            duration_s=float(duration) or None,
+            seed=check.get(data, where, "seed", int, 0),
+        )
+    return bus
+
+
+def _replace(bus: BusConfig, **changes: Any) -> BusConfig:
+    from dataclasses import replace
+
+    return replace(bus, **changes)
+
+
+def parse_config(text: str, source: str, base: Path) -> Config:
+    """A config from TOML text; ConfigError with every problem found."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(source, [f"not valid TOML: {error}"]) from None
+    check = _Checker(base)
+    check.table(
+        data,
+        "",
+        {"vehicle_id", "state_dir", "bus", "batch", "uplink", "metrics", "status_interval_s"},
+    )
+    vehicle_id = check.get(data, "", "vehicle_id", str, "")
+    if not vehicle_id:
+        check.problems.append("vehicle_id: missing")
+    elif any(c in vehicle_id for c in "/+#") or not vehicle_id.isprintable():
+        check.problems.append(f"vehicle_id: {vehicle_id!r} cannot be part of an MQTT topic")
+    state_dir = check.path(check.get(data, "", "state_dir", str, "/var/lib/telemetry-agent"))
+
+    buses: list[BusConfig] = []
+    bus_tables = data.get("bus", [])
+    if not isinstance(bus_tables, list) or not bus_tables:
+        check.problems.append("bus: expected at least one [[bus]] table")
+        bus_tables = []
+    for k, table in enumerate(bus_tables):
+        bus = _bus(check, table, f"bus[{k}]")
+        if bus is not None:
+            if bus.name and any(b.name == bus.name for b in buses):
+                check.problems.append(f"bus[{k}].name: {bus.name!r} is used by another bus")
+            buses.append(bus)
+
+    batch = _section(check, data, "batch", {"max_age_ms", "max_bytes", "compression"})
+    batch_config = BatchConfig(
+        max_age_ms=check.get(batch, "batch", "max_age_ms", int, 1000, _positive),
+        max_bytes=check.get(
+            batch,
+            "batch",
+            "max_bytes",
+            int,
+            120_000,
+            lambda v: None if v >= 4096 else "must be at least 4096",
+        ),
+        compression=check.get(batch, "batch", "compression", str, "zstd", _one_of(COMPRESSIONS)),
+    )
+
+    uplink = _section(
+        check,
+        data,
+        "uplink",
+        {
+            "kind",
+            "url",
+            "topic",
+            "status_topic",
+            "tls",
+            "keepalive_s",
+            "ack_timeout_s",
+            "window",
+            "queue_max_batches",
+            "drain_timeout_s",
+        },
+    )
+    kind = check.get(uplink, "uplink", "kind", str, "file", _one_of(UPLINKS))
+    url = check.get(uplink, "uplink", "url", str, "")
+    if not url:
+        url = "outbox" if kind == "file" else ""
+        if kind != "file":
+            check.problems.append("uplink.url: missing")
+    if kind == "file":
+        url = str(check.path(url))
+    tls_table = _section(check, uplink, "tls", {"ca_file", "cert_file", "key_file"}, "uplink.tls")
+    tls = None
+    if "tls" in uplink:
+        files = {}
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = check.get(tls_table, "uplink.tls", key, str, "")
+            files[key] = check.path(value) if value else None
+            if files[key] is not None and not files[key].is_file():  # type: ignore[union-attr]
+                check.problems.append(f"uplink.tls.{key}: no such file {files[key]}")
+        if (files["cert_file"] is None) != (files["key_file"] is None):
+            check.problems.append("uplink.tls: cert_file and key_file go together")
+        tls = TlsConfig(**files)
+    uplink_config = UplinkConfig(
+        kind=kind,
+        url=url,
+        topic=check.get(uplink, "uplink", "topic", str, UplinkConfig.topic),
+        status_topic=check.get(uplink, "uplink", "status_topic", str, UplinkConfig.status_topic),
+        tls=tls,
+        keepalive_s=check.get(uplink, "uplink", "keepalive_s", int, 30, _positive),
+        ack_timeout_s=float(
+            check.get(uplink, "uplink", "ack_timeout_s", (int, float), 10.0, _positive)
+        ),
+        window=check.get(uplink, "uplink", "window", int, 8, _positive),
+        queue_max_batches=check.get(uplink, "uplink", "queue_max_batches", int, 1000, _positive),
+        drain_timeout_s=float(
+            check.get(uplink, "uplink", "drain_timeout_s", (int, float), 30.0, _positive)
+        ),
+    )
+    for key in ("topic", "status_topic"):
+        template = getattr(uplink_config, key)
+        try:
+            template.format(vehicle_id="v")
+        except (KeyError, IndexError, ValueError):
+            check.problems.append(f"uplink.{key}: only {{vehicle_id}} may be substituted")
+    metrics = _section(check, data, "metrics", {"listen"})
+    metrics_config = MetricsConfig(
+        listen=check.get(metrics, "metrics", "listen", str, "127.0.0.1:9108", _listen)
+    )
+    status = check.get(data, "", "status_interval_s", (int, float), 5.0, _positive)
+    if check.problems:
+        raise ConfigError(source, check.problems)
+    return Config(
+        vehicle_id=vehicle_id,
+        state_dir=state_dir,
+        buses=tuple(buses),
+        batch=batch_config,
+        uplink=uplink_config,
+        metrics=metrics_config,
+        status_interval_s=float(status),
+        source=source,
+    )
+
+
+def _section(
+    check: _Checker, data: Mapping[str, Any], key: str, known: set[str], where: str | None = None
+) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        check.problems.append(f"{where or key}: expected a table")
+        return {}
+    check.table(value, where or key, known)
+    return value
+
+
+def load_config(path: str | Path) -> Config:
+    """The config in a TOML file; ConfigError naming the file and every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(str(path), [f"cannot read: {error.strerror}"]) from None
+    return parse_config(text, str(path), path.resolve().parent)

@@ -1,0 +1,67 @@
+"""Prometheus metrics, prefix `telemetry_agent_`, in the agent's own registry."""
+
+from __future__ import annotations
+
+import sys
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from agent import __version__
+
+PREFIX = "telemetry_agent"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        self.frames_received = counter("frames_received", "Frames read from a bus.", ("bus",))
+        self.frames_decoded = counter("frames_decoded", "Frames decoded with a DBC.", ("bus",))
+        self.frames_unknown = counter(
+            "frames_unknown", "Frames with an ID no DBC of their bus knows.", ("bus",)
+        )
+        self.frames_malformed = counter(
+            "frames_malformed", "Log records that could not be parsed, skipped.", ("bus",)
+        )
+        self.error_frames = counter("error_frames", "CAN error frames.", ("bus",))
+        self.signals_decoded = counter("signals_decoded", "Signal values decoded.", ("bus",))
+        self.decode_seconds = counter("decode_seconds", "Time spent decoding frames.")
+        self.batches_built = counter("batches_built", "Wire batches built.")
+        self.batch_body_bytes = counter(
+            "batch_body_bytes", "Bytes of batch bodies before compression."
+        )
+        self.batch_wire_bytes = counter("batch_wire_bytes", "Bytes of batches on the wire.")
+        self.batches_sent = counter(
+            "uplink_batches_sent", "Batches handed to the uplink.", ("uplink",)
+        )
+        self.batches_acked = counter(
+            "uplink_batches_acked", "Batches the cloud acknowledged.", ("uplink",)
+        )
+        self.uplink_failures = counter(
+            "uplink_failures", "Connection attempts and links that failed.", ("uplink",)
+        )
+        self.ack_latency = Histogram(
+            f"{PREFIX}_uplink_ack_latency_seconds",
+            "From sending a batch to its acknowledgement.",
+            ("uplink",),
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.uplink_connected = gauge(
+            "uplink_connected", "1 while the uplink is connected.", ("uplink",)
+        )
+        self.queue_batches = gauge("queue_batches", "Batches waiting for acknowledgement.")
+        self.queue_bytes = gauge("queue_bytes", "Bytes of batches waiting for acknowledgement.")
+        self.build_info = gauge("build_info", "The agent's version.", ("version", "python"))
+        self.build_info.labels(__version__, sys.version.split()[0]).set(1)
+
+    def serve(self, listen: str) -> None:
+        """Serve /metrics on HOST:PORT in a background thread."""
+        host, _, port = listen.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)

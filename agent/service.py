@@ -1,0 +1,264 @@
+"""The daemon: sources -> decode -> batches -> uplink, under one asyncio supervisor.
+
+One task per bus reads its source and adds the frames to the open batch; the batch closes
+when it spans `max_age_ms` of frame time, when it has been open that long in wall time (a
+quiet bus still reports), or when it would outgrow `max_bytes`. Closing decodes each bus's
+frames in one pass, encodes one wire batch and queues it for the uplink; the queue is
+bounded, so a slow uplink slows the sources down instead of filling the memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import numpy as np
+
+from agent.config import Config
+from agent.decode import ALL_BUSES, DecodedBatch, Decoder
+from agent.frames import FrameBatch
+from agent.metrics import Metrics
+from agent.sources import Source, SourceError, create_source
+from agent.uplinks import create_uplink
+from agent.uplinks.sender import Sender
+from agent.wire import BatchEncoder, WireBatch, dbc_hash
+
+log = logging.getLogger(__name__)
+
+#: How often the open batch's wall age is checked.
+TICK_S = 0.05
+#: Until the first batch is measured, frames are assumed to cost this much on the wire.
+FIRST_BYTES_PER_FRAME = 40.0
+#: Close a batch when its estimated size reaches this share of max_bytes.
+SIZE_MARGIN = 0.7
+#: On Ctrl-C or SIGTERM: how long to wait for the last batches' acknowledgements.
+STOP_DRAIN_S = 5.0
+
+
+@dataclass
+class OpenBatch:
+    pieces: dict[str, list[FrameBatch]] = field(default_factory=dict)
+    frames: int = 0
+    first_t_ns: int | None = None
+    opened: float = 0.0
+
+    def add(self, bus: str, frames: FrameBatch) -> None:
+        if self.first_t_ns is None:
+            self.first_t_ns = int(frames.t_ns[0])
+            self.opened = time.monotonic()
+        self.pieces.setdefault(bus, []).append(frames)
+        self.frames += len(frames)
+
+
+@dataclass
+class Totals:
+    frames: int = 0
+    decoded: int = 0
+    unknown: int = 0
+    batches: int = 0
+
+
+class Agent:
+    def __init__(self, config: Config, status: TextIO | None = sys.stderr) -> None:
+        self.config = config
+        self.status = status
+        self.metrics = Metrics()
+        self.decoders = {
+            bus.name: Decoder({ALL_BUSES: list(bus.dbc)}, [ALL_BUSES] if bus.j1939 else [])
+            for bus in config.buses
+        }
+        for name, decoder in self.decoders.items():
+            for warning in decoder.warnings:
+                log.warning("bus %s: %s", name, warning)
+        self.stream_id = uuid.uuid4().hex
+        digest = dbc_hash([(bus.name, bus.dbc) for bus in config.buses])
+        self.encoder = BatchEncoder(
+            config.vehicle_id, self.stream_id, digest, compression=config.batch.compression
+        )
+        self.sources: list[Source] = [create_source(bus) for bus in config.buses]
+        self.uplink = create_uplink(config.uplink, config.vehicle_id)
+        self.sender = Sender(self.uplink, self.metrics, config.uplink.queue_max_batches)
+        self.next_sequence = 1
+        self.totals = Totals()
+        self._open = OpenBatch()
+        self._bytes_per_frame = FIRST_BYTES_PER_FRAME
+        self._closing = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self.failed_buses: list[str] = []
+
+    @property
+    def max_age_ns(self) -> int:
+        return self.config.batch.max_age_ms * 1_000_000
+
+    async def run(self) -> int:
+        """Run until every source has ended (then deliver everything and return 0) or a
+        stop is asked for (Ctrl-C, SIGTERM)."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, self._stop.set)
+        if self.config.metrics.listen:
+            self.metrics.serve(self.config.metrics.listen)
+        started = time.monotonic()
+        sender = asyncio.create_task(self.sender.run(), name="uplink")
+        helpers = [
+            asyncio.create_task(self._tick(), name="batch-age"),
+            asyncio.create_task(self._report(started), name="status"),
+        ]
+        buses = [
+            asyncio.create_task(self._read(source), name=f"bus-{source.bus.name}")
+            for source in self.sources
+        ]
+        stop = asyncio.create_task(self._stopped())
+        try:
+            running = set(buses)
+            while running and not self._stop.is_set():
+                done, _ = await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
+                running -= done
+            stopped = self._stop.is_set()
+            for task in buses:
+                task.cancel()
+            await asyncio.gather(*buses, return_exceptions=True)
+            await self.close_batch()
+            timeout = STOP_DRAIN_S if stopped else self.config.uplink.drain_timeout_s
+            delivered = await self.sender.drain(timeout)
+        finally:
+            for task in [*helpers, stop, sender]:
+                task.cancel()
+            await asyncio.gather(*helpers, stop, sender, return_exceptions=True)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(signum)
+        self._print_status(started)
+        if not delivered:
+            log.error(
+                "%d batches not acknowledged by %s after %.0f s (last error: %s)",
+                len(self.sender.pending),
+                self.uplink.target,
+                timeout,
+                self.sender.last_error or "none",
+            )
+            return 1
+        return 1 if self.failed_buses else 0
+
+    async def _stopped(self) -> None:
+        await self._stop.wait()
+
+    async def _read(self, source: Source) -> None:
+        name = source.bus.name
+        received = self.metrics.frames_received.labels(name)
+        try:
+            async for frames in source.batches():
+                received.inc(len(frames))
+                await self.add(name, frames)
+        except SourceError as error:
+            log.error("%s", error)
+            self.failed_buses.append(name)
+        finally:
+            self.metrics.frames_malformed.labels(name).inc(source.stats.malformed)
+
+    async def add(self, bus: str, frames: FrameBatch) -> None:
+        """Add a bus's frames to the open batch, closing it where they pass its time span."""
+        while len(frames):
+            if self._open.first_t_ns is None:
+                self._open.add(bus, frames.take(slice(0, 1)))
+                frames = frames.take(slice(1, None))
+                continue
+            limit = self._open.first_t_ns + self.max_age_ns
+            late = frames.t_ns >= limit
+            cut = int(np.argmax(late)) if late.any() else len(frames)
+            if cut:
+                self._open.add(bus, frames.take(slice(0, cut)) if cut < len(frames) else frames)
+            if cut == len(frames):
+                break
+            await self.close_batch()
+            frames = frames.take(slice(cut, None))
+        limit_frames = SIZE_MARGIN * self.config.batch.max_bytes / self._bytes_per_frame
+        if self._open.frames >= limit_frames:
+            await self.close_batch()
+
+    async def _tick(self) -> None:
+        max_age_s = self.config.batch.max_age_ms / 1000
+        while True:
+            await asyncio.sleep(TICK_S)
+            if self._open.frames and time.monotonic() - self._open.opened >= max_age_s:
+                await self.close_batch()
+
+    async def close_batch(self) -> None:
+        """Decode, encode and queue the open batch (nothing when it is empty)."""
+        batch, self._open = self._open, OpenBatch()
+        if not batch.frames:
+            return
+        async with self._closing:  # keeps sequence numbers in queue order
+            frames = {bus: FrameBatch.concat(pieces) for bus, pieces in batch.pieces.items()}
+            for wire in self._encode(frames):
+                await self.sender.put(wire)
+
+    def _decode(self, frames: dict[str, FrameBatch], count: bool) -> list[DecodedBatch]:
+        results = []
+        started = time.perf_counter()
+        for bus, batch in frames.items():
+            result = self.decoders[bus].decode(batch)
+            results.append(result)
+            if not count:
+                continue
+            self.metrics.frames_decoded.labels(bus).inc(result.decoded)
+            self.metrics.frames_unknown.labels(bus).inc(result.unknown)
+            self.metrics.error_frames.labels(bus).inc(result.error_frames)
+            self.metrics.signals_decoded.labels(bus).inc(result.signals)
+            self.totals.frames += result.frames
+            self.totals.decoded += result.decoded
+            self.totals.unknown += result.unknown
+        self.metrics.decode_seconds.inc(time.perf_counter() - started)
+        return results
+
+    def _encode(self, frames: dict[str, FrameBatch], count: bool = True) -> list[WireBatch]:
+        """The wire batches of these frames: one, or more where one would exceed max_bytes
+        (the frames are split in halves until each fits; `count` is for the first try)."""
+        results = self._decode(frames, count)
+        wire = self.encoder.encode(results, self.next_sequence)
+        if wire is None:
+            return []
+        total = sum(len(f) for f in frames.values())
+        if len(wire) > self.config.batch.max_bytes and total > 1:
+            self._bytes_per_frame = max(self._bytes_per_frame, len(wire) / total)
+            halves: list[dict[str, FrameBatch]] = [{}, {}]
+            for bus, batch in frames.items():
+                middle = len(batch) // 2
+                halves[0][bus] = batch.take(slice(0, middle))
+                halves[1][bus] = batch.take(slice(middle, None))
+            return [w for half in halves for w in self._encode(half, count=False)]
+        self.next_sequence += 1
+        self.totals.batches += 1
+        self._bytes_per_frame = 0.5 * self._bytes_per_frame + 0.5 * len(wire) / max(total, 1)
+        self.metrics.batches_built.inc()
+        self.metrics.batch_body_bytes.inc(wire.body_size)
+        self.metrics.batch_wire_bytes.inc(len(wire))
+        return [wire]
+
+    async def _report(self, started: float) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
+            self._print_status(started)
+
+    def _print_status(self, started: float) -> None:
+        if self.status is None:
+            return
+        elapsed = time.monotonic() - started
+        totals = self.totals
+        link = "up" if self.sender.connected else "down"
+        self.status.write(
+            f"[{elapsed:6.1f} s] {totals.frames:,} frames "
+            f"({totals.frames / max(elapsed, 1e-9):,.0f}/s), "
+            f"{totals.decoded:,} decoded, {totals.unknown:,} unknown; {totals.batches:,} batches, "
+            f"{self.sender.acked:,} acknowledged, {len(self.sender.pending)} queued; "
+            f"uplink {self.uplink.kind} {self.uplink.target} {link}\n"
+        )
+        self.status.flush()

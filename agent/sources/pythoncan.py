@@ -1,0 +1,120 @@
+"""`source = "python-can"`: any python-can interface, read in a thread, handed over in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import can
+
+from agent.frames import FrameBatch, FrameFlag
+from agent.sources.base import Source, SourceError, register
+
+#: The reader thread hands frames over at least this often, and at most this many at once.
+FLUSH_S = 0.05
+FLUSH_FRAMES = 2_000
+#: Batches waiting for the event loop; beyond this the reader thread waits (backpressure).
+MAX_PENDING = 64
+
+
+@register
+class PythonCanSource(Source):
+    kind = "python-can"
+
+    async def batches(self) -> AsyncIterator[FrameBatch]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[FrameBatch | BaseException] = asyncio.Queue(MAX_PENDING)
+        stop = threading.Event()
+        try:
+            bus = can.Bus(
+                interface=self.bus.interface,
+                channel=self.bus.channel,
+                bitrate=self.bus.bitrate,
+                fd=self.bus.fd,
+                **dict(self.bus.options),
+            )
+        except Exception as error:  # python-can raises many kinds for a bad interface
+            raise SourceError(
+                f"bus {self.bus.name}: cannot open python-can interface "
+                f"{self.bus.interface!r}: {error}"
+            ) from None
+        reader = threading.Thread(
+            target=self._read,
+            args=(bus, loop, queue, stop),
+            name=f"can-{self.bus.name}",
+            daemon=True,
+        )
+        reader.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise SourceError(f"bus {self.bus.name}: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            await asyncio.to_thread(reader.join, 1.0)
+            with contextlib.suppress(Exception):
+                bus.shutdown()
+
+    def _read(
+        self,
+        bus: Any,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[FrameBatch | BaseException],
+        stop: threading.Event,
+    ) -> None:
+        pending: list[Any] = []
+        flushed = time.monotonic()
+        while not stop.is_set():
+            try:
+                message = bus.recv(timeout=FLUSH_S)
+            except Exception as error:
+                self._hand_over(loop, queue, error, stop)
+                return
+            if message is not None:
+                pending.append(message)
+            now = time.monotonic()
+            if pending and (len(pending) >= FLUSH_FRAMES or now - flushed >= FLUSH_S):
+                self._hand_over(loop, queue, self._batch(pending), stop)
+                pending = []
+                flushed = now
+
+    @staticmethod
+    def _hand_over(
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[FrameBatch | BaseException],
+        item: FrameBatch | BaseException,
+        stop: threading.Event,
+    ) -> None:
+        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        while not stop.is_set():
+            try:
+                future.result(timeout=0.5)
+                return
+            except TimeoutError:
+                continue
+        future.cancel()
+
+    def _batch(self, messages: list[Any]) -> FrameBatch:
+        batch = FrameBatch.allocate(len(messages), (self.bus.name,))
+        for row, message in enumerate(messages):
+            batch.t_ns[row] = round(message.timestamp * 1e9)
+            batch.can_id[row] = message.arbitration_id
+            batch.flags[row] = (
+                FrameFlag.EXTENDED * message.is_extended_id
+                | FrameFlag.REMOTE * message.is_remote_frame
+                | FrameFlag.ERROR * message.is_error_frame
+                | FrameFlag.FD * message.is_fd
+                | FrameFlag.BRS * message.bitrate_switch
+                | FrameFlag.ESI * message.error_state_indicator
+            )
+            data = message.data
+            length = min(len(data), 64)
+            batch.length[row] = length
+            batch.data[row, :length] = memoryview(data)[:length]
+        return batch

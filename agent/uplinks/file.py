@@ -1,0 +1,52 @@
+"""`kind = "file"`: one file per batch in a folder, written atomically, acked once on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from agent.uplinks.base import Uplink, UplinkError, register
+from agent.wire import WireBatch
+
+SUFFIX = ".batch"
+
+
+def batch_file_name(stream_id: str, sequence: int) -> str:
+    """Names sort in sending order within a stream."""
+    return f"{stream_id}-{sequence:012d}{SUFFIX}"
+
+
+@register
+class FileUplink(Uplink):
+    kind = "file"
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.url)
+
+    async def connect(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UplinkError(f"cannot create {self.folder}: {error.strerror}") from None
+
+    async def send(self, batch: WireBatch) -> None:
+        try:
+            await asyncio.to_thread(self._write, batch)
+        except OSError as error:
+            raise UplinkError(f"cannot write to {self.folder}: {error.strerror}") from None
+
+    def _write(self, batch: WireBatch) -> None:
+        final = self.folder / batch_file_name(batch.stream_id, batch.sequence)
+        # Written under a name no reader picks up, flushed, then renamed: a reader sees
+        # the whole batch or nothing, even after a power cut.
+        partial = final.with_suffix(".partial")
+        with open(partial, "wb") as out:
+            out.write(batch.payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, final)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,30 @@
+"""TLS settings shared by the MQTT and gRPC uplinks and the receiver."""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import urlsplit
+
+from agent.config import TlsConfig
+
+
+def client_context(tls: TlsConfig | None) -> ssl.SSLContext:
+    """A client context that verifies the server (against `ca_file`, or the system's CAs)
+    and presents a client certificate when one is configured (mutual TLS)."""
+    context = ssl.create_default_context(
+        cafile=str(tls.ca_file) if tls is not None and tls.ca_file else None
+    )
+    if tls is not None and tls.cert_file and tls.key_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context
+
+
+def split_url(url: str, schemes: dict[str, int]) -> tuple[str, int, bool]:
+    """(host, port, tls) from `scheme://host[:port]`; the scheme's port when none is given.
+    Schemes ending in "s" use TLS."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(
+            f"expected {' or '.join(s + '://HOST[:PORT]' for s in schemes)}, got {url!r}"
+        )
+    return parts.hostname, parts.port or schemes[parts.scheme], parts.scheme.endswith("s")

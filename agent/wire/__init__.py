@@ -1,0 +1,23 @@
+"""The wire: protobuf batches with a compressed columnar body (`proto/telemetry.proto`)."""
+
+from agent.wire.codec import (
+    FORMAT,
+    BatchEncoder,
+    ReceivedBatch,
+    ReceivedBlock,
+    WireBatch,
+    WireError,
+    dbc_hash,
+    parse_batch,
+)
+
+__all__ = [
+    "FORMAT",
+    "BatchEncoder",
+    "ReceivedBatch",
+    "ReceivedBlock",
+    "WireBatch",
+    "WireError",
+    "dbc_hash",
+    "parse_batch",
+]

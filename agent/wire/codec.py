@@ -1,0 +1,501 @@
+"""Decoded message blocks to wire batches and back: the columnar body of `proto/telemetry.proto`.
+
+Every column of a batch (timestamps, J1939 frame IDs, each signal's present raw values) is
+one segment of a single uint64 array, so encoding is a handful of numpy passes over the whole
+batch, not a loop over columns: each segment is stored plain, as zigzag deltas or as zigzag
+deltas of deltas, whichever leaves the fewest non-zero bytes, and the array is written
+byte-transposed so that the high bytes, nearly all zero, form long runs for zstd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from agent.decode import DecodedBatch, MessageBlock, SignalColumn, SignalInfo
+from agent.wire import telemetry_pb2 as pb
+
+#: The Body layout this module writes and reads.
+FORMAT = 1
+
+_PLAIN, _DELTA, _DELTA2 = pb.ENCODING_PLAIN, pb.ENCODING_DELTA, pb.ENCODING_DELTA2
+_ONE = np.uint64(1)
+_SIGN = np.uint64(63)
+_BYTE_LIMITS = [np.uint64((1 << (8 * k)) - 1) for k in (1, 2, 4)]
+
+
+class WireError(ValueError):
+    """A batch that cannot be read: corrupt, truncated, oversized or of an unknown format."""
+
+
+@dataclass(frozen=True, slots=True)
+class WireBatch:
+    """An encoded batch with the envelope fields the agent needs without parsing it again."""
+
+    stream_id: str
+    sequence: int
+    frames: int
+    signals: int
+    first_t_ns: int
+    last_t_ns: int
+    body_size: int  # before compression
+    payload: bytes  # the serialized Batch
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+
+def dbc_hash(dbcs: Iterable[tuple[str, Sequence[str | Path]]]) -> bytes:
+    """SHA-256 over each bus's name and its DBC files' bytes, in the order given."""
+    digest = hashlib.sha256()
+    for bus, paths in dbcs:
+        digest.update(bus.encode() + b"\0")
+        for path in paths:
+            data = Path(path).read_bytes()
+            digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.digest()
+
+
+def _zigzag(delta: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    signed = delta.view(np.int64)
+    return (delta << _ONE) ^ (signed >> np.int64(63)).view(np.uint64)
+
+
+def _unzigzag(value: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    return (value >> _ONE) ^ (np.uint64(0) - (value & _ONE))
+
+
+def _significant_bytes(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """Roughly how many low bytes each value needs (0 for zero, then 1, 2, 3 for up to 4
+    bytes, 4 beyond): what its planes will cost, at half the passes of an exact count."""
+    count: npt.NDArray[np.int64] = (values != 0).astype(np.int64)
+    for limit in _BYTE_LIMITS:
+        count += values > limit
+    return count
+
+
+def _deltas(values: npt.NDArray[np.uint64], starts: npt.NDArray[np.intp]) -> npt.NDArray[np.uint64]:
+    """Each value minus the one before it in its segment (the first minus zero), mod 2**64."""
+    previous = np.empty_like(values)
+    previous[0:1] = 0
+    previous[1:] = values[:-1]
+    previous[starts] = 0
+    return values - previous
+
+
+def _segment_sums(
+    values: npt.NDArray[np.uint64], starts: npt.NDArray[np.intp]
+) -> npt.NDArray[np.uint64]:
+    """The running sum of each segment (undoes `_deltas`), mod 2**64."""
+    total = np.cumsum(values, dtype=np.uint64)
+    before = np.zeros(len(starts), np.uint64)
+    nonzero = starts > 0
+    before[nonzero] = total[starts[nonzero] - 1]
+    lengths = np.diff(np.append(starts, len(values)))
+    return total - np.repeat(before, lengths)
+
+
+class BatchEncoder:
+    """Builds the wire batches of one stream: sequence numbers, envelope, body, compression."""
+
+    def __init__(
+        self,
+        vehicle_id: str,
+        stream_id: str,
+        dbc_digest: bytes,
+        *,
+        compression: str = "zstd",
+        level: int = 3,
+    ) -> None:
+        self.vehicle_id = vehicle_id
+        self.stream_id = stream_id
+        self.dbc_digest = dbc_digest
+        self.compression = compression
+        self._compressor = zstandard.ZstdCompressor(level=level) if compression == "zstd" else None
+        self._buses: dict[str, int] = {}
+        # A block's definition never changes within a stream, so each is serialized once,
+        # as the bytes of a Body that holds just that block: protobuf merges concatenated
+        # messages, so a batch's Body is those bytes joined with the rest of its fields.
+        self._block_bytes: dict[tuple[str, int], bytes] = {}
+
+    def encode(self, results: Sequence[DecodedBatch], sequence: int) -> WireBatch | None:
+        """Batch `sequence`, holding every decoded frame of `results`; None when there is
+        none."""
+        results = [r for r in results if r.blocks]
+        if not results:
+            return None
+        raw, frames, signals, first, last = self._body(results)
+        batch = pb.Batch(
+            format=FORMAT,
+            vehicle_id=self.vehicle_id,
+            stream_id=self.stream_id,
+            sequence=sequence,
+            first_t_ns=first,
+            last_t_ns=last,
+            frames=frames,
+            signals=signals,
+            dbc_hash=self.dbc_digest,
+            body_size=len(raw),
+        )
+        if self._compressor is not None:
+            batch.compression = pb.COMPRESSION_ZSTD
+            batch.body = self._compressor.compress(raw)
+        else:
+            batch.body = raw
+        return WireBatch(
+            self.stream_id,
+            sequence,
+            frames,
+            signals,
+            first,
+            last,
+            len(raw),
+            batch.SerializeToString(),
+        )
+
+    def _body(self, results: list[DecodedBatch]) -> tuple[bytes, int, int, int, int]:
+        blocks = [block for result in results for block in result.blocks]
+        times = np.concatenate([r.blocks[0].batch.t_ns.take(r.rows) for r in results])
+        first, last = int(times.min()), int(times.max())
+        unit = int(np.gcd.reduce(times - first)) or 1
+        frames = np.array([len(block) for block in blocks], np.intp)
+        widths = np.array([len(block.plan.signals) for block in blocks], np.intp)
+        with_id = [block for block in blocks if block.plan.info.is_extended]
+
+        bits = [r.bits if r.present is None else r.bits[r.present] for r in results]
+        slots = np.concatenate(
+            [np.ones(r.bits.size, np.bool_) if r.present is None else r.present for r in results]
+        )
+        any_absent = any(r.present is not None for r in results)
+        signal_frames = np.repeat(frames, widths)
+        if any_absent:
+            slot_starts = np.concatenate([[0], np.cumsum(signal_frames)[:-1]])
+            carried = np.add.reduceat(slots, slot_starts) if len(slots) else signal_frames
+            carried[signal_frames == 0] = 0
+        else:
+            carried = signal_frames
+        lengths = np.concatenate([frames, [len(b) for b in with_id], carried]).astype(np.intp)
+        values = np.concatenate(
+            [
+                ((times - first) // unit).view(np.uint64),
+                *[b.can_id.astype(np.uint64) for b in with_id],
+                *bits,
+            ]
+        )
+        encodings = _choose(values, lengths, len(blocks))
+        planes, width = _encoded(values, lengths, encodings)
+        definitions = b"".join(self._definition(block) for block in blocks)
+        rest = pb.Body(
+            buses=list(self._buses),
+            frames=frames.tolist(),
+            time_unit_ns=unit,
+            encodings=encodings.astype(np.uint8).tobytes(),
+            values=planes,
+            value_width=width,
+            present=np.packbits(slots, bitorder="little").tobytes() if any_absent else b"",
+        )
+        raw = definitions + rest.SerializeToString()
+        signals = int(np.count_nonzero(slots))
+        return raw, int(frames.sum()), signals, first, last
+
+    def _definition(self, block: MessageBlock) -> bytes:
+        key = (block.bus, id(block.plan))
+        cached = self._block_bytes.get(key)
+        if cached is None:
+            info = block.plan.info
+            cached = pb.Body(
+                blocks=[
+                    pb.Block(
+                        bus=self._buses.setdefault(block.bus, len(self._buses)),
+                        message=info.name,
+                        frame_id=info.frame_id,
+                        extended=info.is_extended,
+                        has_can_id=info.is_extended,
+                        signals=[
+                            pb.Signal(
+                                name=s.name,
+                                length=s.length,
+                                is_signed=s.is_signed,
+                                is_float=s.is_float,
+                                scale=s.scale,
+                                offset=s.offset,
+                            )
+                            for s in block.plan.signals
+                        ],
+                    )
+                ]
+            ).SerializeToString()
+            self._block_bytes[key] = cached
+        return cached
+
+
+def _choose(
+    values: npt.NDArray[np.uint64], lengths: npt.NDArray[np.intp], time_columns: int
+) -> npt.NDArray[np.int64]:
+    """Per column, the encoding that leaves the fewest significant bytes (ties: the simpler
+    one). Timestamp columns (the first `time_columns`) are never plain: they only grow."""
+    chosen = np.full(len(lengths), _PLAIN, np.int64)
+    filled = lengths > 0
+    if not filled.any():
+        return chosen
+    starts = _starts(lengths)[filled]
+    delta = _deltas(values, starts)
+    candidates = [values, _zigzag(delta), _zigzag(_deltas(delta, starts))]
+    costs = np.stack([np.add.reduceat(_significant_bytes(c), starts) for c in candidates])
+    costs[_PLAIN, : np.count_nonzero(filled[:time_columns])] = np.iinfo(np.int64).max
+    chosen[filled] = np.argmin(costs, axis=0)
+    return chosen
+
+
+def _starts(lengths: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.intp)
+
+
+def _encoded(
+    values: npt.NDArray[np.uint64], lengths: npt.NDArray[np.intp], encodings: npt.NDArray[np.int64]
+) -> tuple[bytes, int]:
+    """The byte-transposed planes of the encoded values, and how many planes."""
+    if not len(values):
+        return b"", 0
+    filled = lengths > 0
+    starts = _starts(lengths)[filled]
+    encoding = np.repeat(encodings[filled], lengths[filled])
+    delta = _deltas(values, starts)
+    out = np.where(encoding == _DELTA, _zigzag(delta), values)
+    twice = encoding == _DELTA2
+    if twice.any():
+        out[twice] = _zigzag(_deltas(delta, starts))[twice]
+    width = max(1, (int(np.bitwise_or.reduce(out)).bit_length() + 7) // 8)
+    planes = out.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width]
+    return planes.T.tobytes(), width
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    name: str
+    frame_id: int
+    is_extended: bool
+
+
+@dataclass(slots=True)
+class ReceivedBlock:
+    """The frames of one message of a received batch, shaped like a decoder's block."""
+
+    bus: str
+    message: ReceivedMessage
+    t_ns: npt.NDArray[np.int64]
+    can_id: npt.NDArray[np.uint32]
+    signals: list[SignalColumn]
+    present: npt.NDArray[np.bool_] | None  # (signals, frames)
+    rows: npt.NDArray[np.intp]  # each frame's place in the batch, in time order
+
+    def __len__(self) -> int:
+        return len(self.t_ns)
+
+
+@dataclass(slots=True)
+class ReceivedBatch:
+    vehicle_id: str
+    stream_id: str
+    sequence: int
+    frames: int
+    signals: int
+    blocks: list[ReceivedBlock]
+
+
+def parse_batch(payload: bytes, *, max_body_bytes: int = 64 * 1024 * 1024) -> ReceivedBatch:
+    """A wire batch back into message blocks; WireError when it is not a valid batch."""
+    try:
+        batch = pb.Batch.FromString(payload)
+    except Exception as error:  # protobuf raises its DecodeError, or others on garbage
+        raise WireError(f"not a telemetry batch: {error}") from None
+    if batch.format != FORMAT:
+        raise WireError(
+            f"batch format {batch.format} is not supported (this receiver reads {FORMAT})"
+        )
+    if batch.body_size > max_body_bytes:
+        raise WireError(f"batch body of {batch.body_size} bytes exceeds {max_body_bytes}")
+    if batch.compression == pb.COMPRESSION_ZSTD:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(
+                batch.body, max_output_size=batch.body_size
+            )
+        except zstandard.ZstdError as error:
+            raise WireError(f"batch {batch.sequence}: corrupt zstd body: {error}") from None
+    elif batch.compression == pb.COMPRESSION_NONE:
+        raw = batch.body
+    else:
+        raise WireError(f"batch {batch.sequence}: unknown compression {batch.compression}")
+    if len(raw) != batch.body_size:
+        raise WireError(
+            f"batch {batch.sequence}: body is {len(raw)} bytes, expected {batch.body_size}"
+        )
+    try:
+        body = pb.Body.FromString(raw)
+        blocks = _blocks(body, batch.first_t_ns)
+    except WireError:
+        raise
+    except Exception as error:
+        raise WireError(f"batch {batch.sequence}: corrupt body: {error}") from None
+    return ReceivedBatch(
+        batch.vehicle_id,
+        batch.stream_id,
+        batch.sequence,
+        sum(len(b) for b in blocks),
+        sum(
+            len(b) * len(b.signals) if b.present is None else int(np.count_nonzero(b.present))
+            for b in blocks
+        ),
+        blocks,
+    )
+
+
+def _blocks(body: pb.Body, first_t_ns: int) -> list[ReceivedBlock]:
+    if len(body.frames) != len(body.blocks):
+        raise WireError(f"{len(body.frames)} frame counts for {len(body.blocks)} blocks")
+    frames = np.array(body.frames, np.intp)
+    widths = np.array([len(block.signals) for block in body.blocks], np.intp)
+    signal_frames = np.repeat(frames, widths)
+    slots = int(signal_frames.sum())
+    if body.present:
+        bitmap = np.unpackbits(np.frombuffer(body.present, np.uint8), bitorder="little")
+        if len(bitmap) < slots:
+            raise WireError("presence bitmap shorter than the batch's signal slots")
+        present = bitmap[:slots].astype(np.bool_)
+        carried = np.zeros(len(signal_frames), np.intp)
+        filled = signal_frames > 0
+        if filled.any():
+            carried[filled] = np.add.reduceat(present, _starts(signal_frames)[filled])
+    else:
+        present = np.ones(slots, np.bool_)
+        carried = signal_frames
+    with_id = [k for k, block in enumerate(body.blocks) if block.has_can_id]
+    lengths = np.concatenate([frames, frames[with_id], carried]).astype(np.intp)
+    if len(body.encodings) != len(lengths):
+        raise WireError(f"{len(body.encodings)} column encodings for {len(lengths)} columns")
+    encodings = np.frombuffer(body.encodings, np.uint8).astype(np.int64)
+    if (encodings > _DELTA2).any():
+        raise WireError("unknown column encoding")
+    values = _decoded(body, lengths, encodings)
+
+    ends = np.cumsum(lengths)
+    columns = [
+        values[end - n : end] for end, n in zip(ends.tolist(), lengths.tolist(), strict=True)
+    ]
+    times = [
+        column.view(np.int64) * np.int64(body.time_unit_ns) + np.int64(first_t_ns)
+        for column in columns[: len(frames)]
+    ]
+    can_ids = dict(zip(with_id, columns[len(frames) : len(frames) + len(with_id)], strict=True))
+    signal_columns = iter(columns[len(frames) + len(with_id) :])
+    slot_ends = np.cumsum(signal_frames).tolist()
+    slot_index = 0
+
+    # Each frame's place in the batch: time order across messages (ties: block order).
+    order = np.argsort(np.concatenate(times), kind="stable") if times else np.zeros(0, np.intp)
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    frame_ends = np.cumsum(frames).tolist()
+
+    blocks: list[ReceivedBlock] = []
+    for k, block in enumerate(body.blocks):
+        n = int(frames[k])
+        if block.bus >= len(body.buses):
+            raise WireError(f"block {block.message} names bus {block.bus} of {len(body.buses)}")
+        can_id = (
+            can_ids[k].astype(np.uint32) if k in can_ids else np.full(n, block.frame_id, np.uint32)
+        )
+        signal_list: list[SignalColumn] = []
+        first_slot = slot_ends[slot_index] - n if block.signals else 0
+        matrix = present[first_slot : first_slot + n * len(block.signals)].reshape(-1, n)
+        for signal, row in zip(block.signals, matrix, strict=True):
+            column = next(signal_columns)
+            if len(column) == n:
+                bits = column
+                row_present = None
+            else:
+                bits = np.zeros(n, np.uint64)
+                bits[row] = column
+                row_present = row
+            info = _signal_info(signal)
+            signal_list.append(SignalColumn(info, info.raw_from_bits(bits), row_present))
+            slot_index += 1
+        blocks.append(
+            ReceivedBlock(
+                body.buses[block.bus],
+                ReceivedMessage(block.message, block.frame_id, block.extended),
+                times[k],
+                can_id,
+                signal_list,
+                None if matrix.all() else matrix,
+                position[frame_ends[k] - n : frame_ends[k]],
+            )
+        )
+    return blocks
+
+
+def _decoded(
+    body: pb.Body, lengths: npt.NDArray[np.intp], encodings: npt.NDArray[np.int64]
+) -> npt.NDArray[np.uint64]:
+    """The column values from the byte planes, with their encodings undone."""
+    total = int(lengths.sum())
+    width = body.value_width
+    if (total and not 1 <= width <= 8) or len(body.values) != total * width:
+        raise WireError(f"value planes of {len(body.values)} bytes do not hold {total} values")
+    planes = np.zeros((total, 8), np.uint8)
+    if total:
+        planes[:, :width] = np.frombuffer(body.values, np.uint8).reshape(width, total).T
+    values = planes.view("<u8").reshape(-1).astype(np.uint64)
+    filled = lengths > 0
+    if not filled.any():
+        return values
+    starts = _starts(lengths)[filled]
+    encoding = np.repeat(encodings[filled], lengths[filled])
+    coded = encoding != _PLAIN
+    values[coded] = _unzigzag(values[coded])
+    twice = encoding == _DELTA2
+    if twice.any():
+        values[twice] = _segment_sums(values, starts)[twice]
+    values[coded] = _segment_sums(values, starts)[coded]
+    return values
+
+
+_INFOS: dict[tuple[str, int, bool, bool, float, float], SignalInfo] = {}
+
+
+def _signal_info(signal: pb.Signal) -> SignalInfo:
+    key = (
+        signal.name,
+        signal.length,
+        signal.is_signed,
+        signal.is_float,
+        signal.scale,
+        signal.offset,
+    )
+    info = _INFOS.get(key)
+    if info is None:
+        if not 1 <= signal.length <= 64 or (signal.is_float and signal.length not in (16, 32, 64)):
+            raise WireError(f"signal {signal.name} has an impossible length {signal.length}")
+        info = SignalInfo(
+            name=signal.name,
+            start=0,
+            length=signal.length,
+            byte_order="little_endian",
+            is_signed=signal.is_signed,
+            is_float=signal.is_float,
+            scale=signal.scale,
+            offset=signal.offset,
+            unit=None,
+            choices=None,
+            multiplexer=None,
+            multiplexer_ids=None,
+            is_multiplexer=False,
+        )
+        _INFOS[key] = info
+    return info

@@ -1,0 +1,112 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_NONE: _ClassVar[Compression]
+    COMPRESSION_ZSTD: _ClassVar[Compression]
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_PLAIN: _ClassVar[Encoding]
+    ENCODING_DELTA: _ClassVar[Encoding]
+    ENCODING_DELTA2: _ClassVar[Encoding]
+COMPRESSION_NONE: Compression
+COMPRESSION_ZSTD: Compression
+ENCODING_PLAIN: Encoding
+ENCODING_DELTA: Encoding
+ENCODING_DELTA2: Encoding
+
+class Batch(_message.Message):
+    __slots__ = ("format", "vehicle_id", "stream_id", "sequence", "first_t_ns", "last_t_ns", "frames", "signals", "compression", "dbc_hash", "body_size", "body")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    VEHICLE_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_T_NS_FIELD_NUMBER: _ClassVar[int]
+    LAST_T_NS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    DBC_HASH_FIELD_NUMBER: _ClassVar[int]
+    BODY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    format: int
+    vehicle_id: str
+    stream_id: str
+    sequence: int
+    first_t_ns: int
+    last_t_ns: int
+    frames: int
+    signals: int
+    compression: Compression
+    dbc_hash: bytes
+    body_size: int
+    body: bytes
+    def __init__(self, format: _Optional[int] = ..., vehicle_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., sequence: _Optional[int] = ..., first_t_ns: _Optional[int] = ..., last_t_ns: _Optional[int] = ..., frames: _Optional[int] = ..., signals: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., dbc_hash: _Optional[bytes] = ..., body_size: _Optional[int] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class Body(_message.Message):
+    __slots__ = ("buses", "blocks", "frames", "time_unit_ns", "encodings", "values", "value_width", "present")
+    BUSES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIT_NS_FIELD_NUMBER: _ClassVar[int]
+    ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    buses: _containers.RepeatedScalarFieldContainer[str]
+    blocks: _containers.RepeatedCompositeFieldContainer[Block]
+    frames: _containers.RepeatedScalarFieldContainer[int]
+    time_unit_ns: int
+    encodings: bytes
+    values: bytes
+    value_width: int
+    present: bytes
+    def __init__(self, buses: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ..., frames: _Optional[_Iterable[int]] = ..., time_unit_ns: _Optional[int] = ..., encodings: _Optional[bytes] = ..., values: _Optional[bytes] = ..., value_width: _Optional[int] = ..., present: _Optional[bytes] = ...) -> None: ...
+
+class Block(_message.Message):
+    __slots__ = ("bus", "message", "frame_id", "extended", "has_can_id", "signals")
+    BUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    EXTENDED_FIELD_NUMBER: _ClassVar[int]
+    HAS_CAN_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    bus: int
+    message: str
+    frame_id: int
+    extended: bool
+    has_can_id: bool
+    signals: _containers.RepeatedCompositeFieldContainer[Signal]
+    def __init__(self, bus: _Optional[int] = ..., message: _Optional[str] = ..., frame_id: _Optional[int] = ..., extended: _Optional[bool] = ..., has_can_id: _Optional[bool] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ...) -> None: ...
+
+class Signal(_message.Message):
+    __slots__ = ("name", "length", "is_signed", "is_float", "scale", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    IS_SIGNED_FIELD_NUMBER: _ClassVar[int]
+    IS_FLOAT_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    length: int
+    is_signed: bool
+    is_float: bool
+    scale: float
+    offset: float
+    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., is_signed: _Optional[bool] = ..., is_float: _Optional[bool] = ..., scale: _Optional[float] = ..., offset: _Optional[float] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("stream_id", "sequence")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    sequence: int
+    def __init__(self, stream_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
