@@ -1,0 +1,125 @@
+"""The config file: its keys, its defaults, and every problem reported with its key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import EX_CONFIG, ConfigError, Pace, load_config, parse_config
+from tests.data import RAV4_LOG, RAV4_PT_DBC
+
+
+def config_text(bus: str = "", rest: str = "") -> str:
+    return (
+        'vehicle_id = "v1"\nstate_dir = "state"\n'
+        f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{RAV4_LOG}"\n'
+        f'dbc = ["{RAV4_PT_DBC}"]\n{bus}\n{rest}'
+    )
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "agent.toml", Path("/etc/agent"))
+    return raised.value.problems
+
+
+def test_the_contract_example_parses_with_its_defaults() -> None:
+    config = parse_config(
+        config_text(
+            "pace = 10\nloop = true\nj1939 = false\n",
+            '[uplink]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:1883"\n',
+        ),
+        "agent.toml",
+        Path("/etc/agent"),
+    )
+    assert config.vehicle_id == "v1"
+    assert config.state_dir == Path("/etc/agent/state")  # relative to the config's folder
+    bus = config.buses[0]
+    assert (bus.source, bus.path, bus.pace, bus.loop) == ("replay", RAV4_LOG, Pace(10.0), True)
+    assert config.batch.max_age_ms == 1000 and config.batch.max_bytes == 120_000
+    assert config.batch.compression == "zstd"
+    assert config.uplink.topic == "vehicles/{vehicle_id}/telemetry"
+    assert config.metrics.listen == "127.0.0.1:9108"
+
+
+def test_every_problem_is_named_by_its_key_path() -> None:
+    found = problems(
+        config_text(
+            'pace = "fast"\nbitrate = 500000\ncolour = "red"\n',
+            '[batch]\nmax_age_ms = -1\ncompression = "lz4"\n[uplink]\nkind = "carrier-pigeon"\n'
+            '[metrics]\nlisten = "nowhere"\n[extra]\n',
+        )
+    )
+    text = "\n".join(found)
+    for expected in (
+        "bus[0].pace:",
+        "bus[0].bitrate: does not apply to source 'replay'",
+        "bus[0].colour: unknown key",
+        "batch.max_age_ms: must be greater than 0",
+        "batch.compression: must be one of zstd, none",
+        "uplink.kind: must be one of mqtt, grpc, file",
+        "metrics.listen: expected HOST:PORT",
+        "extra: unknown key",
+    ):
+        assert expected in text, text
+
+
+def test_missing_and_mistyped_keys() -> None:
+    found = "\n".join(problems('state_dir = 5\n[[bus]]\nname = "can0"\nsource = "replay"\n'))
+    assert "vehicle_id: missing" in found
+    assert "state_dir: expected str, got 5" in found
+    assert "bus[0].path: missing" in found
+    assert "bus[0].dbc: missing" in found
+    assert "not valid TOML" in "\n".join(problems("vehicle_id = "))
+
+
+def test_missing_files_and_duplicate_buses() -> None:
+    text = (
+        config_text()
+        + '[[bus]]\nname = "can0"\nsource = "replay"\npath = "nope.log"\ndbc = ["no.dbc"]\n'
+    )
+    found = "\n".join(problems(text))
+    assert "bus[1].name: 'can0' is used by another bus" in found
+    assert "bus[1].path: no such file /etc/agent/nope.log" in found
+    assert "bus[1].dbc[0]: no such file /etc/agent/no.dbc" in found
+
+
+def test_check_config_exits_78_with_the_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config_text("pace = 0\n"))
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == EX_CONFIG
+    assert f"{bad}: bus[0].pace:" in result.stderr
+    good = tmp_path / "good.toml"
+    good.write_text(config_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", str(good)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert load_config(good).buses[0].name == "can0"
+
+
+def test_run_refuses_a_bad_config_with_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("vehicle_id = 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == EX_CONFIG
+    assert "vehicle_id: expected str" in result.stderr
+    assert "Traceback" not in result.stderr

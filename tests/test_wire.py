@@ -1,0 +1,152 @@
+"""The wire format: what goes in comes out, bit for bit; damage is refused, not misread."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.decode import ALL_BUSES, Decoder
+from agent.logs import open_log
+from agent.records import JsonLinesWriter
+from agent.wire import BatchEncoder, WireError, parse_batch
+from agent.wire import telemetry_pb2 as pb
+from agent.wire.codec import _deltas, _segment_sums, _unzigzag, _zigzag
+from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TRUCK_DBC, TRUCK_LOG
+from tests.services import records
+
+
+def lines(blocks: object) -> list[str]:
+    out = io.StringIO()
+    JsonLinesWriter(out).write(blocks)  # type: ignore[arg-type]
+    return sorted(out.getvalue().splitlines())
+
+
+@pytest.mark.parametrize(
+    ("log", "dbcs", "j1939"),
+    [
+        (RAV4_LOG, {"can0": [RAV4_PT_DBC], "can1": [RAV4_ADAS_DBC]}, []),
+        (TRUCK_LOG, {ALL_BUSES: [TRUCK_DBC]}, [ALL_BUSES]),
+    ],
+)
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_real_logs_round_trip(
+    log: Path, dbcs: dict[str, list[Path]], j1939: list[str], compression: str
+) -> None:
+    decoder = Decoder(dbcs, j1939)
+    encoder = BatchEncoder("v", "stream", b"digest", compression=compression)
+    for sequence, frames in enumerate(open_log(log).batches(3_000), start=1):
+        result = decoder.decode(frames)
+        wire = encoder.encode([result], sequence)
+        assert wire is not None
+        received = parse_batch(wire.payload)
+        assert (received.stream_id, received.sequence) == ("stream", sequence)
+        assert received.frames == result.decoded and received.signals == result.signals
+        assert lines(received.blocks) == lines(result.blocks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 2**64 - 1), min_size=0, max_size=20), min_size=1, max_size=6)
+)
+def test_delta_encodings_undo_exactly(columns: list[list[int]]) -> None:
+    lengths = np.array([len(c) for c in columns], np.intp)
+    values = np.array([v for c in columns for v in c], np.uint64)
+    starts = (np.cumsum(lengths) - lengths)[lengths > 0].astype(np.intp)
+    if not len(values):
+        return
+    once = _zigzag(_deltas(values, starts))
+    twice = _zigzag(_deltas(_deltas(values, starts), starts))
+    assert (_segment_sums(_unzigzag(once), starts) == values).all()
+    assert (_segment_sums(_segment_sums(_unzigzag(twice), starts), starts) == values).all()
+
+
+def a_batch() -> bytes:
+    decoder = Decoder({"can0": [RAV4_PT_DBC]})
+    frames = next(open_log(RAV4_LOG).batches(2_000))
+    wire = BatchEncoder("v", "s", b"d").encode([decoder.decode(frames)], 7)
+    assert wire is not None
+    return wire.payload
+
+
+def test_damaged_batches_are_refused_with_a_reason() -> None:
+    payload = a_batch()
+    with pytest.raises(WireError, match="not a telemetry batch"):
+        parse_batch(b"\xff" * 50)
+    envelope = pb.Batch.FromString(payload)
+    envelope.format = 99
+    with pytest.raises(WireError, match="format 99 is not supported"):
+        parse_batch(envelope.SerializeToString())
+    envelope = pb.Batch.FromString(payload)
+    envelope.body = envelope.body[:-20]
+    with pytest.raises(WireError, match=r"corrupt zstd body|body is"):
+        parse_batch(envelope.SerializeToString())
+    envelope = pb.Batch.FromString(payload)
+    envelope.body_size = 10**9
+    with pytest.raises(WireError, match="exceeds"):
+        parse_batch(envelope.SerializeToString())
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        damaged = bytearray(payload)
+        at = rng.integers(0, len(damaged), 3)
+        for i in at:
+            damaged[i] ^= 1 << int(rng.integers(0, 8))
+        # Refused or read (a flipped bit in a value is still a valid batch): never a crash.
+        with contextlib.suppress(WireError):
+            parse_batch(bytes(damaged))
+
+
+def test_the_receiver_rejects_garbage_and_keeps_going(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "a-000000000001.batch").write_bytes(b"garbage")
+    (outbox / "a-000000000002.batch").write_bytes(a_batch())
+    (outbox / "a-000000000003.batch").write_bytes(a_batch())  # the same batch again
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "receive",
+            "--dir",
+            str(outbox),
+            "--idle-exit",
+            "0.5",
+            "--output",
+            str(tmp_path / "out.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 batches received, 1 duplicates dropped, 1 rejected" in result.stderr
+    assert "a-000000000001.batch: rejected: not a telemetry batch" in result.stderr
+    assert len(records(tmp_path / "out.jsonl")) > 0
+
+
+def test_the_committed_protobuf_module_is_what_make_proto_makes(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-Iagent/wire={REPO / 'proto'}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(REPO / "proto" / "telemetry.proto"),
+        ],
+        check=True,
+        cwd=REPO,
+    )
+    for name in ("telemetry_pb2.py", "telemetry_pb2.pyi"):
+        made = (tmp_path / "agent" / "wire" / name).read_text()
+        assert made == (REPO / "agent" / "wire" / name).read_text(), f"run `make proto`: {name}"
