@@ -25,7 +25,7 @@ from agent.config import Config
 from agent.decode import ALL_BUSES, DecodedBatch, Decoder
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
-from agent.sources import Source, SourceError, create_source
+from agent.sources import Source, SourceError, create_sources
 from agent.uplinks import create_uplink
 from agent.uplinks.sender import Sender
 from agent.wire import BatchEncoder, WireBatch, dbc_hash
@@ -82,7 +82,7 @@ class Agent:
         self.encoder = BatchEncoder(
             config.vehicle_id, self.stream_id, digest, compression=config.batch.compression
         )
-        self.sources: list[Source] = [create_source(bus) for bus in config.buses]
+        self.sources: list[Source] = create_sources(config.buses)
         self.uplink = create_uplink(config.uplink, config.vehicle_id)
         self.sender = Sender(self.uplink, self.metrics, config.uplink.queue_max_batches)
         self.next_sequence = 1

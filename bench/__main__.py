@@ -7,7 +7,7 @@ import platform
 import numpy as np
 
 from agent.memory import keep_freed_memory
-from bench import candump_reader, command, decoder
+from bench import candump_reader, command, decoder, pipeline
 
 keep_freed_memory()  # as the agent's own entry point does
 print(f"Python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}\n")
@@ -16,4 +16,6 @@ print(decoder.run(), "\n", flush=True)
 print("## candump reader against python-can\n")
 print(candump_reader.run(), "\n", flush=True)
 print("## The whole decode command against a python-can + cantools loop\n")
-print(command.run(), flush=True)
+print(command.run(), "\n", flush=True)
+print("## The agent end to end\n")
+print(pipeline.run(), flush=True)

@@ -1,6 +1,6 @@
 """Where frames come from: a replayed log, a python-can interface, or simulated traffic."""
 
-from agent.sources.base import Source, SourceError, SourceStats, create_source
+from agent.sources.base import Source, SourceError, SourceStats, create_sources
 
 from . import pythoncan, replay, simulate
 
@@ -8,7 +8,7 @@ __all__ = [
     "Source",
     "SourceError",
     "SourceStats",
-    "create_source",
+    "create_sources",
     "pythoncan",
     "replay",
     "simulate",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -34,6 +34,11 @@ class Source(abc.ABC):
     def batches(self) -> AsyncIterator[FrameBatch]:
         """Frame batches in arrival order."""
 
+    @classmethod
+    def create_all(cls, buses: Sequence[BusConfig]) -> list[Source]:
+        """The sources of every bus of this kind, which may share work (one log read)."""
+        return [cls(bus) for bus in buses]
+
 
 _SOURCES: dict[str, type[Source]] = {}
 
@@ -45,9 +50,13 @@ def register(cls: SourceClass) -> SourceClass:
     return cls
 
 
-def create_source(bus: BusConfig) -> Source:
-    try:
-        factory: Callable[[BusConfig], Source] = _SOURCES[bus.source]
-    except KeyError:
-        raise SourceError(f"bus {bus.name}: unknown source {bus.source!r}") from None
-    return factory(bus)
+def create_sources(buses: Sequence[BusConfig]) -> list[Source]:
+    """A source per bus, in the order given."""
+    made: dict[str, Source] = {}
+    for kind in dict.fromkeys(bus.source for bus in buses):
+        if kind not in _SOURCES:
+            raise SourceError(f"unknown source {kind!r}")
+        of_kind = [bus for bus in buses if bus.source == kind]
+        for bus, source in zip(of_kind, _SOURCES[kind].create_all(of_kind), strict=True):
+            made[bus.name] = source
+    return [made[bus.name] for bus in buses]

@@ -1,22 +1,111 @@
-"""`source = "replay"`: a recorded log, read by the decoder's log readers, paced or not."""
+"""`source = "replay"`: a recorded log, read by the decoder's log readers, paced or not.
+
+A log often holds several buses, and each `[[bus]]` replays its own channel of it. Buses that
+replay the same file at the same pace share one reader: the log is parsed once and its
+batches go to each of them (each keeps its channel's frames), so two buses cost one read.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
+from agent.config import BusConfig, Pace
 from agent.frames import FrameBatch
-from agent.logs import LogError, LogReader, open_log
-from agent.sources.base import Source, SourceError, register
+from agent.logs import LogError, open_log
+from agent.sources.base import Source, SourceError, SourceStats, register
 from agent.sources.pacing import paced
 
 log = logging.getLogger(__name__)
 
 ALL_CHANNELS = "*"
+#: Batches a feed may run ahead of its slowest bus.
+FEED_DEPTH = 4
+
+_END = None
+
+
+class LogFeed:
+    """One read of a log, paced, handed to every bus that replays it."""
+
+    def __init__(self, path: Path, pace: Pace, loop: bool) -> None:
+        self.path, self.pace, self.loop = path, pace, loop
+        self.stats = SourceStats()
+        self.channels: set[str] = set()
+        self._queues: list[asyncio.Queue[FrameBatch | BaseException | None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def subscribe(self) -> asyncio.Queue[FrameBatch | BaseException | None]:
+        queue: asyncio.Queue[FrameBatch | BaseException | None] = asyncio.Queue(FEED_DEPTH)
+        self._queues.append(queue)
+        return queue
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"replay {self.path.name}")
+
+    def leave(self, queue: asyncio.Queue[FrameBatch | BaseException | None]) -> None:
+        """A bus stopped listening; the last one to leave stops the read."""
+        if queue in self._queues:
+            self._queues.remove(queue)
+        while not queue.empty():  # unblocks a put the feed may be waiting in
+            queue.get_nowait()
+        if not self._queues and self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        try:
+            async for batch in paced(self._read(), self.pace):
+                for queue in list(self._queues):
+                    await queue.put(batch)
+            ending: FrameBatch | BaseException | None = _END
+        except SourceError as error:
+            ending = error
+        for queue in list(self._queues):
+            await queue.put(ending)
+
+    async def _read(self) -> AsyncIterator[FrameBatch]:
+        shift = 0
+        while True:
+            try:
+                reader = open_log(self.path)
+            except LogError as error:
+                raise SourceError(str(error)) from None
+            first: int | None = None
+            last = 0
+            batches = reader.batches()
+            while True:
+                batch = await asyncio.to_thread(_next, batches)
+                if batch is None:
+                    break
+                if not len(batch):
+                    continue
+                self.channels.update(batch.buses)
+                if first is None:
+                    first = int(batch.t_ns[0])
+                last = int(batch.t_ns[-1])
+                yield replace(batch, t_ns=batch.t_ns + shift) if shift else batch
+            self.stats.malformed += reader.stats.malformed
+            for example in reader.stats.examples:
+                log.warning("%s: malformed %s", self.path, example)
+            if not self.loop or first is None:
+                return
+            # The next pass follows on one millisecond after this one's last frame.
+            shift += last - first + 1_000_000
+
+
+def _next(batches: Iterator[FrameBatch]) -> FrameBatch | None:
+    try:
+        return next(batches)
+    except StopIteration:
+        return None
+    except LogError as error:
+        raise SourceError(str(error)) from None
 
 
 @register
@@ -27,80 +116,64 @@ class ReplaySource(Source):
 
     kind = "replay"
 
-    async def batches(self) -> AsyncIterator[FrameBatch]:
-        async for batch in paced(self._read(), self.bus.pace):
-            yield batch
+    def __init__(self, bus: BusConfig, feed: LogFeed | None = None) -> None:
+        super().__init__(bus)
+        assert bus.path is not None  # the config requires it
+        self.feed = feed if feed is not None else LogFeed(bus.path, bus.pace, bus.loop)
+        # The log's malformed lines are counted once, on the first bus that replays it.
+        if feed is not None:
+            self.stats = SourceStats()
+        else:
+            self.stats = self.feed.stats
+        self._queue = self.feed.subscribe()
 
-    async def _read(self) -> AsyncIterator[FrameBatch]:
-        assert self.bus.path is not None  # the config requires it
-        shift = 0
-        while True:
-            try:
-                reader = open_log(self.bus.path)
-            except LogError as error:
-                raise SourceError(f"bus {self.bus.name}: {error}") from None
-            first: int | None = None
-            last = 0
-            channels: set[str] = set()
-            taken = 0
-            batches = reader.batches()
-            while True:
-                batch = await asyncio.to_thread(_next, batches, reader)
-                if batch is None:
-                    break
-                if not len(batch):
-                    continue
-                channels.update(batch.buses)
-                if first is None:
-                    first = int(batch.t_ns[0])
-                last = int(batch.t_ns[-1])
-                mine = self._select(batch)
-                if not len(mine):
-                    continue
-                taken += len(mine)
-                if shift:
-                    mine = _shifted(mine, shift)
-                yield mine
-            self.stats.malformed += reader.stats.malformed
-            for example in reader.stats.examples:
-                log.warning("bus %s: %s: malformed %s", self.bus.name, self.bus.path, example)
-            if not taken:
-                log.warning(
-                    "bus %s: %s has no frames of channel %s (its channels: %s); set `channel`",
-                    self.bus.name,
-                    self.bus.path,
-                    self._channel,
-                    ", ".join(sorted(channels)) or "none",
-                )
-            if not self.bus.loop or not taken or first is None:
-                return
-            # The next pass follows on one millisecond after this one's last frame.
-            shift += last - first + 1_000_000
+    @classmethod
+    def create_all(cls, buses: Sequence[BusConfig]) -> list[Source]:
+        feeds: dict[tuple[Path | None, Pace, bool], LogFeed] = {}
+        sources: list[Source] = []
+        for bus in buses:
+            key = (bus.path, bus.pace, bus.loop)
+            shared = feeds.get(key)
+            source = cls(bus, shared)
+            feeds.setdefault(key, source.feed)
+            sources.append(source)
+        return sources
 
     @property
-    def _channel(self) -> str:
+    def channel(self) -> str:
         return self.bus.channel if self.bus.channel is not None else self.bus.name
 
+    async def batches(self) -> AsyncIterator[FrameBatch]:
+        self.feed.start()
+        taken = 0
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise SourceError(f"bus {self.bus.name}: {item}")
+                mine = self._select(item)
+                if len(mine):
+                    taken += len(mine)
+                    yield mine
+        finally:
+            self.feed.leave(self._queue)
+        if not taken:
+            log.warning(
+                "bus %s: %s has no frames of channel %s (its channels: %s); set `channel`",
+                self.bus.name,
+                self.feed.path,
+                self.channel,
+                ", ".join(sorted(self.feed.channels)) or "none",
+            )
+
     def _select(self, batch: FrameBatch) -> FrameBatch:
-        channel = self._channel
+        channel = self.channel
         if channel == ALL_CHANNELS:
             return batch
         if channel not in batch.buses:
             return FrameBatch.empty((self.bus.name,))
-        index = batch.buses.index(channel)
-        rows = np.flatnonzero(batch.bus == index)
+        rows = np.flatnonzero(batch.bus == batch.buses.index(channel))
         mine = batch.take(rows) if len(rows) < len(batch) else batch
         return replace(mine, bus=np.zeros(len(mine), np.uint8), buses=(self.bus.name,))
-
-
-def _next(batches: Iterator[FrameBatch], reader: LogReader) -> FrameBatch | None:
-    try:
-        return next(batches)
-    except StopIteration:
-        return None
-    except LogError as error:
-        raise SourceError(str(error)) from None
-
-
-def _shifted(batch: FrameBatch, shift: int) -> FrameBatch:
-    return replace(batch, t_ns=batch.t_ns + shift)

@@ -27,7 +27,7 @@ FORMAT = 1
 _PLAIN, _DELTA, _DELTA2 = pb.ENCODING_PLAIN, pb.ENCODING_DELTA, pb.ENCODING_DELTA2
 _ONE = np.uint64(1)
 _SIGN = np.uint64(63)
-_BYTE_LIMITS = [np.uint64((1 << (8 * k)) - 1) for k in (1, 2, 4)]
+_BYTE_LIMITS = [np.uint64(0xFF), np.uint64(0xFFFF)]
 
 
 class WireError(ValueError):
@@ -71,12 +71,12 @@ def _unzigzag(value: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return (value >> _ONE) ^ (np.uint64(0) - (value & _ONE))
 
 
-def _significant_bytes(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    """Roughly how many low bytes each value needs (0 for zero, then 1, 2, 3 for up to 4
-    bytes, 4 beyond): what its planes will cost, at half the passes of an exact count."""
-    count: npt.NDArray[np.int64] = (values != 0).astype(np.int64)
+def _significant_bytes(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
+    """Roughly how many low bytes each value needs (0 for zero, 1, 2, and 3 for anything
+    wider): what its planes will cost, in a third of the passes of an exact count."""
+    count = (values != 0).view(np.uint8)
     for limit in _BYTE_LIMITS:
-        count += values > limit
+        count = count + (values > limit).view(np.uint8)
     return count
 
 
@@ -188,8 +188,7 @@ class BatchEncoder:
                 *bits,
             ]
         )
-        encodings = _choose(values, lengths, len(blocks))
-        planes, width = _encoded(values, lengths, encodings)
+        encodings, planes, width = _encode_columns(values, lengths, len(blocks))
         definitions = b"".join(self._definition(block) for block in blocks)
         rest = pb.Body(
             buses=list(self._buses),
@@ -235,45 +234,34 @@ class BatchEncoder:
         return cached
 
 
-def _choose(
+def _encode_columns(
     values: npt.NDArray[np.uint64], lengths: npt.NDArray[np.intp], time_columns: int
-) -> npt.NDArray[np.int64]:
+) -> tuple[npt.NDArray[np.int64], bytes, int]:
     """Per column, the encoding that leaves the fewest significant bytes (ties: the simpler
-    one). Timestamp columns (the first `time_columns`) are never plain: they only grow."""
+    one; the first `time_columns` columns, timestamps, only grow and are never plain); and
+    the byte-transposed planes of the encoded values, with how many planes."""
     chosen = np.full(len(lengths), _PLAIN, np.int64)
     filled = lengths > 0
     if not filled.any():
-        return chosen
+        return chosen, b"", 0
     starts = _starts(lengths)[filled]
     delta = _deltas(values, starts)
     candidates = [values, _zigzag(delta), _zigzag(_deltas(delta, starts))]
-    costs = np.stack([np.add.reduceat(_significant_bytes(c), starts) for c in candidates])
+    costs = np.stack(
+        [np.add.reduceat(_significant_bytes(c), starts, dtype=np.int64) for c in candidates]
+    )
     costs[_PLAIN, : np.count_nonzero(filled[:time_columns])] = np.iinfo(np.int64).max
     chosen[filled] = np.argmin(costs, axis=0)
-    return chosen
+    encoding = np.repeat(chosen[filled], lengths[filled])
+    out = np.where(encoding == _DELTA2, candidates[2], candidates[1])
+    np.copyto(out, values, where=encoding == _PLAIN)
+    width = max(1, (int(np.bitwise_or.reduce(out)).bit_length() + 7) // 8)
+    planes = out.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8)[:, :width]
+    return chosen, planes.T.tobytes(), width
 
 
 def _starts(lengths: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.intp)
-
-
-def _encoded(
-    values: npt.NDArray[np.uint64], lengths: npt.NDArray[np.intp], encodings: npt.NDArray[np.int64]
-) -> tuple[bytes, int]:
-    """The byte-transposed planes of the encoded values, and how many planes."""
-    if not len(values):
-        return b"", 0
-    filled = lengths > 0
-    starts = _starts(lengths)[filled]
-    encoding = np.repeat(encodings[filled], lengths[filled])
-    delta = _deltas(values, starts)
-    out = np.where(encoding == _DELTA, _zigzag(delta), values)
-    twice = encoding == _DELTA2
-    if twice.any():
-        out[twice] = _zigzag(_deltas(delta, starts))[twice]
-    width = max(1, (int(np.bitwise_or.reduce(out)).bit_length() + 7) // 8)
-    planes = out.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width]
-    return planes.T.tobytes(), width
 
 
 @dataclass(frozen=True, slots=True)

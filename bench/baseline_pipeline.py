@@ -1,0 +1,62 @@
+"""The per-frame agent, for comparison: python-can's log reader, cantools' decode, one
+protobuf message per frame, and a paho QoS 1 publish per frame, all acknowledged.
+
+Usage: python -m bench.baseline_pipeline LOG mqtt://HOST:PORT FRAMES
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+import can
+import cantools
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from google.protobuf import struct_pb2
+
+from bench.common import LOGS
+
+
+def main() -> None:
+    log, url, limit = sys.argv[1], urlsplit(sys.argv[2]), int(sys.argv[3])
+    _, dbcs, _ = LOGS["rav4"]
+    known: dict[tuple[str, int], Any] = {}
+    for bus, paths in dbcs.items():
+        for path in paths:
+            database: Any = cantools.database.load_file(path, strict=False)
+            for message in database.messages:
+                known.setdefault((bus, message.frame_id), message)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-baseline")
+    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.loop_start()
+    pending = []
+    for count, frame in enumerate(can.CanutilsLogReader(log)):
+        if count >= limit:
+            break
+        message = known.get((str(frame.channel), frame.arbitration_id))
+        if message is None:
+            continue
+        values = message.decode(bytes(frame.data), decode_choices=False, allow_truncated=True)
+        record = struct_pb2.Struct()
+        record.update(
+            {
+                "t": frame.timestamp,
+                "bus": str(frame.channel),
+                "id": frame.arbitration_id,
+                "message": message.name,
+                "signals": {k: float(v) for k, v in values.items()},
+            }
+        )
+        pending.append(
+            client.publish("vehicles/baseline/telemetry", record.SerializeToString(), qos=1)
+        )
+    for info in pending:
+        info.wait_for_publish(30)
+    client.loop_stop()
+    client.disconnect()
+
+
+if __name__ == "__main__":
+    main()

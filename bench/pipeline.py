@@ -1,0 +1,189 @@
+"""The whole agent: a RAV4 replay at pace "max" into a local mosquitto, against a per-frame
+baseline in the same run; the agent at realtime pace; and bytes on the wire per frame.
+
+The agent and the baseline run as their own processes, against one mosquitto started here on
+a free loopback port; CPU is the process's user + system time, so a busy second core does not
+count against either.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.decode import Decoder
+from agent.frames import FrameBatch
+from agent.logs import open_log
+from agent.wire import BatchEncoder
+from bench.command import big_log
+from bench.common import LOGS, table
+from tests.services import broker
+
+#: The RAV4 log this many times end to end for the throughput run.
+COPIES = 8
+#: The baseline is slow: it is timed on this many frames.
+BASELINE_FRAMES = 30_000
+#: Realtime: CPU is measured over this window, after a warm-up that holds the start-up.
+WARM_UP_S, WINDOW_S = 5.0, 20.0
+
+
+def agent_config(folder: Path, log: Path, url: str, pace: str) -> Path:
+    _, dbcs, _ = LOGS["rav4"]
+    buses = "".join(
+        f'[[bus]]\nname = "{bus}"\nsource = "replay"\npath = "{log}"\npace = {pace}\n'
+        f'dbc = ["{paths[0]}"]\n'
+        for bus, paths in dbcs.items()
+    )
+    config = folder / f"agent-{pace.strip(chr(34))}.toml"
+    config.write_text(
+        f'vehicle_id = "bench"\nstate_dir = "{folder}"\n{buses}'
+        f'[uplink]\nkind = "mqtt"\nurl = "{url}"\n[metrics]\nlisten = ""\n'
+    )
+    return config
+
+
+def run_measured(command: list[str], stop_after: float | None = None) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of a child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if stop_after is not None:
+        time.sleep(stop_after)
+        process.send_signal(signal.SIGINT)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command} failed")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def realtime(config: Path) -> tuple[float, float]:
+    """Share of one core over WINDOW_S of steady realtime replay, and peak RSS (MB)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(WARM_UP_S)
+    before = cpu_of(process.pid)
+    time.sleep(WINDOW_S)
+    after = cpu_of(process.pid)
+    process.send_signal(signal.SIGINT)
+    _, _, usage = os.wait4(process.pid, 0)
+    return (after - before) / WINDOW_S, usage.ru_maxrss / 1024
+
+
+def wire_bytes() -> list[list[object]]:
+    """Bytes per decoded frame on the wire with 1 s batches, for each real log."""
+    rows: list[list[object]] = []
+    for name, (log, dbcs, j1939) in LOGS.items():
+        decoder = Decoder(dbcs, j1939)
+        frames = FrameBatch.concat(list(open_log(log).batches()))
+        seconds = (frames.t_ns - frames.t_ns[0]) // 1_000_000_000
+        cuts = np.flatnonzero(np.diff(seconds)) + 1
+        encoder = BatchEncoder("bench", "stream", b"", compression="zstd")
+        wire = body = decoded = signals = 0
+        for sequence, rows_of_second in enumerate(np.split(np.arange(len(frames)), cuts), 1):
+            result = decoder.decode(frames.take(rows_of_second))
+            batch = encoder.encode([result], sequence)
+            if batch is None:
+                continue
+            wire += len(batch)
+            body += batch.body_size
+            decoded += result.decoded
+            signals += result.signals
+        text = log.stat().st_size / len(frames)
+        rows.append(
+            [
+                name,
+                f"{decoded:,}",
+                f"{signals / decoded:.1f}",
+                f"{text:.1f}",
+                f"{body / decoded:.1f}",
+                f"{wire / decoded:.2f}",
+            ]
+        )
+    return rows
+
+
+def run() -> str:
+    log, _, _ = LOGS["rav4"]
+    with tempfile.TemporaryDirectory() as name, broker(Path(name)) as mqtt:
+        folder = Path(name)
+        long_log = big_log(log, COPIES, folder)
+        frames = 135_468 * COPIES
+        agent = [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--config",
+            str(agent_config(folder, long_log, mqtt.url, '"max"')),
+        ]
+        wall, cpu, rss = min((run_measured(agent) for _ in range(3)), key=lambda r: r[1])
+        baseline = [
+            sys.executable,
+            "-m",
+            "bench.baseline_pipeline",
+            str(log),
+            mqtt.url,
+            str(BASELINE_FRAMES),
+        ]
+        base_wall, base_cpu, _ = run_measured(baseline)
+        share, realtime_rss = realtime(agent_config(folder, log, mqtt.url, '"realtime"'))
+    rows = [
+        [
+            f"agent, RAV4 log x{COPIES} at pace max, start-up included",
+            f"{frames:,}",
+            f"{frames / wall / 1e3:,.0f} k",
+            f"{cpu / frames * 1e6:.2f} us",
+            f"{rss:.0f} MB",
+        ],
+        [
+            "per-frame baseline (python-can reader, cantools, protobuf per frame, paho publish)",
+            f"{BASELINE_FRAMES:,}",
+            f"{BASELINE_FRAMES / base_wall / 1e3:,.1f} k",
+            f"{base_cpu / BASELINE_FRAMES * 1e6:.1f} us",
+            "-",
+        ],
+    ]
+    ratio = (base_cpu / BASELINE_FRAMES) / (cpu / frames)
+    out = table(["run", "frames", "frames/s (wall)", "CPU per frame", "peak RSS"], rows)
+    out += f"\n\nAgent CPU per frame: {ratio:.0f} x less than the baseline's.\n\n"
+    out += table(
+        ["run", "share of one core", "peak RSS"],
+        [
+            [
+                f"agent, RAV4 log at realtime ({WINDOW_S:.0f} s after a {WARM_UP_S:.0f} s warm-up)",
+                f"{share:.1%}",
+                f"{realtime_rss:.0f} MB",
+            ]
+        ],
+    )
+    out += "\n\n" + table(
+        [
+            "log",
+            "decoded frames",
+            "signals/frame",
+            "candump text bytes/frame",
+            "body bytes/frame (before zstd)",
+            "wire bytes/frame",
+        ],
+        wire_bytes(),
+    )
+    return out
+
+
+if __name__ == "__main__":
+    print(run())
