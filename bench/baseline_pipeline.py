@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 import can
 import cantools
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from google.protobuf import struct_pb2
+from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import LOGS
 

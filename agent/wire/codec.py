@@ -74,7 +74,7 @@ def _unzigzag(value: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 def _significant_bytes(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
     """Roughly how many low bytes each value needs (0 for zero, 1, 2, and 3 for anything
     wider): what its planes will cost, in a third of the passes of an exact count."""
-    count = (values != 0).view(np.uint8)
+    count: npt.NDArray[np.uint8] = (values != 0).view(np.uint8)
     for limit in _BYTE_LIMITS:
         count = count + (values > limit).view(np.uint8)
     return count
