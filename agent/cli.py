@@ -2,320 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import re
 import sys
-import time
 from collections.abc import Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
-
-from agent import __version__
-from agent.config import EX_CONFIG, Config, ConfigError, TlsConfig, embedded_defaults, load_config
-from agent.decode import ALL_BUSES, DbcError, Decoder, load_dbc
-from agent.logs import LogError, formats, open_log
-from agent.memory import keep_freed_memory
-from agent.records import WRITERS
-
-_BUS_NAME = re.compile(r"[A-Za-z0-9_.*-]+")
 
 
-def parse_dbc_option(value: str) -> tuple[str, str]:
-    """`[BUS=]PATH` -> (bus, path); without `BUS=` the DBC applies to every bus."""
-    bus, sep, path = value.partition("=")
-    if sep and path and _BUS_NAME.fullmatch(bus) and not Path(value).exists():
-        return bus, path
-    return ALL_BUSES, value
-
-
-@dataclass
-class DecodeTotals:
-    frames: int = 0
-    decoded: int = 0
-    unknown: int = 0
-    error_frames: int = 0
-    remote_frames: int = 0
-    malformed: int = 0
-    signals: int = 0
-
-    def summary(self, elapsed: float) -> str:
-        rate = self.frames / elapsed if elapsed > 0 else 0.0
-        return (
-            f"{self.frames} frames read, {self.decoded} decoded, {self.unknown} unknown, "
-            f"{self.error_frames} error frames, {self.remote_frames} remote, "
-            f"{self.malformed} malformed lines, {self.signals} signals "
-            f"in {elapsed:.3f} s ({rate:,.0f} frames/s)"
-        )
-
-
-class Progress:
-    """A progress line on stderr, with a bar where the reader knows how far it is; only
-    when stderr is a terminal."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self.last = 0.0
-
-    WIDTH = 30
-
-    def show(self, label: str, done: float | None, totals: DecodeTotals, started: float) -> None:
-        """`done` is the fraction of the current log read, where its reader can tell."""
-        now = time.perf_counter()
-        if not self.enabled or now - self.last < 0.2:
-            return
-        self.last = now
-        rate = totals.frames / max(now - started, 1e-9)
-        bar = ""
-        if done is not None:
-            filled = round(done * self.WIDTH)
-            bar = f" [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done:4.0%}"
-        line = f"\r{label}{bar} {totals.frames:,} frames, {rate:,.0f} frames/s\x1b[K"
-        self.stream.write(line)
-        self.stream.flush()
-
-    def clear(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-
-
-def run_decode(args: argparse.Namespace) -> int:
-    dbcs: dict[str, list[str]] = {}
-    for bus, path in map(parse_dbc_option, args.dbc):
-        dbcs.setdefault(bus, []).append(path)
-    try:
-        decoder = Decoder(dbcs, args.j1939)
-    except DbcError as error:
-        print(f"telemetry-agent decode: {error}", file=sys.stderr)
-        return 2
-    for warning in decoder.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-
-    totals = DecodeTotals()
-    progress = Progress(sys.stderr)
-    failed = False
-    started = time.perf_counter()
-    with ExitStack() as stack:
-        out: TextIO = sys.stdout
-        if args.output and args.format != "none":
-            out = stack.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
-        writer = WRITERS[args.format](out, choices=args.choices) if args.format != "none" else None
-        for log in args.logs:
+def _may_read_mf4(argv: Sequence[str]) -> bool:
+    """Whether this command line could read an MF4 log: an argument, or a config file it
+    names, that mentions mf4. Errs towards yes."""
+    for arg in argv:
+        if "mf4" in arg.lower():
+            return True
+        path = Path(arg)
+        if path.suffix.lower() == ".toml":
             try:
-                reader = open_log(log, args.log_format)
-                for batch in reader.batches():
-                    result = decoder.decode(batch)
-                    totals.frames += result.frames
-                    totals.decoded += result.decoded
-                    totals.unknown += result.unknown
-                    totals.error_frames += result.error_frames
-                    totals.remote_frames += result.remote_frames
-                    totals.signals += result.signals
-                    if writer is not None:
-                        writer.write(result.blocks)
-                    progress.show(Path(log).name, reader.progress(), totals, started)
-            except LogError as error:
-                progress.clear()
-                print(f"telemetry-agent decode: {error}", file=sys.stderr)
-                failed = True
-                continue
-            totals.malformed += reader.stats.malformed
-            progress.clear()
-            for example in reader.stats.examples:
-                print(f"warning: {log}: malformed {example}", file=sys.stderr)
-        out.flush()
-    print(totals.summary(time.perf_counter() - started), file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _log_to_stderr(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="telemetry-agent: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Their per-connection chatter is not the agent's news.
-    for noisy in ("asyncio", "grpc"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def run_agent(args: argparse.Namespace) -> int:
-    _log_to_stderr(args.verbose)
-    try:
-        config = load_config(args.config) if args.config else embedded_defaults()
-    except ConfigError as error:
-        for problem in error.problems:
-            print(f"telemetry-agent: {error.source}: {problem}", file=sys.stderr)
-        return EX_CONFIG
-    from agent.service import Agent  # the daemon's imports are not needed by the others
-
-    try:
-        return asyncio.run(_run(Agent, config))
-    except DbcError as error:
-        print(f"telemetry-agent: {error}", file=sys.stderr)
-        return EX_CONFIG
-    except OSError as error:
-        print(f"telemetry-agent: {error}", file=sys.stderr)
-        return 1
-
-
-async def _run(agent_class: Any, config: Config) -> int:
-    agent = agent_class(config)
-    code: int = await agent.run()
-    return code
-
-
-def run_check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        for problem in error.problems:
-            print(f"{error.source}: {problem}", file=sys.stderr)
-        return EX_CONFIG
-    problems = []
-    for bus in config.buses:
-        for path in bus.dbc:
-            try:
-                load_dbc(path)
-            except DbcError as error:
-                problems.append(f"bus {bus.name}: {error}")
-    for problem in problems:
-        print(f"{args.config}: {problem}", file=sys.stderr)
-    if problems:
-        return EX_CONFIG
-    print(f"{args.config}: OK ({len(config.buses)} buses, uplink {config.uplink.kind})")
-    return 0
-
-
-def run_receive(args: argparse.Namespace) -> int:
-    _log_to_stderr()
-    from agent import receiver
-
-    tls = None
-    if args.ca_file or args.cert_file or args.key_file:
-        tls = TlsConfig(
-            *(Path(p) if p else None for p in (args.ca_file, args.cert_file, args.key_file))
-        )
-    with ExitStack() as stack:
-        out: TextIO = sys.stdout
-        if args.output:
-            out = stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        sink = receiver.Receiver(out)
-        if args.dir:
-            work = receiver.receive_dir(sink, Path(args.dir), args.idle_exit)
-        elif args.mqtt:
-            work = receiver.receive_mqtt(
-                sink, args.mqtt, args.topic, args.share, tls, args.idle_exit
-            )
-        else:
-            work = receiver.receive_grpc(sink, args.grpc_listen, tls, args.idle_exit)
-        try:
-            asyncio.run(work)
-        except ValueError as error:  # a malformed URL
-            print(f"telemetry-agent receive: {error}", file=sys.stderr)
-            return 2
-        except BrokenPipeError:
-            return 0  # the reader of our output went away (`| head`)
-        except OSError as error:
-            print(f"telemetry-agent receive: {error}", file=sys.stderr)
-            return 1
-        finally:
-            print(sink.stats.summary(), file=sys.stderr)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="telemetry-agent", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    decode = commands.add_parser(
-        "decode",
-        help="decode CAN logs with DBC files into JSON Lines or CSV",
-        description="Decode CAN logs (candump, ASC, BLF, TRC, CSV, MF4) with DBC files.",
-    )
-    decode.add_argument("logs", nargs="+", metavar="LOG", help="log files, decoded in order")
-    decode.add_argument(
-        "--dbc",
-        action="append",
-        required=True,
-        metavar="[BUS=]PATH",
-        help="a DBC file for BUS (as the log names it), or for every bus; repeatable",
-    )
-    decode.add_argument(
-        "--j1939",
-        action="append",
-        default=[],
-        metavar="BUS",
-        help="match this bus's extended frames by J1939 PGN; '*' for every bus; repeatable",
-    )
-    decode.add_argument("--format", choices=[*WRITERS, "none"], default="jsonl")
-    decode.add_argument("--output", metavar="PATH", help="write records here (default: stdout)")
-    decode.add_argument("--choices", action="store_true", help="show choice names for values")
-    decode.add_argument(
-        "--log-format",
-        choices=sorted(formats()),
-        help="read every LOG as this format instead of guessing from its suffix",
-    )
-    decode.set_defaults(handler=run_decode)
-
-    run = commands.add_parser(
-        "run",
-        help="run the agent",
-        description="Run the agent: read the buses, decode, batch, send. Without --config it "
-        "runs on its embedded defaults: simulated traffic of the demo DBC into batch files "
-        "under ./state/outbox, metrics on 127.0.0.1:9108.",
-    )
-    run.add_argument("--config", metavar="PATH", help="the TOML config file")
-    run.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    run.set_defaults(handler=run_agent)
-
-    check = commands.add_parser(
-        "check-config",
-        help="validate a config file",
-        description=f"Validate a config: exit 0, or print every problem and exit {EX_CONFIG}.",
-    )
-    check.add_argument("config", metavar="PATH")
-    check.set_defaults(handler=run_check_config)
-
-    receive = commands.add_parser(
-        "receive",
-        help="receive batches and write them as JSON Lines records",
-        description="The reference receiver: batches from MQTT, gRPC or a folder, written as "
-        'the same JSON Lines records as `decode` (plus "vehicle"), duplicates dropped.',
-    )
-    where = receive.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mqtt", metavar="URL", help="mqtt://HOST[:PORT] or mqtts://...")
-    where.add_argument(
-        "--grpc-listen", metavar="HOST:PORT", help="serve the Telemetry gRPC service"
-    )
-    where.add_argument("--dir", metavar="PATH", help="read batch files from a folder")
-    receive.add_argument("--topic", default="vehicles/+/telemetry", help="MQTT topic filter")
-    receive.add_argument("--share", metavar="GROUP", help="an MQTT 5 shared subscription group")
-    receive.add_argument("--ca-file", metavar="PATH", help="TLS: the CA that signed the peer")
-    receive.add_argument("--cert-file", metavar="PATH", help="TLS: this side's certificate")
-    receive.add_argument("--key-file", metavar="PATH", help="TLS: this side's private key")
-    receive.add_argument("--output", metavar="PATH", help="write records here (default: stdout)")
-    receive.add_argument(
-        "--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a batch"
-    )
-    receive.set_defaults(handler=run_receive)
-    return parser
+                if "mf4" in path.read_text(encoding="utf-8", errors="replace").lower():
+                    return True
+            except OSError:
+                continue  # the command reports it
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()
-    try:
-        code: int = args.handler(args)
-    except BrokenPipeError:
-        # The reader of our output went away (`| head`): not an error of ours.
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    return code
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not _may_read_mf4(args):
+        # python-can imports asammdf, where it is installed, for its MF4 reader alone: 50 MB
+        # and a quarter of a second at every start. A command that reads no MF4 log keeps
+        # it out; python-can then reports MF4 as unavailable, which nothing here asks for.
+        sys.modules.setdefault("asammdf", None)  # type: ignore[arg-type]
+    from agent import commands
+
+    return commands.main(args)

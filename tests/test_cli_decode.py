@@ -12,7 +12,7 @@ from typing import Any
 
 import can
 
-from agent.cli import DecodeTotals, Progress
+from agent.commands import DecodeTotals, Progress
 from agent.logs import open_log
 from tests.data import (
     RAV4_ADAS_DBC,
@@ -228,3 +228,23 @@ def test_log_format_overrides_the_suffix(tmp_path: Path) -> None:
     assert guessed.returncode == 1 and "cannot tell the log format" in guessed.stderr
     told = decode(renamed, "--dbc", TESLA_DBC, "--format", "none", "--log-format", "candump")
     assert told.returncode == 0 and "12138 decoded" in told.stderr
+
+
+def test_asammdf_is_left_out_only_where_no_mf4_log_can_be_read(tmp_path: Path) -> None:
+    from agent.cli import _may_read_mf4
+
+    assert _may_read_mf4(["decode", str(TRUCK_DIR / "truck_00000001.MF4"), "--dbc", "x.dbc"])
+    assert _may_read_mf4(["decode", "drive.bin", "--log-format", "mf4"])
+    config = tmp_path / "agent.toml"
+    config.write_text('[[bus]]\npath = "drive.mf4"\n')
+    assert _may_read_mf4(["run", "--config", str(config)])
+    config.write_text('[[bus]]\npath = "drive.log"\n')
+    assert not _may_read_mf4(["run", "--config", str(config)])
+    assert not _may_read_mf4(["decode", "drive.log", "--dbc", "x.dbc"])
+
+
+def test_an_mf4_log_decodes_from_the_command_line(tmp_path: Path) -> None:
+    mf4 = decode(TRUCK_DIR / "truck_00000001.MF4", "--dbc", TRUCK_DBC, "--j1939", "*")
+    candump = decode(TRUCK_DIR / "truck.candump.log", "--dbc", TRUCK_DBC, "--j1939", "*")
+    assert mf4.returncode == 0, mf4.stderr
+    assert len(mf4.stdout.splitlines()) == len(candump.stdout.splitlines()) > 0
