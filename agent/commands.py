@@ -209,7 +209,7 @@ def run_receive(args: argparse.Namespace) -> int:
             work = receiver.receive_dir(sink, Path(args.dir), args.idle_exit)
         elif args.mqtt:
             work = receiver.receive_mqtt(
-                sink, args.mqtt, args.topic, args.share, tls, args.idle_exit
+                sink, args.mqtt, (args.topic, args.schema_topic), args.share, tls, args.idle_exit
             )
         else:
             work = receiver.receive_grpc(sink, args.grpc_listen, tls, args.idle_exit)
@@ -224,6 +224,7 @@ def run_receive(args: argparse.Namespace) -> int:
             print(f"telemetry-agent receive: {error}", file=sys.stderr)
             return 1
         finally:
+            sink.finish()
             print(sink.stats.summary(), file=sys.stderr)
     return 0
 
@@ -295,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--dir", metavar="PATH", help="read batch files from a folder")
     receive.add_argument("--topic", default="vehicles/+/telemetry", help="MQTT topic filter")
+    receive.add_argument(
+        "--schema-topic",
+        default="vehicles/+/schema/+",
+        help="MQTT topic filter of the schema announcements (never shared)",
+    )
     receive.add_argument("--share", metavar="GROUP", help="an MQTT 5 shared subscription group")
     receive.add_argument("--ca-file", metavar="PATH", help="TLS: the CA that signed the peer")
     receive.add_argument("--cert-file", metavar="PATH", help="TLS: this side's certificate")

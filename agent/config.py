@@ -96,6 +96,7 @@ class UplinkConfig:
     url: str = "outbox"
     topic: str = "vehicles/{vehicle_id}/telemetry"
     status_topic: str = "vehicles/{vehicle_id}/status"
+    schema_topic: str = "vehicles/{vehicle_id}/schema"
     tls: TlsConfig | None = None
     keepalive_s: int = 30
     ack_timeout_s: float = 10.0
@@ -358,6 +359,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "url",
             "topic",
             "status_topic",
+            "schema_topic",
             "tls",
             "keepalive_s",
             "ack_timeout_s",
@@ -391,6 +393,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         url=url,
         topic=check.get(uplink, "uplink", "topic", str, UplinkConfig.topic),
         status_topic=check.get(uplink, "uplink", "status_topic", str, UplinkConfig.status_topic),
+        schema_topic=check.get(uplink, "uplink", "schema_topic", str, UplinkConfig.schema_topic),
         tls=tls,
         keepalive_s=check.get(uplink, "uplink", "keepalive_s", int, 30, _positive),
         ack_timeout_s=float(
@@ -402,7 +405,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             check.get(uplink, "uplink", "drain_timeout_s", (int, float), 30.0, _positive)
         ),
     )
-    for key in ("topic", "status_topic"):
+    for key in ("topic", "status_topic", "schema_topic"):
         template = getattr(uplink_config, key)
         try:
             template.format(vehicle_id="v")

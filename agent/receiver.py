@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,11 @@ from grpc import aio
 
 from agent.config import TlsConfig
 from agent.records import JsonLinesWriter
-from agent.uplinks.file import SUFFIX
+from agent.uplinks.file import SCHEMA_SUFFIX, SUFFIX
 from agent.uplinks.grpc import channel_options
 from agent.uplinks.mqtt import PORTS
 from agent.uplinks.tls import client_context, split_url
-from agent.wire import WireError, parse_batch
+from agent.wire import SchemaStore, UnknownSchema, WireError, parse_batch, read_envelope
 from agent.wire import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,23 @@ log = logging.getLogger(__name__)
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 
+#: Batches held while their schema has not arrived (announcements can come later over
+#: MQTT, on their own topic); beyond this the oldest held batch is rejected.
+MAX_WAITING = 1000
+
+
 @dataclass
 class ReceiverStats:
     batches: int = 0
     duplicates: int = 0
     rejected: int = 0
     frames: int = 0
+    schemas: int = 0
 
     def summary(self) -> str:
         return (
             f"{self.batches} batches received, {self.duplicates} duplicates dropped, "
-            f"{self.rejected} rejected, {self.frames} frames written"
+            f"{self.rejected} rejected, {self.frames} frames written, {self.schemas} schemas"
         )
 
 
@@ -56,32 +63,71 @@ class Receiver:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.stats = ReceiverStats()
+        self.schemas = SchemaStore()
         self._seen: dict[str, set[int]] = {}
+        self._waiting: OrderedDict[tuple[str, int], tuple[pb.Batch, str]] = OrderedDict()
         self.last_batch = time.monotonic()
 
-    def accept(self, payload: bytes, origin: str) -> bool:
-        """Write a batch's records unless it is a duplicate; False when it was rejected."""
+    def accept(self, payload: bytes, origin: str) -> pb.Batch | None:
+        """Take a batch or a schema announcement: write a batch's records unless it is a
+        duplicate, or hold it until its schema comes. Its envelope, None when rejected."""
         self.last_batch = time.monotonic()
         if len(payload) > MAX_BATCH_BYTES:
-            self.stats.rejected += 1
-            log.error("%s: batch of %d bytes exceeds %d", origin, len(payload), MAX_BATCH_BYTES)
-            return False
+            self._reject(origin, f"{len(payload)} bytes exceed {MAX_BATCH_BYTES}")
+            return None
         try:
-            batch = parse_batch(payload, max_body_bytes=MAX_BATCH_BYTES)
+            batch = read_envelope(payload)
         except WireError as error:
-            self.stats.rejected += 1
-            log.error("%s: rejected: %s", origin, error)
-            return False
+            self._reject(origin, str(error))
+            return None
+        if batch.schema:
+            try:
+                schema_id = self.schemas.add(batch, MAX_BATCH_BYTES)
+            except WireError as error:
+                self._reject(origin, str(error))
+                return None
+            self.stats.schemas += 1
+            for key, (waiting, where) in list(self._waiting.items()):
+                if waiting.schema_id == schema_id:
+                    del self._waiting[key]
+                    self._data(waiting, where)
+            return batch
+        return batch if self._data(batch, origin) else None
+
+    def _reject(self, origin: str, reason: str) -> None:
+        self.stats.rejected += 1
+        log.error("%s: rejected: %s", origin, reason)
+
+    def _data(self, batch: pb.Batch, origin: str) -> bool:
         seen = self._seen.setdefault(batch.stream_id, set())
         if batch.sequence in seen:
             self.stats.duplicates += 1
             return True
+        try:
+            received = parse_batch(batch, self.schemas, max_body_bytes=MAX_BATCH_BYTES)
+        except UnknownSchema:
+            self._waiting[(batch.stream_id, batch.sequence)] = (batch, origin)
+            if len(self._waiting) > MAX_WAITING:
+                _, (oldest, where) = self._waiting.popitem(last=False)
+                self._reject(where, f"batch {oldest.sequence}: its schema never came")
+            return True
+        except WireError as error:
+            self._reject(origin, str(error))
+            return False
         seen.add(batch.sequence)
         self.stats.batches += 1
-        self.stats.frames += batch.frames
-        JsonLinesWriter(self.out, vehicle=batch.vehicle_id).write(batch.blocks)
+        self.stats.frames += received.frames
+        JsonLinesWriter(self.out, vehicle=received.vehicle_id).write(received.blocks)
         self.out.flush()
         return True
+
+    def finish(self) -> None:
+        """Count what still waits for a schema as rejected."""
+        for batch, origin in self._waiting.values():
+            self._reject(
+                origin, f"batch {batch.sequence}: schema {batch.schema_id.hex()[:16]} never came"
+            )
+        self._waiting.clear()
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_batch
@@ -102,7 +148,13 @@ async def receive_dir(receiver: Receiver, folder: Path, idle_exit: float | None)
 
     async def poll() -> None:
         while True:
-            names = sorted(p.name for p in folder.glob(f"*{SUFFIX}") if p.name not in done)
+            # Announcements first: the batches that name a schema come after it.
+            names = [
+                p.name
+                for suffix in (SCHEMA_SUFFIX, SUFFIX)
+                for p in sorted(folder.glob(f"*{suffix}"))
+                if p.name not in done
+            ]
             for name in names:
                 done.add(name)
                 try:
@@ -120,12 +172,15 @@ async def receive_dir(receiver: Receiver, folder: Path, idle_exit: float | None)
 async def receive_mqtt(
     receiver: Receiver,
     url: str,
-    topic: str,
+    topics: tuple[str, str],
     share: str | None,
     tls: TlsConfig | None,
     idle_exit: float | None,
 ) -> None:
+    """Batches from `topics[0]` (shared by the group `share`, where given), and schema
+    announcements from `topics[1]` (never shared: every receiver needs every schema)."""
     host, port, use_tls = split_url(url, PORTS)
+    topic, schema_topic = topics
     subscription = f"$share/{share}/{topic}" if share else topic
 
     async def listen() -> None:
@@ -138,8 +193,9 @@ async def receive_mqtt(
                     protocol=ProtocolVersion.V5,
                     tls_context=client_context(tls) if use_tls else None,
                 ) as client:
+                    await client.subscribe(schema_topic, qos=1)
                     await client.subscribe(subscription, qos=1)
-                    log.info("subscribed to %s on %s", subscription, url)
+                    log.info("subscribed to %s and %s on %s", subscription, schema_topic, url)
                     async for message in client.messages:
                         payload = message.payload
                         if isinstance(payload, bytes | bytearray):
@@ -162,14 +218,11 @@ class _Telemetry:
     ) -> AsyncIterator[pb.Ack]:
         peer = context.peer()
         async for payload in request_iterator:
-            if not self.receiver.accept(payload, f"grpc {peer}"):
-                # A batch that cannot be read is not acknowledged: the agent keeps it.
-                continue
-            ack = pb.Ack()
-            # Only the envelope is needed for the ack; it parses in microseconds.
-            envelope = pb.Batch.FromString(payload)
-            ack.stream_id, ack.sequence = envelope.stream_id, envelope.sequence
-            yield ack
+            envelope = self.receiver.accept(payload, f"grpc {peer}")
+            # A batch that cannot be read is not acknowledged: the agent keeps it.
+            # Announcements need no ack: the stream delivers them in order.
+            if envelope is not None and not envelope.schema:
+                yield pb.Ack(stream_id=envelope.stream_id, sequence=envelope.sequence)
 
 
 def grpc_server(receiver: Receiver, listen: str, tls: TlsConfig | None = None) -> aio.Server:

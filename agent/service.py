@@ -84,7 +84,12 @@ class Agent:
         )
         self.sources: list[Source] = create_sources(config.buses)
         self.uplink = create_uplink(config.uplink, config.vehicle_id)
-        self.sender = Sender(self.uplink, self.metrics, config.uplink.queue_max_batches)
+        self.sender = Sender(
+            self.uplink,
+            self.metrics,
+            config.uplink.queue_max_batches,
+            self.encoder.announcement,
+        )
         self.next_sequence = 1
         self.totals = Totals()
         self._open = OpenBatch()

@@ -15,10 +15,10 @@ from agent.config import parse_config
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import open_log
+from agent.receiver import Receiver
 from agent.records import JsonLinesWriter
 from agent.service import Agent
-from agent.uplinks.file import SUFFIX
-from agent.wire import parse_batch
+from agent.uplinks.file import SCHEMA_SUFFIX, SUFFIX
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO
 from tests.services import free_port
 from tests.test_agent_end_to_end import replay_bus
@@ -27,10 +27,14 @@ DEMO_DBC = REPO / "dbc" / "demo.dbc"
 
 
 def received_lines(outbox: Path) -> list[str]:
+    """The records of the batch files in `outbox`, as the receiver writes them, without
+    "vehicle"."""
     out = io.StringIO()
-    for path in sorted(outbox.glob(f"*{SUFFIX}")):
-        JsonLinesWriter(out).write(parse_batch(path.read_bytes()).blocks)
-    return sorted(out.getvalue().splitlines())
+    receiver = Receiver(out)
+    for suffix in (SCHEMA_SUFFIX, SUFFIX):
+        for path in sorted(outbox.glob(f"*{suffix}")):
+            assert receiver.accept(path.read_bytes(), str(path)) is not None
+    return sorted(line.replace(', "vehicle": "v1"', "") for line in out.getvalue().splitlines())
 
 
 def agent_for(tmp_path: Path, buses: str, extra: str = "") -> Agent:

@@ -16,11 +16,26 @@ from hypothesis import strategies as st
 from agent.decode import ALL_BUSES, Decoder
 from agent.logs import open_log
 from agent.records import JsonLinesWriter
-from agent.wire import BatchEncoder, WireError, parse_batch
+from agent.wire import (
+    BatchEncoder,
+    ReceivedBatch,
+    SchemaStore,
+    UnknownSchema,
+    WireBatch,
+    WireError,
+    parse_batch,
+    read_envelope,
+)
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.codec import _deltas, _segment_sums, _unzigzag, _zigzag
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TRUCK_DBC, TRUCK_LOG
 from tests.services import records
+
+
+def received(wire: WireBatch, encoder: BatchEncoder) -> ReceivedBatch:
+    schemas = SchemaStore()
+    schemas.add(read_envelope(encoder.announcement(wire.schema_id)), 1 << 24)
+    return parse_batch(read_envelope(wire.payload), schemas)
 
 
 def lines(blocks: object) -> list[str]:
@@ -46,10 +61,10 @@ def test_real_logs_round_trip(
         result = decoder.decode(frames)
         wire = encoder.encode([result], sequence)
         assert wire is not None
-        received = parse_batch(wire.payload)
-        assert (received.stream_id, received.sequence) == ("stream", sequence)
-        assert received.frames == result.decoded and received.signals == result.signals
-        assert lines(received.blocks) == lines(result.blocks)
+        back = received(wire, encoder)
+        assert (back.stream_id, back.sequence) == ("stream", sequence)
+        assert back.frames == result.decoded and back.signals == result.signals
+        assert lines(back.blocks) == lines(result.blocks)
 
 
 @settings(max_examples=200, deadline=None)
@@ -68,30 +83,40 @@ def test_delta_encodings_undo_exactly(columns: list[list[int]]) -> None:
     assert (_segment_sums(_segment_sums(_unzigzag(twice), starts), starts) == values).all()
 
 
-def a_batch() -> bytes:
+def a_batch() -> tuple[bytes, bytes]:
+    """A batch of RAV4 frames, and the announcement of its schema."""
     decoder = Decoder({"can0": [RAV4_PT_DBC]})
     frames = next(open_log(RAV4_LOG).batches(2_000))
-    wire = BatchEncoder("v", "s", b"d").encode([decoder.decode(frames)], 7)
+    encoder = BatchEncoder("v", "s", b"d")
+    wire = encoder.encode([decoder.decode(frames)], 7)
     assert wire is not None
-    return wire.payload
+    return wire.payload, encoder.announcement(wire.schema_id)
 
 
 def test_damaged_batches_are_refused_with_a_reason() -> None:
-    payload = a_batch()
+    payload, announcement = a_batch()
+    schemas = SchemaStore()
+    with pytest.raises(UnknownSchema):
+        parse_batch(read_envelope(payload), schemas)
+    schemas.add(read_envelope(announcement), 1 << 24)
     with pytest.raises(WireError, match="not a telemetry batch"):
-        parse_batch(b"\xff" * 50)
+        read_envelope(b"\xff" * 50)
     envelope = pb.Batch.FromString(payload)
     envelope.format = 99
     with pytest.raises(WireError, match="format 99 is not supported"):
-        parse_batch(envelope.SerializeToString())
+        read_envelope(envelope.SerializeToString())
     envelope = pb.Batch.FromString(payload)
     envelope.body = envelope.body[:-20]
     with pytest.raises(WireError, match=r"corrupt zstd body|body is"):
-        parse_batch(envelope.SerializeToString())
+        parse_batch(envelope, schemas)
     envelope = pb.Batch.FromString(payload)
     envelope.body_size = 10**9
     with pytest.raises(WireError, match="exceeds"):
-        parse_batch(envelope.SerializeToString())
+        parse_batch(envelope, schemas)
+    forged = pb.Batch.FromString(announcement)
+    forged.schema_id = bytes(32)
+    with pytest.raises(WireError, match="does not match its id"):
+        schemas.add(forged, 1 << 24)
     rng = np.random.default_rng(3)
     for _ in range(200):
         damaged = bytearray(payload)
@@ -100,15 +125,18 @@ def test_damaged_batches_are_refused_with_a_reason() -> None:
             damaged[i] ^= 1 << int(rng.integers(0, 8))
         # Refused or read (a flipped bit in a value is still a valid batch): never a crash.
         with contextlib.suppress(WireError):
-            parse_batch(bytes(damaged))
+            parse_batch(read_envelope(bytes(damaged)), schemas)
 
 
 def test_the_receiver_rejects_garbage_and_keeps_going(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
     outbox.mkdir()
+    payload, announcement = a_batch()
     (outbox / "a-000000000001.batch").write_bytes(b"garbage")
-    (outbox / "a-000000000002.batch").write_bytes(a_batch())
-    (outbox / "a-000000000003.batch").write_bytes(a_batch())  # the same batch again
+    (outbox / "a-000000000002.batch").write_bytes(payload)
+    (outbox / "a-000000000003.batch").write_bytes(payload)  # the same batch again
+    (outbox / "a-000000000004.batch").write_bytes(announcement[:-5])  # a torn announcement
+    (outbox / "z.schema").write_bytes(announcement)
     result = subprocess.run(
         [
             sys.executable,
@@ -128,7 +156,7 @@ def test_the_receiver_rejects_garbage_and_keeps_going(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "1 batches received, 1 duplicates dropped, 1 rejected" in result.stderr
+    assert "1 batches received, 1 duplicates dropped, 2 rejected" in result.stderr
     assert "a-000000000001.batch: rejected: not a telemetry batch" in result.stderr
     assert len(records(tmp_path / "out.jsonl")) > 0
 

@@ -38,6 +38,11 @@ class Uplink(abc.ABC):
         """Open the link; UplinkError when it cannot be opened now."""
 
     @abc.abstractmethod
+    async def announce(self, schema_id: bytes, announcement: bytes) -> None:
+        """Deliver a schema announcement, ahead of the batches that name it; the sender
+        announces each schema once per connection, before its first batch."""
+
+    @abc.abstractmethod
     async def send(self, batch: WireBatch) -> None:
         """Deliver `batch` and wait for its acknowledgement."""
 

@@ -10,6 +10,7 @@ from agent.uplinks.base import Uplink, UplinkError, register
 from agent.wire import WireBatch
 
 SUFFIX = ".batch"
+SCHEMA_SUFFIX = ".schema"
 
 
 def batch_file_name(stream_id: str, sequence: int) -> str:
@@ -31,19 +32,27 @@ class FileUplink(Uplink):
         except OSError as error:
             raise UplinkError(f"cannot create {self.folder}: {error.strerror}") from None
 
+    async def announce(self, schema_id: bytes, announcement: bytes) -> None:
+        name = f"{schema_id.hex()}{SCHEMA_SUFFIX}"
+        if not (self.folder / name).exists():
+            await self._write(name, announcement)
+
     async def send(self, batch: WireBatch) -> None:
+        await self._write(batch_file_name(batch.stream_id, batch.sequence), batch.payload)
+
+    async def _write(self, name: str, payload: bytes) -> None:
         try:
-            await asyncio.to_thread(self._write, batch)
+            await asyncio.to_thread(self._write_file, self.folder / name, payload)
         except OSError as error:
             raise UplinkError(f"cannot write to {self.folder}: {error.strerror}") from None
 
-    def _write(self, batch: WireBatch) -> None:
-        final = self.folder / batch_file_name(batch.stream_id, batch.sequence)
+    @staticmethod
+    def _write_file(final: Path, payload: bytes) -> None:
         # Written under a name no reader picks up, flushed, then renamed: a reader sees
-        # the whole batch or nothing, even after a power cut.
+        # the whole file or nothing, even after a power cut.
         partial = final.with_suffix(".partial")
         with open(partial, "wb") as out:
-            out.write(batch.payload)
+            out.write(payload)
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, final)

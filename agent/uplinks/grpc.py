@@ -87,6 +87,17 @@ class GrpcUplink(Uplink):
                 future.set_exception(UplinkError(f"{self.address}: {reason}"))
         self._acks.clear()
 
+    async def announce(self, schema_id: bytes, announcement: bytes) -> None:
+        # The stream is ordered: written ahead of the batches, it is read ahead of them.
+        call = self._call
+        if call is None:
+            raise UplinkError(f"{self.address}: not connected")
+        try:
+            async with self._write_lock:
+                await call.write(announcement)
+        except (grpc.RpcError, asyncio.InvalidStateError) as error:
+            raise UplinkError(f"{self.address}: {error}") from None
+
     async def send(self, batch: WireBatch) -> None:
         call, reader = self._call, self._reader
         if call is None or reader is None or reader.done():

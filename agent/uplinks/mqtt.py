@@ -1,7 +1,8 @@
 """`kind = "mqtt"`: QoS 1 publishes over MQTT 5 (aiomqtt); the PUBACK is the acknowledgement.
 
 The client id is the vehicle id, and a retained status topic says `online` while the agent
-is connected and `offline` (the will, or on a clean stop) otherwise.
+is connected and `offline` (the will, or on a clean stop) otherwise. Schema announcements
+are retained on `{schema_topic}/{schema id in hex}`, so a receiver that comes later has them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class MqttUplink(Uplink):
         self.tls: ssl.SSLContext | None = client_context(config.tls) if use_tls else None
         self.topic = config.topic.format(vehicle_id=vehicle_id)
         self.status_topic = config.status_topic.format(vehicle_id=vehicle_id)
+        self.schema_topic = config.schema_topic.format(vehicle_id=vehicle_id)
         self._client: aiomqtt.Client | None = None
 
     async def connect(self) -> None:
@@ -54,12 +56,18 @@ class MqttUplink(Uplink):
         except aiomqtt.MqttError as error:
             raise UplinkError(f"{self.config.url}: {error}") from None
 
+    async def announce(self, schema_id: bytes, announcement: bytes) -> None:
+        await self._publish(f"{self.schema_topic}/{schema_id.hex()}", announcement, retain=True)
+
     async def send(self, batch: WireBatch) -> None:
+        await self._publish(self.topic, batch.payload)
+
+    async def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         if self._client is None:
             raise UplinkError("not connected")
         try:
             await self._client.publish(
-                self.topic, batch.payload, qos=1, timeout=self.config.ack_timeout_s
+                topic, payload, qos=1, retain=retain, timeout=self.config.ack_timeout_s
             )
         except aiomqtt.MqttError as error:
             raise UplinkError(f"{self.config.url}: {error}") from None

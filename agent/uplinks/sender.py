@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from agent.metrics import Metrics
 from agent.uplinks.base import Uplink, UplinkError
@@ -25,8 +26,15 @@ BACKOFF_MAX_S = 30.0
 
 
 class Sender:
-    def __init__(self, uplink: Uplink, metrics: Metrics, max_batches: int) -> None:
+    def __init__(
+        self,
+        uplink: Uplink,
+        metrics: Metrics,
+        max_batches: int,
+        announcement: Callable[[bytes], bytes],
+    ) -> None:
         self.uplink = uplink
+        self.announcement = announcement
         self.metrics = metrics
         self.max_batches = max_batches
         self.pending: OrderedDict[int, WireBatch] = OrderedDict()
@@ -105,13 +113,19 @@ class Sender:
 
     async def _pump(self) -> None:
         in_flight: dict[asyncio.Future[None], tuple[WireBatch, float]] = {}
+        announced: set[bytes] = set()  # on this connection
         try:
             while True:
                 sent = {batch.sequence for batch, _ in in_flight.values()}
-                for sequence, batch in self.pending.items():
+                for sequence, batch in list(self.pending.items()):
                     if len(in_flight) >= self.uplink.window:
                         break
                     if sequence not in sent:
+                        if batch.schema_id not in announced:
+                            await self.uplink.announce(
+                                batch.schema_id, self.announcement(batch.schema_id)
+                            )
+                            announced.add(batch.schema_id)
                         sending = asyncio.ensure_future(self.uplink.send(batch))
                         in_flight[sending] = (batch, time.monotonic())
                         self.metrics.batches_sent.labels(*self._labels).inc()

@@ -5,10 +5,13 @@ from agent.wire.codec import (
     BatchEncoder,
     ReceivedBatch,
     ReceivedBlock,
+    SchemaStore,
+    UnknownSchema,
     WireBatch,
     WireError,
     dbc_hash,
     parse_batch,
+    read_envelope,
 )
 
 __all__ = [
@@ -16,8 +19,11 @@ __all__ = [
     "BatchEncoder",
     "ReceivedBatch",
     "ReceivedBlock",
+    "SchemaStore",
+    "UnknownSchema",
     "WireBatch",
     "WireError",
     "dbc_hash",
     "parse_batch",
+    "read_envelope",
 ]

@@ -46,6 +46,7 @@ class WireBatch:
     last_t_ns: int
     body_size: int  # before compression
     payload: bytes  # the serialized Batch
+    schema_id: bytes  # the Schema it needs; `BatchEncoder.announcement` carries it
 
     def __len__(self) -> int:
         return len(self.payload)
@@ -102,7 +103,8 @@ def _segment_sums(
 
 
 class BatchEncoder:
-    """Builds the wire batches of one stream: sequence numbers, envelope, body, compression."""
+    """Builds the wire batches of one stream: sequence numbers, envelope, body, compression,
+    and the stream's schema with its announcements."""
 
     def __init__(
         self,
@@ -118,11 +120,11 @@ class BatchEncoder:
         self.dbc_digest = dbc_digest
         self.compression = compression
         self._compressor = zstandard.ZstdCompressor(level=level) if compression == "zstd" else None
+        self._schema = pb.Schema()
         self._buses: dict[str, int] = {}
-        # A block's definition never changes within a stream, so each is serialized once,
-        # as the bytes of a Body that holds just that block: protobuf merges concatenated
-        # messages, so a batch's Body is those bytes joined with the rest of its fields.
-        self._block_bytes: dict[tuple[str, int], bytes] = {}
+        self._index: dict[tuple[str, int], int] = {}
+        self._schema_id = b""
+        self._announcements: dict[bytes, bytes] = {}
 
     def encode(self, results: Sequence[DecodedBatch], sequence: int) -> WireBatch | None:
         """Batch `sequence`, holding every decoded frame of `results`; None when there is
@@ -142,12 +144,9 @@ class BatchEncoder:
             signals=signals,
             dbc_hash=self.dbc_digest,
             body_size=len(raw),
+            schema_id=self._schema_id,
         )
-        if self._compressor is not None:
-            batch.compression = pb.COMPRESSION_ZSTD
-            batch.body = self._compressor.compress(raw)
-        else:
-            batch.body = raw
+        batch.compression, batch.body = self._compressed(raw)
         return WireBatch(
             self.stream_id,
             sequence,
@@ -157,10 +156,70 @@ class BatchEncoder:
             last,
             len(raw),
             batch.SerializeToString(),
+            self._schema_id,
         )
+
+    def announcement(self, schema_id: bytes) -> bytes:
+        """The serialized Batch that announces a schema this encoder made."""
+        return self._announcements[schema_id]
+
+    def _compressed(self, raw: bytes) -> tuple[pb.Compression, bytes]:
+        if self._compressor is None:
+            return pb.COMPRESSION_NONE, raw
+        return pb.COMPRESSION_ZSTD, self._compressor.compress(raw)
+
+    def _message_index(self, block: MessageBlock) -> int:
+        key = (block.bus, id(block.plan))
+        index = self._index.get(key)
+        if index is None:
+            info = block.plan.info
+            bus = self._buses.get(block.bus)
+            if bus is None:
+                bus = self._buses[block.bus] = len(self._buses)
+                self._schema.buses.append(block.bus)
+            self._schema.blocks.add(
+                bus=bus,
+                message=info.name,
+                frame_id=info.frame_id,
+                extended=info.is_extended,
+                has_can_id=info.is_extended,
+                signals=[
+                    pb.Signal(
+                        name=s.name,
+                        length=s.length,
+                        is_signed=s.is_signed,
+                        is_float=s.is_float,
+                        scale=s.scale,
+                        offset=s.offset,
+                    )
+                    for s in block.plan.signals
+                ],
+            )
+            index = self._index[key] = len(self._schema.blocks) - 1
+            self._schema_id = b""  # the schema grew: it gets a new id
+        return index
+
+    def _seal_schema(self) -> None:
+        if self._schema_id:
+            return
+        raw = self._schema.SerializeToString()
+        self._schema_id = hashlib.sha256(raw).digest()
+        compression, packed = self._compressed(raw)
+        self._announcements[self._schema_id] = pb.Batch(
+            format=FORMAT,
+            vehicle_id=self.vehicle_id,
+            stream_id=self.stream_id,
+            dbc_hash=self.dbc_digest,
+            compression=compression,
+            body_size=len(raw),
+            schema_id=self._schema_id,
+            schema=packed,
+        ).SerializeToString()
 
     def _body(self, results: list[DecodedBatch]) -> tuple[bytes, int, int, int, int]:
         blocks = [block for result in results for block in result.blocks]
+        indices = [self._message_index(block) for block in blocks]
+        self._seal_schema()
         times = np.concatenate([r.blocks[0].batch.t_ns.take(r.rows) for r in results])
         first, last = int(times.min()), int(times.max())
         unit = int(np.gcd.reduce(times - first)) or 1
@@ -189,9 +248,8 @@ class BatchEncoder:
             ]
         )
         encodings, planes, width = _encode_columns(values, lengths, len(blocks))
-        definitions = b"".join(self._definition(block) for block in blocks)
-        rest = pb.Body(
-            buses=list(self._buses),
+        body = pb.Body(
+            blocks=indices,
             frames=frames.tolist(),
             time_unit_ns=unit,
             encodings=encodings.astype(np.uint8).tobytes(),
@@ -199,39 +257,8 @@ class BatchEncoder:
             value_width=width,
             present=np.packbits(slots, bitorder="little").tobytes() if any_absent else b"",
         )
-        raw = definitions + rest.SerializeToString()
         signals = int(np.count_nonzero(slots))
-        return raw, int(frames.sum()), signals, first, last
-
-    def _definition(self, block: MessageBlock) -> bytes:
-        key = (block.bus, id(block.plan))
-        cached = self._block_bytes.get(key)
-        if cached is None:
-            info = block.plan.info
-            cached = pb.Body(
-                blocks=[
-                    pb.Block(
-                        bus=self._buses.setdefault(block.bus, len(self._buses)),
-                        message=info.name,
-                        frame_id=info.frame_id,
-                        extended=info.is_extended,
-                        has_can_id=info.is_extended,
-                        signals=[
-                            pb.Signal(
-                                name=s.name,
-                                length=s.length,
-                                is_signed=s.is_signed,
-                                is_float=s.is_float,
-                                scale=s.scale,
-                                offset=s.offset,
-                            )
-                            for s in block.plan.signals
-                        ],
-                    )
-                ]
-            ).SerializeToString()
-            self._block_bytes[key] = cached
-        return cached
+        return body.SerializeToString(), int(frames.sum()), signals, first, last
 
 
 def _encode_columns(
@@ -297,8 +324,44 @@ class ReceivedBatch:
     blocks: list[ReceivedBlock]
 
 
-def parse_batch(payload: bytes, *, max_body_bytes: int = 64 * 1024 * 1024) -> ReceivedBatch:
-    """A wire batch back into message blocks; WireError when it is not a valid batch."""
+class UnknownSchema(WireError):
+    """A batch whose schema has not been announced (yet)."""
+
+    def __init__(self, schema_id: bytes) -> None:
+        self.schema_id = schema_id
+        super().__init__(f"schema {schema_id.hex()[:16]} not announced")
+
+
+class SchemaStore:
+    """The schemas announced so far, by id."""
+
+    def __init__(self) -> None:
+        self._schemas: dict[bytes, pb.Schema] = {}
+
+    def __contains__(self, schema_id: bytes) -> bool:
+        return schema_id in self._schemas
+
+    def add(self, batch: pb.Batch, max_bytes: int) -> bytes:
+        """Keep the schema an announcement carries, once its id is checked; its id."""
+        raw = _unpacked(batch, batch.schema, max_bytes, "schema")
+        if hashlib.sha256(raw).digest() != batch.schema_id:
+            raise WireError(f"schema {batch.schema_id.hex()[:16]} does not match its id")
+        try:
+            schema = pb.Schema.FromString(raw)
+        except Exception as error:
+            raise WireError(f"corrupt schema: {error}") from None
+        self._schemas[batch.schema_id] = schema
+        return bytes(batch.schema_id)
+
+    def get(self, schema_id: bytes) -> pb.Schema:
+        schema = self._schemas.get(schema_id)
+        if schema is None:
+            raise UnknownSchema(schema_id)
+        return schema
+
+
+def read_envelope(payload: bytes) -> pb.Batch:
+    """A batch's envelope; WireError when it is none, or of a format this does not read."""
     try:
         batch = pb.Batch.FromString(payload)
     except Exception as error:  # protobuf raises its DecodeError, or others on garbage
@@ -307,26 +370,38 @@ def parse_batch(payload: bytes, *, max_body_bytes: int = 64 * 1024 * 1024) -> Re
         raise WireError(
             f"batch format {batch.format} is not supported (this receiver reads {FORMAT})"
         )
-    if batch.body_size > max_body_bytes:
-        raise WireError(f"batch body of {batch.body_size} bytes exceeds {max_body_bytes}")
+    return batch
+
+
+def _unpacked(batch: pb.Batch, packed: bytes, max_bytes: int, what: str) -> bytes:
+    if batch.body_size > max_bytes:
+        raise WireError(f"{what} of {batch.body_size} bytes exceeds {max_bytes}")
     if batch.compression == pb.COMPRESSION_ZSTD:
         try:
-            raw = zstandard.ZstdDecompressor().decompress(
-                batch.body, max_output_size=batch.body_size
-            )
+            raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=batch.body_size)
         except zstandard.ZstdError as error:
-            raise WireError(f"batch {batch.sequence}: corrupt zstd body: {error}") from None
+            raise WireError(f"corrupt zstd {what}: {error}") from None
     elif batch.compression == pb.COMPRESSION_NONE:
-        raw = batch.body
+        raw = packed
     else:
-        raise WireError(f"batch {batch.sequence}: unknown compression {batch.compression}")
+        raise WireError(f"unknown compression {batch.compression}")
     if len(raw) != batch.body_size:
-        raise WireError(
-            f"batch {batch.sequence}: body is {len(raw)} bytes, expected {batch.body_size}"
-        )
+        raise WireError(f"{what} is {len(raw)} bytes, expected {batch.body_size}")
+    return raw
+
+
+def parse_batch(
+    batch: pb.Batch, schemas: SchemaStore, *, max_body_bytes: int = 64 * 1024 * 1024
+) -> ReceivedBatch:
+    """A data batch's envelope and body back into message blocks; WireError when it is not
+    valid, UnknownSchema when its schema has not been announced."""
+    schema = schemas.get(batch.schema_id)
     try:
-        body = pb.Body.FromString(raw)
-        blocks = _blocks(body, batch.first_t_ns)
+        raw = _unpacked(batch, batch.body, max_body_bytes, "body")
+    except WireError as error:
+        raise WireError(f"batch {batch.sequence}: {error}") from None
+    try:
+        blocks = _blocks(pb.Body.FromString(raw), schema, batch.first_t_ns)
     except WireError:
         raise
     except Exception as error:
@@ -344,11 +419,14 @@ def parse_batch(payload: bytes, *, max_body_bytes: int = 64 * 1024 * 1024) -> Re
     )
 
 
-def _blocks(body: pb.Body, first_t_ns: int) -> list[ReceivedBlock]:
+def _blocks(body: pb.Body, schema: pb.Schema, first_t_ns: int) -> list[ReceivedBlock]:
     if len(body.frames) != len(body.blocks):
         raise WireError(f"{len(body.frames)} frame counts for {len(body.blocks)} blocks")
+    if any(index >= len(schema.blocks) for index in body.blocks):
+        raise WireError("a block index beyond the schema")
+    definitions = [schema.blocks[index] for index in body.blocks]
     frames = np.array(body.frames, np.intp)
-    widths = np.array([len(block.signals) for block in body.blocks], np.intp)
+    widths = np.array([len(block.signals) for block in definitions], np.intp)
     signal_frames = np.repeat(frames, widths)
     slots = int(signal_frames.sum())
     if body.present:
@@ -363,7 +441,7 @@ def _blocks(body: pb.Body, first_t_ns: int) -> list[ReceivedBlock]:
     else:
         present = np.ones(slots, np.bool_)
         carried = signal_frames
-    with_id = [k for k, block in enumerate(body.blocks) if block.has_can_id]
+    with_id = [k for k, block in enumerate(definitions) if block.has_can_id]
     lengths = np.concatenate([frames, frames[with_id], carried]).astype(np.intp)
     if len(body.encodings) != len(lengths):
         raise WireError(f"{len(body.encodings)} column encodings for {len(lengths)} columns")
@@ -392,10 +470,10 @@ def _blocks(body: pb.Body, first_t_ns: int) -> list[ReceivedBlock]:
     frame_ends = np.cumsum(frames).tolist()
 
     blocks: list[ReceivedBlock] = []
-    for k, block in enumerate(body.blocks):
+    for k, block in enumerate(definitions):
         n = int(frames[k])
-        if block.bus >= len(body.buses):
-            raise WireError(f"block {block.message} names bus {block.bus} of {len(body.buses)}")
+        if block.bus >= len(schema.buses):
+            raise WireError(f"block {block.message} names bus {block.bus} of {len(schema.buses)}")
         can_id = (
             can_ids[k].astype(np.uint32) if k in can_ids else np.full(n, block.frame_id, np.uint32)
         )
@@ -416,7 +494,7 @@ def _blocks(body: pb.Body, first_t_ns: int) -> list[ReceivedBlock]:
             slot_index += 1
         blocks.append(
             ReceivedBlock(
-                body.buses[block.bus],
+                schema.buses[block.bus],
                 ReceivedMessage(block.message, block.frame_id, block.extended),
                 times[k],
                 can_id,

@@ -24,7 +24,7 @@ ENCODING_DELTA: Encoding
 ENCODING_DELTA2: Encoding
 
 class Batch(_message.Message):
-    __slots__ = ("format", "vehicle_id", "stream_id", "sequence", "first_t_ns", "last_t_ns", "frames", "signals", "compression", "dbc_hash", "body_size", "body")
+    __slots__ = ("format", "vehicle_id", "stream_id", "sequence", "first_t_ns", "last_t_ns", "frames", "signals", "compression", "dbc_hash", "body_size", "body", "schema_id", "schema")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     VEHICLE_ID_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class Batch(_message.Message):
     DBC_HASH_FIELD_NUMBER: _ClassVar[int]
     BODY_SIZE_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_ID_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
     format: int
     vehicle_id: str
     stream_id: str
@@ -49,11 +51,20 @@ class Batch(_message.Message):
     dbc_hash: bytes
     body_size: int
     body: bytes
-    def __init__(self, format: _Optional[int] = ..., vehicle_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., sequence: _Optional[int] = ..., first_t_ns: _Optional[int] = ..., last_t_ns: _Optional[int] = ..., frames: _Optional[int] = ..., signals: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., dbc_hash: _Optional[bytes] = ..., body_size: _Optional[int] = ..., body: _Optional[bytes] = ...) -> None: ...
+    schema_id: bytes
+    schema: bytes
+    def __init__(self, format: _Optional[int] = ..., vehicle_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., sequence: _Optional[int] = ..., first_t_ns: _Optional[int] = ..., last_t_ns: _Optional[int] = ..., frames: _Optional[int] = ..., signals: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., dbc_hash: _Optional[bytes] = ..., body_size: _Optional[int] = ..., body: _Optional[bytes] = ..., schema_id: _Optional[bytes] = ..., schema: _Optional[bytes] = ...) -> None: ...
+
+class Schema(_message.Message):
+    __slots__ = ("buses", "blocks")
+    BUSES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    buses: _containers.RepeatedScalarFieldContainer[str]
+    blocks: _containers.RepeatedCompositeFieldContainer[Block]
+    def __init__(self, buses: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ...) -> None: ...
 
 class Body(_message.Message):
-    __slots__ = ("buses", "blocks", "frames", "time_unit_ns", "encodings", "values", "value_width", "present")
-    BUSES_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("blocks", "frames", "time_unit_ns", "encodings", "values", "value_width", "present")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIT_NS_FIELD_NUMBER: _ClassVar[int]
@@ -61,15 +72,14 @@ class Body(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     VALUE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
-    buses: _containers.RepeatedScalarFieldContainer[str]
-    blocks: _containers.RepeatedCompositeFieldContainer[Block]
+    blocks: _containers.RepeatedScalarFieldContainer[int]
     frames: _containers.RepeatedScalarFieldContainer[int]
     time_unit_ns: int
     encodings: bytes
     values: bytes
     value_width: int
     present: bytes
-    def __init__(self, buses: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ..., frames: _Optional[_Iterable[int]] = ..., time_unit_ns: _Optional[int] = ..., encodings: _Optional[bytes] = ..., values: _Optional[bytes] = ..., value_width: _Optional[int] = ..., present: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, blocks: _Optional[_Iterable[int]] = ..., frames: _Optional[_Iterable[int]] = ..., time_unit_ns: _Optional[int] = ..., encodings: _Optional[bytes] = ..., values: _Optional[bytes] = ..., value_width: _Optional[int] = ..., present: _Optional[bytes] = ...) -> None: ...
 
 class Block(_message.Message):
     __slots__ = ("bus", "message", "frame_id", "extended", "has_can_id", "signals")
