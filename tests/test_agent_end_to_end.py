@@ -171,3 +171,29 @@ def test_a_broker_that_refuses_the_client_is_reported(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "Not authorized" in result.stderr or "not authorized" in result.stderr.lower()
+
+
+def test_replay_over_grpc_with_mutual_tls(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path)
+    port = free_port()
+    receiver = ReceiverProcess(
+        tmp_path / "received.jsonl",
+        "--grpc-listen",
+        f"127.0.0.1:{port}",
+        "--idle-exit",
+        "3",
+        "--ca-file",
+        certs.ca,
+        "--cert-file",
+        certs.server_cert,
+        "--key-file",
+        certs.server_key,
+    )
+    receiver.wait_ready("listening for gRPC")
+    uplink = (
+        f'[uplink]\nkind = "grpc"\nurl = "grpcs://127.0.0.1:{port}"\n[uplink.tls]\n'
+        f'ca_file = "{certs.ca}"\ncert_file = "{certs.client_cert}"\n'
+        f'key_file = "{certs.client_key}"\n'
+    )
+    config = write_config(tmp_path, "tesla", uplink)
+    check_delivered(tmp_path, "tesla", receiver, run_agent(config))

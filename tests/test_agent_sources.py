@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -140,3 +141,60 @@ async def test_a_metrics_scrape_matches_the_replayed_log(tmp_path: Path) -> None
     assert value("batch_wire_bytes_total") > 0
     assert value("queue_batches") == 0
     assert "telemetry_agent_build_info{" in text
+
+
+EXCERPT = REPO / "tests" / "fixtures" / "tesla-model3" / "excerpt.candump.log"
+EXCERPT_DBC = REPO / "tests" / "fixtures" / "tesla-model3" / "Model3CAN.dbc"
+
+
+async def test_replay_at_a_speed_factor_takes_the_log_time_over_the_factor(
+    tmp_path: Path,
+) -> None:
+    # The excerpt spans 3.63 s; at 4 times realtime it takes about 0.9 s.
+    agent = agent_for(
+        tmp_path,
+        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{EXCERPT}"\npace = 4\n'
+        f'dbc = ["{EXCERPT_DBC}"]\n',
+    )
+    started = time.monotonic()
+    assert await agent.run() == 0
+    elapsed = time.monotonic() - started
+    assert 0.85 < elapsed < 3.0
+    assert agent.totals.frames == 2000
+
+
+async def test_a_looped_replay_follows_on_in_time(tmp_path: Path) -> None:
+    agent = agent_for(
+        tmp_path,
+        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{EXCERPT}"\nloop = true\n'
+        f'dbc = ["{EXCERPT_DBC}"]\n',
+    )
+    running = asyncio.create_task(agent.run())
+    for _ in range(200):  # bounded: three passes take well under the 20 s this allows
+        await asyncio.sleep(0.1)
+        if agent.totals.frames >= 6000:
+            break
+    agent._stop.set()
+    assert await running == 0
+    lines = received_lines(tmp_path / "outbox")
+    times = sorted(float(line.split('"t": ')[1].split(",")[0]) for line in lines)
+    assert len(lines) >= 6000
+    # Each pass starts 1 ms after the last frame of the one before.
+    first, span = 1637353675.975229, 1637353679.605817 - 1637353675.975229
+    assert times[0] == first
+    assert any(abs(t - (first + span + 0.001)) < 1e-6 for t in times)
+    assert all(b - a < 1.0 for a, b in zip(times, times[1:], strict=False))
+
+
+async def test_a_bus_can_take_another_channel_under_its_own_name(tmp_path: Path) -> None:
+    agent = agent_for(
+        tmp_path,
+        f'[[bus]]\nname = "powertrain"\nsource = "replay"\npath = "{RAV4_LOG}"\n'
+        f'channel = "can0"\ndbc = ["{RAV4_PT_DBC}"]\n',
+    )
+    assert await agent.run() == 0
+    frames = FrameBatch.concat(list(open_log(RAV4_LOG).batches()))
+    on_can0 = frames.take(frames.bus == frames.buses.index("can0"))
+    assert agent.totals.frames == len(on_can0)
+    lines = received_lines(tmp_path / "outbox")
+    assert lines and all('"bus": "powertrain"' in line for line in lines)
