@@ -84,8 +84,10 @@ class _Lookup:
         extended = keys & _EXTENDED_KEY != 0
         index = np.arange(len(plans), dtype=np.int32)
         # Standard IDs and J1939 PGNs are dense: a table per bus, looked up by one take.
-        self.standard = np.full(len(buses) * 2048, -1, np.int32)
-        self.standard[bus_of[~extended] * 2048 + keys[~extended]] = index[~extended]
+        # Each bus has 4096 entries: its 2048 standard IDs, then 2048 that a frame which is
+        # not a standard data frame (extended, error, remote, ID beyond 11 bits) reads, -1.
+        self.standard = np.full(len(buses) * 4096, -1, np.int32)
+        self.standard[bus_of[~extended] * 4096 + keys[~extended]] = index[~extended]
         on_j1939 = np.array(j1939, np.bool_)[bus_of] & extended
         self.j1939_slot = np.cumsum(j1939) - 1
         self.j1939_slot[~np.array(j1939, np.bool_)] = -1
@@ -124,14 +126,20 @@ class _Lookup:
         self.shift_left = flat("shift_left", np.uint64)
         self.shift_right = flat("shift_right", np.uint64)
         self.needed = flat("needed", np.int64)
-        self._columns: dict[int, npt.NDArray[np.int64]] = {}
+        # Which halves of a batch's table of payload words any signal here reads.
+        self.big = bool((self.word >= WORDS).any())
+        self.little = bool((self.word < WORDS).any()) or not self.big
+        self._columns: dict[_Layout, npt.NDArray[np.int64]] = {}
 
-    def columns(self, words: int) -> npt.NDArray[np.int64]:
-        """Each signal's column in a batch's table of payload words (see `_column`)."""
-        columns = self._columns.get(words)
+    def layout(self, words: int) -> _Layout:
+        return _Layout(words, self.little, self.big)
+
+    def columns(self, layout: _Layout) -> npt.NDArray[np.int64]:
+        """Each signal's column in a batch's table of payload words."""
+        columns = self._columns.get(layout)
         if columns is None:
-            columns = _column(self.word, words)
-            self._columns[words] = columns
+            columns = layout.column(self.word)
+            self._columns[layout] = columns
         return columns
 
 
@@ -207,9 +215,11 @@ class Decoder:
         n_error = int(np.count_nonzero(error))
         n_remote = int(np.count_nonzero(undecodable)) - n_error
         lookup = self._lookup(batch.buses)
-        message = self._identify(batch, lookup, undecodable)
-        order = np.argsort((message + 1).astype(lookup.sort_dtype), kind="stable")
-        first = n - int(np.count_nonzero(message >= 0))
+        key = self._identify(batch, lookup, undecodable)
+        key += 1  # 0: not decoded, so the undecoded frames sort first
+        order = np.argsort(key.astype(lookup.sort_dtype), kind="stable")
+        counts = np.bincount(key, minlength=len(lookup.plans) + 1)
+        first = int(counts[0])
         result = DecodedBatch(n, n - first, first - n_error - n_remote, n_error, n_remote)
         if first == n:
             return result
@@ -217,7 +227,7 @@ class Decoder:
         # Blocks of frames of one message; within a block, one segment per signal holding
         # its value in every frame of the block (signal-major, so each column is contiguous).
         rows = order[first:]
-        counts = np.bincount(message[rows], minlength=len(lookup.plans))
+        counts = counts[1:]
         blocks = np.flatnonzero(counts)
         frames_in = counts[blocks]
         frame_ends = np.cumsum(frames_in)
@@ -230,16 +240,23 @@ class Decoder:
         segment_ends = np.cumsum(segment_length)
         total = int(segment_ends[-1]) if len(segment_ends) else 0
 
-        # The payload words of the decoded frames, in block order: little endian, then big.
-        words = max(1, min(WORDS, -(-int(batch.length[rows].max()) // 8)))
-        stride = 2 * words
-        little = np.take(batch.data.view("<u8")[:, :words], rows, axis=0)
-        table = np.concatenate([little, little.byteswap()], axis=1).reshape(-1)
+        # The payload words of the decoded frames, in block order: little endian, then big
+        # (each half only where a signal reads it).
+        lengths = batch.length.take(rows)
+        layout = lookup.layout(max(1, min(WORDS, -(-int(lengths.max()) // 8))))
+        words, stride = layout.words, layout.stride
+        flat = batch.data.view("<u8").reshape(-1)
+        at = rows * WORDS
+        little = flat.take(at[:, None] + np.arange(words) if words > 1 else at).reshape(-1, words)
+        halves = [little] if layout.little else []
+        if layout.big:
+            halves.append(little.byteswap())
+        table = (halves[0] if len(halves) == 1 else np.concatenate(halves, axis=1)).reshape(-1)
         # Each value's cell in `table`: its frame's row plus its signal's word column.
         segment_first_frame = (frame_ends - frames_in)[segment_block]
         cell = np.repeat(
             stride * (segment_first_frame - (segment_ends - segment_length))
-            + lookup.columns(words)[segment_signal],
+            + lookup.columns(layout)[segment_signal],
             segment_length,
         )
         cell += _steps(total, stride)
@@ -249,7 +266,6 @@ class Decoder:
         bits >>= np.repeat(lookup.shift_right[segment_signal], segment_length)
 
         present: npt.NDArray[np.bool_] | None = None
-        lengths = batch.length[rows]
         if (lengths < np.repeat(lookup.max_needed[blocks], frames_in)).any():
             present = lengths.take(cell // stride) >= np.repeat(
                 lookup.needed[segment_signal], segment_length
@@ -272,7 +288,7 @@ class Decoder:
             span = (f1 - n_frames, f1, v1 - n_values, v1)
             block = MessageBlock(bus, plan, batch, rows, bits, present, span)
             if odd:
-                _irregular(block, table, words)
+                _irregular(block, table, layout)
             result.blocks.append(block)
         result.signals = total if present is None else int(np.count_nonzero(present))
         result.rows, result.bits, result.present = rows, bits, present
@@ -290,8 +306,8 @@ class Decoder:
         if extended.all():  # a J1939 bus, say: no standard frame to look up
             message = np.full(len(batch), -1, np.int32)
         else:
-            message = lookup.standard.take((bus << 11) | (can_id & 0x7FF))
-            message[extended | undecodable | (can_id > 0x7FF)] = -1
+            other = (extended | undecodable | (can_id > 0x7FF)).view(np.uint8).astype(np.int32)
+            message = lookup.standard.take((bus << 12) | (other << 11) | (can_id & 0x7FF))
         rows = np.flatnonzero(extended & ~undecodable)
         if not len(rows):
             return message
@@ -315,11 +331,25 @@ class Decoder:
 _Words = TypeVar("_Words", int, npt.NDArray[np.int64])
 
 
-def _column(word: _Words, words: int) -> _Words:
-    """Where payload word `word` (0..7 little endian, 8..15 big endian) sits in a table of
-    `words` little endian then `words` big endian columns. Words past the table read its
-    last word: only frames too short to carry them would need them."""
-    return np.minimum(word % WORDS, words - 1) + (word >= WORDS) * words  # type: ignore[no-any-return]
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A batch's table of payload words: per frame, `words` words read little endian, then
+    the same words read big endian; a half that no signal reads is left out."""
+
+    words: int
+    little: bool
+    big: bool
+
+    @property
+    def stride(self) -> int:
+        return self.words * (int(self.little) + int(self.big))
+
+    def column(self, word: _Words) -> _Words:
+        """Where payload word `word` (0..7 little endian, 8..15 big endian) sits in a frame's
+        row. Words past the table read its last word: only frames too short to carry them
+        would need them."""
+        big_at = self.words if self.little else 0
+        return np.minimum(word % WORDS, self.words - 1) + (word >= WORDS) * big_at  # type: ignore[no-any-return]
 
 
 _STEPS: dict[int, npt.NDArray[np.int64]] = {}
@@ -334,16 +364,16 @@ def _steps(count: int, step: int) -> npt.NDArray[np.int64]:
     return cached[:count]
 
 
-def _irregular(block: MessageBlock, table: npt.NDArray[np.uint64], words: int) -> None:
+def _irregular(block: MessageBlock, table: npt.NDArray[np.uint64], layout: _Layout) -> None:
     """The per-message part of decoding, in place: straddling signals, signals no frame can
     carry, and multiplexed signals."""
     plan, bits, present = block.plan, block.bits, block.present
     assert present is not None  # allocated by decode() for every irregular block
-    # `table` holds the block's frames from its first frame on, `2 * words` words each.
-    frames = table.reshape(-1, 2 * words)[block.frame_span[0] : block.frame_span[1]]
+    # `table` holds the block's frames from its first frame on, a row of words each.
+    frames = table.reshape(-1, layout.stride)[block.frame_span[0] : block.frame_span[1]]
     for index, low, high, shift in plan.straddlers:
-        joined = (frames[:, _column(low, words)] >> np.uint64(shift)) | (
-            frames[:, _column(high, words)] << np.uint64(64 - shift)
+        joined = (frames[:, layout.column(low)] >> np.uint64(shift)) | (
+            frames[:, layout.column(high)] << np.uint64(64 - shift)
         )
         joined &= np.uint64((1 << plan.signals[index].length) - 1)
         bits[index] = joined
