@@ -8,15 +8,16 @@ from pathlib import Path
 
 
 def _may_read_mf4(argv: Sequence[str]) -> bool:
-    """Whether this command line could read an MF4 log: an argument, or a config file it
-    names, that mentions mf4. Errs towards yes."""
+    """Whether this command line could read an MF4 log: an argument, or a file it names
+    (a config), that mentions mf4. Errs towards yes."""
     for arg in argv:
-        if "mf4" in arg.lower():
-            return True
-        path = Path(arg)
-        if path.suffix.lower() == ".toml":
+        for part in (arg, arg.partition("=")[2]):
+            if "mf4" in part.lower():
+                return True
+            path = Path(part)
             try:
-                if "mf4" in path.read_text(encoding="utf-8", errors="replace").lower():
+                small = path.is_file() and path.stat().st_size < 1 << 20
+                if small and b"mf4" in path.read_bytes().lower():
                     return True
             except OSError:
                 continue  # the command reports it

@@ -14,9 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 #: Exit status of `check-config` and `run` for a bad config (sysexits.h EX_CONFIG).
 EX_CONFIG = 78
+
+#: The largest batch the agent builds: receivers refuse larger ones (four times this,
+#: uncompressed), and brokers cap messages too.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 
 SOURCES = ("replay", "python-can", "simulate")
 UPLINKS = ("mqtt", "grpc", "file")
@@ -294,7 +299,9 @@ def _bus(check: _Checker, data: Any, where: str) -> BusConfig | None:
             bus,
             pace=_pace(check, data, where, Pace(1.0)),
             duration_s=float(duration) or None,
-            seed=check.get(data, where, "seed", int, 0),
+            seed=check.get(
+                data, where, "seed", int, 0, lambda v: None if v >= 0 else "must be 0 or more"
+            ),
         )
     return bus
 
@@ -345,7 +352,9 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "max_bytes",
             int,
             120_000,
-            lambda v: None if v >= 4096 else "must be at least 4096",
+            lambda v: (
+                None if 4096 <= v <= MAX_BATCH_BYTES else f"must be 4096 to {MAX_BATCH_BYTES}"
+            ),
         ),
         compression=check.get(batch, "batch", "compression", str, "zstd", _one_of(COMPRESSIONS)),
     )
@@ -409,8 +418,15 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         template = getattr(uplink_config, key)
         try:
             template.format(vehicle_id="v")
-        except (KeyError, IndexError, ValueError):
+        except (KeyError, IndexError, ValueError, AttributeError):
             check.problems.append(f"uplink.{key}: only {{vehicle_id}} may be substituted")
+    if kind in URL_SCHEMES and url:
+        schemes = URL_SCHEMES[kind]
+        address = url if "://" in url or kind != "grpc" else f"grpc://{url}"
+        try:
+            split_url(address, schemes)
+        except ValueError as error:
+            check.problems.append(f"uplink.url: {error}")
     metrics = _section(check, data, "metrics", {"listen"})
     metrics_config = MetricsConfig(
         listen=check.get(metrics, "metrics", "listen", str, "127.0.0.1:9108", _listen)
@@ -428,6 +444,27 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         status_interval_s=float(status),
         source=source,
     )
+
+
+#: The URL schemes of each networked uplink, with their default ports; a scheme that ends
+#: in "s" uses TLS (so does an [uplink.tls] table).
+URL_SCHEMES: dict[str, dict[str, int]] = {
+    "mqtt": {"mqtt": 1883, "mqtts": 8883},
+    "grpc": {"grpc": 50051, "grpcs": 443},
+}
+
+
+def split_url(url: str, schemes: Mapping[str, int]) -> tuple[str, int, bool]:
+    """(host, port, tls) from `scheme://host[:port]`; the scheme's port when none is given."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in schemes or not parts.hostname:
+        choices = " or ".join(f"{s}://HOST[:PORT]" for s in schemes)
+        raise ValueError(f"expected {choices}, got {url!r}")
+    return parts.hostname, port or schemes[parts.scheme], parts.scheme.endswith("s")
 
 
 def _section(

@@ -24,19 +24,21 @@ import grpc
 from aiomqtt import ProtocolVersion
 from grpc import aio
 
-from agent.config import TlsConfig
+from agent import config
+from agent.config import URL_SCHEMES, TlsConfig, split_url
 from agent.records import JsonLinesWriter
 from agent.uplinks.file import SCHEMA_SUFFIX, SUFFIX
 from agent.uplinks.grpc import channel_options
-from agent.uplinks.mqtt import PORTS
-from agent.uplinks.tls import client_context, split_url
+from agent.uplinks.tls import client_context
 from agent.wire import SchemaStore, UnknownSchema, WireError, parse_batch, read_envelope
 from agent.wire import telemetry_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-#: A batch larger than this (on the wire, or its body before compression) is refused.
-MAX_BATCH_BYTES = 16 * 1024 * 1024
+#: A batch larger than this on the wire is refused (the agent builds at most a quarter of
+#: it), and so is one whose body would be four times larger still.
+MAX_BATCH_BYTES = 4 * config.MAX_BATCH_BYTES
+MAX_BODY_BYTES = 4 * MAX_BATCH_BYTES
 
 
 #: Batches held while their schema has not arrived (announcements can come later over
@@ -70,7 +72,8 @@ class Receiver:
 
     def accept(self, payload: bytes, origin: str) -> pb.Batch | None:
         """Take a batch or a schema announcement: write a batch's records unless it is a
-        duplicate, or hold it until its schema comes. Its envelope, None when rejected."""
+        duplicate, or hold it until its schema comes. Its envelope once taken (written, a
+        duplicate, or an announcement); None when rejected or held."""
         self.last_batch = time.monotonic()
         if len(payload) > MAX_BATCH_BYTES:
             self._reject(origin, f"{len(payload)} bytes exceed {MAX_BATCH_BYTES}")
@@ -82,7 +85,7 @@ class Receiver:
             return None
         if batch.schema:
             try:
-                schema_id = self.schemas.add(batch, MAX_BATCH_BYTES)
+                schema_id = self.schemas.add(batch, MAX_BODY_BYTES)
             except WireError as error:
                 self._reject(origin, str(error))
                 return None
@@ -104,13 +107,15 @@ class Receiver:
             self.stats.duplicates += 1
             return True
         try:
-            received = parse_batch(batch, self.schemas, max_body_bytes=MAX_BATCH_BYTES)
+            received = parse_batch(batch, self.schemas, max_body_bytes=MAX_BODY_BYTES)
         except UnknownSchema:
+            # Held, not taken: the caller does not acknowledge it, so a gRPC agent keeps
+            # it and sends it again (with its schema, after reconnecting).
             self._waiting[(batch.stream_id, batch.sequence)] = (batch, origin)
             if len(self._waiting) > MAX_WAITING:
                 _, (oldest, where) = self._waiting.popitem(last=False)
                 self._reject(where, f"batch {oldest.sequence}: its schema never came")
-            return True
+            return False
         except WireError as error:
             self._reject(origin, str(error))
             return False
@@ -179,7 +184,8 @@ async def receive_mqtt(
 ) -> None:
     """Batches from `topics[0]` (shared by the group `share`, where given), and schema
     announcements from `topics[1]` (never shared: every receiver needs every schema)."""
-    host, port, use_tls = split_url(url, PORTS)
+    host, port, use_tls = split_url(url, URL_SCHEMES["mqtt"])
+    use_tls = use_tls or tls is not None
     topic, schema_topic = topics
     subscription = f"$share/{share}/{topic}" if share else topic
 
@@ -219,7 +225,7 @@ class _Telemetry:
         peer = context.peer()
         async for payload in request_iterator:
             envelope = self.receiver.accept(payload, f"grpc {peer}")
-            # A batch that cannot be read is not acknowledged: the agent keeps it.
+            # A batch that was not taken is not acknowledged: the agent keeps it.
             # Announcements need no ack: the stream delivers them in order.
             if envelope is not None and not envelope.schema:
                 yield pb.Ack(stream_id=envelope.stream_id, sequence=envelope.sequence)

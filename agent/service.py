@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -46,13 +47,17 @@ STOP_DRAIN_S = 5.0
 class OpenBatch:
     pieces: dict[str, list[FrameBatch]] = field(default_factory=dict)
     frames: int = 0
-    first_t_ns: int | None = None
+    # Each bus's first frame time: buses may run on different clocks (a replayed log beside
+    # a live bus), so each spans max_age_ms of its own.
+    first_t_ns: dict[str, int] = field(default_factory=dict)
     opened: float = 0.0
 
     def add(self, bus: str, frames: FrameBatch) -> None:
-        if self.first_t_ns is None:
-            self.first_t_ns = int(frames.t_ns[0])
+        if not len(frames):
+            return
+        if not self.frames:
             self.opened = time.monotonic()
+        self.first_t_ns.setdefault(bus, int(frames.t_ns[0]))
         self.pieces.setdefault(bus, []).append(frames)
         self.frames += len(frames)
 
@@ -94,7 +99,8 @@ class Agent:
         self.totals = Totals()
         self._open = OpenBatch()
         self._bytes_per_frame = FIRST_BYTES_PER_FRAME
-        self._closing = asyncio.Lock()
+        self._ready: deque[WireBatch] = deque()  # encoded, not yet in the uplink's queue
+        self._flushing = asyncio.Lock()
         self._stop = asyncio.Event()
         self.failed_buses: list[str] = []
 
@@ -113,31 +119,39 @@ class Agent:
             self.metrics.serve(self.config.metrics.listen)
         started = time.monotonic()
         sender = asyncio.create_task(self.sender.run(), name="uplink")
-        helpers = [
-            asyncio.create_task(self._tick(), name="batch-age"),
-            asyncio.create_task(self._report(started), name="status"),
-        ]
+        tick = asyncio.create_task(self._tick(), name="batch-age")
+        report = asyncio.create_task(self._report(started), name="status")
         buses = [
             asyncio.create_task(self._read(source), name=f"bus-{source.bus.name}")
             for source in self.sources
         ]
         stop = asyncio.create_task(self._stopped())
+        broken = False
         try:
             running = set(buses)
             while running and not self._stop.is_set():
-                done, _ = await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
+                watched = [*running, stop, sender, tick]
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 running -= done
-            stopped = self._stop.is_set()
-            for task in buses:
+                for task in done & {sender, tick}:
+                    # They only end by a bug: say so, and stop rather than run on without.
+                    log.error("%s stopped: %r", task.get_name(), task.exception())
+                    broken = True
+                if broken:
+                    break
+            stopped = self._stop.is_set() or broken
+            for task in [*buses, tick]:
                 task.cancel()
-            await asyncio.gather(*buses, return_exceptions=True)
-            await self.close_batch()
+            await asyncio.gather(*buses, tick, return_exceptions=True)
+            # Whatever the sources read goes out: into the queue regardless of its bound.
+            self._close()
+            self.sender.put_nowait(self._ready)
             timeout = STOP_DRAIN_S if stopped else self.config.uplink.drain_timeout_s
-            delivered = await self.sender.drain(timeout)
+            delivered = not broken and await self.sender.drain(timeout)
         finally:
-            for task in [*helpers, stop, sender]:
+            for task in [tick, report, stop, sender]:
                 task.cancel()
-            await asyncio.gather(*helpers, stop, sender, return_exceptions=True)
+            await asyncio.gather(tick, report, stop, sender, return_exceptions=True)
             for signum in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)
@@ -166,45 +180,53 @@ class Agent:
         except SourceError as error:
             log.error("%s", error)
             self.failed_buses.append(name)
+        except Exception:
+            log.exception("bus %s stopped by an error", name)
+            self.failed_buses.append(name)
         finally:
             self.metrics.frames_malformed.labels(name).inc(source.stats.malformed)
 
     async def add(self, bus: str, frames: FrameBatch) -> None:
-        """Add a bus's frames to the open batch, closing it where they pass its time span."""
+        """Add a bus's frames to the open batch, closing it where they pass its time span,
+        then queue what closed (waiting while the queue is full). Nothing awaits before
+        every frame is in a batch, so a stop never loses frames a source handed over."""
         while len(frames):
-            if self._open.first_t_ns is None:
-                self._open.add(bus, frames.take(slice(0, 1)))
-                frames = frames.take(slice(1, None))
-                continue
-            limit = self._open.first_t_ns + self.max_age_ns
-            late = frames.t_ns >= limit
+            first = self._open.first_t_ns.get(bus)
+            if first is None:
+                first = int(frames.t_ns[0])
+            late = frames.t_ns >= first + self.max_age_ns
             cut = int(np.argmax(late)) if late.any() else len(frames)
-            if cut:
-                self._open.add(bus, frames.take(slice(0, cut)) if cut < len(frames) else frames)
+            self._open.add(bus, frames.take(slice(0, cut)) if cut < len(frames) else frames)
             if cut == len(frames):
                 break
-            await self.close_batch()
+            self._close()
             frames = frames.take(slice(cut, None))
-        limit_frames = SIZE_MARGIN * self.config.batch.max_bytes / self._bytes_per_frame
-        if self._open.frames >= limit_frames:
-            await self.close_batch()
+        if self._open.frames >= SIZE_MARGIN * self.config.batch.max_bytes / self._bytes_per_frame:
+            self._close()
+        await self._flush()
 
     async def _tick(self) -> None:
         max_age_s = self.config.batch.max_age_ms / 1000
         while True:
             await asyncio.sleep(TICK_S)
             if self._open.frames and time.monotonic() - self._open.opened >= max_age_s:
-                await self.close_batch()
+                self._close()
+                await self._flush()
 
-    async def close_batch(self) -> None:
-        """Decode, encode and queue the open batch (nothing when it is empty)."""
+    def _close(self) -> None:
+        """Decode and encode the open batch into the ready list (nothing when it is empty)."""
         batch, self._open = self._open, OpenBatch()
-        if not batch.frames:
-            return
-        async with self._closing:  # keeps sequence numbers in queue order
+        if batch.frames:
             frames = {bus: FrameBatch.concat(pieces) for bus, pieces in batch.pieces.items()}
-            for wire in self._encode(frames):
-                await self.sender.put(wire)
+            self._ready.extend(self._encode(frames))
+
+    async def _flush(self) -> None:
+        """Move ready batches into the uplink's queue, in sequence order; a batch leaves the
+        ready list only once queued, so a cancelled wait loses nothing."""
+        async with self._flushing:
+            while self._ready:
+                await self.sender.put(self._ready[0])
+                self._ready.popleft()
 
     def _decode(self, frames: dict[str, FrameBatch], count: bool) -> list[DecodedBatch]:
         results = []

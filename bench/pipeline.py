@@ -8,6 +8,7 @@ count against either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,18 +51,31 @@ def agent_config(folder: Path, log: Path, url: str, pace: str) -> Path:
     return config
 
 
-def run_measured(command: list[str], stop_after: float | None = None) -> tuple[float, float, float]:
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory since it started its program (VmHWM): unlike the
+    rusage of a child, it does not count the memory it shared with this process at fork."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_measured(command: list[str]) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and peak RSS (MB) of a child process."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if stop_after is not None:
-        time.sleep(stop_after)
-        process.send_signal(signal.SIGINT)
-    _, status, usage = os.wait4(process.pid, 0)
+    peak = 0.0
+    while True:
+        with contextlib.suppress(OSError):
+            peak = max(peak, peak_rss_mb(process.pid))
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.05)
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{command} failed")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, peak
 
 
 def cpu_of(pid: int) -> float:
@@ -80,9 +94,10 @@ def realtime(config: Path) -> tuple[float, float]:
     before = cpu_of(process.pid)
     time.sleep(WINDOW_S)
     after = cpu_of(process.pid)
+    peak = peak_rss_mb(process.pid)
     process.send_signal(signal.SIGINT)
-    _, _, usage = os.wait4(process.pid, 0)
-    return (after - before) / WINDOW_S, usage.ru_maxrss / 1024
+    process.wait()
+    return (after - before) / WINDOW_S, peak
 
 
 def wire_bytes() -> list[list[object]]:

@@ -229,3 +229,23 @@ def test_grpc_reconnects_and_resends_what_was_not_acknowledged(tmp_path: Path) -
     expected = [json.dumps(r, sort_keys=True) for r in decoded(tmp_path, "rav4")]
     assert len(set(expected)) == len(expected)
     assert got == set(expected)
+
+
+def test_a_stop_with_the_link_down_and_the_queue_full_ends_promptly(tmp_path: Path) -> None:
+    uplink = (
+        f'[uplink]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{free_port()}"\nqueue_max_batches = 2\n'
+    )
+    config = write_config(tmp_path, "rav4", uplink)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)  # the queue fills; the sources wait for room
+    agent.terminate()
+    started = time.monotonic()
+    _, stderr = agent.communicate(timeout=30)
+    assert time.monotonic() - started < 15
+    assert agent.returncode == 1
+    assert "Traceback" not in stderr
+    assert "batches not acknowledged" in stderr

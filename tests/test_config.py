@@ -123,3 +123,27 @@ def test_run_refuses_a_bad_config_with_78(tmp_path: Path) -> None:
     assert result.returncode == EX_CONFIG
     assert "vehicle_id: expected str" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_uplink_urls_seeds_sizes_and_templates_are_checked() -> None:
+    found = "\n".join(
+        problems(
+            config_text(
+                "",
+                '[batch]\nmax_bytes = 100000000\n[uplink]\nkind = "mqtt"\nurl = "broker:1883"\n'
+                'topic = "{vehicle_id.x}"\n',
+            )
+        )
+    )
+    assert (
+        "uplink.url: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got 'broker:1883'" in found
+    )
+    assert "batch.max_bytes: must be 4096 to 4194304" in found
+    assert "uplink.topic: only {vehicle_id} may be substituted" in found
+    grpc = "\n".join(problems(config_text("", '[uplink]\nkind = "grpc"\nurl = "http://x:1"\n')))
+    assert "uplink.url: expected grpc://HOST[:PORT] or grpcs://HOST[:PORT]" in grpc
+    simulate = (
+        'vehicle_id = "v"\n[[bus]]\nname = "can0"\nsource = "simulate"\nseed = -1\n'
+        f'dbc = ["{RAV4_PT_DBC}"]\n'
+    )
+    assert "bus[0].seed: must be 0 or more" in "\n".join(problems(simulate))

@@ -12,14 +12,12 @@ import contextlib
 import grpc
 from grpc import aio
 
-from agent.config import UplinkConfig
+from agent.config import URL_SCHEMES, UplinkConfig, split_url
 from agent.uplinks.base import Uplink, UplinkError, register
-from agent.uplinks.tls import split_url
 from agent.wire import WireBatch
 from agent.wire import telemetry_pb2 as pb
 
 STREAM_METHOD = "/telemetry.v1.Telemetry/Stream"
-PORTS = {"grpc": 50051, "grpcs": 443}
 
 
 def channel_options(keepalive_s: int) -> list[tuple[str, int]]:
@@ -39,7 +37,7 @@ class GrpcUplink(Uplink):
     def __init__(self, config: UplinkConfig, vehicle_id: str) -> None:
         super().__init__(config, vehicle_id)
         url = config.url if "://" in config.url else f"grpc://{config.url}"
-        host, port, use_tls = split_url(url, PORTS)
+        host, port, use_tls = split_url(url, URL_SCHEMES["grpc"])
         self.address = f"{host}:{port}"
         self.use_tls = use_tls or config.tls is not None
         self._channel: aio.Channel | None = None

@@ -13,12 +13,10 @@ import ssl
 import aiomqtt
 from aiomqtt import ProtocolVersion, Will
 
-from agent.config import UplinkConfig
+from agent.config import URL_SCHEMES, UplinkConfig, split_url
 from agent.uplinks.base import Uplink, UplinkError, register
-from agent.uplinks.tls import client_context, split_url
+from agent.uplinks.tls import client_context
 from agent.wire import WireBatch
-
-PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
 @register
@@ -27,7 +25,8 @@ class MqttUplink(Uplink):
 
     def __init__(self, config: UplinkConfig, vehicle_id: str) -> None:
         super().__init__(config, vehicle_id)
-        self.host, self.port, use_tls = split_url(config.url, PORTS)
+        self.host, self.port, use_tls = split_url(config.url, URL_SCHEMES["mqtt"])
+        use_tls = use_tls or config.tls is not None
         self.tls: ssl.SSLContext | None = client_context(config.tls) if use_tls else None
         self.topic = config.topic.format(vehicle_id=vehicle_id)
         self.status_topic = config.status_topic.format(vehicle_id=vehicle_id)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from agent.metrics import Metrics
@@ -53,6 +53,15 @@ class Sender:
             await self._wait_change()
         self.pending[batch.sequence] = batch
         self.pending_bytes += len(batch)
+        self._update_gauges()
+        self._notify()
+
+    def put_nowait(self, batches: deque[WireBatch]) -> None:
+        """Queue batches now, past the bound: the last ones, when the agent stops."""
+        while batches:
+            batch = batches.popleft()
+            self.pending[batch.sequence] = batch
+            self.pending_bytes += len(batch)
         self._update_gauges()
         self._notify()
 
@@ -97,7 +106,9 @@ class Sender:
                 log.info("uplink %s connected to %s", self.uplink.kind, self.uplink.target)
                 backoff = BACKOFF_FIRST_S
                 await self._pump()
-            except UplinkError as error:
+            except (UplinkError, OSError, ValueError) as error:
+                # OSError, ValueError: a certificate file that went missing or went bad, say;
+                # worth retrying as much as a link that failed.
                 self.last_error = str(error)
                 self.metrics.uplink_failures.labels(*self._labels).inc()
                 log.warning("uplink %s: %s; retrying in %.1f s", self.uplink.kind, error, backoff)

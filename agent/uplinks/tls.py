@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-from urllib.parse import urlsplit
 
 from agent.config import TlsConfig
 
@@ -17,14 +16,3 @@ def client_context(tls: TlsConfig | None) -> ssl.SSLContext:
     if tls is not None and tls.cert_file and tls.key_file:
         context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     return context
-
-
-def split_url(url: str, schemes: dict[str, int]) -> tuple[str, int, bool]:
-    """(host, port, tls) from `scheme://host[:port]`; the scheme's port when none is given.
-    Schemes ending in "s" use TLS."""
-    parts = urlsplit(url)
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ValueError(
-            f"expected {' or '.join(s + '://HOST[:PORT]' for s in schemes)}, got {url!r}"
-        )
-    return parts.hostname, parts.port or schemes[parts.scheme], parts.scheme.endswith("s")
