@@ -46,6 +46,24 @@ MAX_BODY_BYTES = 4 * MAX_BATCH_BYTES
 MAX_WAITING = 1000
 
 
+class _Seen:
+    """The sequence numbers of one stream seen so far, in bounded memory while they come
+    mostly in order: every number up to `through`, and the ones seen beyond it."""
+
+    def __init__(self) -> None:
+        self.through = 0  # sequences start at 1
+        self.beyond: set[int] = set()
+
+    def __contains__(self, sequence: int) -> bool:
+        return sequence <= self.through or sequence in self.beyond
+
+    def add(self, sequence: int) -> None:
+        self.beyond.add(sequence)
+        while self.through + 1 in self.beyond:
+            self.through += 1
+            self.beyond.remove(self.through)
+
+
 @dataclass
 class ReceiverStats:
     batches: int = 0
@@ -66,7 +84,7 @@ class Receiver:
         self.out = out
         self.stats = ReceiverStats()
         self.schemas = SchemaStore()
-        self._seen: dict[str, set[int]] = {}
+        self._seen: dict[str, _Seen] = {}
         self._waiting: OrderedDict[tuple[str, int], tuple[pb.Batch, str]] = OrderedDict()
         self.last_batch = time.monotonic()
 
@@ -102,7 +120,7 @@ class Receiver:
         log.error("%s: rejected: %s", origin, reason)
 
     def _data(self, batch: pb.Batch, origin: str) -> bool:
-        seen = self._seen.setdefault(batch.stream_id, set())
+        seen = self._seen.setdefault(batch.stream_id, _Seen())
         if batch.sequence in seen:
             self.stats.duplicates += 1
             return True

@@ -104,6 +104,10 @@ class Agent:
         self._stop = asyncio.Event()
         self.failed_buses: list[str] = []
 
+    def stop(self) -> None:
+        """Stop as Ctrl-C does: close the open batch, wait briefly for acks, return."""
+        self._stop.set()
+
     @property
     def max_age_ns(self) -> int:
         return self.config.batch.max_age_ms * 1_000_000
@@ -114,7 +118,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signum, self._stop.set)
+                loop.add_signal_handler(signum, self.stop)
         if self.config.metrics.listen:
             self.metrics.serve(self.config.metrics.listen)
         started = time.monotonic()
@@ -173,9 +177,13 @@ class Agent:
     async def _read(self, source: Source) -> None:
         name = source.bus.name
         received = self.metrics.frames_received.labels(name)
+        malformed = self.metrics.frames_malformed.labels(name)
+        counted = 0
         try:
             async for frames in source.batches():
                 received.inc(len(frames))
+                malformed.inc(source.stats.malformed - counted)
+                counted = source.stats.malformed
                 await self.add(name, frames)
         except SourceError as error:
             log.error("%s", error)
@@ -184,7 +192,7 @@ class Agent:
             log.exception("bus %s stopped by an error", name)
             self.failed_buses.append(name)
         finally:
-            self.metrics.frames_malformed.labels(name).inc(source.stats.malformed)
+            malformed.inc(source.stats.malformed - counted)
 
     async def add(self, bus: str, frames: FrameBatch) -> None:
         """Add a bus's frames to the open batch, closing it where they pass its time span,

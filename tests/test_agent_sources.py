@@ -80,7 +80,7 @@ async def test_python_can_virtual_frames_arrive_decoded(tmp_path: Path) -> None:
         await asyncio.sleep(0.1)
         if agent.totals.frames == 600 and not agent.sender.pending:
             break
-    agent._stop.set()
+    agent.stop()
     assert await running == 0
     sender.shutdown()
     assert agent.totals.frames == 600
@@ -175,7 +175,7 @@ async def test_a_looped_replay_follows_on_in_time(tmp_path: Path) -> None:
         await asyncio.sleep(0.1)
         if agent.totals.frames >= 6000:
             break
-    agent._stop.set()
+    agent.stop()
     assert await running == 0
     lines = received_lines(tmp_path / "outbox")
     times = sorted(float(line.split('"t": ')[1].split(",")[0]) for line in lines)
@@ -199,3 +199,20 @@ async def test_a_bus_can_take_another_channel_under_its_own_name(tmp_path: Path)
     assert agent.totals.frames == len(on_can0)
     lines = received_lines(tmp_path / "outbox")
     assert lines and all('"bus": "powertrain"' in line for line in lines)
+
+
+async def test_malformed_lines_are_counted_and_skipped(tmp_path: Path) -> None:
+    log = tmp_path / "damaged.log"
+    lines = EXCERPT.read_text().splitlines()
+    lines[10:10] = ["garbage", "(1637353676.0) vcan0 12G#00", "(x) vcan0 123#00"]
+    log.write_text("\n".join(lines) + "\n")
+    port = free_port()
+    agent = agent_for(
+        tmp_path,
+        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{log}"\ndbc = ["{EXCERPT_DBC}"]\n',
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
+    )
+    assert await agent.run() == 0
+    assert agent.totals.frames == 2000
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'telemetry_agent_frames_malformed_total{bus="vcan0"} 3.0' in text

@@ -178,3 +178,30 @@ def test_the_committed_protobuf_module_is_what_make_proto_makes(tmp_path: Path) 
     for name in ("telemetry_pb2.py", "telemetry_pb2.pyi"):
         made = (tmp_path / "agent" / "wire" / name).read_text()
         assert made == (REPO / "agent" / "wire" / name).read_text(), f"run `make proto`: {name}"
+
+
+def test_the_receiver_remembers_every_sequence_in_little_memory() -> None:
+    from agent.receiver import _Seen
+
+    seen = _Seen()
+    order = np.random.default_rng(9).permutation(np.arange(1, 5001))
+    for k, sequence in enumerate(order.tolist()):
+        assert sequence not in seen
+        seen.add(sequence)
+        assert sequence in seen
+        if k % 500 == 0:
+            assert all(s in seen for s in order[: k + 1].tolist())
+    assert seen.through == 5000 and not seen.beyond
+
+
+def test_the_receiver_rejects_an_oversized_batch_and_keeps_going(tmp_path: Path) -> None:
+    from agent.receiver import MAX_BATCH_BYTES, Receiver
+
+    payload, announcement = a_batch()
+    out = io.StringIO()
+    receiver = Receiver(out)
+    assert receiver.accept(b"\0" * (MAX_BATCH_BYTES + 1), "big") is None
+    assert receiver.accept(announcement, "schema") is not None
+    assert receiver.accept(payload, "batch") is not None
+    assert (receiver.stats.rejected, receiver.stats.batches) == (1, 1)
+    assert out.getvalue().count("\n") == receiver.stats.frames > 0

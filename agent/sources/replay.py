@@ -78,9 +78,11 @@ class LogFeed:
                 raise SourceError(str(error)) from None
             first: int | None = None
             last = 0
+            malformed = self.stats.malformed  # of the passes before this one
             batches = reader.batches()
             while True:
                 batch = await asyncio.to_thread(_next, batches)
+                self.stats.malformed = malformed + reader.stats.malformed
                 if batch is None:
                     break
                 if not len(batch):
@@ -90,7 +92,6 @@ class LogFeed:
                     first = int(batch.t_ns[0])
                 last = int(batch.t_ns[-1])
                 yield replace(batch, t_ns=batch.t_ns + shift) if shift else batch
-            self.stats.malformed += reader.stats.malformed
             for example in reader.stats.examples:
                 log.warning("%s: malformed %s", self.path, example)
             if not self.loop or first is None:
