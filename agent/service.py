@@ -1,10 +1,13 @@
 """The daemon: sources -> decode -> batches -> uplink, under one asyncio supervisor.
 
-One task per bus reads its source and adds the frames to the open batch; the batch closes
-when it spans `max_age_ms` of frame time, when it has been open that long in wall time (a
-quiet bus still reports), or when it would outgrow `max_bytes`. Closing decodes each bus's
-frames in one pass, encodes one wire batch and queues it for the uplink; the queue is
-bounded, so a slow uplink slows the sources down instead of filling the memory.
+One task per bus reads its source and adds the frames to the bus's open batch; the batch
+closes when it spans `max_age_ms` of the bus's frame time, when it has been open that long
+in wall time (a quiet bus still reports), or when it would outgrow `max_bytes`. Each bus
+batches on its own: sources hand over frames in chunks of their own size and buses may run
+on different clocks (a replayed log beside a live bus), so one batch for all buses would
+mix unrelated time spans. Closing decodes the frames in one pass, encodes one wire batch and
+queues it for the uplink; the queue is bounded, so a slow uplink slows the sources down
+instead of filling the memory.
 """
 
 from __future__ import annotations
@@ -45,20 +48,20 @@ STOP_DRAIN_S = 5.0
 
 @dataclass
 class OpenBatch:
-    pieces: dict[str, list[FrameBatch]] = field(default_factory=dict)
+    """A bus's frames waiting for their batch to close."""
+
+    pieces: list[FrameBatch] = field(default_factory=list)
     frames: int = 0
-    # Each bus's first frame time: buses may run on different clocks (a replayed log beside
-    # a live bus), so each spans max_age_ms of its own.
-    first_t_ns: dict[str, int] = field(default_factory=dict)
+    first_t_ns: int | None = None
     opened: float = 0.0
 
-    def add(self, bus: str, frames: FrameBatch) -> None:
+    def add(self, frames: FrameBatch) -> None:
         if not len(frames):
             return
-        if not self.frames:
+        if self.first_t_ns is None:
+            self.first_t_ns = int(frames.t_ns[0])
             self.opened = time.monotonic()
-        self.first_t_ns.setdefault(bus, int(frames.t_ns[0]))
-        self.pieces.setdefault(bus, []).append(frames)
+        self.pieces.append(frames)
         self.frames += len(frames)
 
 
@@ -97,7 +100,7 @@ class Agent:
         )
         self.next_sequence = 1
         self.totals = Totals()
-        self._open = OpenBatch()
+        self._open: dict[str, OpenBatch] = {bus.name: OpenBatch() for bus in config.buses}
         self._bytes_per_frame = FIRST_BYTES_PER_FRAME
         self._ready: deque[WireBatch] = deque()  # encoded, not yet in the uplink's queue
         self._flushing = asyncio.Lock()
@@ -148,7 +151,8 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*buses, tick, return_exceptions=True)
             # Whatever the sources read goes out: into the queue regardless of its bound.
-            self._close()
+            for bus in self._open:
+                self._close(bus)
             self.sender.put_nowait(self._ready)
             timeout = STOP_DRAIN_S if stopped else self.config.uplink.drain_timeout_s
             delivered = not broken and await self.sender.drain(timeout)
@@ -195,38 +199,40 @@ class Agent:
             malformed.inc(source.stats.malformed - counted)
 
     async def add(self, bus: str, frames: FrameBatch) -> None:
-        """Add a bus's frames to the open batch, closing it where they pass its time span,
+        """Add a bus's frames to its open batch, closing it where they pass its time span,
         then queue what closed (waiting while the queue is full). Nothing awaits before
         every frame is in a batch, so a stop never loses frames a source handed over."""
         while len(frames):
-            first = self._open.first_t_ns.get(bus)
+            first = self._open[bus].first_t_ns
             if first is None:
                 first = int(frames.t_ns[0])
             late = frames.t_ns >= first + self.max_age_ns
             cut = int(np.argmax(late)) if late.any() else len(frames)
-            self._open.add(bus, frames.take(slice(0, cut)) if cut < len(frames) else frames)
+            self._open[bus].add(frames.take(slice(0, cut)) if cut < len(frames) else frames)
             if cut == len(frames):
                 break
-            self._close()
+            self._close(bus)
             frames = frames.take(slice(cut, None))
-        if self._open.frames >= SIZE_MARGIN * self.config.batch.max_bytes / self._bytes_per_frame:
-            self._close()
+        limit = SIZE_MARGIN * self.config.batch.max_bytes / self._bytes_per_frame
+        if self._open[bus].frames >= limit:
+            self._close(bus)
         await self._flush()
 
     async def _tick(self) -> None:
         max_age_s = self.config.batch.max_age_ms / 1000
         while True:
             await asyncio.sleep(TICK_S)
-            if self._open.frames and time.monotonic() - self._open.opened >= max_age_s:
-                self._close()
-                await self._flush()
+            now = time.monotonic()
+            for bus, batch in self._open.items():
+                if batch.frames and now - batch.opened >= max_age_s:
+                    self._close(bus)
+            await self._flush()
 
-    def _close(self) -> None:
-        """Decode and encode the open batch into the ready list (nothing when it is empty)."""
-        batch, self._open = self._open, OpenBatch()
+    def _close(self, bus: str) -> None:
+        """Decode and encode a bus's open batch into the ready list (nothing when empty)."""
+        batch, self._open[bus] = self._open[bus], OpenBatch()
         if batch.frames:
-            frames = {bus: FrameBatch.concat(pieces) for bus, pieces in batch.pieces.items()}
-            self._ready.extend(self._encode(frames))
+            self._ready.extend(self._encode({bus: FrameBatch.concat(batch.pieces)}))
 
     async def _flush(self) -> None:
         """Move ready batches into the uplink's queue, in sequence order; a batch leaves the

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.decode import Decoder
+from agent.decode import ALL_BUSES, Decoder
 from agent.frames import FrameBatch
 from agent.logs import open_log
 from agent.wire import BatchEncoder
@@ -101,24 +101,30 @@ def realtime(config: Path) -> tuple[float, float]:
 
 
 def wire_bytes() -> list[list[object]]:
-    """Bytes per decoded frame on the wire with 1 s batches, for each real log."""
+    """Bytes per decoded frame on the wire with 1 s batches, for each real log, batched as
+    the agent batches: each bus on its own."""
     rows: list[list[object]] = []
     for name, (log, dbcs, j1939) in LOGS.items():
-        decoder = Decoder(dbcs, j1939)
         frames = FrameBatch.concat(list(open_log(log).batches()))
-        seconds = (frames.t_ns - frames.t_ns[0]) // 1_000_000_000
-        cuts = np.flatnonzero(np.diff(seconds)) + 1
         encoder = BatchEncoder("bench", "stream", b"", compression="zstd")
-        wire = body = decoded = signals = 0
-        for sequence, rows_of_second in enumerate(np.split(np.arange(len(frames)), cuts), 1):
-            result = decoder.decode(frames.take(rows_of_second))
-            batch = encoder.encode([result], sequence)
-            if batch is None:
-                continue
-            wire += len(batch)
-            body += batch.body_size
-            decoded += result.decoded
-            signals += result.signals
+        wire = body = decoded = signals = sequence = 0
+        for bus, paths in dbcs.items():
+            decoder = Decoder({ALL_BUSES: paths}, j1939)
+            mine = (
+                frames if bus == ALL_BUSES else frames.take(frames.bus == frames.buses.index(bus))
+            )
+            seconds = (mine.t_ns - mine.t_ns[0]) // 1_000_000_000
+            cuts = np.flatnonzero(np.diff(seconds)) + 1
+            for rows_of_second in np.split(np.arange(len(mine)), cuts):
+                result = decoder.decode(mine.take(rows_of_second))
+                sequence += 1
+                batch = encoder.encode([result], sequence)
+                if batch is None:
+                    continue
+                wire += len(batch)
+                body += batch.body_size
+                decoded += result.decoded
+                signals += result.signals
         text = log.stat().st_size / len(frames)
         rows.append(
             [
