@@ -36,7 +36,7 @@ from agent.wire import BatchEncoder, WireBatch, dbc_hash
 
 log = logging.getLogger(__name__)
 
-#: How often the open batch's wall age is checked.
+#: The shortest wait between checks of the open batches' wall age.
 TICK_S = 0.05
 #: Until the first batch is measured, frames are assumed to cost this much on the wire.
 FIRST_BYTES_PER_FRAME = 40.0
@@ -219,14 +219,20 @@ class Agent:
         await self._flush()
 
     async def _tick(self) -> None:
+        """Close batches that have been open `max_age_ms` of wall time; sleeps until the
+        oldest one is due (at least TICK_S), so a quiet agent wakes rarely."""
         max_age_s = self.config.batch.max_age_ms / 1000
         while True:
-            await asyncio.sleep(TICK_S)
             now = time.monotonic()
             for bus, batch in self._open.items():
                 if batch.frames and now - batch.opened >= max_age_s:
                     self._close(bus)
             await self._flush()
+            due = min(
+                (b.opened + max_age_s for b in self._open.values() if b.frames),
+                default=now + max_age_s,
+            )
+            await asyncio.sleep(max(TICK_S, due - time.monotonic()))
 
     def _close(self, bus: str) -> None:
         """Decode and encode a bus's open batch into the ready list (nothing when empty)."""

@@ -11,8 +11,9 @@ import numpy as np
 from agent.config import Pace
 from agent.frames import FrameBatch
 
-#: A paced source wakes this often at most: frames due in between go out together.
-TICK_S = 0.05
+#: A paced source wakes this often at most: frames due in between go out together (a
+#: batch spans a second or so, and each wake-up costs the whole pipeline a pass).
+TICK_S = 0.1
 
 
 async def paced(batches: AsyncIterator[FrameBatch], pace: Pace) -> AsyncIterator[FrameBatch]:
