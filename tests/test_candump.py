@@ -224,3 +224,35 @@ def test_a_line_longer_than_many_chunks_is_one_malformed_line(tmp_path: Path) ->
     frames, reader = read(log, chunk_bytes=100)
     assert frames.can_id.tolist() == [0x123, 0x124]
     assert reader.stats.malformed >= 1
+
+
+@pytest.mark.parametrize("chunk_bytes", [4096, 1 << 20])
+def test_a_channel_filter_leaves_out_only_other_channels(chunk_bytes: int) -> None:
+    everything = FrameBatch.concat(list(CandumpReader(RAV4_LOG).batches(1_000_000)))
+    reader = CandumpReader(RAV4_LOG, chunk_bytes=chunk_bytes)
+    reader.channels = frozenset({"can0", "can1"})
+    some = FrameBatch.concat(list(reader.batches(1_000_000)))
+    wanted = np.isin(np.array(everything.buses)[everything.bus], ["can0", "can1"])
+    expected = everything.take(wanted)
+    assert len(some) == len(expected) < len(everything)
+    assert (np.array(some.buses)[some.bus] == np.array(expected.buses)[expected.bus]).all()
+    for column in ("t_ns", "can_id", "flags", "length", "data"):
+        assert (getattr(some, column) == getattr(expected, column)).all(), column
+
+
+def test_a_channel_filter_still_counts_malformed_lines_by_their_numbers(tmp_path: Path) -> None:
+    log = tmp_path / "mixed.log"
+    log.write_text(
+        "(1.000000) can0 100#01\n"
+        "(1.000001) can9 100#01\n"  # another channel: left out
+        "(1.000002) can9 1G0#01\n"  # another channel, malformed past its name: left out
+        "garbage\n"  # no channel to read: malformed
+        "(1.000003) can0 1G0#01\n"  # this channel, malformed
+        "(1.000004) can0 101#02\n"
+    )
+    reader = CandumpReader(log)
+    reader.channels = frozenset({"can0"})
+    frames = FrameBatch.concat(list(reader.batches()))
+    assert frames.can_id.tolist() == [0x100, 0x101]
+    assert reader.stats.malformed == 2
+    assert reader.stats.examples == ["line 4: 'garbage'", "line 5: '(1.000003) can0 1G0#01'"]

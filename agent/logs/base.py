@@ -53,6 +53,9 @@ class LogReader(abc.ABC):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.stats = LogStats()
+        #: The channels a caller wants, where not all: a reader may then skip the others'
+        #: frames cheaply (uncounted); it may also return them.
+        self.channels: frozenset[str] | None = None
         if not self.path.is_file():
             raise LogError(f"{self.path}: no such log file")
 

@@ -209,6 +209,26 @@ class CandumpReader(LogReader):
         hash_ = find("#", id_start, 0)
         id_length = hash_ - id_start
         ok &= (hash_ < ends) & ((id_length == 3) | (id_length == 8))
+        last_space = (
+            positions[" "].reshape(n_lines, 3)[:, 2] if clean and counts[" "] == 3 else None
+        )
+        line_of = np.arange(n_lines)
+        if self.channels is not None:
+            # Lines of other channels leave before the costly part of the parse. A line
+            # whose channel cannot be read stays, to be counted as malformed.
+            named = np.flatnonzero(ok)
+            indices = self._bus_indices(w, iface_start[named], iface_length[named])
+            wanted = np.array([name in self.channels for name in self._buses], np.bool_)[indices]
+            keep = np.ones(n_lines, np.bool_)
+            keep[named] = wanted
+            if not keep.all():
+                line_of = np.flatnonzero(keep)
+                starts, ends, blank, ok = starts[keep], ends[keep], blank[keep], ok[keep]
+                close, dot, hash_ = close[keep], dot[keep], hash_[keep]
+                iface_start, iface_length = iface_start[keep], iface_length[keep]
+                id_length = id_length[keep]
+                if last_space is not None:
+                    last_space = last_space[keep]
 
         # Timestamp: whole seconds right-aligned before the dot, fraction left-aligned after.
         whole_length = dot - starts - 1
@@ -247,8 +267,8 @@ class CandumpReader(LogReader):
         data_end = _first_after(underscores, data_start, ends) if len(underscores) else ends
         if not clean:
             data_end = np.minimum(data_end, _first_after(positions[" "], data_start, ends))
-        elif counts[" "] == 3:  # every line ends in " R" or " T"
-            data_end = np.minimum(data_end, positions[" "].reshape(n_lines, 3)[:, 2])
+        elif last_space is not None:  # every line ends in " R" or " T"
+            data_end = np.minimum(data_end, last_space)
         data_chars = np.where(remote, 0, data_end - data_start)
         ok &= ~remote | (data_end == data_start)
         ok &= (data_chars % 2 == 0) & (data_chars <= np.where(fd, 128, 16))
@@ -286,7 +306,10 @@ class CandumpReader(LogReader):
         if len(bad_rows):
             self.stats.add_malformed(
                 len(bad_rows),
-                [self._example(buf, starts, ends, r, lines_before) for r in bad_rows[:5]],
+                [
+                    self._example(buf, starts, ends, r, lines_before + int(line_of[r]))
+                    for r in bad_rows[:5]
+                ],
             )
         batch = FrameBatch(
             t_ns=t_ns[rows],
@@ -330,8 +353,7 @@ class CandumpReader(LogReader):
             self._buses.append(name.rstrip(b"\0").decode("latin-1"))
 
     @staticmethod
-    def _example(
-        buf: npt.NDArray[np.uint8], starts: Any, ends: Any, row: int, lines_before: int
-    ) -> str:
+    def _example(buf: npt.NDArray[np.uint8], starts: Any, ends: Any, row: int, line: int) -> str:
+        """Row `row` of the parse, quoted; `line` counts the log's lines from 0."""
         text = bytes(buf[starts[row] : min(ends[row], starts[row] + 80)]).decode("utf-8", "replace")
-        return f"line {lines_before + row + 1}: {text!r}"
+        return f"line {line + 1}: {text!r}"

@@ -38,11 +38,14 @@ class LogFeed:
         self.stats = SourceStats()
         self.channels: set[str] = set()
         self._queues: list[asyncio.Queue[FrameBatch | BaseException | None]] = []
+        self._wanted: set[str] = set()  # what the buses take
         self._task: asyncio.Task[None] | None = None
 
-    def subscribe(self) -> asyncio.Queue[FrameBatch | BaseException | None]:
+    def subscribe(self, channel: str) -> asyncio.Queue[FrameBatch | BaseException | None]:
+        """A queue of the log's batches for a bus that takes `channel` ("*": all)."""
         queue: asyncio.Queue[FrameBatch | BaseException | None] = asyncio.Queue(FEED_DEPTH)
         self._queues.append(queue)
+        self._wanted.add(channel)
         return queue
 
     def start(self) -> None:
@@ -76,6 +79,8 @@ class LogFeed:
                 reader = open_log(self.path)
             except LogError as error:
                 raise SourceError(str(error)) from None
+            if ALL_CHANNELS not in self._wanted:
+                reader.channels = frozenset(self._wanted)
             first: int | None = None
             last = 0
             malformed = self.stats.malformed  # of the passes before this one
@@ -126,7 +131,7 @@ class ReplaySource(Source):
             self.stats = SourceStats()
         else:
             self.stats = self.feed.stats
-        self._queue = self.feed.subscribe()
+        self._queue = self.feed.subscribe(self.channel)
 
     @classmethod
     def create_all(cls, buses: Sequence[BusConfig]) -> list[Source]:
