@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from agent import __version__
-from agent.config import EX_CONFIG, Config, ConfigError, TlsConfig, embedded_defaults, load_config
+from agent.config import EX_CONFIG, ConfigError, TlsConfig, embedded_defaults, load_config
 from agent.decode import ALL_BUSES, DbcError, Decoder, load_dbc
 from agent.logs import LogError, formats, open_log
 from agent.memory import keep_freed_memory
@@ -153,20 +153,17 @@ def run_agent(args: argparse.Namespace) -> int:
         return EX_CONFIG
     from agent.service import Agent  # the daemon's imports are not needed by the others
 
+    async def serve() -> int:
+        return await Agent(config).run()  # made inside the event loop it runs in
+
     try:
-        return asyncio.run(_run(Agent, config))
+        return asyncio.run(serve())
     except DbcError as error:
         print(f"telemetry-agent: {error}", file=sys.stderr)
         return EX_CONFIG
     except OSError as error:
         print(f"telemetry-agent: {error}", file=sys.stderr)
         return 1
-
-
-async def _run(agent_class: Any, config: Config) -> int:
-    agent = agent_class(config)
-    code: int = await agent.run()
-    return code
 
 
 def run_check_config(args: argparse.Namespace) -> int:

@@ -165,28 +165,34 @@ async def _until_idle(receiver: Receiver, idle_exit: float | None) -> None:
         await asyncio.sleep(min(0.1, idle_exit))
 
 
+def accept_files(receiver: Receiver, folder: Path, done: set[str]) -> None:
+    """Take the batch files in `folder` that are not in `done` (and add them to it):
+    announcements first, as the batches that name a schema come after it, then batches
+    in name order (a stream's send order)."""
+    names = [
+        p.name
+        for suffix in (SCHEMA_SUFFIX, SUFFIX)
+        for p in sorted(folder.glob(f"*{suffix}"))
+        if p.name not in done
+    ]
+    for name in names:
+        done.add(name)
+        try:
+            payload = (folder / name).read_bytes()
+        except OSError as error:
+            receiver.stats.rejected += 1
+            log.error("%s: %s", folder / name, error.strerror)
+            continue
+        receiver.accept(payload, str(folder / name))
+
+
 async def receive_dir(receiver: Receiver, folder: Path, idle_exit: float | None) -> None:
-    """Read batch files as they appear in `folder`, in name order (a stream's send order)."""
+    """Read batch files as they appear in `folder`."""
     done: set[str] = set()
 
     async def poll() -> None:
         while True:
-            # Announcements first: the batches that name a schema come after it.
-            names = [
-                p.name
-                for suffix in (SCHEMA_SUFFIX, SUFFIX)
-                for p in sorted(folder.glob(f"*{suffix}"))
-                if p.name not in done
-            ]
-            for name in names:
-                done.add(name)
-                try:
-                    payload = (folder / name).read_bytes()
-                except OSError as error:
-                    receiver.stats.rejected += 1
-                    log.error("%s: %s", folder / name, error.strerror)
-                    continue
-                receiver.accept(payload, str(folder / name))
+            accept_files(receiver, folder, done)
             await asyncio.sleep(0.1)
 
     await _race(poll(), _until_idle(receiver, idle_exit))

@@ -17,10 +17,9 @@ from agent.config import parse_config
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import open_log
-from agent.receiver import Receiver
+from agent.receiver import Receiver, accept_files
 from agent.records import JsonLinesWriter
 from agent.service import Agent
-from agent.uplinks.file import SCHEMA_SUFFIX, SUFFIX
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO
 from tests.services import free_port
 from tests.test_agent_end_to_end import replay_bus
@@ -33,9 +32,8 @@ def received_lines(outbox: Path) -> list[str]:
     "vehicle"."""
     out = io.StringIO()
     receiver = Receiver(out)
-    for suffix in (SCHEMA_SUFFIX, SUFFIX):
-        for path in sorted(outbox.glob(f"*{suffix}")):
-            assert receiver.accept(path.read_bytes(), str(path)) is not None
+    accept_files(receiver, outbox, set())
+    assert receiver.stats.rejected == 0
     return sorted(line.replace(', "vehicle": "v1"', "") for line in out.getvalue().splitlines())
 
 
