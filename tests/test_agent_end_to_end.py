@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tests.data import (
 )
 from tests.services import (
     ReceiverProcess,
+    agent_command,
     broker,
     free_port,
     make_certificates,
@@ -63,7 +63,7 @@ def write_config(folder: Path, case: str, uplink: str) -> Path:
 def decoded(folder: Path, case: str) -> list[dict[str, object]]:
     out = folder / "decode.jsonl"
     subprocess.run(
-        [sys.executable, "-m", "agent", "decode", *CASES[case][1], "--output", str(out)],
+        agent_command("decode", *CASES[case][1], "--output", out),
         check=True,
         capture_output=True,
         timeout=120,
@@ -210,7 +210,7 @@ def test_grpc_reconnects_and_resends_what_was_not_acknowledged(tmp_path: Path) -
     text = config.read_text().replace('source = "replay"\n', 'source = "replay"\npace = 10\n')
     config.write_text(text)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        agent_command("run", "--config", str(config)),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -237,7 +237,7 @@ def test_a_stop_with_the_link_down_and_the_queue_full_ends_promptly(tmp_path: Pa
     )
     config = write_config(tmp_path, "rav4", uplink)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        agent_command("run", "--config", str(config)),
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent.config import EX_CONFIG, ConfigError, Pace, load_config, parse_config
 from tests.data import RAV4_LOG, RAV4_PT_DBC
+from tests.services import agent_command
 
 
 def config_text(bus: str = "", rest: str = "") -> str:
@@ -91,7 +91,7 @@ def test_check_config_exits_78_with_the_problems(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(config_text("pace = 0\n"))
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "check-config", str(bad)],
+        agent_command("check-config", str(bad)),
         capture_output=True,
         text=True,
         check=False,
@@ -101,7 +101,7 @@ def test_check_config_exits_78_with_the_problems(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(config_text())
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "check-config", str(good)],
+        agent_command("check-config", str(good)),
         capture_output=True,
         text=True,
         check=False,
@@ -114,7 +114,7 @@ def test_run_refuses_a_bad_config_with_78(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("vehicle_id = 1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--config", str(bad)],
+        agent_command("run", "--config", str(bad)),
         capture_output=True,
         text=True,
         check=False,

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiomqtt
 
 from tests.data import REPO
-from tests.services import ReceiverProcess, broker, records, run_agent
+from tests.services import ReceiverProcess, agent_command, broker, records, run_agent
 from tests.test_agent_end_to_end import decoded, write_config
 
 DEMO_DBC = REPO / "dbc" / "demo.dbc"
@@ -42,12 +41,7 @@ async def test_status_is_online_while_connected_and_offline_after(tmp_path: Path
                 tmp_path, "tesla", f'[uplink]\nkind = "mqtt"\nurl = "{mqtt.url}"\n'
             )
             agent = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "agent",
-                "run",
-                "--config",
-                str(config),
+                *agent_command("run", "--config", config),
                 cwd=REPO,
                 stderr=asyncio.subprocess.DEVNULL,
             )
@@ -79,7 +73,7 @@ def test_a_receiver_that_comes_later_gets_the_retained_schema(tmp_path: Path) ->
             f'[metrics]\nlisten = ""\n'
         )
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            agent_command("run", "--config", str(config)),
             cwd=REPO,
             stderr=subprocess.DEVNULL,
         )

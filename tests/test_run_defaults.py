@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from tests.data import REPO
-from tests.services import records
+from tests.services import agent_command, records
 
 
 def test_the_embedded_defaults_run_and_stop_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run"],
+        agent_command("run"),
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,
@@ -45,10 +44,7 @@ def test_the_embedded_defaults_run_and_stop_cleanly_on_ctrl_c(tmp_path: Path) ->
     assert list(outbox.glob("*.schema"))
     assert len(list(outbox.glob("*.batch"))) >= 5
     received = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent",
+        agent_command(
             "receive",
             "--dir",
             str(outbox),
@@ -56,7 +52,7 @@ def test_the_embedded_defaults_run_and_stop_cleanly_on_ctrl_c(tmp_path: Path) ->
             "0.5",
             "--output",
             str(tmp_path / "out.jsonl"),
-        ],
+        ),
         capture_output=True,
         text=True,
         check=True,

@@ -29,7 +29,7 @@ from agent.wire import (
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.codec import _deltas, _segment_sums, _unzigzag, _zigzag
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TRUCK_DBC, TRUCK_LOG
-from tests.services import records
+from tests.services import agent_command, records
 
 
 def received(wire: WireBatch, encoder: BatchEncoder) -> ReceivedBatch:
@@ -138,10 +138,7 @@ def test_the_receiver_rejects_garbage_and_keeps_going(tmp_path: Path) -> None:
     (outbox / "a-000000000004.batch").write_bytes(announcement[:-5])  # a torn announcement
     (outbox / "z.schema").write_bytes(announcement)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent",
+        agent_command(
             "receive",
             "--dir",
             str(outbox),
@@ -149,7 +146,7 @@ def test_the_receiver_rejects_garbage_and_keeps_going(tmp_path: Path) -> None:
             "0.5",
             "--output",
             str(tmp_path / "out.jsonl"),
-        ],
+        ),
         capture_output=True,
         text=True,
         check=False,
