@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from agent import __version__
-from agent.config import EX_CONFIG, ConfigError, TlsConfig, embedded_defaults, load_config
+from agent.config import EX_CONFIG, EX_IOERR, ConfigError, TlsConfig, embedded_defaults, load_config
 from agent.decode import ALL_BUSES, DbcError, Decoder, load_dbc
 from agent.logs import LogError, formats, open_log
 from agent.memory import keep_freed_memory
@@ -151,7 +151,9 @@ def run_agent(args: argparse.Namespace) -> int:
         for problem in error.problems:
             print(f"telemetry-agent: {error.source}: {problem}", file=sys.stderr)
         return EX_CONFIG
-    from agent.service import Agent  # the daemon's imports are not needed by the others
+    # The daemon's imports are not needed by the other commands.
+    from agent.service import Agent
+    from agent.spool import SpoolError
 
     async def serve() -> int:
         return await Agent(config).run()  # made inside the event loop it runs in
@@ -161,6 +163,9 @@ def run_agent(args: argparse.Namespace) -> int:
     except DbcError as error:
         print(f"telemetry-agent: {error}", file=sys.stderr)
         return EX_CONFIG
+    except SpoolError as error:
+        print(f"telemetry-agent: {error}", file=sys.stderr)
+        return EX_IOERR
     except OSError as error:
         print(f"telemetry-agent: {error}", file=sys.stderr)
         return 1
@@ -201,12 +206,21 @@ def run_receive(args: argparse.Namespace) -> int:
         out: TextIO = sys.stdout
         if args.output:
             out = stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        sink = receiver.Receiver(out)
+        batches = None
+        if args.batches:
+            batches = stack.enter_context(open(args.batches, "w", encoding="utf-8"))
+        sink = receiver.Receiver(out, batches)
         if args.dir:
             work = receiver.receive_dir(sink, Path(args.dir), args.idle_exit)
         elif args.mqtt:
             work = receiver.receive_mqtt(
-                sink, args.mqtt, (args.topic, args.schema_topic), args.share, tls, args.idle_exit
+                sink,
+                args.mqtt,
+                (args.topic, args.schema_topic),
+                args.share,
+                tls,
+                args.idle_exit,
+                args.session,
             )
         else:
             work = receiver.receive_grpc(sink, args.grpc_listen, tls, args.idle_exit)
@@ -299,10 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="MQTT topic filter of the schema announcements (never shared)",
     )
     receive.add_argument("--share", metavar="GROUP", help="an MQTT 5 shared subscription group")
+    receive.add_argument(
+        "--session",
+        metavar="CLIENT_ID",
+        help="MQTT: a persistent session under this client id; the broker keeps what comes "
+        "while the receiver is away",
+    )
     receive.add_argument("--ca-file", metavar="PATH", help="TLS: the CA that signed the peer")
     receive.add_argument("--cert-file", metavar="PATH", help="TLS: this side's certificate")
     receive.add_argument("--key-file", metavar="PATH", help="TLS: this side's private key")
     receive.add_argument("--output", metavar="PATH", help="write records here (default: stdout)")
+    receive.add_argument(
+        "--batches",
+        metavar="PATH",
+        help="write one JSON line per batch taken (stream, sequence, frames, duplicate), "
+        "in arrival order",
+    )
     receive.add_argument(
         "--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a batch"
     )

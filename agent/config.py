@@ -18,14 +18,19 @@ from urllib.parse import urlsplit
 
 #: Exit status of `check-config` and `run` for a bad config (sysexits.h EX_CONFIG).
 EX_CONFIG = 78
+#: Exit status of `run` when the spool under state_dir cannot be used (EX_IOERR).
+EX_IOERR = 74
 
+MIB = 1024 * 1024
 #: The largest batch the agent builds: receivers refuse larger ones (four times this,
 #: uncompressed), and brokers cap messages too.
-MAX_BATCH_BYTES = 4 * 1024 * 1024
+MAX_BATCH_BYTES = 4 * MIB
 
 SOURCES = ("replay", "python-can", "simulate")
 UPLINKS = ("mqtt", "grpc", "file")
 COMPRESSIONS = ("zstd", "none")
+WHEN_FULL = ("drop_oldest", "drop_newest")
+FSYNC_MODES = ("batch", "interval", "never")
 
 _REPO_DBC = Path(__file__).resolve().parents[1] / "dbc"
 _INSTALLED_DBC = Path(sys.prefix) / "share" / "telemetry-agent" / "dbc"
@@ -106,8 +111,16 @@ class UplinkConfig:
     keepalive_s: int = 30
     ack_timeout_s: float = 10.0
     window: int = 8  # batches sent but not yet acknowledged
-    queue_max_batches: int = 1000  # batches held in memory until acknowledged
     drain_timeout_s: float = 30.0  # at the end of a replay: how long to wait for acks
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    max_bytes: int = 512 * MIB  # on disk, under state_dir
+    when_full: str = "drop_oldest"
+    fsync: str = "batch"
+    fsync_interval_ms: int = 1000
+    memory_bytes: int = 16 * MIB  # batches kept in memory, and held there while the disk fails
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,7 @@ class Config:
     buses: tuple[BusConfig, ...]
     batch: BatchConfig = BatchConfig()
     uplink: UplinkConfig = UplinkConfig()
+    spool: SpoolConfig = SpoolConfig()
     metrics: MetricsConfig = MetricsConfig()
     status_interval_s: float = 5.0
     source: str = "<embedded defaults>"
@@ -322,7 +336,16 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     check.table(
         data,
         "",
-        {"vehicle_id", "state_dir", "bus", "batch", "uplink", "metrics", "status_interval_s"},
+        {
+            "vehicle_id",
+            "state_dir",
+            "bus",
+            "batch",
+            "uplink",
+            "spool",
+            "metrics",
+            "status_interval_s",
+        },
     )
     vehicle_id = check.get(data, "", "vehicle_id", str, "")
     if not vehicle_id:
@@ -373,7 +396,6 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "keepalive_s",
             "ack_timeout_s",
             "window",
-            "queue_max_batches",
             "drain_timeout_s",
         },
     )
@@ -409,7 +431,6 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             check.get(uplink, "uplink", "ack_timeout_s", (int, float), 10.0, _positive)
         ),
         window=check.get(uplink, "uplink", "window", int, 8, _positive),
-        queue_max_batches=check.get(uplink, "uplink", "queue_max_batches", int, 1000, _positive),
         drain_timeout_s=float(
             check.get(uplink, "uplink", "drain_timeout_s", (int, float), 30.0, _positive)
         ),
@@ -427,6 +448,47 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             split_url(address, schemes)
         except ValueError as error:
             check.problems.append(f"uplink.url: {error}")
+    spool = _section(
+        check,
+        data,
+        "spool",
+        {"max_bytes", "when_full", "fsync", "fsync_interval_ms", "memory_bytes"},
+    )
+    spool_config = SpoolConfig(
+        max_bytes=check.get(
+            spool,
+            "spool",
+            "max_bytes",
+            int,
+            SpoolConfig.max_bytes,
+            # Room for several segments of the largest batches, so dropping the oldest
+            # segment never has to drop the one being written.
+            lambda v: (
+                None
+                if v >= 4 * batch_config.max_bytes
+                else f"must be at least 4 times batch.max_bytes ({4 * batch_config.max_bytes})"
+            ),
+        ),
+        when_full=check.get(
+            spool, "spool", "when_full", str, SpoolConfig.when_full, _one_of(WHEN_FULL)
+        ),
+        fsync=check.get(spool, "spool", "fsync", str, SpoolConfig.fsync, _one_of(FSYNC_MODES)),
+        fsync_interval_ms=check.get(
+            spool, "spool", "fsync_interval_ms", int, SpoolConfig.fsync_interval_ms, _positive
+        ),
+        memory_bytes=check.get(
+            spool,
+            "spool",
+            "memory_bytes",
+            int,
+            SpoolConfig.memory_bytes,
+            lambda v: (
+                None
+                if v >= 2 * batch_config.max_bytes
+                else f"must be at least 2 times batch.max_bytes ({2 * batch_config.max_bytes})"
+            ),
+        ),
+    )
     metrics = _section(check, data, "metrics", {"listen"})
     metrics_config = MetricsConfig(
         listen=check.get(metrics, "metrics", "listen", str, "127.0.0.1:9108", _listen)
@@ -440,6 +502,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         buses=tuple(buses),
         batch=batch_config,
         uplink=uplink_config,
+        spool=spool_config,
         metrics=metrics_config,
         status_interval_s=float(status),
         source=source,

@@ -56,8 +56,45 @@ class Metrics:
         self.uplink_connected = gauge(
             "uplink_connected", "1 while the uplink is connected.", ("uplink",)
         )
-        self.queue_batches = gauge("queue_batches", "Batches waiting for acknowledgement.")
-        self.queue_bytes = gauge("queue_bytes", "Bytes of batches waiting for acknowledgement.")
+        self.spool_batches = gauge("spool_batches", "Batches in the spool, not yet acknowledged.")
+        self.spool_bytes = gauge("spool_bytes", "Bytes of the spool's segment files on disk.")
+        self.spool_memory_bytes = gauge(
+            "spool_memory_bytes", "Bytes of batches the spool keeps in memory."
+        )
+        self.spool_oldest_age = gauge(
+            "spool_oldest_age_seconds", "Age of the oldest batch not yet acknowledged."
+        )
+        self.spool_dropped = counter(
+            "spool_dropped_batches",
+            "Batches dropped unsent: spool_full (max_bytes), memory_full (while the disk "
+            "fails), unreadable (failed its checksum when read back).",
+            ("reason",),
+        )
+        self.spool_recovered = counter(
+            "spool_recovered_batches", "Unacknowledged batches found in the spool at start."
+        )
+        self.spool_damaged = counter(
+            "spool_damaged_records",
+            "Damaged spool records found at start: torn (cut off by a crash) or corrupt "
+            "(moved aside).",
+            ("kind",),
+        )
+        self.spool_disk_errors = counter(
+            "spool_disk_errors", "Spool writes, syncs and deletes that failed.", ("operation",)
+        )
+        self.spool_fsync = Histogram(
+            f"{PREFIX}_spool_fsync_seconds",
+            "Time of one spool fsync (every segment written since the last one).",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+            registry=registry,
+        )
+        # Known label values start at 0, so a scrape shows them before the first event.
+        for reason in ("spool_full", "memory_full", "unreadable"):
+            self.spool_dropped.labels(reason)
+        for kind in ("torn", "corrupt"):
+            self.spool_damaged.labels(kind)
+        for operation in ("write", "fsync", "state", "delete"):
+            self.spool_disk_errors.labels(operation)
         self.build_info = gauge("build_info", "The agent's version.", ("version", "python"))
         self.build_info.labels(__version__, sys.version.split()[0]).set(1)
 

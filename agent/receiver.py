@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -23,6 +24,8 @@ import aiomqtt
 import grpc
 from aiomqtt import ProtocolVersion
 from grpc import aio
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent import config
 from agent.config import URL_SCHEMES, TlsConfig, split_url
@@ -45,10 +48,18 @@ MAX_BODY_BYTES = 4 * MAX_BATCH_BYTES
 #: MQTT, on their own topic); beyond this the oldest held batch is rejected.
 MAX_WAITING = 1000
 
+#: How long the broker keeps a named receiver's session (`--session`) while it is away.
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+#: Sequence numbers remembered beyond a gap; a gap older than this many later batches is
+#: taken as for good (the agent dropped those batches), so the memory stays bounded.
+MAX_BEYOND = 100_000
+
 
 class _Seen:
-    """The sequence numbers of one stream seen so far, in bounded memory while they come
-    mostly in order: every number up to `through`, and the ones seen beyond it."""
+    """The sequence numbers of one stream seen so far, in bounded memory: every number up
+    to `through`, and the ones seen beyond it."""
 
     def __init__(self) -> None:
         self.through = 0  # sequences start at 1
@@ -59,6 +70,8 @@ class _Seen:
 
     def add(self, sequence: int) -> None:
         self.beyond.add(sequence)
+        if len(self.beyond) > MAX_BEYOND:
+            self.through = min(self.beyond) - 1
         while self.through + 1 in self.beyond:
             self.through += 1
             self.beyond.remove(self.through)
@@ -80,8 +93,13 @@ class ReceiverStats:
 
 
 class Receiver:
-    def __init__(self, out: TextIO) -> None:
+    """Writes each batch's records to `out` and, where given, one line per batch taken to
+    `batches` in arrival order (stream, sequence, frames; duplicates marked), for audits
+    of what arrived."""
+
+    def __init__(self, out: TextIO, batches: TextIO | None = None) -> None:
         self.out = out
+        self.batches = batches
         self.stats = ReceiverStats()
         self.schemas = SchemaStore()
         self._seen: dict[str, _Seen] = {}
@@ -123,6 +141,7 @@ class Receiver:
         seen = self._seen.setdefault(batch.stream_id, _Seen())
         if batch.sequence in seen:
             self.stats.duplicates += 1
+            self._log_batch(batch, duplicate=True)
             return True
         try:
             received = parse_batch(batch, self.schemas, max_body_bytes=MAX_BODY_BYTES)
@@ -142,7 +161,17 @@ class Receiver:
         self.stats.frames += received.frames
         JsonLinesWriter(self.out, vehicle=received.vehicle_id).write(received.blocks)
         self.out.flush()
+        self._log_batch(batch, duplicate=False)
         return True
+
+    def _log_batch(self, batch: pb.Batch, duplicate: bool) -> None:
+        if self.batches is None:
+            return
+        line = {"stream": batch.stream_id, "sequence": batch.sequence, "frames": batch.frames}
+        if duplicate:
+            line["duplicate"] = True
+        self.batches.write(json.dumps(line) + "\n")
+        self.batches.flush()
 
     def finish(self) -> None:
         """Count what still waits for a schema as rejected."""
@@ -205,9 +234,12 @@ async def receive_mqtt(
     share: str | None,
     tls: TlsConfig | None,
     idle_exit: float | None,
+    session: str | None = None,
 ) -> None:
     """Batches from `topics[0]` (shared by the group `share`, where given), and schema
-    announcements from `topics[1]` (never shared: every receiver needs every schema)."""
+    announcements from `topics[1]` (never shared: every receiver needs every schema).
+    With `session`, the client id: the broker keeps the subscription, and the batches that
+    come while the receiver is away, for its next connection."""
     host, port, use_tls = split_url(url, URL_SCHEMES["mqtt"])
     use_tls = use_tls or tls is not None
     topic, schema_topic = topics
@@ -219,8 +251,10 @@ async def receive_mqtt(
                 async with aiomqtt.Client(
                     host,
                     port,
-                    identifier=f"telemetry-receiver-{uuid.uuid4().hex[:12]}",
+                    identifier=session or f"telemetry-receiver-{uuid.uuid4().hex[:12]}",
                     protocol=ProtocolVersion.V5,
+                    clean_start=session is None,
+                    properties=_session_properties() if session else None,
                     tls_context=client_context(tls) if use_tls else None,
                 ) as client:
                     await client.subscribe(schema_topic, qos=1)
@@ -235,6 +269,12 @@ async def receive_mqtt(
                 await asyncio.sleep(1)
 
     await _race(listen(), _until_idle(receiver, idle_exit))
+
+
+def _session_properties() -> Properties:
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = SESSION_EXPIRY_S
+    return properties
 
 
 class _Telemetry:

@@ -6,8 +6,7 @@ in wall time (a quiet bus still reports), or when it would outgrow `max_bytes`. 
 batches on its own: sources hand over frames in chunks of their own size and buses may run
 on different clocks (a replayed log beside a live bus), so one batch for all buses would
 mix unrelated time spans. Closing decodes the frames in one pass, encodes one wire batch and
-queues it for the uplink; the queue is bounded, so a slow uplink slows the sources down
-instead of filling the memory.
+puts it in the spool, from which the uplink takes it (agent/spool.py).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import logging
 import signal
 import sys
 import time
-import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -30,6 +27,7 @@ from agent.decode import ALL_BUSES, DecodedBatch, Decoder
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.sources import Source, SourceError, create_sources
+from agent.spool import Spool
 from agent.uplinks import create_uplink
 from agent.uplinks.sender import Sender
 from agent.wire import BatchEncoder, WireBatch, dbc_hash
@@ -42,7 +40,8 @@ TICK_S = 0.05
 FIRST_BYTES_PER_FRAME = 40.0
 #: Close a batch when its estimated size reaches this share of max_bytes.
 SIZE_MARGIN = 0.7
-#: On Ctrl-C or SIGTERM: how long to wait for the last batches' acknowledgements.
+#: On Ctrl-C or SIGTERM: how long to wait for the last batches' acknowledgements (what is
+#: not acknowledged by then stays in the spool for the next start).
 STOP_DRAIN_S = 5.0
 
 
@@ -85,25 +84,20 @@ class Agent:
         for name, decoder in self.decoders.items():
             for warning in decoder.warnings:
                 log.warning("bus %s: %s", name, warning)
-        self.stream_id = uuid.uuid4().hex
+        self.spool = Spool(config.state_dir / "spool", config.spool, self.metrics)
+        self.spool.open()
+        self.stream_id = self.spool.stream_id
         digest = dbc_hash([(bus.name, bus.dbc) for bus in config.buses])
         self.encoder = BatchEncoder(
             config.vehicle_id, self.stream_id, digest, compression=config.batch.compression
         )
         self.sources: list[Source] = create_sources(config.buses)
         self.uplink = create_uplink(config.uplink, config.vehicle_id)
-        self.sender = Sender(
-            self.uplink,
-            self.metrics,
-            config.uplink.queue_max_batches,
-            self.encoder.announcement,
-        )
-        self.next_sequence = 1
+        self.sender = Sender(self.uplink, self.metrics, self.spool)
+        self.next_sequence = self.spool.next_sequence
         self.totals = Totals()
         self._open: dict[str, OpenBatch] = {bus.name: OpenBatch() for bus in config.buses}
         self._bytes_per_frame = FIRST_BYTES_PER_FRAME
-        self._ready: deque[WireBatch] = deque()  # encoded, not yet in the uplink's queue
-        self._flushing = asyncio.Lock()
         self._stop = asyncio.Event()
         self.failed_buses: list[str] = []
 
@@ -117,7 +111,8 @@ class Agent:
 
     async def run(self) -> int:
         """Run until every source has ended (then deliver everything and return 0) or a
-        stop is asked for (Ctrl-C, SIGTERM)."""
+        stop is asked for (Ctrl-C, SIGTERM: the open batches go into the spool, and what is
+        not acknowledged within STOP_DRAIN_S stays there for the next start)."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -125,6 +120,7 @@ class Agent:
         if self.config.metrics.listen:
             self.metrics.serve(self.config.metrics.listen)
         started = time.monotonic()
+        spool = asyncio.create_task(self.spool.run(), name="spool")
         sender = asyncio.create_task(self.sender.run(), name="uplink")
         tick = asyncio.create_task(self._tick(), name="batch-age")
         report = asyncio.create_task(self._report(started), name="status")
@@ -133,14 +129,16 @@ class Agent:
             for source in self.sources
         ]
         stop = asyncio.create_task(self._stopped())
+        services = {spool, sender, tick}
         broken = False
+        delivered = False
         try:
             running = set(buses)
             while running and not self._stop.is_set():
-                watched = [*running, stop, sender, tick]
+                watched = [*running, stop, *services]
                 done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 running -= done
-                for task in done & {sender, tick}:
+                for task in done & services:
                     # They only end by a bug: say so, and stop rather than run on without.
                     log.error("%s stopped: %r", task.get_name(), task.exception())
                     broken = True
@@ -150,30 +148,48 @@ class Agent:
             for task in [*buses, tick]:
                 task.cancel()
             await asyncio.gather(*buses, tick, return_exceptions=True)
-            # Whatever the sources read goes out: into the queue regardless of its bound.
             for bus in self._open:
                 self._close(bus)
-            self.sender.put_nowait(self._ready)
-            timeout = STOP_DRAIN_S if stopped else self.config.uplink.drain_timeout_s
-            delivered = not broken and await self.sender.drain(timeout)
+            await self.spool.sync()
+            if not broken:
+                delivered = await self._deliver(stopped)
+            stopped = stopped or self._stop.is_set()
         finally:
-            for task in [tick, report, stop, sender]:
+            for task in [tick, report, stop, sender, spool]:
                 task.cancel()
-            await asyncio.gather(tick, report, stop, sender, return_exceptions=True)
+            await asyncio.gather(tick, report, stop, sender, spool, return_exceptions=True)
+            await self.spool.close()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)
         self._print_status(started)
         if not delivered:
-            log.error(
-                "%d batches not acknowledged by %s after %.0f s (last error: %s)",
-                len(self.sender.pending),
+            log.log(
+                logging.WARNING if stopped and not broken else logging.ERROR,
+                "%d batches not acknowledged by %s (last error: %s); they stay in the spool "
+                "%s for the next start",
+                len(self.spool),
                 self.uplink.target,
-                timeout,
                 self.sender.last_error or "none",
+                self.spool.folder,
             )
-            return 1
+            if not stopped or broken:
+                return 1
         return 1 if self.failed_buses else 0
+
+    async def _deliver(self, stopped: bool) -> bool:
+        """Wait for the spool's batches to be acknowledged: up to drain_timeout_s once the
+        sources ended, STOP_DRAIN_S once a stop is asked for (also in the middle of the
+        former). Whether they all were."""
+        if not stopped:
+            drain = asyncio.ensure_future(self.sender.drain(self.config.uplink.drain_timeout_s))
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait([drain, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if drain.done():
+                return drain.result()
+            drain.cancel()
+        return await self.sender.drain(STOP_DRAIN_S)
 
     async def _stopped(self) -> None:
         await self._stop.wait()
@@ -188,7 +204,7 @@ class Agent:
                 received.inc(len(frames))
                 malformed.inc(source.stats.malformed - counted)
                 counted = source.stats.malformed
-                await self.add(name, frames)
+                self.add(name, frames)
         except SourceError as error:
             log.error("%s", error)
             self.failed_buses.append(name)
@@ -198,10 +214,9 @@ class Agent:
         finally:
             malformed.inc(source.stats.malformed - counted)
 
-    async def add(self, bus: str, frames: FrameBatch) -> None:
-        """Add a bus's frames to its open batch, closing it where they pass its time span,
-        then queue what closed (waiting while the queue is full). Nothing awaits before
-        every frame is in a batch, so a stop never loses frames a source handed over."""
+    def add(self, bus: str, frames: FrameBatch) -> None:
+        """Add a bus's frames to its open batch, closing it where they pass its time span
+        or would outgrow max_bytes; closed batches go into the spool at once."""
         while len(frames):
             first = self._open[bus].first_t_ns
             if first is None:
@@ -216,7 +231,6 @@ class Agent:
         limit = SIZE_MARGIN * self.config.batch.max_bytes / self._bytes_per_frame
         if self._open[bus].frames >= limit:
             self._close(bus)
-        await self._flush()
 
     async def _tick(self) -> None:
         """Close batches that have been open `max_age_ms` of wall time; sleeps until the
@@ -227,7 +241,6 @@ class Agent:
             for bus, batch in self._open.items():
                 if batch.frames and now - batch.opened >= max_age_s:
                     self._close(bus)
-            await self._flush()
             due = min(
                 (b.opened + max_age_s for b in self._open.values() if b.frames),
                 default=now + max_age_s,
@@ -235,18 +248,11 @@ class Agent:
             await asyncio.sleep(max(TICK_S, due - time.monotonic()))
 
     def _close(self, bus: str) -> None:
-        """Decode and encode a bus's open batch into the ready list (nothing when empty)."""
+        """Decode and encode a bus's open batch into the spool (nothing when empty)."""
         batch, self._open[bus] = self._open[bus], OpenBatch()
         if batch.frames:
-            self._ready.extend(self._encode({bus: FrameBatch.concat(batch.pieces)}))
-
-    async def _flush(self) -> None:
-        """Move ready batches into the uplink's queue, in sequence order; a batch leaves the
-        ready list only once queued, so a cancelled wait loses nothing."""
-        async with self._flushing:
-            while self._ready:
-                await self.sender.put(self._ready[0])
-                self._ready.popleft()
+            for wire in self._encode({bus: FrameBatch.concat(batch.pieces)}):
+                self.spool.add(wire, self.encoder.announcement(wire.schema_id))
 
     def _decode(self, frames: dict[str, FrameBatch], count: bool) -> list[DecodedBatch]:
         results = []
@@ -301,11 +307,12 @@ class Agent:
         elapsed = time.monotonic() - started
         totals = self.totals
         link = "up" if self.sender.connected else "down"
+        dropped = "".join(f", {n:,} dropped ({why})" for why, n in self.spool.dropped.items())
         self.status.write(
             f"[{elapsed:6.1f} s] {totals.frames:,} frames "
             f"({totals.frames / max(elapsed, 1e-9):,.0f}/s), "
             f"{totals.decoded:,} decoded, {totals.unknown:,} unknown; {totals.batches:,} batches, "
-            f"{self.sender.acked:,} acknowledged, {len(self.sender.pending)} queued; "
+            f"{self.sender.acked:,} acknowledged, {len(self.spool):,} in the spool{dropped}; "
             f"uplink {self.uplink.kind} {self.uplink.target} {link}\n"
         )
         self.status.flush()

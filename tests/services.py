@@ -7,6 +7,7 @@ import contextlib
 import getpass
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -68,9 +69,13 @@ class Broker:
         )
         wait_for_port(self.port)
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = False) -> None:
+        """SIGKILL, or SIGTERM with `graceful` (mosquitto then saves its persistence)."""
         if self.process is not None:
-            self.process.kill()
+            if graceful:
+                self.process.terminate()
+            else:
+                self.process.kill()
             self.process.wait(10)
             self.process = None
 
@@ -192,6 +197,22 @@ class ReceiverProcess:
                 raise RuntimeError(f"receiver exited: {self.stderr_path.read_text()}")
             time.sleep(0.05)
         raise TimeoutError(f"receiver not ready: {self.stderr_path.read_text()}")
+
+    def interrupt_once_quiet(self, quiet_s: float = 2.0, timeout: float = 30) -> None:
+        """Ctrl-C once the output has not grown for `quiet_s` seconds (or after `timeout`):
+        an end without --idle-exit, for a test whose link goes quiet for a while on purpose.
+        `finish` then has its summary."""
+        deadline = time.monotonic() + timeout
+        size, since = -1, time.monotonic()
+        while time.monotonic() < deadline and self.process.poll() is None:
+            now_size = self.output.stat().st_size if self.output.exists() else 0
+            if now_size != size:
+                size, since = now_size, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                break
+            time.sleep(0.1)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
 
     def finish(self, timeout: float = 60) -> str:
         """Waits for the receiver's idle exit; its stderr."""

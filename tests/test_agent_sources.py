@@ -76,7 +76,7 @@ async def test_python_can_virtual_frames_arrive_decoded(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
     for _ in range(100):  # bounded: the frames reach the outbox within a few batch ages
         await asyncio.sleep(0.1)
-        if agent.totals.frames == 600 and not agent.sender.pending:
+        if agent.totals.frames == 600 and not len(agent.spool):
             break
     agent.stop()
     assert await running == 0
@@ -138,7 +138,8 @@ async def test_a_metrics_scrape_matches_the_replayed_log(tmp_path: Path) -> None
     assert value("batches_built_total") == agent.totals.batches
     assert value("uplink_batches_acked_total", 'uplink="file"') == agent.totals.batches
     assert value("batch_wire_bytes_total") > 0
-    assert value("queue_batches") == 0
+    assert value("spool_batches") == 0
+    assert value("spool_dropped_batches_total", 'reason="spool_full"') == 0
     assert "telemetry_agent_build_info{" in text
 
 

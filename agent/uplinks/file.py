@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
+from agent.durable import write_atomically
 from agent.uplinks.base import Uplink, UplinkError, register
 from agent.wire import WireBatch
 
@@ -44,31 +42,9 @@ class FileUplink(Uplink):
 
     async def _write(self, name: str, payload: bytes) -> None:
         try:
-            await asyncio.to_thread(self._write_file, self.folder / name, payload)
+            await asyncio.to_thread(write_atomically, self.folder / name, payload)
         except OSError as error:
             raise UplinkError(f"cannot write to {self.folder}: {error.strerror}") from None
-
-    @staticmethod
-    def _write_file(final: Path, payload: bytes) -> None:
-        # Written under a name no reader picks up and no other write shares, flushed, then
-        # renamed, and the rename flushed with the folder: a reader sees the whole file or
-        # nothing, and an acknowledged file outlives a power cut.
-        fd, partial = tempfile.mkstemp(dir=final.parent, prefix=".", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(payload)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
-            raise
-        folder = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
 
     async def close(self) -> None:
         return None

@@ -12,6 +12,7 @@ from agent.wire.codec import (
     dbc_hash,
     parse_batch,
     read_envelope,
+    wire_batch,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "dbc_hash",
     "parse_batch",
     "read_envelope",
+    "wire_batch",
 ]

@@ -373,6 +373,22 @@ def read_envelope(payload: bytes) -> pb.Batch:
     return batch
 
 
+def wire_batch(payload: bytes) -> WireBatch:
+    """The WireBatch of a serialized batch (one read back from the spool)."""
+    batch = read_envelope(payload)
+    return WireBatch(
+        batch.stream_id,
+        batch.sequence,
+        batch.frames,
+        batch.signals,
+        batch.first_t_ns,
+        batch.last_t_ns,
+        batch.body_size,
+        payload,
+        batch.schema_id,
+    )
+
+
 def _unpacked(batch: pb.Batch, packed: bytes, max_bytes: int, what: str) -> bytes:
     if batch.body_size > max_bytes:
         raise WireError(f"{what} of {batch.body_size} bytes exceeds {max_bytes}")
