@@ -93,7 +93,7 @@ class Metrics:
             self.spool_dropped.labels(reason)
         for kind in ("torn", "corrupt"):
             self.spool_damaged.labels(kind)
-        for operation in ("write", "fsync", "state", "delete"):
+        for operation in ("write", "fsync", "state", "delete", "read"):
             self.spool_disk_errors.labels(operation)
         self.build_info = gauge("build_info", "The agent's version.", ("version", "python"))
         self.build_info.labels(__version__, sys.version.split()[0]).set(1)

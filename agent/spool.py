@@ -217,6 +217,10 @@ class Spool:
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise SpoolError(f"cannot create the spool {self.folder}: {error.strerror}") from None
+        for folder in (self.folder, self.folder / "schemas"):
+            for partial in folder.glob(".*.partial"):  # of a write a crash interrupted
+                with contextlib.suppress(OSError):
+                    partial.unlink()
         acked_through = self._load_state()
         recovery, schema_ids = self._recover(acked_through)
         self._load_schemas(schema_ids)
@@ -225,7 +229,7 @@ class Spool:
         try:
             self._save_state()
         except OSError as error:
-            raise SpoolError(f"cannot write to the spool {self.folder}: {error.strerror}") from None
+            self._disk_error("state", error)  # a full disk: the agent runs on, and saves later
         self._update_gauges()
         return recovery
 
@@ -270,7 +274,10 @@ class Spool:
                 log.warning("%s: not a spool segment name; left alone", path)
                 continue
             except OSError as error:
-                raise SpoolError(f"cannot read {path}: {error.strerror}") from None
+                # Left where it is, for the next start or for inspection; the rest is sent.
+                self.metrics.spool_disk_errors.labels("read").inc()
+                log.error("%s: cannot read: %s; left alone", path, error.strerror)
+                continue
             self._next_segment = max(self._next_segment, number + 1)
             if len(data) < SEGMENT_HEADER.size:
                 # A crash between creating a segment and writing its header.
@@ -382,7 +389,7 @@ class Spool:
             try:
                 schema_id = bytes.fromhex(path.name)
             except ValueError:
-                continue  # a temporary file of an interrupted write
+                continue
             if schema_id in needed:
                 with contextlib.suppress(OSError):
                     self._schemas[schema_id] = path.read_bytes()

@@ -325,3 +325,13 @@ def test_an_unusable_folder_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(SpoolError, match=f"cannot create the spool {blocker}/spool"):
         Opened(blocker / "spool")
+
+
+async def test_a_spool_that_cannot_save_its_state_still_starts(tmp_path: Path) -> None:
+    (tmp_path / "state.json").mkdir()  # neither readable nor replaceable as a file
+    opened = Opened(tmp_path)
+    assert sample(opened.metrics, "spool_disk_errors_total", operation="state") == 1
+    wire, announcement = make_batches(opened.spool.stream_id, 1)[0]
+    opened.spool.add(wire, announcement)
+    await opened.spool.sync()
+    assert list(opened.spool.pending) == [1]
