@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench run proto broker clean
+.PHONY: install test lint bench soak run proto broker clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# Replayed traffic for SOAK_SECONDS with the broker and the agent killed at random moments:
+# frames sent, received, lost, and the drops the agent counted (see bench/soak.py).
+SOAK_SECONDS ?= 600
+soak: install broker
+	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

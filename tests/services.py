@@ -80,6 +80,16 @@ class Broker:
             self.process = None
 
 
+def persistent_settings(folder: Path) -> str:
+    """mosquitto settings that keep sessions and queued messages on disk, saved every
+    second, so that a receiver's subscription (`receive --session`) outlives a broker that
+    is killed; no limit on the messages queued for a receiver that is catching up."""
+    return (
+        f"allow_anonymous true\npersistence true\npersistence_location {folder}/\n"
+        "autosave_interval 1\nmax_queued_messages 1000000\n"
+    )
+
+
 @contextlib.contextmanager
 def broker(folder: Path, settings: str = "allow_anonymous true\n") -> Iterator[Broker]:
     running = Broker(free_port(), folder, settings)

@@ -25,14 +25,15 @@ from agent.service import Agent
 from agent.spool import RECORD, SEGMENT_HEADER
 from agent.wire import read_envelope
 from tests.data import RAV4_LOG
-from tests.services import Broker, ReceiverProcess, agent_command, free_port, records
-from tests.test_agent_end_to_end import decoded, write_config
-
-#: mosquitto keeps sessions and queued messages on disk, saved every second, so that a
-#: receiver's subscription outlives a broker that is killed.
-PERSISTENT = (
-    "allow_anonymous true\npersistence true\npersistence_location {folder}/\nautosave_interval 1\n"
+from tests.services import (
+    Broker,
+    ReceiverProcess,
+    agent_command,
+    free_port,
+    persistent_settings,
+    records,
 )
+from tests.test_agent_end_to_end import decoded, write_config
 
 
 def canonical(rows: list[dict[str, Any]]) -> Counter[str]:
@@ -155,7 +156,7 @@ def check_everything_arrived(folder: Path, agent: AgentProcess, receiver: Receiv
 
 
 def test_broker_down_at_start_and_up_5_s_later(tmp_path: Path) -> None:
-    mqtt = Broker(free_port(), tmp_path, PERSISTENT.format(folder=tmp_path))
+    mqtt = Broker(free_port(), tmp_path, persistent_settings(tmp_path))
     # The receiver's session is made first and saved, so it is there when the broker comes
     # back, whoever reconnects first.
     mqtt.start()
@@ -171,7 +172,7 @@ def test_broker_down_at_start_and_up_5_s_later(tmp_path: Path) -> None:
 
 
 def test_broker_killed_mid_stream_and_restarted(tmp_path: Path) -> None:
-    mqtt = Broker(free_port(), tmp_path, PERSISTENT.format(folder=tmp_path))
+    mqtt = Broker(free_port(), tmp_path, persistent_settings(tmp_path))
     mqtt.start()
     try:
         receiver = mqtt_receiver(tmp_path, mqtt.url)
