@@ -3,12 +3,19 @@
 The client id is the vehicle id, and a retained status topic says `online` while the agent
 is connected and `offline` (the will, or on a clean stop) otherwise. Schema announcements
 are retained on `{schema_topic}/{schema id in hex}`, so a receiver that comes later has them.
+
+A half-open link (the path went away, nothing closed it) is noticed by the keepalive: paho
+sends a PINGREQ after `keepalive_s` without traffic and drops the link when no PINGRESP came
+`keepalive_s` later (checked once a second). Every publish still waiting for its PUBACK then
+fails at once, rather than at its own `ack_timeout_s`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
+from typing import Any
 
 import aiomqtt
 from aiomqtt import ProtocolVersion, Will
@@ -32,6 +39,9 @@ class MqttUplink(Uplink):
         self.status_topic = config.status_topic.format(vehicle_id=vehicle_id)
         self.schema_topic = config.schema_topic.format(vehicle_id=vehicle_id)
         self._client: aiomqtt.Client | None = None
+        # Resolved with the reason when the connection is lost; see _watch.
+        self._lost: asyncio.Future[str] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         client = aiomqtt.Client(
@@ -50,10 +60,26 @@ class MqttUplink(Uplink):
         except aiomqtt.MqttError as error:
             raise UplinkError(f"cannot connect to {self.config.url}: {error}") from None
         self._client = client
+        self._lost = asyncio.get_running_loop().create_future()
+        self._watcher = asyncio.create_task(self._watch(client, self._lost))
+        await self._publish(self.status_topic, b"online", retain=True)
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client, lost: asyncio.Future[str]) -> None:
+        """Resolves `lost` when the connection ends. When paho drops a link (no PINGRESP
+        within the keepalive, or the broker closed it), aiomqtt ends the message iterator
+        with an error, but leaves each publish waiting for its PUBACK until its own timeout:
+        with a full window of them and no new publish to fail, a half-open link would be
+        noticed only after `ack_timeout_s`, not within the keepalive."""
+        reason = "the connection ended"
         try:
-            await client.publish(self.status_topic, b"online", qos=1, retain=True)
+            # Nothing is subscribed, so no message comes: this returns only with the link.
+            async for _ in client.messages:
+                pass
         except aiomqtt.MqttError as error:
-            raise UplinkError(f"{self.config.url}: {error}") from None
+            reason = f"connection lost: {error.__cause__ or error}"
+        if not lost.done():
+            lost.set_result(reason)
 
     async def announce(self, schema_id: bytes, announcement: bytes) -> None:
         await self._publish(f"{self.schema_topic}/{schema_id.hex()}", announcement, retain=True)
@@ -62,17 +88,32 @@ class MqttUplink(Uplink):
         await self._publish(self.topic, batch.payload)
 
     async def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        if self._client is None:
+        client, lost = self._client, self._lost
+        if client is None or lost is None:
             raise UplinkError("not connected")
+        # Until the PUBACK comes, or the link is lost: whichever is first.
+        publish = asyncio.ensure_future(
+            client.publish(topic, payload, qos=1, retain=retain, timeout=self.config.ack_timeout_s)
+        )
         try:
-            await self._client.publish(
-                topic, payload, qos=1, retain=retain, timeout=self.config.ack_timeout_s
-            )
+            either: list[asyncio.Future[Any]] = [publish, lost]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not publish.done():
+                raise UplinkError(f"{self.config.url}: {lost.result()}")
+            publish.result()
         except aiomqtt.MqttError as error:
             raise UplinkError(f"{self.config.url}: {error}") from None
+        finally:
+            if not publish.done():
+                publish.cancel()
 
     async def close(self) -> None:
         client, self._client = self._client, None
+        watcher, self._watcher = self._watcher, None
+        self._lost = None
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
         if client is None:
             return
         with contextlib.suppress(Exception):
