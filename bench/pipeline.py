@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from agent.logs import open_log
 from agent.wire import BatchEncoder
 from bench.command import big_log
 from bench.common import LOGS, table
+from tests.data import REPO
 from tests.services import broker
 
 #: The RAV4 log this many times end to end for the throughput runs: the difference between
@@ -36,19 +38,55 @@ BASELINE_FRAMES = 30_000
 WARM_UP_S, WINDOW_S = 5.0, 20.0
 
 
-def agent_config(folder: Path, log: Path, url: str, pace: str) -> Path:
+#: The last commit before the spool: the pipeline as issue 3 left it, run beside today's to
+#: measure what the spool costs.
+BEFORE_SPOOL = "0d0ec89c532eb51c448ea3b1cb7aa1b4dda2046e"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    fsync: str | None  # the [spool] fsync mode; None: the agent before the spool
+
+
+#: The first is today's default, compared with the others.
+VARIANTS = (
+    Variant('spool, fsync = "batch"', "batch"),
+    Variant('spool, fsync = "never"', "never"),
+    Variant("before the spool (in-memory queue)", None),
+)
+
+
+def agent_config(folder: Path, log: Path, url: str, pace: str, fsync: str | None = "batch") -> Path:
     _, dbcs, _ = LOGS["rav4"]
     buses = "".join(
         f'[[bus]]\nname = "{bus}"\nsource = "replay"\npath = "{log}"\npace = {pace}\n'
         f'dbc = ["{paths[0]}"]\n'
         for bus, paths in dbcs.items()
     )
-    config = folder / f"agent-{pace.strip(chr(34))}.toml"
+    tag = f"{pace.strip(chr(34))}-{fsync or 'before-spool'}"
+    spool = f'[spool]\nfsync = "{fsync}"\n' if fsync else ""
+    config = folder / f"agent-{tag}.toml"
     config.write_text(
-        f'vehicle_id = "bench"\nstate_dir = "{folder}"\n{buses}'
-        f'[uplink]\nkind = "mqtt"\nurl = "{url}"\n[metrics]\nlisten = ""\n'
+        f'vehicle_id = "bench"\nstate_dir = "{folder / ("state-" + tag)}"\n{buses}'
+        f'[uplink]\nkind = "mqtt"\nurl = "{url}"\n{spool}[metrics]\nlisten = ""\n'
     )
     return config
+
+
+def before_spool(folder: Path) -> Path | None:
+    """The agent package of BEFORE_SPOOL, unpacked in `folder` (None without git history)."""
+    target = folder / "before-spool"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", BEFORE_SPOOL, "agent", "dbc"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        return None
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -60,10 +98,13 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_measured(command: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (MB) of a child process."""
+def run_measured(command: list[str], cwd: Path | None = None) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of a child process (`python -m agent` in
+    `cwd` runs the agent package found there)."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd
+    )
     peak = 0.0
     while True:
         with contextlib.suppress(OSError):
@@ -143,19 +184,22 @@ def run() -> str:
     log, _, _ = LOGS["rav4"]
     with tempfile.TemporaryDirectory() as name, broker(Path(name)) as mqtt:
         folder = Path(name)
-        runs = []
+        old_agent = before_spool(folder)
+        variants = [v for v in VARIANTS if v.fsync or old_agent is not None]
+        # variant -> copies -> (wall, cpu, rss), best of two; the variants take turns for
+        # each log, so that a slow spell of the machine weighs on all of them.
+        runs: dict[Variant, dict[int, tuple[float, float, float]]] = {v: {} for v in variants}
         for copies in COPIES:
             long_log = big_log(log, copies, folder)
-            agent = [
-                sys.executable,
-                "-m",
-                "agent",
-                "run",
-                "--config",
-                str(agent_config(folder, long_log, mqtt.url, '"max"')),
-            ]
-            wall, cpu, rss = min((run_measured(agent) for _ in range(2)), key=lambda r: r[1])
-            runs.append((copies, 135_468 * copies, wall, cpu, rss))
+            for _ in range(2):
+                for variant in variants:
+                    config = agent_config(folder, long_log, mqtt.url, '"max"', variant.fsync)
+                    command = [sys.executable, "-m", "agent", "run", "--config", str(config)]
+                    cwd = old_agent if variant.fsync is None else None
+                    measured = run_measured(command, cwd)
+                    best = runs[variant].get(copies)
+                    if best is None or measured[1] < best[1]:
+                        runs[variant][copies] = measured
             long_log.unlink()
         baseline = [
             sys.executable,
@@ -167,27 +211,34 @@ def run() -> str:
         ]
         base_wall, base_cpu, _ = run_measured(baseline)
         share, realtime_rss = realtime(agent_config(folder, log, mqtt.url, '"realtime"'))
-    rows: list[list[object]] = [
-        [
-            f"agent, RAV4 log x{copies} at pace max, start-up included",
-            f"{frames:,}",
-            f"{frames / wall / 1e3:,.0f} k",
-            f"{cpu / frames * 1e6:.2f} us",
-            f"{rss:.0f} MB",
-        ]
-        for copies, frames, wall, cpu, rss in runs
-    ]
-    (_, frames_a, _, cpu_a, _), (_, frames_b, _, cpu_b, _) = runs
-    steady = (cpu_b - cpu_a) / (frames_b - frames_a)
-    rows.append(
-        [
-            "agent, steady (the difference of the two runs)",
-            f"{frames_b - frames_a:,}",
-            f"{1 / steady / 1e3:,.0f} k per core",
-            f"{steady * 1e6:.2f} us",
-            "-",
-        ]
-    )
+    rows: list[list[object]] = []
+    steady_of: dict[Variant, float] = {}
+    for variant in variants:
+        for copies in COPIES:
+            wall, cpu, rss = runs[variant][copies]
+            frames = 135_468 * copies
+            rows.append(
+                [
+                    f"agent ({variant.name}), RAV4 log x{copies} at pace max, start-up included",
+                    f"{frames:,}",
+                    f"{frames / wall / 1e3:,.0f} k",
+                    f"{cpu / frames * 1e6:.2f} us",
+                    f"{rss:.0f} MB",
+                ]
+            )
+        (_, cpu_a, _), (_, cpu_b, _) = (runs[variant][c] for c in COPIES)
+        frames_a, frames_b = (135_468 * c for c in COPIES)
+        steady_of[variant] = steady_v = (cpu_b - cpu_a) / (frames_b - frames_a)
+        rows.append(
+            [
+                f"agent ({variant.name}), steady (the difference of the two runs)",
+                f"{frames_b - frames_a:,}",
+                f"{1 / steady_v / 1e3:,.0f} k per core",
+                f"{steady_v * 1e6:.2f} us",
+                "-",
+            ]
+        )
+    steady = steady_of[variants[0]]
     rows.append(
         [
             "per-frame baseline (python-can reader, cantools, protobuf per frame, paho publish)",
@@ -199,7 +250,15 @@ def run() -> str:
     )
     ratio = (base_cpu / BASELINE_FRAMES) / steady
     out = table(["run", "log frames", "frames/s (wall)", "CPU per frame", "peak RSS"], rows)
-    out += f"\n\nAgent CPU per frame, steady: {ratio:.0f} x less than the baseline's.\n\n"
+    out += f"\n\nAgent CPU per frame, steady: {ratio:.0f} x less than the baseline's.\n"
+    for variant in variants[1:]:
+        cpu = steady_of[variants[0]] / steady_of[variant] - 1
+        throughput = steady_of[variant] / steady_of[variants[0]] - 1
+        out += (
+            f"With {variants[0].name} against {variant.name}: CPU per frame {cpu:+.1%}, "
+            f"steady throughput per core {throughput:+.1%}.\n"
+        )
+    out += "\n"
     out += table(
         ["run", "share of one core", "peak RSS"],
         [
