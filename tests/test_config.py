@@ -67,6 +67,37 @@ def test_every_problem_is_named_by_its_key_path() -> None:
         assert expected in text, text
 
 
+def test_the_spool_table() -> None:
+    config = parse_config(config_text(), "agent.toml", Path("/etc/agent"))
+    spool = config.spool
+    assert (spool.max_bytes, spool.when_full, spool.fsync) == (512 * 2**20, "drop_oldest", "batch")
+    config = parse_config(
+        config_text(
+            rest='[spool]\nmax_bytes = 1000000\nwhen_full = "drop_newest"\nfsync = "interval"\n'
+            "fsync_interval_ms = 250\nmemory_bytes = 300000\n"
+        ),
+        "agent.toml",
+        Path("/etc/agent"),
+    )
+    assert config.spool.when_full == "drop_newest" and config.spool.fsync_interval_ms == 250
+    found = "\n".join(
+        problems(
+            config_text(
+                rest='[spool]\nmax_bytes = 100000\nwhen_full = "panic"\nfsync = "sometimes"\n'
+                "memory_bytes = 1000\nsize = 1\n"
+            )
+        )
+    )
+    for expected in (
+        "spool.max_bytes: must be at least 4 times batch.max_bytes (480000)",
+        "spool.when_full: must be one of drop_oldest, drop_newest; got 'panic'",
+        "spool.fsync: must be one of batch, interval, never; got 'sometimes'",
+        "spool.memory_bytes: must be at least 2 times batch.max_bytes (240000)",
+        "spool.size: unknown key",
+    ):
+        assert expected in found, found
+
+
 def test_missing_and_mistyped_keys() -> None:
     found = "\n".join(problems('state_dir = 5\n[[bus]]\nname = "can0"\nsource = "replay"\n'))
     assert "vehicle_id: missing" in found
