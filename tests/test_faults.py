@@ -305,10 +305,11 @@ def spooled_frames(spool: Path) -> dict[int, int]:
 
 
 def test_a_damaged_spool_delivers_every_intact_batch(tmp_path: Path) -> None:
-    agent = AgentProcess(write_config(tmp_path, "rav4", uplink_mqtt(free_port())))
-    time.sleep(6)  # the whole log is read and spooled; the link stays down
-    agent.process.terminate()
-    assert agent.wait()[0] == 0
+    # The whole log is read and spooled, the link stays down: the agent gives up after 1 s
+    # and exits 1, leaving its batches in the spool.
+    down = uplink_mqtt(free_port()).replace("drain_timeout_s = 60", "drain_timeout_s = 1")
+    code, stderr = AgentProcess(write_config(tmp_path, "rav4", down)).wait()
+    assert code == 1 and "stay in the spool" in stderr, stderr
     spool = tmp_path / "state" / "spool"
     frames = spooled_frames(spool)
     segment = sorted(spool.glob("*.seg"))[-1]
@@ -352,17 +353,21 @@ def test_a_long_outage_with_a_small_spool_keeps_the_newest(tmp_path: Path) -> No
         config.read_text()
         + "[batch]\nmax_bytes = 8192\n[spool]\nmax_bytes = 65536\nmemory_bytes = 16384\n"
     )
+    # The receiver's session is made before the outage, so that it gets what the agent
+    # sends the moment the broker is back, before the receiver itself reconnects.
+    mqtt = Broker(port, tmp_path, persistent_settings(tmp_path))
+    mqtt.start()
+    receiver = mqtt_receiver(tmp_path, mqtt.url)
+    mqtt.stop(graceful=True)
     agent = AgentProcess(config)
     peak = 0
-    deadline = time.monotonic() + 8  # the whole log is read meanwhile, the link down
+    deadline = time.monotonic() + 5  # the whole log is read meanwhile, the link down
     while time.monotonic() < deadline:
         status = Path(f"/proc/{agent.process.pid}/status").read_text()
         peak = max(peak, int(re.search(r"VmRSS:\s+(\d+)", status)[1]))  # type: ignore[index]
         time.sleep(0.2)
-    mqtt = Broker(port, tmp_path, "allow_anonymous true\n")
     mqtt.start()
     try:
-        receiver = mqtt_receiver(tmp_path, mqtt.url)
         code, stderr = agent.wait()
         assert code == 0, stderr
         finish(receiver)
