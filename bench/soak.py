@@ -22,7 +22,6 @@ on from 1 across the restarts), not with `decode`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import re
@@ -32,15 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from agent.spool import RECORD, SEGMENT_HEADER, SEGMENT_SUFFIX, scan_segment
-from agent.wire import WireError, read_envelope
 from bench.common import table
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO
 from tests.services import (
@@ -49,6 +45,8 @@ from tests.services import (
     agent_command,
     free_port,
     persistent_settings,
+    scrape_metrics,
+    spooled_frames,
 )
 
 PREFIX = "telemetry_agent_"
@@ -78,16 +76,12 @@ def number(text: str) -> int:
 
 
 def scrape(port: int) -> dict[str, float] | None:
-    """The agent's metrics, or None when it does not answer."""
+    """The agent's metrics without their prefix, or None when it does not answer."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
-            text = answer.read().decode()
+        metrics = scrape_metrics(port, timeout=2)
     except OSError:
         return None
-    return {
-        name.removeprefix(PREFIX): float(value)
-        for name, value in re.findall(r"^(telemetry_agent_\S+) (\S+)$", text, re.MULTILINE)
-    }
+    return {name.removeprefix(PREFIX): value for name, value in metrics.items()}
 
 
 def total(metrics: dict[str, float], name: str) -> int:
@@ -102,21 +96,6 @@ def by_label(metrics: dict[str, float], name: str) -> Counter[str]:
         if match and value:
             found[match[1]] += int(value)
     return found
-
-
-def spooled(state_dir: Path) -> dict[int, int]:
-    """Frames of each batch on disk in the agent's spool, by sequence (intact records)."""
-    frames: dict[int, int] = {}
-    for segment in sorted((state_dir / "spool").glob(f"*{SEGMENT_SUFFIX}")):
-        data = segment.read_bytes()
-        if len(data) < SEGMENT_HEADER.size:
-            continue
-        records, _, _ = scan_segment(memoryview(data))
-        for offset, length, sequence, _, _ in records:
-            start = offset + RECORD.size
-            with contextlib.suppress(WireError):
-                frames[sequence] = read_envelope(data[start : start + length]).frames
-    return frames
 
 
 def agent_config(folder: Path, broker: Broker, metrics_port: int, pace: float, log: Path) -> str:
@@ -308,7 +287,7 @@ class Soak:
             run.open_frames = read - counted
         else:
             run.from_status_line()
-        on_disk = spooled(self.folder / "state")
+        on_disk = spooled_frames(self.folder / "state" / "spool")
         self.spool_frames.update(on_disk)
         self.numbered += run.batches
         extra = sorted(s for s in on_disk if s > self.numbered)

@@ -6,16 +6,20 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.spool import RECORD, SEGMENT_HEADER, SEGMENT_SUFFIX, scan_segment
+from agent.wire import WireError, read_envelope
 from tests.data import REPO
 
 
@@ -243,3 +247,29 @@ def records(path: Path) -> list[dict[str, object]]:
         row.pop("vehicle", None)
         rows.append(row)
     return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+def scrape_metrics(port: int, timeout: float = 5) -> dict[str, float]:
+    """The agent's Prometheus samples, by name with labels (`telemetry_agent_...{...}`);
+    OSError when it does not answer."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        text = answer.read().decode()
+    return {
+        name: float(value)
+        for name, value in re.findall(r"^(telemetry_agent_\S+) (\S+)$", text, re.MULTILINE)
+    }
+
+
+def spooled_frames(spool: Path) -> dict[int, int]:
+    """Frames of each intact batch in a spool folder's segments, by sequence."""
+    frames: dict[int, int] = {}
+    for segment in sorted(spool.glob(f"*{SEGMENT_SUFFIX}")):
+        data = segment.read_bytes()
+        if len(data) < SEGMENT_HEADER.size:
+            continue
+        for offset, length, sequence, _, _ in scan_segment(memoryview(data))[0]:
+            start = offset + RECORD.size
+            with contextlib.suppress(WireError):
+                frames[sequence] = read_envelope(data[start : start + length]).frames
+    return frames

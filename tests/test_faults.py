@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
@@ -22,8 +21,7 @@ from agent import spool as spool_module
 from agent.config import load_config
 from agent.receiver import Receiver, accept_files
 from agent.service import Agent
-from agent.spool import RECORD, SEGMENT_HEADER
-from agent.wire import read_envelope
+from agent.spool import RECORD, scan_segment
 from tests.data import RAV4_LOG
 from tests.services import (
     Broker,
@@ -32,6 +30,8 @@ from tests.services import (
     free_port,
     persistent_settings,
     records,
+    scrape_metrics,
+    spooled_frames,
 )
 from tests.test_agent_end_to_end import decoded, write_config
 
@@ -155,6 +155,22 @@ def check_everything_arrived(folder: Path, agent: AgentProcess, receiver: Receiv
     check_in_order(folder / "received.batches")
 
 
+def deliver_the_spool(folder: Path) -> tuple[ReceiverProcess, str]:
+    """Runs the agent on `folder`'s state_dir with nothing new to read, into a broker and a
+    receiver started first: what its spool holds arrives. The receiver, done, and the
+    agent's stderr."""
+    mqtt = Broker(free_port(), folder, "allow_anonymous true\n")
+    mqtt.start()
+    try:
+        receiver = mqtt_receiver(folder, mqtt.url)
+        code, stderr = AgentProcess(drain_config(folder, uplink_mqtt(mqtt.port))).wait()
+        assert code == 0, stderr
+        finish(receiver)
+    finally:
+        mqtt.stop()
+    return receiver, stderr
+
+
 def test_broker_down_at_start_and_up_5_s_later(tmp_path: Path) -> None:
     mqtt = Broker(free_port(), tmp_path, persistent_settings(tmp_path))
     # The receiver's session is made first and saved, so it is there when the broker comes
@@ -225,14 +241,6 @@ def test_grpc_server_killed_mid_stream_and_restarted(tmp_path: Path) -> None:
     assert set(canonical(received)) == set(canonical(decoded(tmp_path, "rav4")))
 
 
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {
-        name: float(value)
-        for name, value in re.findall(r"^(telemetry_agent_\S+) (\S+)$", text, re.MULTILINE)
-    }
-
-
 def test_agent_killed_mid_stream_loses_at_most_its_open_batch(tmp_path: Path) -> None:
     mqtt = Broker(free_port(), tmp_path, "allow_anonymous true\n")
     mqtt.start()
@@ -245,7 +253,7 @@ def test_agent_killed_mid_stream_loses_at_most_its_open_batch(tmp_path: Path) ->
         )
         agent = AgentProcess(config)
         time.sleep(4)
-        closed = scrape(metrics)  # frames in closed batches, so far
+        closed = scrape_metrics(metrics)  # frames in closed batches, so far
         agent.kill()
         code, stderr = AgentProcess(drain_config(tmp_path, uplink_mqtt(mqtt.port))).wait()
         assert code == 0, stderr
@@ -275,33 +283,11 @@ def test_sigterm_puts_the_open_batch_in_the_spool_and_ends_promptly(tmp_path: Pa
     assert "stay in the spool" in stderr
     read = int(re.findall(r"([\d,]+) decoded", stderr)[-1].replace(",", ""))
 
-    mqtt = Broker(free_port(), tmp_path, "allow_anonymous true\n")
-    mqtt.start()
-    try:
-        receiver = mqtt_receiver(tmp_path, mqtt.url)
-        code, stderr = AgentProcess(drain_config(tmp_path, uplink_mqtt(mqtt.port))).wait()
-        assert code == 0, stderr
-        finish(receiver)
-    finally:
-        mqtt.stop()
+    receiver, stderr = deliver_the_spool(tmp_path)
     received = records(receiver.output)
     assert len(received) == read  # every frame the agent decoded, the open batch's too
     check_prefix(received, decoded(tmp_path, "rav4"))
     check_in_order(tmp_path / "received.batches")
-
-
-def spooled_frames(spool: Path) -> dict[int, int]:
-    """Frames of each batch in the spool's segments, by sequence."""
-    frames = {}
-    for segment in sorted(spool.glob("*.seg")):
-        data = segment.read_bytes()
-        pos = SEGMENT_HEADER.size
-        while pos < len(data):
-            length = RECORD.unpack_from(data, pos)[1]
-            envelope = read_envelope(data[pos + RECORD.size : pos + RECORD.size + length])
-            frames[envelope.sequence] = envelope.frames
-            pos += RECORD.size + length
-    return frames
 
 
 def test_a_damaged_spool_delivers_every_intact_batch(tmp_path: Path) -> None:
@@ -314,32 +300,19 @@ def test_a_damaged_spool_delivers_every_intact_batch(tmp_path: Path) -> None:
     frames = spooled_frames(spool)
     segment = sorted(spool.glob("*.seg"))[-1]
     data = bytearray(segment.read_bytes())
+    records_in_segment = scan_segment(memoryview(bytes(data)))[0]
     # A bit flipped in the first record's payload, and the last record cut in half.
-    first_length = RECORD.unpack_from(data, SEGMENT_HEADER.size)[1]
-    data[SEGMENT_HEADER.size + RECORD.size + first_length // 2] ^= 0x10
-    last = SEGMENT_HEADER.size
-    while last + RECORD.size + RECORD.unpack_from(data, last)[1] < len(data):
-        last += RECORD.size + RECORD.unpack_from(data, last)[1]
-    damaged = {
-        read_envelope(bytes(data[at + RECORD.size : at + RECORD.size + n])).sequence
-        for at, n in ((last, RECORD.unpack_from(data, last)[1]),)
-    }
+    first, first_length, *_ = records_in_segment[0]
+    data[first + RECORD.size + first_length // 2] ^= 0x10
+    last, _, last_sequence, *_ = records_in_segment[-1]
     segment.write_bytes(data[: last + (len(data) - last) // 2])
 
-    mqtt = Broker(free_port(), tmp_path, "allow_anonymous true\n")
-    mqtt.start()
-    try:
-        receiver = mqtt_receiver(tmp_path, mqtt.url)
-        code, stderr = AgentProcess(drain_config(tmp_path, uplink_mqtt(mqtt.port))).wait()
-        assert code == 0, stderr
-        finish(receiver)
-    finally:
-        mqtt.stop()
+    receiver, stderr = deliver_the_spool(tmp_path)
     assert "1 torn and 1 corrupt records" in stderr
     [sequences] = first_arrivals(tmp_path / "received.batches").values()
     assert sequences == sorted(sequences)
     lost = set(frames) - set(sequences)
-    assert damaged < lost and len(lost) == 2  # the cut one and the flipped one
+    assert last_sequence in lost and len(lost) == 2  # the cut one and the flipped one
     received = records(receiver.output)
     assert len(received) == sum(frames.values()) - sum(frames[s] for s in lost)
     assert not canonical(received) - canonical(decoded(tmp_path, "rav4"))
