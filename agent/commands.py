@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TextIO
 
 from agent import __version__
+from agent.collect import CollectError, Collector
 from agent.config import EX_CONFIG, EX_IOERR, ConfigError, TlsConfig, embedded_defaults, load_config
-from agent.decode import ALL_BUSES, DbcError, Decoder, load_dbc
+from agent.decode import ALL_BUSES, DbcError, Decoder, bus_decoders, load_dbc
 from agent.logs import LogError, formats, open_log
 from agent.memory import keep_freed_memory
 from agent.records import WRITERS
@@ -160,8 +161,8 @@ def run_agent(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(serve())
-    except DbcError as error:
-        print(f"telemetry-agent: {error}", file=sys.stderr)
+    except (DbcError, CollectError) as error:
+        print(f"telemetry-agent: {config.source}: {error}", file=sys.stderr)
         return EX_CONFIG
     except SpoolError as error:
         print(f"telemetry-agent: {error}", file=sys.stderr)
@@ -185,6 +186,11 @@ def run_check_config(args: argparse.Namespace) -> int:
                 load_dbc(path)
             except DbcError as error:
                 problems.append(f"bus {bus.name}: {error}")
+    if not problems and config.collect:
+        try:
+            Collector(config.collect, bus_decoders(config.buses))
+        except CollectError as error:
+            problems.append(str(error))
     for problem in problems:
         print(f"{args.config}: {problem}", file=sys.stderr)
     if problems:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+from agent.collect.expression import ExpressionError, parse
+from agent.collect.rules import EDGES, MODE_KEYS, MODES, REDUCES, STATS, CollectRule
 
 #: Exit status of `check-config` and `run` for a bad config (sysexits.h EX_CONFIG).
 EX_CONFIG = 78
@@ -137,6 +140,7 @@ class Config:
     uplink: UplinkConfig = UplinkConfig()
     spool: SpoolConfig = SpoolConfig()
     metrics: MetricsConfig = MetricsConfig()
+    collect: tuple[CollectRule, ...] = ()  # none: every decoded signal is sent
     status_interval_s: float = 5.0
     source: str = "<embedded defaults>"
 
@@ -321,9 +325,126 @@ def _bus(check: _Checker, data: Any, where: str) -> BusConfig | None:
 
 
 def _replace(bus: BusConfig, **changes: Any) -> BusConfig:
-    from dataclasses import replace
-
     return replace(bus, **changes)
+
+
+_RULE_KEYS = {"name", "mode", "signals", "messages", "buses"}
+
+
+def _names(check: _Checker, data: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        check.problems.append(f"{where}.{key}: expected a list of names, got {value!r}")
+        return ()
+    return tuple(value)
+
+
+def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> CollectRule | None:
+    if not isinstance(data, dict):
+        check.problems.append(f"{where}: expected a table")
+        return None
+    name = check.get(data, where, "name", str, "")
+    if not name:
+        check.problems.append(f"{where}.name: missing")
+    mode = check.get(data, where, "mode", str, "", _one_of(MODES))
+    if "mode" not in data:
+        check.problems.append(f"{where}.mode: missing (one of {', '.join(MODES)})")
+    for key in data:
+        if key in _RULE_KEYS or key in MODE_KEYS.get(mode, ()):
+            continue
+        other = [m for m, keys in MODE_KEYS.items() if key in keys]
+        if other and mode:
+            check.problems.append(f"{where}.{key}: does not apply to mode {mode!r}")
+        elif not other:
+            check.problems.append(f"{where}.{key}: unknown key")
+    signals = _names(check, data, where, "signals")
+    if mode == "raw" and signals:
+        check.problems.append(f"{where}.signals: mode raw takes whole frames: use messages or ids")
+    elif mode and mode != "raw" and not signals:
+        check.problems.append(f'{where}.signals: missing (names or globs such as "*")')
+    rule_buses = _names(check, data, where, "buses")
+    for bus in rule_buses:
+        if bus not in buses:
+            check.problems.append(f"{where}.buses: no [[bus]] is named {bus!r}")
+    rule = CollectRule(
+        name=name,
+        mode=mode,
+        signals=signals,
+        messages=_names(check, data, where, "messages"),
+        buses=rule_buses,
+    )
+    at = where
+    if mode == "sample":
+        if "period_ms" not in data:
+            check.problems.append(f"{at}.period_ms: missing")
+        rule = replace(
+            rule,
+            period_ms=check.get(data, at, "period_ms", int, 1000, _positive),
+            reduce=check.get(data, at, "reduce", str, "last", _one_of(REDUCES)),
+        )
+    elif mode == "change":
+        if "deadband" in data and "deadband_rel" in data:
+            check.problems.append(f"{at}: deadband and deadband_rel exclude each other")
+        rule = replace(
+            rule,
+            deadband=float(check.get(data, at, "deadband", (int, float), 0.0, _not_negative)),
+            deadband_rel=float(
+                check.get(data, at, "deadband_rel", (int, float), 0.0, _not_negative)
+            ),
+            heartbeat_ms=check.get(data, at, "heartbeat_ms", int, 0, _positive),
+        )
+    elif mode == "aggregate":
+        if "window_ms" not in data:
+            check.problems.append(f"{at}.window_ms: missing")
+        stats = data.get("stats", list(STATS))
+        if (
+            not isinstance(stats, list)
+            or not stats
+            or any(s not in STATS for s in stats)
+            or len(set(stats)) != len(stats)
+        ):
+            check.problems.append(
+                f"{at}.stats: expected a list of distinct {', '.join(STATS)}; got {stats!r}"
+            )
+            stats = list(STATS)
+        rule = replace(
+            rule,
+            window_ms=check.get(data, at, "window_ms", int, 1000, _positive),
+            stats=tuple(stats),
+        )
+    elif mode == "trigger":
+        text = check.get(data, at, "when", str, "")
+        expression = None
+        if not text:
+            check.problems.append(f'{at}.when: missing (a condition such as "SPEED > 60")')
+        else:
+            try:
+                expression = parse(text)
+            except ExpressionError as error:
+                check.problems.append(f"{at}.when: {error}")
+        rule = replace(
+            rule,
+            when=expression,
+            before_ms=check.get(data, at, "before_ms", int, 1000, _not_negative),
+            after_ms=check.get(data, at, "after_ms", int, 1000, _not_negative),
+            min_interval_ms=check.get(data, at, "min_interval_ms", int, 0, _not_negative),
+            edge=check.get(data, at, "edge", str, "rising", _one_of(EDGES)),
+        )
+    elif mode == "raw":
+        ids = data.get("ids", [])
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 29 for i in ids
+        ):
+            check.problems.append(f"{at}.ids: expected a list of frame IDs, got {ids!r}")
+            ids = []
+        rule = replace(rule, ids=tuple(ids))
+    return rule
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
 
 
 def parse_config(text: str, source: str, base: Path) -> Config:
@@ -344,6 +465,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "uplink",
             "spool",
             "metrics",
+            "collect",
             "status_interval_s",
         },
     )
@@ -493,6 +615,17 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     metrics_config = MetricsConfig(
         listen=check.get(metrics, "metrics", "listen", str, "127.0.0.1:9108", _listen)
     )
+    rules: list[CollectRule] = []
+    rule_tables = data.get("collect", [])
+    if not isinstance(rule_tables, list):
+        check.problems.append("collect: expected [[collect]] tables")
+        rule_tables = []
+    for k, table in enumerate(rule_tables):
+        rule = _collect(check, table, f"collect[{k}]", {b.name for b in buses})
+        if rule is not None:
+            if any(r.name == rule.name for r in rules):
+                check.problems.append(f"collect[{k}].name: {rule.name!r} is used by another rule")
+            rules.append(rule)
     status = check.get(data, "", "status_interval_s", (int, float), 5.0, _positive)
     if check.problems:
         raise ConfigError(source, check.problems)
@@ -504,6 +637,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         uplink=uplink_config,
         spool=spool_config,
         metrics=metrics_config,
+        collect=tuple(rules),
         status_interval_s=float(status),
         source=source,
     )

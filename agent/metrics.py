@@ -32,6 +32,17 @@ class Metrics:
         self.error_frames = counter("error_frames", "CAN error frames.", ("bus",))
         self.signals_decoded = counter("signals_decoded", "Signal values decoded.", ("bus",))
         self.decode_seconds = counter("decode_seconds", "Time spent decoding frames.")
+        self.collect_seconds = counter(
+            "collect_seconds", "Time spent running the collection rules over decoded batches."
+        )
+        self.collect_values = counter(
+            "collect_values",
+            "Values a collection rule kept (signal values, window statistics, raw frames).",
+            ("rule",),
+        )
+        self.collect_triggers = counter(
+            "collect_triggers", "Times a trigger rule's condition fired.", ("rule",)
+        )
         self.batches_built = counter("batches_built", "Wire batches built.")
         self.batch_body_bytes = counter(
             "batch_body_bytes", "Bytes of batch bodies before compression."

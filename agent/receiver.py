@@ -159,7 +159,7 @@ class Receiver:
         seen.add(batch.sequence)
         self.stats.batches += 1
         self.stats.frames += received.frames
-        JsonLinesWriter(self.out, vehicle=received.vehicle_id).write(received.blocks)
+        JsonLinesWriter(self.out, vehicle=received.vehicle_id).write(received.blocks, received.raw)
         self.out.flush()
         self._log_batch(batch, duplicate=False)
         return True

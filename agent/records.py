@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.decode import SignalColumn
+from agent.frames import FrameBatch, FrameFlag
 
 
 class Message(Protocol):
@@ -91,6 +92,17 @@ def _present_rows(block: Block) -> list[list[int]]:
     return [np.flatnonzero(row).tolist() for row in matrix.T]
 
 
+class Captured(Protocol):
+    """Raw frames a collection rule kept, as received off the wire."""
+
+    @property
+    def rule(self) -> str: ...
+    @property
+    def frames(self) -> FrameBatch: ...
+    @property
+    def rows(self) -> npt.NDArray[np.intp]: ...
+
+
 class RecordWriter(abc.ABC):
     """Writes the decoded frames of each batch as text records, in frame order."""
 
@@ -101,12 +113,18 @@ class RecordWriter(abc.ABC):
         self.choices = choices
         self.vehicle = vehicle
 
-    def write(self, blocks: Sequence[Block]) -> None:
-        """The frames of a batch's blocks, in the batch's frame order (`rows`)."""
+    def write(self, blocks: Sequence[Block], raw: Sequence[Captured] = ()) -> None:
+        """The frames of a batch's blocks (and raw frames), in the batch's frame order
+        (`rows`)."""
         lines: dict[int, str] = {}
         for block in blocks:
             lines.update(zip(block.rows.tolist(), self.block_lines(block), strict=True))
+        for capture in raw:
+            lines.update(zip(capture.rows.tolist(), self.raw_lines(capture), strict=True))
         self.out.write("".join(lines[row] for row in sorted(lines)))
+
+    def raw_lines(self, capture: Captured) -> list[str]:
+        raise NotImplementedError(f"{self.name} records do not hold raw frames")
 
     @abc.abstractmethod
     def block_lines(self, block: Block) -> list[str]:
@@ -121,7 +139,12 @@ class JsonLinesWriter(RecordWriter):
         ext = ', "ext": true' if info.is_extended else ""
         vehicle = "" if self.vehicle is None else f', "vehicle": {json.dumps(self.vehicle)}'
         middle = f'{vehicle}, "bus": {json.dumps(block.bus)}, "id": '
-        tail = f'{ext}, "message": {json.dumps(info.name)}, "signals": {{'
+        # Blocks off the wire say which collection rule kept them; a decoder's do not.
+        rule = getattr(block, "rule", "")
+        kept = f', "rule": {json.dumps(rule)}' if rule else ""
+        window = getattr(block, "window_ms", 0)
+        kept += f', "window_ms": {window}' if window else ""
+        tail = f'{ext}, "message": {json.dumps(info.name)}{kept}, "signals": {{'
         pairs = [
             [f"{json.dumps(c.name)}: {v}" for v in column_text(c, self.choices)]
             for c in block.signals
@@ -132,6 +155,29 @@ class JsonLinesWriter(RecordWriter):
             f'{{"t": {t}{middle}{i}{tail}{", ".join(pairs[c][k] for c in carried)}}}}}\n'
             for k, (t, i, carried) in enumerate(zip(times, ids, _present_rows(block), strict=True))
         ]
+
+    def raw_lines(self, capture: Captured) -> list[str]:
+        """`{"t": ..., "bus": "can0", "id": 608, "rule": "log", "data": "00ff"}`, with
+        `"ext": true` and `"flags"` (FrameFlag bits beyond extended) where they apply."""
+        frames = capture.frames
+        vehicle = "" if self.vehicle is None else f', "vehicle": {json.dumps(self.vehicle)}'
+        head = f'{vehicle}, "bus": {json.dumps(frames.buses[0])}, "id": '
+        rule = f', "rule": {json.dumps(capture.rule)}'
+        lines = []
+        rows = zip(
+            seconds_text(frames.t_ns),
+            frames.can_id.tolist(),
+            frames.flags.tolist(),
+            frames.length.tolist(),
+            strict=True,
+        )
+        for k, (t, can_id, flags, length) in enumerate(rows):
+            ext = ', "ext": true' if flags & FrameFlag.EXTENDED else ""
+            other = flags & ~FrameFlag.EXTENDED
+            more = f', "flags": {other}' if other else ""
+            data = frames.data[k, :length].tobytes().hex()
+            lines.append(f'{{"t": {t}{head}{can_id}{ext}{rule}{more}, "data": "{data}"}}\n')
+        return lines
 
 
 class CsvWriter(RecordWriter):

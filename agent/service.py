@@ -22,15 +22,17 @@ from typing import TextIO
 
 import numpy as np
 
+from agent.collect import Collected, Collector
+from agent.collect.trigger import Trigger
 from agent.config import Config
-from agent.decode import ALL_BUSES, DecodedBatch, Decoder
+from agent.decode import DecodedBatch, bus_decoders
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.sources import Source, SourceError, create_sources
 from agent.spool import Spool
 from agent.uplinks import create_uplink
 from agent.uplinks.sender import Sender
-from agent.wire import BatchEncoder, WireBatch, dbc_hash
+from agent.wire import BatchEncoder, Section, WireBatch, dbc_hash
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,15 @@ class Agent:
         self.config = config
         self.status = status
         self.metrics = Metrics()
-        self.decoders = {
-            bus.name: Decoder({ALL_BUSES: list(bus.dbc)}, [ALL_BUSES] if bus.j1939 else [])
-            for bus in config.buses
-        }
+        self.decoders = bus_decoders(config.buses)
         for name, decoder in self.decoders.items():
             for warning in decoder.warnings:
                 log.warning("bus %s: %s", name, warning)
+        self.collector = Collector(config.collect, self.decoders) if config.collect else None
+        for rule in config.collect:
+            self.metrics.collect_values.labels(rule.name)
+            if rule.mode == "trigger":
+                self.metrics.collect_triggers.labels(rule.name)
         self.spool = Spool(config.state_dir / "spool", config.spool, self.metrics)
         self.spool.open()
         self.stream_id = self.spool.stream_id
@@ -150,6 +154,7 @@ class Agent:
             await asyncio.gather(*buses, tick, return_exceptions=True)
             for bus in self._open:
                 self._close(bus)
+            self._flush_rules()
             await self.spool.sync()
             if not broken:
                 delivered = await self._deliver(stopped)
@@ -248,20 +253,59 @@ class Agent:
             await asyncio.sleep(max(TICK_S, due - time.monotonic()))
 
     def _close(self, bus: str) -> None:
-        """Decode and encode a bus's open batch into the spool (nothing when empty)."""
+        """Decode (and collect) a bus's open batch, and encode it into the spool (nothing
+        when empty)."""
         batch, self._open[bus] = self._open[bus], OpenBatch()
-        if batch.frames:
-            for wire in self._encode({bus: FrameBatch.concat(batch.pieces)}):
-                self.spool.add(wire, self.encoder.announcement(wire.schema_id))
+        if not batch.frames:
+            return
+        frames = FrameBatch.concat(batch.pieces)
+        decoded = self._decode(bus, frames, count=True)
+        section: Section = decoded
+        if self.collector is not None:
+            started = time.perf_counter()
+            section = self.collector.collect(bus, frames, decoded)
+            self.metrics.collect_seconds.inc(time.perf_counter() - started)
+            self._count(section)
+        wires = self._encode(bus, section)
+        if wires:
+            per_frame = sum(len(w) for w in wires) / batch.frames
+            if len(wires) > 1:  # it was too large: take no chances with the next one
+                self._bytes_per_frame = max(self._bytes_per_frame, per_frame)
+            else:
+                self._bytes_per_frame = 0.5 * self._bytes_per_frame + 0.5 * per_frame
+        self._spool(wires)
 
-    def _decode(self, frames: dict[str, FrameBatch], count: bool) -> list[DecodedBatch]:
-        results = []
+    def _flush_rules(self) -> None:
+        """At the end: what the collection rules still hold (their open windows)."""
+        if self.collector is not None:
+            section = self.collector.flush()
+            self._count(section)
+            self._spool(self._encode("", section))
+
+    def _count(self, collected: Collected) -> None:
+        assert self.collector is not None
+        kept: dict[str, int] = {}
+        for block in collected.blocks:
+            values = block.bits.size if block.present is None else block.present.sum()
+            kept[block.plan.rule] = kept.get(block.plan.rule, 0) + int(values)
+        for capture in collected.raw:
+            kept[capture.rule] = kept.get(capture.rule, 0) + len(capture.frames)
+        for rule, values in kept.items():
+            self.metrics.collect_values.labels(rule).inc(values)
+        for mode in self.collector.rules:
+            if isinstance(mode, Trigger) and mode.fired:
+                self.metrics.collect_triggers.labels(mode.rule.name).inc(mode.fired)
+                mode.fired = 0
+
+    def _spool(self, wires: list[WireBatch]) -> None:
+        for wire in wires:
+            self.spool.add(wire, self.encoder.announcement(wire.schema_id))
+
+    def _decode(self, bus: str, frames: FrameBatch, count: bool) -> DecodedBatch:
         started = time.perf_counter()
-        for bus, batch in frames.items():
-            result = self.decoders[bus].decode(batch)
-            results.append(result)
-            if not count:
-                continue
+        result = self.decoders[bus].decode(frames)
+        self.metrics.decode_seconds.inc(time.perf_counter() - started)
+        if count:
             self.metrics.frames_decoded.labels(bus).inc(result.decoded)
             self.metrics.frames_unknown.labels(bus).inc(result.unknown)
             self.metrics.error_frames.labels(bus).inc(result.error_frames)
@@ -269,28 +313,28 @@ class Agent:
             self.totals.frames += result.frames
             self.totals.decoded += result.decoded
             self.totals.unknown += result.unknown
-        self.metrics.decode_seconds.inc(time.perf_counter() - started)
-        return results
+        return result
 
-    def _encode(self, frames: dict[str, FrameBatch], count: bool = True) -> list[WireBatch]:
-        """The wire batches of these frames: one, or more where one would exceed max_bytes
-        (the frames are split in halves until each fits; `count` is for the first try)."""
-        results = self._decode(frames, count)
-        wire = self.encoder.encode(results, self.next_sequence)
+    def _encode(self, bus: str, section: Section) -> list[WireBatch]:
+        """The wire batches of a section: one, or more where one would exceed max_bytes
+        (it is split in halves until each fits)."""
+        wire = self.encoder.encode([section], self.next_sequence)
         if wire is None:
             return []
-        total = sum(len(f) for f in frames.values())
-        if len(wire) > self.config.batch.max_bytes and total > 1:
-            self._bytes_per_frame = max(self._bytes_per_frame, len(wire) / total)
-            halves: list[dict[str, FrameBatch]] = [{}, {}]
-            for bus, batch in frames.items():
-                middle = len(batch) // 2
-                halves[0][bus] = batch.take(slice(0, middle))
-                halves[1][bus] = batch.take(slice(middle, None))
-            return [w for half in halves for w in self._encode(half, count=False)]
+        if len(wire) > self.config.batch.max_bytes and _rows(section) > 1:
+            if isinstance(section, DecodedBatch):
+                # Decoded again in halves: a decoded batch is views of its frames.
+                frames = section.blocks[0].batch
+                middle = len(frames) // 2
+                halves: tuple[Section, Section] = (
+                    self._decode(bus, frames.take(slice(0, middle)), count=False),
+                    self._decode(bus, frames.take(slice(middle, None)), count=False),
+                )
+            else:
+                halves = section.halves()
+            return [w for half in halves for w in self._encode(bus, half)]
         self.next_sequence += 1
         self.totals.batches += 1
-        self._bytes_per_frame = 0.5 * self._bytes_per_frame + 0.5 * len(wire) / max(total, 1)
         self.metrics.batches_built.inc()
         self.metrics.batch_body_bytes.inc(wire.body_size)
         self.metrics.batch_wire_bytes.inc(len(wire))
@@ -316,3 +360,9 @@ class Agent:
             f"uplink {self.uplink.kind} {self.uplink.target} {link}\n"
         )
         self.status.flush()
+
+
+def _rows(section: Section) -> int:
+    if isinstance(section, DecodedBatch):
+        return section.frames
+    return sum(len(b) for b in section.blocks) + sum(len(r.frames) for r in section.raw)

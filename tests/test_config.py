@@ -178,3 +178,115 @@ def test_uplink_urls_seeds_sizes_and_templates_are_checked() -> None:
         f'dbc = ["{RAV4_PT_DBC}"]\n'
     )
     assert "bus[0].seed: must be 0 or more" in "\n".join(problems(simulate))
+
+
+def test_collection_rules_parse_with_their_defaults() -> None:
+    config = parse_config(
+        config_text(
+            rest='[[collect]]\nname = "speed"\nmode = "sample"\nsignals = ["SPEED"]\n'
+            "period_ms = 1000\n"
+            '[[collect]]\nname = "stats"\nmode = "aggregate"\nsignals = "WHEEL_*"\n'
+            "window_ms = 500\n"
+            '[[collect]]\nname = "fast"\nmode = "trigger"\nsignals = ["*"]\n'
+            'when = "SPEED.SPEED > 60 and mean(WHEEL_SPEED_FL, 1000) > 50"\n'
+            '[[collect]]\nname = "log"\nmode = "raw"\nids = [37, 0x1FFFFFFF]\nbuses = ["can0"]\n'
+        ),
+        "agent.toml",
+        Path("/etc/agent"),
+    )
+    speed, stats, fast, log = config.collect
+    assert (speed.mode, speed.signals, speed.period_ms, speed.reduce) == (
+        "sample",
+        ("SPEED",),
+        1000,
+        "last",
+    )
+    assert stats.signals == ("WHEEL_*",) and stats.stats == (
+        "min",
+        "max",
+        "mean",
+        "count",
+        "stddev",
+    )
+    assert fast.when is not None and fast.when.signals == {"SPEED.SPEED", "WHEEL_SPEED_FL"}
+    assert (fast.before_ms, fast.after_ms, fast.min_interval_ms, fast.edge) == (
+        1000,
+        1000,
+        0,
+        "rising",
+    )
+    assert log.ids == (37, 0x1FFFFFFF) and log.buses == ("can0",)
+    assert parse_config(config_text(), "agent.toml", Path(".")).collect == ()
+
+
+def test_collection_rule_problems_are_named_by_rule_and_key() -> None:
+    found = "\n".join(
+        problems(
+            config_text(
+                rest='[[collect]]\nname = "a"\nmode = "sample"\nsignals = ["X"]\n'
+                "window_ms = 5\n"
+                '[[collect]]\nname = "a"\nmode = "teleport"\n'
+                '[[collect]]\nmode = "change"\nsignals = ["X"]\ndeadband = 1\n'
+                "deadband_rel = 0.1\nheartbeat_ms = 0\n"
+                '[[collect]]\nname = "t"\nmode = "trigger"\nsignals = ["X"]\n'
+                'when = "SPEED > (60"\nedge = "falling"\n'
+                '[[collect]]\nname = "s"\nmode = "aggregate"\nsignals = []\n'
+                'stats = ["median"]\nbuses = ["can9"]\n'
+                '[[collect]]\nname = "r"\nmode = "raw"\nsignals = ["X"]\nids = [-1]\n'
+                '[[collect]]\nname = "u"\nmode = "all"\nsignals = ["X"]\ncolour = 1\n'
+            )
+        )
+    )
+    for expected in (
+        "collect[0].period_ms: missing",
+        "collect[0].window_ms: does not apply to mode 'sample'",
+        "collect[1].name: 'a' is used by another rule",
+        "collect[1].mode: must be one of all, sample, change, aggregate, trigger, raw",
+        "collect[2].name: missing",
+        "collect[2]: deadband and deadband_rel exclude each other",
+        "collect[2].heartbeat_ms: must be greater than 0",
+        "collect[3].when: position 12: expected ')', found end of expression",
+        "collect[3].edge: must be one of rising, always",
+        "collect[4].signals: missing",
+        "collect[4].stats: expected a list of distinct min, max, mean, count, stddev",
+        "collect[4].buses: no [[bus]] is named 'can9'",
+        "collect[5].signals: mode raw takes whole frames",
+        "collect[5].ids: expected a list of frame IDs",
+        "collect[6].colour: unknown key",
+    ):
+        assert expected in found, f"{expected!r} not in:\n{found}"
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        (
+            'mode = "all"\nsignals = ["NO_SUCH_*"]\n',
+            "collect rule 'r': no signal matches NO_SUCH_* on bus can0",
+        ),
+        (
+            'mode = "trigger"\nsignals = ["SPEED"]\nwhen = "BRAKE_PRESSED > 0"\n',
+            "collect rule 'r': when: BRAKE_PRESSED is in several messages (can0 ",
+        ),
+        (
+            'mode = "trigger"\nsignals = ["SPEED"]\nwhen = "SPEED.NOPE > 0"\n',
+            "collect rule 'r': when: no signal SPEED.NOPE on bus can0",
+        ),
+        (
+            'mode = "raw"\nmessages = ["NOPE"]\n',
+            "collect rule 'r': no message matches NOPE",
+        ),
+    ],
+)
+def test_rules_that_do_not_fit_the_dbcs_are_config_errors(
+    tmp_path: Path, rule: str, problem: str
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(config_text(rest=f'[[collect]]\nname = "r"\n{rule}'))
+    for command in (["check-config", str(path)], ["run", "--config", str(path)]):
+        result = subprocess.run(
+            agent_command(*command), capture_output=True, text=True, check=False, timeout=60
+        )
+        assert result.returncode == EX_CONFIG, result.stderr
+        assert f"{path}: {problem}" in result.stderr
+        assert "Traceback" not in result.stderr

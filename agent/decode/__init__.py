@@ -1,7 +1,7 @@
 """Vectorised DBC decoding: cantools parses the DBC, numpy decodes whole frame batches."""
 
 from agent.decode.dbc import Dbc, DbcError, load_dbc
-from agent.decode.decoder import ALL_BUSES, DecodedBatch, Decoder, j1939_pgn
+from agent.decode.decoder import ALL_BUSES, DecodedBatch, Decoder, bus_decoders, j1939_pgn
 from agent.decode.plan import MessageBlock, MessageInfo, MessagePlan, SignalColumn, SignalInfo
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "MessagePlan",
     "SignalColumn",
     "SignalInfo",
+    "bus_decoders",
     "j1939_pgn",
     "load_dbc",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -386,3 +386,22 @@ def _irregular(block: MessageBlock, table: npt.NDArray[np.uint64], layout: _Layo
         selected = multiplexer.select(key)
         selected &= present[multiplexer.parent]
         present[multiplexer.children] &= selected
+
+
+class BusDbcs(Protocol):
+    """A bus as the config gives it: its name, its DBC files, whether it is J1939."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dbc(self) -> Sequence[Path]: ...
+    @property
+    def j1939(self) -> bool: ...
+
+
+def bus_decoders(buses: Iterable[BusDbcs]) -> dict[str, Decoder]:
+    """A decoder per bus, each with its own DBCs."""
+    return {
+        bus.name: Decoder({ALL_BUSES: list(bus.dbc)}, [ALL_BUSES] if bus.j1939 else [])
+        for bus in buses
+    }

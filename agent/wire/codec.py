@@ -18,11 +18,19 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from agent.collect import Collected, CollectedBlock, RawCapture, Selection
 from agent.decode import DecodedBatch, MessageBlock, SignalColumn, SignalInfo
+from agent.frames import FrameBatch
 from agent.wire import telemetry_pb2 as pb
 
-#: The Body layout this module writes and reads.
-FORMAT = 1
+#: The Body layout this module writes. Format 2 added collection rules (rules, window
+#: statistics, raw frames); format 1 bodies are format 2 bodies without them.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+
+#: A section of a batch: a decoder's result (every signal, no rule configured) or what the
+#: collection rules kept.
+Section = DecodedBatch | Collected
 
 _PLAIN, _DELTA, _DELTA2 = pb.ENCODING_PLAIN, pb.ENCODING_DELTA, pb.ENCODING_DELTA2
 _ONE = np.uint64(1)
@@ -126,13 +134,13 @@ class BatchEncoder:
         self._schema_id = b""
         self._announcements: dict[bytes, bytes] = {}
 
-    def encode(self, results: Sequence[DecodedBatch], sequence: int) -> WireBatch | None:
-        """Batch `sequence`, holding every decoded frame of `results`; None when there is
-        none."""
-        results = [r for r in results if r.blocks]
-        if not results:
+    def encode(self, sections: Sequence[Section], sequence: int) -> WireBatch | None:
+        """Batch `sequence`, holding every decoded frame (or collected value) of `sections`;
+        None when there is none."""
+        sections = [s for s in sections if (s.blocks if isinstance(s, DecodedBatch) else s)]
+        if not sections:
             return None
-        raw, frames, signals, first, last = self._body(results)
+        raw, frames, signals, first, last = self._body(sections)
         batch = pb.Batch(
             format=FORMAT,
             vehicle_id=self.vehicle_id,
@@ -168,17 +176,27 @@ class BatchEncoder:
             return pb.COMPRESSION_NONE, raw
         return pb.COMPRESSION_ZSTD, self._compressor.compress(raw)
 
-    def _message_index(self, block: MessageBlock) -> int:
+    def _bus_index(self, bus: str) -> int:
+        index = self._buses.get(bus)
+        if index is None:
+            index = self._buses[bus] = len(self._buses)
+            self._schema.buses.append(bus)
+            self._schema_id = b""  # the schema grew: it gets a new id
+        return index
+
+    def _message_index(self, block: MessageBlock | CollectedBlock) -> int:
         key = (block.bus, id(block.plan))
         index = self._index.get(key)
         if index is None:
-            info = block.plan.info
-            bus = self._buses.get(block.bus)
-            if bus is None:
-                bus = self._buses[block.bus] = len(self._buses)
-                self._schema.buses.append(block.bus)
+            plan = block.plan
+            info = plan.info
+            rule, window_ms = "", 0
+            stats: Sequence[str] = [""] * len(plan.signals)
+            if isinstance(plan, Selection):
+                rule, window_ms = plan.rule, plan.window_ms
+                stats = plan.stats or stats
             self._schema.blocks.add(
-                bus=bus,
+                bus=self._bus_index(block.bus),
                 message=info.name,
                 frame_id=info.frame_id,
                 extended=info.is_extended,
@@ -191,12 +209,15 @@ class BatchEncoder:
                         is_float=s.is_float,
                         scale=s.scale,
                         offset=s.offset,
+                        stat=stat,
                     )
-                    for s in block.plan.signals
+                    for s, stat in zip(plan.signals, stats, strict=True)
                 ],
+                rule=rule,
+                window_ms=window_ms,
             )
             index = self._index[key] = len(self._schema.blocks) - 1
-            self._schema_id = b""  # the schema grew: it gets a new id
+            self._schema_id = b""
         return index
 
     def _seal_schema(self) -> None:
@@ -216,22 +237,48 @@ class BatchEncoder:
             schema=packed,
         ).SerializeToString()
 
-    def _body(self, results: list[DecodedBatch]) -> tuple[bytes, int, int, int, int]:
-        blocks = [block for result in results for block in result.blocks]
+    def _body(self, sections: list[Section]) -> tuple[bytes, int, int, int, int]:
+        blocks: list[MessageBlock | CollectedBlock] = []
+        times_of: list[npt.NDArray[np.int64]] = []
+        bits: list[npt.NDArray[np.uint64]] = []
+        present: list[npt.NDArray[np.bool_] | None] = []
+        captures: list[RawCapture] = []
+        for section in sections:
+            if isinstance(section, DecodedBatch):
+                blocks.extend(section.blocks)
+                times_of.append(section.blocks[0].batch.t_ns.take(section.rows))
+                bits.append(section.bits)
+                present.append(section.present)
+                continue
+            blocks.extend(section.blocks)
+            captures.extend(section.raw)
+            for block in section.blocks:
+                times_of.append(block.t_ns)
+                bits.append(block.bits.reshape(-1))
+                present.append(None if block.present is None else block.present.reshape(-1))
         indices = [self._message_index(block) for block in blocks]
+        raw_buses = [self._bus_index(capture.bus) for capture in captures]
         self._seal_schema()
-        times = np.concatenate([r.blocks[0].batch.t_ns.take(r.rows) for r in results])
+        raw_times = [capture.frames.t_ns for capture in captures]
+        times = np.concatenate(times_of + raw_times)
         first, last = int(times.min()), int(times.max())
         unit = int(np.gcd.reduce(times - first)) or 1
         frames = np.array([len(block) for block in blocks], np.intp)
         widths = np.array([len(block.plan.signals) for block in blocks], np.intp)
         with_id = [block for block in blocks if block.plan.info.is_extended]
 
-        bits = [r.bits if r.present is None else r.bits[r.present] for r in results]
-        slots = np.concatenate(
-            [np.ones(r.bits.size, np.bool_) if r.present is None else r.present for r in results]
+        any_absent = any(p is not None for p in present)
+        slots = (
+            np.concatenate(
+                [
+                    np.ones(b.size, np.bool_) if p is None else p
+                    for b, p in zip(bits, present, strict=True)
+                ]
+            )
+            if bits
+            else np.zeros(0, np.bool_)
         )
-        any_absent = any(r.present is not None for r in results)
+        bits = [b if p is None else b[p] for b, p in zip(bits, present, strict=True)]
         signal_frames = np.repeat(frames, widths)
         if any_absent:
             slot_starts = np.concatenate([[0], np.cumsum(signal_frames)[:-1]])
@@ -239,12 +286,24 @@ class BatchEncoder:
             carried[signal_frames == 0] = 0
         else:
             carried = signal_frames
-        lengths = np.concatenate([frames, [len(b) for b in with_id], carried]).astype(np.intp)
+        raw_frames = [len(t) for t in raw_times]
+        lengths = np.concatenate(
+            [frames, [len(b) for b in with_id], carried, np.repeat(raw_frames, 2)]
+        ).astype(np.intp)
+        block_times = len(times) - sum(raw_frames)
         values = np.concatenate(
             [
-                ((times - first) // unit).view(np.uint64),
+                ((times[:block_times] - first) // unit).view(np.uint64),
                 *[b.can_id.astype(np.uint64) for b in with_id],
                 *bits,
+                *[
+                    column
+                    for capture, t_ns in zip(captures, raw_times, strict=True)
+                    for column in (
+                        ((t_ns - first) // unit).view(np.uint64),
+                        capture.frames.can_id.astype(np.uint64),
+                    )
+                ],
             ]
         )
         encodings, planes, width = _encode_columns(values, lengths, len(blocks))
@@ -256,9 +315,23 @@ class BatchEncoder:
             values=planes,
             value_width=width,
             present=np.packbits(slots, bitorder="little").tobytes() if any_absent else b"",
+            raw=[_raw_frames(c, bus) for c, bus in zip(captures, raw_buses, strict=True)],
         )
         signals = int(np.count_nonzero(slots))
-        return body.SerializeToString(), int(frames.sum()), signals, first, last
+        return body.SerializeToString(), int(frames.sum()) + sum(raw_frames), signals, first, last
+
+
+def _raw_frames(capture: RawCapture, bus: int) -> pb.RawFrames:
+    frames = capture.frames
+    carried = np.arange(frames.data.shape[1]) < frames.length[:, None]
+    return pb.RawFrames(
+        rule=capture.rule,
+        bus=bus,
+        frames=len(frames),
+        flags=frames.flags.tobytes(),
+        lengths=frames.length.tobytes(),
+        data=frames.data[carried].tobytes(),
+    )
 
 
 def _encode_columns(
@@ -309,9 +382,20 @@ class ReceivedBlock:
     signals: list[SignalColumn]
     present: npt.NDArray[np.bool_] | None  # (signals, frames)
     rows: npt.NDArray[np.intp]  # each frame's place in the batch, in time order
+    rule: str = ""  # the collection rule that kept these values
+    window_ms: int = 0  # for window statistics (signals named `NAME.stat`)
 
     def __len__(self) -> int:
         return len(self.t_ns)
+
+
+@dataclass(slots=True)
+class ReceivedRaw:
+    """Raw frames that a rule captured, with each frame's place in the batch."""
+
+    rule: str
+    frames: FrameBatch  # of one bus, frames.buses[0]
+    rows: npt.NDArray[np.intp]
 
 
 @dataclass(slots=True)
@@ -322,6 +406,7 @@ class ReceivedBatch:
     frames: int
     signals: int
     blocks: list[ReceivedBlock]
+    raw: list[ReceivedRaw]
 
 
 class UnknownSchema(WireError):
@@ -366,9 +451,10 @@ def read_envelope(payload: bytes) -> pb.Batch:
         batch = pb.Batch.FromString(payload)
     except Exception as error:  # protobuf raises its DecodeError, or others on garbage
         raise WireError(f"not a telemetry batch: {error}") from None
-    if batch.format != FORMAT:
+    if batch.format not in READABLE_FORMATS:
+        readable = " and ".join(str(f) for f in READABLE_FORMATS)
         raise WireError(
-            f"batch format {batch.format} is not supported (this receiver reads {FORMAT})"
+            f"batch format {batch.format} is not supported (this receiver reads {readable})"
         )
     return batch
 
@@ -417,7 +503,7 @@ def parse_batch(
     except WireError as error:
         raise WireError(f"batch {batch.sequence}: {error}") from None
     try:
-        blocks = _blocks(pb.Body.FromString(raw), schema, batch.first_t_ns)
+        blocks, captures = _blocks(pb.Body.FromString(raw), schema, batch.first_t_ns)
     except WireError:
         raise
     except Exception as error:
@@ -426,16 +512,19 @@ def parse_batch(
         batch.vehicle_id,
         batch.stream_id,
         batch.sequence,
-        sum(len(b) for b in blocks),
+        sum(len(b) for b in blocks) + sum(len(c.frames) for c in captures),
         sum(
             len(b) * len(b.signals) if b.present is None else int(np.count_nonzero(b.present))
             for b in blocks
         ),
         blocks,
+        captures,
     )
 
 
-def _blocks(body: pb.Body, schema: pb.Schema, first_t_ns: int) -> list[ReceivedBlock]:
+def _blocks(
+    body: pb.Body, schema: pb.Schema, first_t_ns: int
+) -> tuple[list[ReceivedBlock], list[ReceivedRaw]]:
     if len(body.frames) != len(body.blocks):
         raise WireError(f"{len(body.frames)} frame counts for {len(body.blocks)} blocks")
     if any(index >= len(schema.blocks) for index in body.blocks):
@@ -458,7 +547,9 @@ def _blocks(body: pb.Body, schema: pb.Schema, first_t_ns: int) -> list[ReceivedB
         present = np.ones(slots, np.bool_)
         carried = signal_frames
     with_id = [k for k, block in enumerate(definitions) if block.has_can_id]
-    lengths = np.concatenate([frames, frames[with_id], carried]).astype(np.intp)
+    raw_frames = np.array([r.frames for r in body.raw], np.intp)
+    lengths = np.concatenate([frames, frames[with_id], carried, np.repeat(raw_frames, 2)])
+    lengths = lengths.astype(np.intp)
     if len(body.encodings) != len(lengths):
         raise WireError(f"{len(body.encodings)} column encodings for {len(lengths)} columns")
     encodings = np.frombuffer(body.encodings, np.uint8).astype(np.int64)
@@ -470,17 +561,22 @@ def _blocks(body: pb.Body, schema: pb.Schema, first_t_ns: int) -> list[ReceivedB
     columns = [
         values[end - n : end] for end, n in zip(ends.tolist(), lengths.tolist(), strict=True)
     ]
-    times = [
-        column.view(np.int64) * np.int64(body.time_unit_ns) + np.int64(first_t_ns)
-        for column in columns[: len(frames)]
-    ]
+
+    def times_of(column: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        return column.view(np.int64) * np.int64(body.time_unit_ns) + np.int64(first_t_ns)
+
+    times = [times_of(column) for column in columns[: len(frames)]]
     can_ids = dict(zip(with_id, columns[len(frames) : len(frames) + len(with_id)], strict=True))
-    signal_columns = iter(columns[len(frames) + len(with_id) :])
+    signal_end = len(columns) - 2 * len(raw_frames)
+    signal_columns = iter(columns[len(frames) + len(with_id) : signal_end])
+    raw_columns = columns[signal_end:]
+    raw_times = [times_of(column) for column in raw_columns[0::2]]
     slot_ends = np.cumsum(signal_frames).tolist()
     slot_index = 0
 
     # Each frame's place in the batch: time order across messages (ties: block order).
-    order = np.argsort(np.concatenate(times), kind="stable") if times else np.zeros(0, np.intp)
+    every = times + raw_times
+    order = np.argsort(np.concatenate(every), kind="stable") if every else np.zeros(0, np.intp)
     position = np.empty_like(order)
     position[order] = np.arange(len(order))
     frame_ends = np.cumsum(frames).tolist()
@@ -517,9 +613,45 @@ def _blocks(body: pb.Body, schema: pb.Schema, first_t_ns: int) -> list[ReceivedB
                 signal_list,
                 None if matrix.all() else matrix,
                 position[frame_ends[k] - n : frame_ends[k]],
+                block.rule,
+                block.window_ms,
             )
         )
-    return blocks
+    captures = []
+    start = int(frames.sum())
+    for raw, t_ns, ids in zip(body.raw, raw_times, raw_columns[1::2], strict=True):
+        if raw.bus >= len(schema.buses):
+            raise WireError(f"raw frames of rule {raw.rule} name bus {raw.bus}")
+        captures.append(
+            ReceivedRaw(
+                raw.rule,
+                _raw_batch(raw, schema.buses[raw.bus], t_ns, ids),
+                position[start : start + raw.frames],
+            )
+        )
+        start += raw.frames
+    return blocks, captures
+
+
+def _raw_batch(
+    raw: pb.RawFrames, bus: str, t_ns: npt.NDArray[np.int64], can_id: npt.NDArray[np.uint64]
+) -> FrameBatch:
+    n = raw.frames
+    if len(raw.flags) != n or len(raw.lengths) != n:
+        raise WireError(f"raw frames of rule {raw.rule}: {n} frames, flags or lengths missing")
+    if can_id.max(initial=0) >= 1 << 29:
+        raise WireError(f"raw frames of rule {raw.rule}: an ID beyond 29 bits")
+    frames = FrameBatch.allocate(n, (bus,))
+    frames.t_ns[:] = t_ns
+    frames.bus[:] = 0
+    frames.can_id[:] = can_id
+    frames.flags[:] = np.frombuffer(raw.flags, np.uint8)
+    frames.length[:] = np.frombuffer(raw.lengths, np.uint8)
+    carried = np.arange(frames.data.shape[1]) < frames.length[:, None]
+    if frames.length.max(initial=0) > frames.data.shape[1] or int(carried.sum()) != len(raw.data):
+        raise WireError(f"raw frames of rule {raw.rule}: payload lengths do not add up")
+    frames.data[carried] = np.frombuffer(raw.data, np.uint8)
+    return frames
 
 
 def _decoded(
@@ -553,7 +685,7 @@ _INFOS: dict[tuple[str, int, bool, bool, float, float], SignalInfo] = {}
 
 def _signal_info(signal: pb.Signal) -> SignalInfo:
     key = (
-        signal.name,
+        f"{signal.name}.{signal.stat}" if signal.stat else signal.name,
         signal.length,
         signal.is_signed,
         signal.is_float,
@@ -565,7 +697,7 @@ def _signal_info(signal: pb.Signal) -> SignalInfo:
         if not 1 <= signal.length <= 64 or (signal.is_float and signal.length not in (16, 32, 64)):
             raise WireError(f"signal {signal.name} has an impossible length {signal.length}")
         info = SignalInfo(
-            name=signal.name,
+            name=key[0],
             start=0,
             length=signal.length,
             byte_order="little_endian",

@@ -64,7 +64,7 @@ class Schema(_message.Message):
     def __init__(self, buses: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ...) -> None: ...
 
 class Body(_message.Message):
-    __slots__ = ("blocks", "frames", "time_unit_ns", "encodings", "values", "value_width", "present")
+    __slots__ = ("blocks", "frames", "time_unit_ns", "encodings", "values", "value_width", "present", "raw")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIT_NS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class Body(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     VALUE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedScalarFieldContainer[int]
     frames: _containers.RepeatedScalarFieldContainer[int]
     time_unit_ns: int
@@ -79,39 +80,62 @@ class Body(_message.Message):
     values: bytes
     value_width: int
     present: bytes
-    def __init__(self, blocks: _Optional[_Iterable[int]] = ..., frames: _Optional[_Iterable[int]] = ..., time_unit_ns: _Optional[int] = ..., encodings: _Optional[bytes] = ..., values: _Optional[bytes] = ..., value_width: _Optional[int] = ..., present: _Optional[bytes] = ...) -> None: ...
+    raw: _containers.RepeatedCompositeFieldContainer[RawFrames]
+    def __init__(self, blocks: _Optional[_Iterable[int]] = ..., frames: _Optional[_Iterable[int]] = ..., time_unit_ns: _Optional[int] = ..., encodings: _Optional[bytes] = ..., values: _Optional[bytes] = ..., value_width: _Optional[int] = ..., present: _Optional[bytes] = ..., raw: _Optional[_Iterable[_Union[RawFrames, _Mapping]]] = ...) -> None: ...
+
+class RawFrames(_message.Message):
+    __slots__ = ("rule", "bus", "frames", "flags", "lengths", "data")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    BUS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    bus: int
+    frames: int
+    flags: bytes
+    lengths: bytes
+    data: bytes
+    def __init__(self, rule: _Optional[str] = ..., bus: _Optional[int] = ..., frames: _Optional[int] = ..., flags: _Optional[bytes] = ..., lengths: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Block(_message.Message):
-    __slots__ = ("bus", "message", "frame_id", "extended", "has_can_id", "signals")
+    __slots__ = ("bus", "message", "frame_id", "extended", "has_can_id", "signals", "rule", "window_ms")
     BUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     EXTENDED_FIELD_NUMBER: _ClassVar[int]
     HAS_CAN_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     bus: int
     message: str
     frame_id: int
     extended: bool
     has_can_id: bool
     signals: _containers.RepeatedCompositeFieldContainer[Signal]
-    def __init__(self, bus: _Optional[int] = ..., message: _Optional[str] = ..., frame_id: _Optional[int] = ..., extended: _Optional[bool] = ..., has_can_id: _Optional[bool] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ...) -> None: ...
+    rule: str
+    window_ms: int
+    def __init__(self, bus: _Optional[int] = ..., message: _Optional[str] = ..., frame_id: _Optional[int] = ..., extended: _Optional[bool] = ..., has_can_id: _Optional[bool] = ..., signals: _Optional[_Iterable[_Union[Signal, _Mapping]]] = ..., rule: _Optional[str] = ..., window_ms: _Optional[int] = ...) -> None: ...
 
 class Signal(_message.Message):
-    __slots__ = ("name", "length", "is_signed", "is_float", "scale", "offset")
+    __slots__ = ("name", "length", "is_signed", "is_float", "scale", "offset", "stat")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     IS_SIGNED_FIELD_NUMBER: _ClassVar[int]
     IS_FLOAT_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     length: int
     is_signed: bool
     is_float: bool
     scale: float
     offset: float
-    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., is_signed: _Optional[bool] = ..., is_float: _Optional[bool] = ..., scale: _Optional[float] = ..., offset: _Optional[float] = ...) -> None: ...
+    stat: str
+    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., is_signed: _Optional[bool] = ..., is_float: _Optional[bool] = ..., scale: _Optional[float] = ..., offset: _Optional[float] = ..., stat: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("stream_id", "sequence")

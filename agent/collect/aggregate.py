@@ -1,0 +1,213 @@
+"""Mode `aggregate`: statistics of each signal's physical values over fixed windows, instead
+of the values. Windows are aligned to multiples of `window_ms` of the frames' clock, so two
+agents' windows line up; a window is sent once a later value shows it has ended (or at the
+end of the stream), and values of one window can arrive over several batches.
+`sample` with `reduce = "mean"` is this mode with the one statistic "mean"."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.collect.base import Collected, Mode, Reference, Target, assemble, register, samples
+from agent.collect.rules import CollectRule
+from agent.decode import DecodedBatch, MessageBlock, SignalInfo
+from agent.frames import FrameBatch
+
+Floats = npt.NDArray[np.float64]
+
+
+@dataclass(slots=True)
+class Windows:
+    """Per window of one signal: its index (start // length), and the count, mean, sum of
+    squared deviations from the mean, minimum and maximum of its values."""
+
+    index: npt.NDArray[np.int64]
+    count: Floats
+    mean: Floats
+    m2: Floats
+    minimum: Floats
+    maximum: Floats
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, rows: slice) -> Windows:
+        return Windows(
+            self.index[rows],
+            self.count[rows],
+            self.mean[rows],
+            self.m2[rows],
+            self.minimum[rows],
+            self.maximum[rows],
+        )
+
+    def merged(self, later: Windows) -> Windows:
+        """`self`'s one window with the first of `later`, the same window (Chan et al.'s
+        pairwise update, which keeps the variance exact across batches)."""
+        na, nb = self.count[0], later.count[0]
+        n = na + nb
+        delta = later.mean[0] - self.mean[0]
+        first = Windows(
+            later.index[:1],
+            np.array([n]),
+            np.array([self.mean[0] + delta * nb / n]),
+            np.array([self.m2[0] + later.m2[0] + delta * delta * na * nb / n]),
+            np.array([min(self.minimum[0], later.minimum[0])]),
+            np.array([max(self.maximum[0], later.maximum[0])]),
+        )
+        rest = later.take(slice(1, None))
+        return Windows(
+            np.concatenate([first.index, rest.index]),
+            np.concatenate([first.count, rest.count]),
+            np.concatenate([first.mean, rest.mean]),
+            np.concatenate([first.m2, rest.m2]),
+            np.concatenate([first.minimum, rest.minimum]),
+            np.concatenate([first.maximum, rest.maximum]),
+        )
+
+
+def windows(t_ns: npt.NDArray[np.int64], value: Floats, length_ns: int) -> Windows:
+    """The statistics of each window that the (time-ordered) values fall in."""
+    index = t_ns // length_ns
+    starts = np.flatnonzero(np.concatenate([[True], index[1:] != index[:-1]]))
+    count = np.diff(np.append(starts, len(value))).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        mean = np.add.reduceat(value, starts) / count
+        deviation = value - np.repeat(mean, count.astype(np.intp))
+        m2 = np.add.reduceat(deviation * deviation, starts)
+    return Windows(
+        index[starts],
+        count,
+        mean,
+        m2,
+        np.minimum.reduceat(value, starts),
+        np.maximum.reduceat(value, starts),
+    )
+
+
+def statistic(stats: Windows, name: str) -> npt.NDArray[np.uint64]:
+    """A statistic's column bits: float64 bits, or the count as an unsigned integer."""
+    if name == "count":
+        return stats.count.astype(np.uint64)
+    if name == "stddev":
+        # The population standard deviation: the window's values are all there is.
+        with np.errstate(invalid="ignore"):
+            values = np.sqrt(stats.m2 / stats.count)
+    else:
+        values = {"min": stats.minimum, "max": stats.maximum, "mean": stats.mean}[name]
+    return np.ascontiguousarray(values, np.float64).view(np.uint64)
+
+
+def stat_info(signal: SignalInfo, stat: str) -> SignalInfo:
+    """How a statistic's column is stored (see `Signal.stat` in proto/telemetry.proto)."""
+    if stat == "count":
+        return replace(
+            signal,
+            length=32,
+            is_signed=False,
+            is_float=False,
+            scale=1.0,
+            offset=0.0,
+            choices=None,
+            unit=None,
+        )
+    return replace(
+        signal,
+        length=64,
+        is_signed=False,
+        is_float=True,
+        scale=1.0,
+        offset=0.0,
+        choices=None,
+    )
+
+
+@register
+class Aggregate(Mode):
+    name = "aggregate"
+
+    def __init__(
+        self,
+        rule: CollectRule,
+        targets: Sequence[Target],
+        buses: Sequence[str],
+        references: Mapping[str, Reference],
+    ) -> None:
+        super().__init__(rule, targets, buses, references)
+        self.stats = rule.stats if rule.mode == "aggregate" else ("mean",)
+        length_ms = rule.window_ms if rule.mode == "aggregate" else rule.period_ms
+        self.length_ns = length_ms * 1_000_000
+        self.selections = {
+            id(target): replace(
+                target.selection,
+                signals=tuple(stat_info(s, stat) for s in target.signals for stat in self.stats),
+                stats=self.stats * len(target.columns),
+                window_ms=length_ms,
+            )
+            for target in targets
+        }
+        # Per target, channel and column: the last window seen, which may go on in the next
+        # batch.
+        self.open: dict[tuple[Target, str], dict[int, Windows]] = {}
+        self.can_id = {id(t): np.uint32(t.plan.info.frame_id) for t in targets}
+
+    def collect(
+        self,
+        bus: str,
+        frames: FrameBatch,
+        decoded: DecodedBatch,
+        blocks: Mapping[int, Sequence[MessageBlock]],
+        out: Collected,
+    ) -> None:
+        for target in self.targets.get(bus, ()):
+            for block in blocks.get(id(target.plan), ()):
+                opened = self.open.setdefault((target, block.bus), {})
+                closed = []
+                for j, column in enumerate(target.columns.tolist()):
+                    values = samples(block, column)
+                    if not len(values.t_ns):
+                        continue
+                    stats = windows(values.t_ns, values.value, self.length_ns)
+                    before = opened.get(j)
+                    if before is not None:
+                        if before.index[0] == stats.index[0]:
+                            stats = before.merged(stats)
+                        else:
+                            closed.append((j, before))
+                    if len(stats) > 1:
+                        closed.append((j, stats.take(slice(0, -1))))
+                    opened[j] = stats.take(slice(-1, None))
+                self._send(target, block.bus, closed, out)
+
+    def flush(self, out: Collected) -> None:
+        for (target, channel), opened in self.open.items():
+            self._send(target, channel, sorted(opened.items()), out)
+        self.open.clear()
+
+    def _send(
+        self, target: Target, channel: str, closed: list[tuple[int, Windows]], out: Collected
+    ) -> None:
+        if not closed:
+            return
+        width = len(self.stats)
+        t_ns, column, bits = [], [], []
+        for j, stats in closed:
+            for s, name in enumerate(self.stats):
+                t_ns.append(stats.index * self.length_ns)
+                column.append(np.full(len(stats), j * width + s, np.intp))
+                bits.append(statistic(stats, name))
+        every_t = np.concatenate(t_ns)
+        out.blocks.append(
+            assemble(
+                channel,
+                self.selections[id(target)],
+                every_t,
+                np.full(len(every_t), self.can_id[id(target)], np.uint32),
+                np.concatenate(column),
+                np.concatenate(bits),
+            )
+        )

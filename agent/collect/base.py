@@ -1,0 +1,242 @@
+"""What collection works on and what it gives: the selected signals of each message, the
+blocks a rule keeps, and the interface every mode implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.collect.rules import CollectRule
+from agent.decode import DecodedBatch, MessageBlock, MessageInfo, MessagePlan, SignalInfo
+from agent.frames import FrameBatch
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Selection:
+    """What one rule keeps of one message: the columns of its blocks. Made once per rule and
+    message, so the encoder's schema can be keyed by identity, as it is by a decoder's
+    message plan when no rule applies."""
+
+    info: MessageInfo
+    signals: tuple[SignalInfo, ...]  # one per column
+    rule: str
+    stats: tuple[str, ...] = ()  # per column, for window statistics; empty: raw values
+    window_ms: int = 0
+
+
+@dataclass(slots=True)
+class CollectedBlock:
+    """Frames of one message that one rule keeps: a time-ordered row per frame (per window
+    for statistics), a column per selected signal."""
+
+    bus: str
+    plan: Selection
+    t_ns: npt.NDArray[np.int64]
+    can_id: npt.NDArray[np.uint32]
+    bits: npt.NDArray[np.uint64]  # (columns, rows): bit fields, or a statistic's bits
+    present: npt.NDArray[np.bool_] | None  # (columns, rows); None: every value is there
+
+    def __len__(self) -> int:
+        return len(self.t_ns)
+
+
+@dataclass(slots=True)
+class RawCapture:
+    """Frames of one bus that a raw rule keeps, as the bus carried them."""
+
+    rule: str
+    bus: str
+    frames: FrameBatch
+
+
+@dataclass(slots=True)
+class Collected:
+    """What the rules keep of a batch: the encoder's input when rules are configured."""
+
+    blocks: list[CollectedBlock] = field(default_factory=list)
+    raw: list[RawCapture] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks) or bool(self.raw)
+
+    def halves(self) -> tuple[Collected, Collected]:
+        """The rows before and after the middle of the time span, for a batch that would be
+        too large."""
+        times = [b.t_ns for b in self.blocks] + [r.frames.t_ns for r in self.raw]
+        every = np.concatenate(times)
+        middle = int(np.median(every))
+        if not (every > middle).any():  # one instant: split by count instead
+            middle = int(np.min(every)) - 1
+        early, late = Collected(), Collected()
+        for block in self.blocks:
+            for half, keep in ((early, block.t_ns <= middle), (late, block.t_ns > middle)):
+                if keep.any():
+                    half.blocks.append(take_rows(block, keep))
+        for capture in self.raw:
+            for half, keep in (
+                (early, capture.frames.t_ns <= middle),
+                (late, capture.frames.t_ns > middle),
+            ):
+                if keep.any():
+                    half.raw.append(replace(capture, frames=capture.frames.take(keep)))
+        return early, late
+
+
+def take_rows(
+    block: CollectedBlock, rows: npt.NDArray[np.bool_] | npt.NDArray[np.intp]
+) -> CollectedBlock:
+    """The block with only these rows; rows that keep no value are the caller's to avoid."""
+    present = None if block.present is None else block.present[:, rows]
+    return CollectedBlock(
+        block.bus,
+        block.plan,
+        block.t_ns[rows],
+        block.can_id[rows],
+        block.bits[:, rows],
+        None if present is None or present.all() else present,
+    )
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Target:
+    """The signals a rule selects in one message on one bus."""
+
+    bus: str
+    plan: MessagePlan
+    columns: npt.NDArray[np.intp]  # indices into plan.signals
+    selection: Selection
+
+    @property
+    def signals(self) -> list[SignalInfo]:
+        return [self.plan.signals[c] for c in self.columns.tolist()]
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A signal that a trigger's condition names."""
+
+    bus: str
+    plan: MessagePlan
+    column: int
+
+
+@dataclass(slots=True)
+class Samples:
+    """One signal's values in one block: the frames that carry it, in time order."""
+
+    t_ns: npt.NDArray[np.int64]
+    can_id: npt.NDArray[np.uint32]
+    bits: npt.NDArray[np.uint64]
+    value: npt.NDArray[np.float64]  # physical
+
+
+def samples(block: MessageBlock, column: int) -> Samples:
+    """Signal `column` of a decoded block, where its frames carry it."""
+    info = block.plan.signals[column]
+    bits = block.bits[column]
+    t_ns, can_id = block.t_ns, block.can_id
+    present = block.present
+    if present is not None and not present[column].all():
+        rows = present[column]
+        bits, t_ns, can_id = bits[rows], t_ns[rows], can_id[rows]
+    value = np.asarray(info.physical(info.raw_from_bits(bits)), dtype=np.float64)
+    return Samples(t_ns, can_id, bits, value)
+
+
+def assemble(
+    bus: str,
+    selection: Selection,
+    t_ns: npt.NDArray[np.int64],
+    can_id: npt.NDArray[np.uint32],
+    column: npt.NDArray[np.intp],
+    bits: npt.NDArray[np.uint64],
+) -> CollectedBlock:
+    """A block from single values (each with its frame's time and ID, and its column):
+    values of one frame share a row. Frames of one ID at one instant (a log's coarse clock)
+    are told apart by their order."""
+    order = np.lexsort((column, can_id, t_ns))
+    t_ns, can_id, column, bits = t_ns[order], can_id[order], column[order], bits[order]
+    n = len(t_ns)
+    same = np.zeros(n, np.bool_)
+    same[1:] = (t_ns[1:] == t_ns[:-1]) & (can_id[1:] == can_id[:-1]) & (column[1:] == column[:-1])
+    if same.any():
+        # The k-th value of a column at one (time, ID) goes to that instant's k-th row.
+        at = np.arange(n)
+        occurrence = at - np.maximum.accumulate(np.where(same, 0, at))
+        order = np.lexsort((column, occurrence, can_id, t_ns))
+        t_ns, can_id, column, bits = t_ns[order], can_id[order], column[order], bits[order]
+        occurrence = occurrence[order]
+    else:
+        occurrence = np.zeros(n, np.intp)
+    new_row = np.ones(n, np.bool_)
+    new_row[1:] = (
+        (t_ns[1:] != t_ns[:-1]) | (can_id[1:] != can_id[:-1]) | (occurrence[1:] != occurrence[:-1])
+    )
+    row = np.cumsum(new_row) - 1
+    rows = int(row[-1]) + 1 if n else 0
+    width = len(selection.signals)
+    matrix = np.zeros((width, rows), np.uint64)
+    matrix[column, row] = bits
+    present = np.zeros((width, rows), np.bool_)
+    present[column, row] = True
+    return CollectedBlock(
+        bus,
+        selection,
+        t_ns[new_row],
+        can_id[new_row],
+        matrix,
+        None if present.all() else present,
+    )
+
+
+class Mode(abc.ABC):
+    """How a rule keeps the signals it selects. One instance per rule; it holds whatever the
+    rule needs across batches (open windows, last values sent, a trigger's ring buffer)."""
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        rule: CollectRule,
+        targets: Sequence[Target],
+        buses: Sequence[str],
+        references: Mapping[str, Reference],
+    ) -> None:
+        """`targets`: the signals the rule selects; `buses`: the buses it applies to;
+        `references`: the signals its condition names."""
+        self.rule = rule
+        self.buses = frozenset(buses)
+        self.references = references
+        self.targets: dict[str, list[Target]] = {}
+        for target in targets:
+            self.targets.setdefault(target.bus, []).append(target)
+
+    @abc.abstractmethod
+    def collect(
+        self,
+        bus: str,
+        frames: FrameBatch,
+        decoded: DecodedBatch,
+        blocks: Mapping[int, Sequence[MessageBlock]],
+        out: Collected,
+    ) -> None:
+        """Add to `out` what the rule keeps of a bus's batch (`blocks`: its decoded blocks by
+        the id of their plan; a bus that replays several channels of a log has a block per
+        channel, and `block.bus` names it)."""
+
+    def flush(self, out: Collected) -> None:
+        """Add what the rule still holds (open windows) at the end of the stream."""
+        return None
+
+
+MODES: dict[str, type[Mode]] = {}
+
+
+def register(mode: type[Mode]) -> type[Mode]:
+    MODES[mode.name] = mode
+    return mode

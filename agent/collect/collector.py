@@ -1,0 +1,125 @@
+"""The collection stage: each bus's decoded batches through every rule."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from agent.collect.base import MODES, Collected, Mode, Reference, Selection, Target
+from agent.collect.rules import CollectRule
+from agent.decode import DecodedBatch, Decoder, MessageBlock, MessagePlan
+from agent.frames import FrameBatch
+
+
+class CollectError(ValueError):
+    """A rule that does not fit the DBCs: it selects nothing, or names an unknown signal."""
+
+
+def _matches(patterns: Sequence[str], *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns for name in names)
+
+
+class Collector:
+    """Runs the rules over decoded batches, bus by bus, keeping their state in between."""
+
+    def __init__(self, rules: Sequence[CollectRule], decoders: Mapping[str, Decoder]) -> None:
+        problems = []
+        self.rules: list[Mode] = []
+        for rule in rules:
+            buses = list(rule.buses) or list(decoders)
+            try:
+                targets = _targets(rule, buses, decoders)
+                references = _references(rule, buses, decoders)
+            except CollectError as error:
+                problems.append(f"collect rule {rule.name!r}: {error}")
+                continue
+            self.rules.append(MODES[rule.mode](rule, targets, buses, references))
+        if problems:
+            raise CollectError("; ".join(problems))
+
+    def collect(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> Collected:
+        """What the rules keep of one bus's batch (and what it ends of earlier ones)."""
+        out = Collected()
+        blocks: dict[int, list[MessageBlock]] = {}
+        for block in decoded.blocks:
+            blocks.setdefault(id(block.plan), []).append(block)
+        for mode in self.rules:
+            if bus in mode.buses:
+                mode.collect(bus, frames, decoded, blocks, out)
+        return out
+
+    def flush(self) -> Collected:
+        """What the rules still hold: the open windows, at the end of the stream."""
+        out = Collected()
+        for mode in self.rules:
+            mode.flush(out)
+        return out
+
+
+def _targets(
+    rule: CollectRule, buses: Sequence[str], decoders: Mapping[str, Decoder]
+) -> list[Target]:
+    targets: list[Target] = []
+    if rule.mode == "raw" and not rule.messages:
+        return targets  # the frames of its IDs, or all
+    for bus in buses:
+        for plan in decoders[bus].messages(bus):
+            if rule.messages and not _matches(rule.messages, plan.info.name):
+                continue
+            if rule.mode == "raw":
+                columns = np.arange(len(plan.signals), dtype=np.intp)
+            else:
+                columns = np.array(
+                    [
+                        k
+                        for k, s in enumerate(plan.signals)
+                        if _matches(rule.signals, s.name, f"{plan.info.name}.{s.name}")
+                    ],
+                    np.intp,
+                )
+            if len(columns):
+                selection = Selection(
+                    plan.info, tuple(plan.signals[c] for c in columns.tolist()), rule.name
+                )
+                targets.append(Target(bus, plan, columns, selection))
+    if rule.mode == "raw":
+        if rule.messages and not targets:
+            raise CollectError(f"no message matches {', '.join(rule.messages)}")
+    elif not targets:
+        where = f" in messages {', '.join(rule.messages)}" if rule.messages else ""
+        raise CollectError(
+            f"no signal matches {', '.join(rule.signals)}{where} on bus {', '.join(buses)}"
+        )
+    return targets
+
+
+def _references(
+    rule: CollectRule, buses: Sequence[str], decoders: Mapping[str, Decoder]
+) -> dict[str, Reference]:
+    """The signals the condition names, found on the rule's buses: a plain name must be
+    one signal's; `Message.Signal` names one message's."""
+    if rule.when is None:
+        return {}
+    found: dict[str, Reference] = {}
+    for name in sorted(rule.when.signals):
+        message, _, signal = name.rpartition(".")
+        candidates: list[tuple[str, MessagePlan, int]] = [
+            (bus, plan, k)
+            for bus in buses
+            for plan in decoders[bus].messages(bus)
+            if not message or plan.info.name == message
+            for k, s in enumerate(plan.signals)
+            if s.name == signal
+        ]
+        if not candidates:
+            raise CollectError(f"when: no signal {name} on bus {', '.join(buses)}")
+        if len(candidates) > 1:
+            where = ", ".join(f"{bus} {plan.info.name}" for bus, plan, _ in candidates[:5])
+            raise CollectError(
+                f"when: {name} is in several messages ({where}); write Message.Signal"
+            )
+        bus, plan, column = candidates[0]
+        found[name] = Reference(bus, plan, column)
+    return found

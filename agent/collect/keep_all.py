@@ -1,0 +1,46 @@
+"""Mode `all`: every value of the selected signals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from agent.collect.base import Collected, CollectedBlock, Mode, Target, register
+from agent.decode import DecodedBatch, MessageBlock
+from agent.frames import FrameBatch
+
+
+@register
+class KeepAll(Mode):
+    name = "all"
+
+    def collect(
+        self,
+        bus: str,
+        frames: FrameBatch,
+        decoded: DecodedBatch,
+        blocks: Mapping[int, Sequence[MessageBlock]],
+        out: Collected,
+    ) -> None:
+        for target in self.targets.get(bus, ()):
+            for block in blocks.get(id(target.plan), ()):
+                piece = selected(target, block)
+                if piece is not None:
+                    out.blocks.append(piece)
+
+
+def selected(target: Target, block: MessageBlock) -> CollectedBlock | None:
+    """The target's signals in the frames of a decoded block that carry any of them."""
+    bits = block.bits[target.columns]
+    t_ns, can_id = block.t_ns, block.can_id
+    present = block.present
+    if present is not None:
+        present = present[target.columns]
+        carried = present.any(axis=0)
+        if not carried.all():
+            bits, present = bits[:, carried], present[:, carried]
+            t_ns, can_id = t_ns[carried], can_id[carried]
+        if present.all():
+            present = None
+    if not len(t_ns):
+        return None
+    return CollectedBlock(block.bus, target.selection, t_ns, can_id, bits, present)

@@ -1,0 +1,172 @@
+"""Mode `sample`: one value per signal per period. `first`, `last`, `min` and `max` send the
+value of a frame as it was (with its own timestamp); `mean` sends the period's mean, as
+`aggregate` does. Periods are aligned to multiples of `period_ms` of the frames' clock; a
+period's value is sent once a later value shows the period has ended (or at the end of the
+stream)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.collect.aggregate import Aggregate
+from agent.collect.base import (
+    Collected,
+    Mode,
+    Reference,
+    Samples,
+    Target,
+    assemble,
+    register,
+    samples,
+)
+from agent.collect.rules import CollectRule
+from agent.decode import DecodedBatch, MessageBlock
+from agent.frames import FrameBatch
+
+
+@dataclass(slots=True)
+class Chosen:
+    """The value chosen for each period of one signal, with its period's index."""
+
+    period: npt.NDArray[np.int64]
+    values: Samples
+
+    def take(self, rows: slice) -> Chosen:
+        v = self.values
+        return Chosen(
+            self.period[rows],
+            Samples(v.t_ns[rows], v.can_id[rows], v.bits[rows], v.value[rows]),
+        )
+
+
+def choose(values: Samples, period_ns: int, reduce: str) -> Chosen:
+    """The value `reduce` picks in each period the (time-ordered) values fall in."""
+    period = values.t_ns // period_ns
+    starts = np.flatnonzero(np.concatenate([[True], period[1:] != period[:-1]]))
+    if reduce == "first":
+        picks = starts
+    elif reduce == "last":
+        picks = np.append(starts[1:], len(period)) - 1
+    else:
+        # The first of the period's smallest (largest) values; NaN is never chosen over a
+        # number.
+        fill = np.inf if reduce == "min" else -np.inf
+        key = np.where(np.isnan(values.value), fill, values.value)
+        ufunc = np.minimum if reduce == "min" else np.maximum
+        best = ufunc.reduceat(key, starts)
+        counts = np.diff(np.append(starts, len(key)))
+        at = np.where(key == np.repeat(best, counts), np.arange(len(key)), len(key))
+        picks = np.minimum.reduceat(at, starts)
+        picks = np.where(picks == len(key), starts, picks)  # a period of NaN only
+    return Chosen(
+        period[picks],
+        Samples(values.t_ns[picks], values.can_id[picks], values.bits[picks], values.value[picks]),
+    )
+
+
+def _later_wins(reduce: str, before: float, later: float) -> bool:
+    """Whether a later value of the same period replaces the one chosen before."""
+    if reduce == "last":
+        return True
+    if reduce == "first" or np.isnan(later):
+        return False
+    if np.isnan(before):
+        return True
+    return later < before if reduce == "min" else later > before
+
+
+@register
+class Sample(Mode):
+    name = "sample"
+
+    def __init__(
+        self,
+        rule: CollectRule,
+        targets: Sequence[Target],
+        buses: Sequence[str],
+        references: Mapping[str, Reference],
+    ) -> None:
+        super().__init__(rule, targets, buses, references)
+        self.period_ns = rule.period_ms * 1_000_000
+        self.mean = Aggregate(rule, targets, buses, references) if rule.reduce == "mean" else None
+        # Per target, channel and column: the value chosen so far in the last period seen.
+        self.open: dict[tuple[Target, str], dict[int, Chosen]] = {}
+
+    def collect(
+        self,
+        bus: str,
+        frames: FrameBatch,
+        decoded: DecodedBatch,
+        blocks: Mapping[int, Sequence[MessageBlock]],
+        out: Collected,
+    ) -> None:
+        if self.mean is not None:
+            self.mean.collect(bus, frames, decoded, blocks, out)
+            return
+        reduce = self.rule.reduce
+        for target in self.targets.get(bus, ()):
+            for block in blocks.get(id(target.plan), ()):
+                opened = self.open.setdefault((target, block.bus), {})
+                closed = []
+                for j, column in enumerate(target.columns.tolist()):
+                    values = samples(block, column)
+                    if not len(values.t_ns):
+                        continue
+                    chosen = choose(values, self.period_ns, reduce)
+                    before = opened.get(j)
+                    if before is not None:
+                        if before.period[0] != chosen.period[0]:
+                            closed.append((j, before))
+                        elif not _later_wins(
+                            reduce, float(before.values.value[0]), float(chosen.values.value[0])
+                        ):
+                            chosen = _replace_first(chosen, before)
+                    if len(chosen.period) > 1:
+                        closed.append((j, chosen.take(slice(0, -1))))
+                    opened[j] = chosen.take(slice(-1, None))
+                _send(target, block.bus, closed, out)
+
+    def flush(self, out: Collected) -> None:
+        if self.mean is not None:
+            self.mean.flush(out)
+            return
+        for (target, channel), opened in self.open.items():
+            _send(target, channel, sorted(opened.items()), out)
+        self.open.clear()
+
+
+def _replace_first(chosen: Chosen, first: Chosen) -> Chosen:
+    rest = chosen.take(slice(1, None))
+    return Chosen(
+        np.concatenate([first.period, rest.period]),
+        Samples(
+            *(
+                np.concatenate([a, b])
+                for a, b in (
+                    (first.values.t_ns, rest.values.t_ns),
+                    (first.values.can_id, rest.values.can_id),
+                    (first.values.bits, rest.values.bits),
+                    (first.values.value, rest.values.value),
+                )
+            )
+        ),
+    )
+
+
+def _send(target: Target, channel: str, closed: list[tuple[int, Chosen]], out: Collected) -> None:
+    if not closed:
+        return
+    out.blocks.append(
+        assemble(
+            channel,
+            target.selection,
+            np.concatenate([c.values.t_ns for _, c in closed]),
+            np.concatenate([c.values.can_id for _, c in closed]),
+            np.concatenate([np.full(len(c.period), j, np.intp) for j, c in closed]),
+            np.concatenate([c.values.bits for _, c in closed]),
+        )
+    )

@@ -1,0 +1,220 @@
+"""Mode `trigger`: when the condition `when` becomes true, the selected signals at full rate
+from `before_ms` before to `after_ms` after, the earlier part from a ring buffer.
+
+The condition is evaluated at every value of the signals it names (on the batch of their
+bus, holding the last value of each, also of signals on other buses), so it is as fine as
+the data. `edge = "rising"` fires where it turns true, `"always"` wherever it is true;
+either fires at most once per `min_interval_ms`. Every value of a selected signal is decided
+once: sent as soon as a known firing's window covers it; dropped once no later firing could
+(it is more than `before_ms` older than the condition's data); held in the ring until then.
+Buses are assumed to share one clock, as a gateway's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.collect.base import (
+    Collected,
+    CollectedBlock,
+    Mode,
+    Reference,
+    Target,
+    register,
+    samples,
+    take_rows,
+)
+from agent.collect.keep_all import selected
+from agent.collect.rules import CollectRule
+from agent.decode import DecodedBatch, MessageBlock
+from agent.frames import FrameBatch
+
+#: Ring values are also dropped this long after the newest value the rule has seen, so a
+#: condition whose bus falls silent does not let the ring grow without bound.
+RING_SLACK_NS = 10_000_000_000
+_NS_PER_MS = 1_000_000
+
+Times = npt.NDArray[np.int64]
+
+
+@register
+class Trigger(Mode):
+    name = "trigger"
+
+    def __init__(
+        self,
+        rule: CollectRule,
+        targets: Sequence[Target],
+        buses: Sequence[str],
+        references: Mapping[str, Reference],
+    ) -> None:
+        super().__init__(rule, targets, buses, references)
+        assert rule.when is not None
+        self.when = rule.when
+        self.before_ns = rule.before_ms * _NS_PER_MS
+        self.after_ns = rule.after_ms * _NS_PER_MS
+        self.min_interval_ns = rule.min_interval_ms * _NS_PER_MS
+        self.held = {name: np.nan for name in references}
+        self.history: dict[str, tuple[Times, npt.NDArray[np.float64]]] = {
+            name: (np.zeros(0, np.int64), np.zeros(0, np.float64)) for name in self.when.windows
+        }
+        self.was_true = False
+        self.last_fired: int | None = None
+        self.fired = 0  # firings so far
+        self.frontier: int | None = None  # the condition is known up to here
+        self.newest: int | None = None
+        # The windows of the firings, merged: sorted, disjoint.
+        self.starts: Times = np.zeros(0, np.int64)
+        self.ends: Times = np.zeros(0, np.int64)
+        self.ring: list[CollectedBlock] = []
+
+    def collect(
+        self,
+        bus: str,
+        frames: FrameBatch,
+        decoded: DecodedBatch,
+        blocks: Mapping[int, Sequence[MessageBlock]],
+        out: Collected,
+    ) -> None:
+        if not len(frames):
+            return
+        for target in self.targets.get(bus, ()):
+            for block in blocks.get(id(target.plan), ()):
+                piece = selected(target, block)
+                if piece is not None:
+                    self.ring.append(piece)
+        last = int(frames.t_ns.max())
+        self.newest = last if self.newest is None else max(self.newest, last)
+        if any(r.bus == bus for r in self.references.values()):
+            self._evaluate(bus, blocks)
+            self.frontier = last if self.frontier is None else max(self.frontier, last)
+        self._decide(out)
+
+    def _evaluate(self, bus: str, blocks: Mapping[int, Sequence[MessageBlock]]) -> None:
+        values = {}
+        for name, reference in self.references.items():
+            if reference.bus != bus:
+                continue
+            found = [samples(b, reference.column) for b in blocks.get(id(reference.plan), ())]
+            found = [f for f in found if len(f.t_ns)]
+            if len(found) == 1:
+                values[name] = (found[0].t_ns, found[0].value)
+            elif found:  # the message on several channels of the bus: one series
+                t_ns = np.concatenate([f.t_ns for f in found])
+                order = np.argsort(t_ns, kind="stable")
+                values[name] = (t_ns[order], np.concatenate([f.value for f in found])[order])
+        if not values:
+            return
+        timeline = np.unique(np.concatenate([t for t, _ in values.values()]))
+        held = {}
+        for name in self.references:
+            if name in values:
+                t_ns, value = values[name]
+                at = np.searchsorted(t_ns, timeline, side="right") - 1
+                held[name] = np.where(at >= 0, value[np.maximum(at, 0)], self.held[name])
+            else:
+                held[name] = np.full(len(timeline), self.held[name])
+        series = {}
+        for name, window_ms in self.when.windows.items():
+            old_t, old_value = self.history[name]
+            if name in values:
+                new_t, new_value = values[name]
+                old_t, old_value = (
+                    np.concatenate([old_t, new_t]),
+                    np.concatenate([old_value, new_value]),
+                )
+            series[name] = (old_t, old_value)
+            keep = old_t > old_t[-1] - window_ms * _NS_PER_MS if len(old_t) else old_t > 0
+            self.history[name] = (old_t[keep], old_value[keep])
+        true = self.when.evaluate(timeline, held, series)
+        for name, (_, value) in values.items():
+            self.held[name] = float(value[-1])
+        if self.rule.edge == "rising":
+            before = np.concatenate([[self.was_true], true[:-1]])
+            firing = true & ~before
+        else:
+            firing = true
+        self.was_true = bool(true[-1])
+        self._fire(timeline[firing])
+
+    def _fire(self, candidates: Times) -> None:
+        """Keep the candidates at least min_interval_ms apart, and add their windows."""
+        if not len(candidates):
+            return
+        gap = self.min_interval_ns
+        if gap:
+            kept = []
+            k = 0
+            if self.last_fired is not None:
+                k = int(np.searchsorted(candidates, self.last_fired + gap, side="left"))
+            while k < len(candidates):
+                kept.append(k)
+                k = int(np.searchsorted(candidates, candidates[k] + gap, side="left"))
+            candidates = candidates[kept]
+        if not len(candidates):
+            return
+        self.last_fired = int(candidates[-1])
+        self.fired += len(candidates)
+        starts = np.concatenate([self.starts, candidates - self.before_ns])
+        ends = np.concatenate([self.ends, candidates + self.after_ns])
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], np.maximum.accumulate(ends[order])
+        # A window that starts within the one before joins it.
+        new = np.concatenate([[True], starts[1:] > ends[:-1]])
+        last = np.append(np.flatnonzero(new)[1:], len(new)) - 1
+        self.starts, self.ends = starts[new], ends[last]
+
+    def covered(self, t_ns: Times) -> npt.NDArray[np.bool_]:
+        """Whether a firing's window covers each time."""
+        at = np.searchsorted(self.starts, t_ns, side="right") - 1
+        inside = at >= 0
+        inside[inside] = t_ns[inside] <= self.ends[at[inside]]
+        return inside
+
+    def _decide(self, out: Collected) -> None:
+        undecided_after = -(1 << 62)
+        if self.frontier is not None:
+            undecided_after = self.frontier - self.before_ns
+        if self.newest is not None:
+            undecided_after = max(undecided_after, self.newest - self.before_ns - RING_SLACK_NS)
+        sent: dict[int, list[CollectedBlock]] = {}
+        ring = []
+        for piece in self.ring:
+            covered = self.covered(piece.t_ns)
+            if covered.any():
+                sent.setdefault(id(piece.plan), []).append(take_rows(piece, covered))
+            waiting = ~covered & (piece.t_ns > undecided_after)
+            if waiting.all():
+                ring.append(piece)
+            elif waiting.any():
+                ring.append(take_rows(piece, waiting))
+        self.ring = ring
+        for pieces in sent.values():
+            out.blocks.append(pieces[0] if len(pieces) == 1 else _joined(pieces))
+        # Windows that ended before anything still undecided can go.
+        keep = self.ends > undecided_after
+        self.starts, self.ends = self.starts[keep], self.ends[keep]
+
+    def flush(self, out: Collected) -> None:
+        """What is still in the ring was not covered by any firing: it is not sent."""
+        self.ring = []
+
+
+def _joined(pieces: list[CollectedBlock]) -> CollectedBlock:
+    """Pieces of one selection, in time order, as one block."""
+    first = pieces[0]
+    present = [
+        p.present if p.present is not None else np.ones(p.bits.shape, np.bool_) for p in pieces
+    ]
+    matrix = np.concatenate(present, axis=1)
+    return CollectedBlock(
+        first.bus,
+        first.plan,
+        np.concatenate([p.t_ns for p in pieces]),
+        np.concatenate([p.can_id for p in pieces]),
+        np.concatenate([p.bits for p in pieces], axis=1),
+        None if matrix.all() else matrix,
+    )

@@ -1,0 +1,823 @@
+"""Collection rules: each mode against a plain reference written here (loops over the decoded
+values), on the real RAV4 log and on hypothesis-generated series, as the cloud receives it
+(encoded, sent through the wire format, parsed back)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.collect import Collected, Collector
+from agent.config import Config, parse_config
+from agent.decode import ALL_BUSES, Decoder, bus_decoders
+from agent.frames import FrameBatch
+from agent.logs import open_log
+from agent.wire import BatchEncoder, ReceivedBatch, SchemaStore, parse_batch, read_envelope
+from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
+from tests.services import ReceiverProcess, broker, records, run_agent
+
+Point = tuple[int, float]  # (t_ns, physical value)
+#: (rule, message, signal, or signal.stat) -> the values the cloud got, in arrival order
+Received = dict[tuple[str, str, str], list[Point]]
+
+SECOND = 1_000_000_000
+MS = 1_000_000
+
+
+def config(bus: str, rules: str) -> Config:
+    return parse_config(
+        f'vehicle_id = "v"\n[[bus]]\nname = "can0"\nsource = "replay"\npath = "{RAV4_LOG}"\n'
+        f"{bus}\n"
+        f"{rules}",
+        "test.toml",
+        Path("."),
+    )
+
+
+def one_second_batches(frames: Iterable[FrameBatch]) -> Iterator[FrameBatch]:
+    """The frames cut where the agent cuts them by default: every second of frame time."""
+    pending: list[FrameBatch] = []
+    current = None
+    for batch in frames:
+        second = batch.t_ns // SECOND
+        for value in np.unique(second):
+            if current is not None and value != current:
+                yield FrameBatch.concat(pending)
+                pending = []
+            current = int(value)
+            pending.append(batch.take(second == value))
+    if pending:
+        yield FrameBatch.concat(pending)
+
+
+class Cloud:
+    """Encodes what the rules kept into wire batches and reads them back, as the receiver
+    does."""
+
+    def __init__(self) -> None:
+        self.encoder = BatchEncoder("v", "s", b"", compression="zstd")
+        self.schemas = SchemaStore()
+        self.sequence = 0
+        self.values: Received = {}
+        self.raw: dict[str, list[FrameBatch]] = {}
+        self.bytes = 0
+
+    def send(self, collected: Collected) -> ReceivedBatch | None:
+        self.sequence += 1
+        wire = self.encoder.encode([collected], self.sequence)
+        if wire is None:
+            assert not collected
+            return None
+        self.bytes += len(wire)
+        self.schemas.add(read_envelope(self.encoder.announcement(wire.schema_id)), 1 << 30)
+        batch = parse_batch(read_envelope(wire.payload), self.schemas)
+        assert batch.frames == wire.frames and batch.signals == wire.signals
+        for block in batch.blocks:
+            assert block.rule
+            for k, column in enumerate(block.signals):
+                rows = np.ones(len(block), bool) if block.present is None else block.present[k]
+                values = np.asarray(column.physical(), np.float64)[rows]
+                self.values.setdefault((block.rule, block.message.name, column.name), []).extend(
+                    zip(block.t_ns[rows].tolist(), values.tolist(), strict=True)
+                )
+        for capture in batch.raw:
+            self.raw.setdefault(capture.rule, []).append(capture.frames)
+        return batch
+
+
+def run_rules(cfg: Config, batches: Iterable[FrameBatch]) -> Cloud:
+    decoders = bus_decoders(cfg.buses)
+    collector = Collector(cfg.collect, decoders)
+    cloud = Cloud()
+    for frames in batches:
+        cloud.send(collector.collect("can0", frames, decoders["can0"].decode(frames)))
+    cloud.send(collector.flush())
+    return cloud
+
+
+def decoded_series(
+    cfg: Config, batches: Iterable[FrameBatch]
+) -> dict[tuple[str, str], list[Point]]:
+    """Every signal's values, (message, signal) -> [(t, value)], by a loop over the decoder's
+    columns (the decoder itself is checked against cantools elsewhere)."""
+    decoder = bus_decoders(cfg.buses)["can0"]
+    series: dict[tuple[str, str], list[Point]] = {}
+    for frames in batches:
+        for block in decoder.decode(frames).blocks:
+            times = block.t_ns.tolist()
+            for column in block.signals:
+                values = np.asarray(column.physical(), np.float64).tolist()
+                rows = [True] * len(times) if column.present is None else column.present.tolist()
+                points = series.setdefault((block.message.name, column.name), [])
+                for t, value, present in zip(times, values, rows, strict=True):
+                    if present:
+                        points.append((t, value))
+    return series
+
+
+# The references: the rules' documented behaviour, one value at a time.
+
+
+def reference_sample(points: list[Point], period_ns: int, reduce: str) -> list[Point]:
+    periods: dict[int, list[Point]] = {}
+    for t, value in points:
+        periods.setdefault(t // period_ns, []).append((t, value))
+    out = []
+    for period, group in periods.items():
+        if reduce == "first":
+            out.append(group[0])
+        elif reduce == "last":
+            out.append(group[-1])
+        elif reduce == "mean":
+            out.append((period * period_ns, sum(v for _, v in group) / len(group)))
+        else:
+            numbers = [p for p in group if not math.isnan(p[1])] or group[:1]
+            best = min(v for _, v in numbers) if reduce == "min" else max(v for _, v in numbers)
+            out.append(next(p for p in numbers if p[1] == best or math.isnan(best)))
+    return out
+
+
+def reference_change(
+    points: list[Point], deadband: float, relative: float, heartbeat_ns: int
+) -> list[Point]:
+    out: list[Point] = []
+    for t, value in points:
+        if not out:
+            out.append((t, value))
+            continue
+        last_t, last = out[-1]
+        if math.isnan(last) or math.isnan(value):
+            moved = math.isnan(last) != math.isnan(value)
+        else:
+            moved = abs(value - last) > max(deadband, relative * abs(last))
+        if moved or (heartbeat_ns and t - last_t >= heartbeat_ns):
+            out.append((t, value))
+    return out
+
+
+def reference_aggregate(points: list[Point], window_ns: int, stat: str) -> list[Point]:
+    windows: dict[int, list[float]] = {}
+    for t, value in points:
+        windows.setdefault(t // window_ns, []).append(value)
+    functions: dict[str, Callable[[list[float]], float]] = {
+        "min": min,
+        "max": max,
+        "mean": statistics.fmean,
+        "count": len,
+        "stddev": statistics.pstdev,
+    }
+    return [(w * window_ns, float(functions[stat](values))) for w, values in windows.items()]
+
+
+def reference_trigger(
+    condition_series: dict[str, list[Point]],
+    condition: Callable[[dict[str, float], int], bool],
+    selected: list[Point],
+    before_ns: int,
+    after_ns: int,
+    min_interval_ns: int,
+    edge: str,
+) -> tuple[list[int], list[Point]]:
+    """The firing times, and the selected values within a firing's window."""
+    changes: dict[int, list[tuple[str, float]]] = {}
+    for name, points in condition_series.items():
+        for t, value in points:
+            changes.setdefault(t, []).append((name, value))
+    held = dict.fromkeys(condition_series, math.nan)
+    was_true = False
+    fired: list[int] = []
+    for t in sorted(changes):
+        for name, value in changes[t]:
+            held[name] = value
+        true = condition(held, t)
+        firing = true and (edge == "always" or not was_true)
+        was_true = true
+        if firing and (not fired or t - fired[-1] >= min_interval_ns):
+            fired.append(t)
+    kept = [
+        (t, value)
+        for t, value in selected
+        if any(f - before_ns <= t <= f + after_ns for f in fired)
+    ]
+    return fired, kept
+
+
+def same(got: list[Point], expected: list[Point], exact: bool = True) -> None:
+    """Equal values at equal times; NaN equals NaN; `exact=False`: floating-point sums."""
+    assert len(got) == len(expected), (len(got), len(expected))
+    for (t, value), (t_expected, value_expected) in zip(sorted(got), sorted(expected), strict=True):
+        assert t == t_expected
+        if math.isnan(value_expected):
+            assert math.isnan(value)
+        elif exact:
+            assert value == value_expected, (t, value, value_expected)
+        else:
+            assert math.isclose(value, value_expected, rel_tol=1e-9, abs_tol=1e-9), (
+                t,
+                value,
+                value_expected,
+            )
+
+
+# The real RAV4 log, every mode in one rule set.
+
+RAV4_BUS = f'dbc = ["{RAV4_PT_DBC}", "{RAV4_ADAS_DBC}"]'
+RAV4_RULES = """
+[[collect]]
+name = "all-steer"
+mode = "all"
+signals = ["STEER_*"]
+messages = ["STEER_ANGLE_SENSOR"]
+
+[[collect]]
+name = "speed-last"
+mode = "sample"
+signals = ["SPEED.SPEED"]
+period_ms = 1000
+
+[[collect]]
+name = "wheels-first"
+mode = "sample"
+signals = ["WHEEL_SPEED_F?"]
+period_ms = 700
+reduce = "first"
+
+[[collect]]
+name = "wheels-min"
+mode = "sample"
+signals = ["WHEEL_SPEED_R?"]
+period_ms = 1300
+reduce = "min"
+
+[[collect]]
+name = "gas-max"
+mode = "sample"
+signals = ["GAS_PEDAL.GAS_PEDAL"]
+period_ms = 2000
+reduce = "max"
+
+[[collect]]
+name = "speed-mean"
+mode = "sample"
+signals = ["SPEED.SPEED"]
+period_ms = 500
+reduce = "mean"
+
+[[collect]]
+name = "steer-deadband"
+mode = "change"
+signals = ["STEER_ANGLE_SENSOR.STEER_ANGLE", "STEER_RATE"]
+deadband = 1.0
+heartbeat_ms = 2500
+
+[[collect]]
+name = "wheel-relative"
+mode = "change"
+signals = ["WHEEL_SPEED_FL"]
+deadband_rel = 0.01
+
+[[collect]]
+name = "brake-changes"
+mode = "change"
+signals = ["BRAKE_MODULE.BRAKE_PRESSURE"]
+
+[[collect]]
+name = "wheel-stats"
+mode = "aggregate"
+signals = ["WHEEL_SPEED_*"]
+window_ms = 1000
+
+[[collect]]
+name = "etq-stats"
+mode = "aggregate"
+signals = ["ETQREAL"]
+window_ms = 3000
+stats = ["stddev", "count"]
+
+[[collect]]
+name = "fast"
+mode = "trigger"
+when = "SPEED.SPEED > 60"
+signals = ["SPEED.SPEED", "WHEEL_SPEED_FL"]
+before_ms = 2000
+after_ms = 3000
+
+[[collect]]
+name = "gas"
+mode = "trigger"
+when = "GAS_PEDAL.GAS_PEDAL > 20 and SPEED.SPEED > 40"
+signals = ["GAS_PEDAL.GAS_PEDAL", "WHEEL_SPEED_RR"]
+before_ms = 1500
+after_ms = 500
+min_interval_ms = 4000
+edge = "always"
+
+[[collect]]
+name = "speeding-up"
+mode = "trigger"
+when = "SPEED.SPEED - mean(SPEED.SPEED, 3000) > 1.5 and abs(STEER_ANGLE_SENSOR.STEER_ANGLE) < 2"
+signals = ["SPEED.SPEED"]
+before_ms = 500
+after_ms = 500
+
+[[collect]]
+name = "steer-log"
+mode = "raw"
+messages = ["STEER_ANGLE_SENSOR"]
+ids = [180]
+"""
+
+
+def rav4_frames() -> Iterator[FrameBatch]:
+    """The frames of the log's can0, as a replay bus named can0 takes them."""
+    for batch in open_log(RAV4_LOG).batches():
+        yield batch.take(batch.bus == batch.buses.index("can0"))
+
+
+@pytest.fixture(scope="module")
+def rav4() -> tuple[Config, Cloud, dict[tuple[str, str], list[Point]]]:
+    cfg = config(RAV4_BUS, RAV4_RULES)
+    cloud = run_rules(cfg, one_second_batches(rav4_frames()))
+    return cfg, cloud, decoded_series(cfg, rav4_frames())
+
+
+def test_all_sends_every_value(rav4: Any) -> None:
+    _, cloud, series = rav4
+    for signal in ("STEER_ANGLE", "STEER_FRACTION", "STEER_RATE"):
+        same(
+            cloud.values["all-steer", "STEER_ANGLE_SENSOR", signal],
+            series["STEER_ANGLE_SENSOR", signal],
+        )
+    assert {k[2] for k in cloud.values if k[0] == "all-steer"} == {
+        "STEER_ANGLE",
+        "STEER_FRACTION",
+        "STEER_RATE",
+    }
+
+
+@pytest.mark.parametrize(
+    ("rule", "message", "signals", "period_ms", "reduce"),
+    [
+        ("speed-last", "SPEED", ["SPEED"], 1000, "last"),
+        ("wheels-first", "WHEEL_SPEEDS", ["WHEEL_SPEED_FL", "WHEEL_SPEED_FR"], 700, "first"),
+        ("wheels-min", "WHEEL_SPEEDS", ["WHEEL_SPEED_RL", "WHEEL_SPEED_RR"], 1300, "min"),
+        ("gas-max", "GAS_PEDAL", ["GAS_PEDAL"], 2000, "max"),
+    ],
+)
+def test_sample_sends_one_value_per_period(
+    rav4: Any, rule: str, message: str, signals: list[str], period_ms: int, reduce: str
+) -> None:
+    _, cloud, series = rav4
+    for signal in signals:
+        expected = reference_sample(series[message, signal], period_ms * MS, reduce)
+        same(cloud.values[rule, message, signal], expected)
+        assert len(expected) >= 60_000 // period_ms - 1
+
+
+def test_sample_mean_is_the_period_mean(rav4: Any) -> None:
+    _, cloud, series = rav4
+    expected = reference_sample(series["SPEED", "SPEED"], 500 * MS, "mean")
+    same(cloud.values["speed-mean", "SPEED", "SPEED.mean"], expected, exact=False)
+
+
+@pytest.mark.parametrize(
+    ("rule", "message", "signal", "deadband", "relative", "heartbeat_ms"),
+    [
+        ("steer-deadband", "STEER_ANGLE_SENSOR", "STEER_ANGLE", 1.0, 0.0, 2500),
+        ("steer-deadband", "STEER_ANGLE_SENSOR", "STEER_RATE", 1.0, 0.0, 2500),
+        ("wheel-relative", "WHEEL_SPEEDS", "WHEEL_SPEED_FL", 0.0, 0.01, 0),
+        ("brake-changes", "BRAKE_MODULE", "BRAKE_PRESSURE", 0.0, 0.0, 0),
+    ],
+)
+def test_change_sends_what_moved_past_the_deadband(
+    rav4: Any,
+    rule: str,
+    message: str,
+    signal: str,
+    deadband: float,
+    relative: float,
+    heartbeat_ms: int,
+) -> None:
+    _, cloud, series = rav4
+    points = series[message, signal]
+    expected = reference_change(points, deadband, relative, heartbeat_ms * MS)
+    same(cloud.values[rule, message, signal], expected)
+    assert 1 < len(expected) < len(points)
+
+
+def test_aggregate_sends_window_statistics(rav4: Any) -> None:
+    _, cloud, series = rav4
+    for wheel in ("FL", "FR", "RL", "RR"):
+        points = series["WHEEL_SPEEDS", f"WHEEL_SPEED_{wheel}"]
+        for stat in ("min", "max", "mean", "count", "stddev"):
+            got = cloud.values["wheel-stats", "WHEEL_SPEEDS", f"WHEEL_SPEED_{wheel}.{stat}"]
+            same(
+                got,
+                reference_aggregate(points, SECOND, stat),
+                exact=stat in ("min", "max", "count"),
+            )
+    points = series["GAS_PEDAL", "ETQREAL"]
+    for stat in ("stddev", "count"):
+        got = cloud.values["etq-stats", "GAS_PEDAL", f"ETQREAL.{stat}"]
+        same(got, reference_aggregate(points, 3 * SECOND, stat), exact=stat == "count")
+    assert not any(k[2].endswith(".mean") for k in cloud.values if k[0] == "etq-stats")
+
+
+def test_trigger_captures_exactly_the_window_around_each_rising_edge(rav4: Any) -> None:
+    _, cloud, series = rav4
+    speed = series["SPEED", "SPEED"]
+    fired, _ = reference_trigger(
+        {"speed": speed}, lambda v, t: v["speed"] > 60, [], 2000 * MS, 3000 * MS, 0, "rising"
+    )
+    # The log crosses 60 km/h upwards more than once, and not at every value above it.
+    rising = [t for (_, a), (t, b) in itertools.pairwise(speed) if a <= 60 < b]
+    assert fired == [t for t, v in speed[:1] if v > 60] + rising
+    assert len(rising) >= 2
+    for message, signal in (("SPEED", "SPEED"), ("WHEEL_SPEEDS", "WHEEL_SPEED_FL")):
+        points = series[message, signal]
+        _, expected = reference_trigger(
+            {"speed": speed},
+            lambda v, t: v["speed"] > 60,
+            points,
+            2000 * MS,
+            3000 * MS,
+            0,
+            "rising",
+        )
+        got = cloud.values["fast", message, signal]
+        same(got, expected)
+        # Each firing's window is there whole: before and after the edge.
+        times = {t for t, _ in got}
+        for f in fired:
+            window = [t for t, _ in points if f - 2000 * MS <= t <= f + 3000 * MS]
+            assert window and times.issuperset(window)
+        assert len(got) < len(points)
+
+
+def test_trigger_always_on_signals_of_two_messages_with_a_minimum_interval(rav4: Any) -> None:
+    _, cloud, series = rav4
+    condition = {"gas": series["GAS_PEDAL", "GAS_PEDAL"], "speed": series["SPEED", "SPEED"]}
+
+    def when(v: dict[str, float], t: int) -> bool:
+        return v["gas"] > 20 and v["speed"] > 40
+
+    for message, signal in (("GAS_PEDAL", "GAS_PEDAL"), ("WHEEL_SPEEDS", "WHEEL_SPEED_RR")):
+        fired, expected = reference_trigger(
+            condition, when, series[message, signal], 1500 * MS, 500 * MS, 4000 * MS, "always"
+        )
+        assert len(fired) >= 2
+        assert all(b - a >= 4000 * MS for a, b in itertools.pairwise(fired))
+        same(cloud.values["gas", message, signal], expected)
+
+
+def test_trigger_with_a_window_function(rav4: Any) -> None:
+    _, cloud, series = rav4
+    speed = series["SPEED", "SPEED"]
+
+    def when(v: dict[str, float], t: int) -> bool:
+        window = [value for s, value in speed if t - 3000 * MS < s <= t]
+        mean = sum(window) / len(window) if window else math.nan
+        return v["speed"] - mean > 1.5 and abs(v["steer"]) < 2
+
+    fired, expected = reference_trigger(
+        {"speed": speed, "steer": series["STEER_ANGLE_SENSOR", "STEER_ANGLE"]},
+        when,
+        speed,
+        500 * MS,
+        500 * MS,
+        0,
+        "rising",
+    )
+    assert len(fired) >= 2
+    same(cloud.values["speeding-up", "SPEED", "SPEED"], expected)
+
+
+def test_raw_sends_the_frames_as_the_bus_carried_them(rav4: Any) -> None:
+    _cfg, cloud, _ = rav4
+    got = FrameBatch.concat(cloud.raw["steer-log"])
+    frames = FrameBatch.concat(list(rav4_frames()))
+    steer = 0x25  # STEER_ANGLE_SENSOR
+    expected = frames.take(np.isin(frames.can_id, [steer, 180]))
+    assert len(got) == len(expected) > 0
+    for field in ("t_ns", "can_id", "flags", "length"):
+        assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+    for k in range(len(got)):
+        assert got.payload(k) == expected.payload(k)
+    # The cloud decodes them with the DBC into what the device would have decoded.
+    decoder = Decoder({ALL_BUSES: [RAV4_PT_DBC, RAV4_ADAS_DBC]})
+    cloud_side = {
+        (b.message.name, c.name): c.physical().tolist()
+        for b in decoder.decode(got).blocks
+        for c in b.signals
+    }
+    device = {
+        (b.message.name, c.name): c.physical().tolist()
+        for b in decoder.decode(expected).blocks
+        for c in b.signals
+    }
+    assert cloud_side == device and ("STEER_ANGLE_SENSOR", "STEER_ANGLE") in device
+
+
+def test_a_signal_in_several_rules_is_sent_by_each(rav4: Any) -> None:
+    _, cloud, _ = rav4
+    rules = {k[0] for k in cloud.values if k[1:] == ("SPEED", "SPEED")}
+    assert rules == {"speed-last", "fast", "speeding-up"}
+    assert ("speed-mean", "SPEED", "SPEED.mean") in cloud.values
+
+
+# Hypothesis: random series cut into random batches, through every mode.
+
+SYNTHETIC_DBC = """VERSION ""
+
+NS_ :
+
+BS_:
+
+BU_: ECU
+
+BO_ 256 FAST: 8 ECU
+ SG_ X : 0|16@1+ (0.5,-10) [0|0] "" ECU
+ SG_ Y : 16|8@1- (1,0) [0|0] "" ECU
+ SG_ MODE M : 24|2@1+ (1,0) [0|0] "" ECU
+ SG_ Q m1 : 32|8@1+ (1,0) [0|0] "" ECU
+
+BO_ 512 SLOW: 2 ECU
+ SG_ Z : 0|8@1+ (1,0) [0|0] "" ECU
+"""
+
+
+@st.composite
+def traffic(draw: st.DrawFn) -> tuple[list[tuple[int, int, bytes]], list[int]]:
+    """(t_ns, frame id, payload) in time order, and where the batches are cut."""
+    count = draw(st.integers(1, 300))
+    frames = []
+    t = draw(st.integers(0, 10 * SECOND))
+    x = draw(st.integers(0, 65535))
+    for _ in range(count):
+        t += draw(st.sampled_from([0, 1, 7 * MS, 10 * MS, 100 * MS, 900 * MS, 3 * SECOND]))
+        if draw(st.booleans()):
+            x = draw(
+                st.one_of(st.integers(0, 65535), st.integers(max(0, x - 30), min(65535, x + 30)))
+            )
+            y = draw(st.integers(-128, 127))
+            mode = draw(st.integers(0, 3))
+            q = draw(st.integers(0, 255))
+            length = draw(st.sampled_from([8, 8, 8, 4, 2]))
+            payload = x.to_bytes(2, "little") + (y & 0xFF).to_bytes(1, "little") + bytes([mode, q])
+            frames.append((t, 256, (payload + bytes(3))[:length]))
+        else:
+            frames.append((t, 512, bytes([draw(st.integers(0, 255)), 0])))
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, count - 1)), max_size=8))))
+    return frames, cuts
+
+
+def frame_batches(frames: list[tuple[int, int, bytes]], cuts: list[int]) -> list[FrameBatch]:
+    """The frames in batches cut before each of `cuts`, except where that would part frames
+    of one instant: the agent never does (it cuts batches by frame time)."""
+    batch = FrameBatch.allocate(len(frames), ("can0",))
+    for k, (t, can_id, payload) in enumerate(frames):
+        batch.t_ns[k] = t
+        batch.can_id[k] = can_id
+        batch.length[k] = len(payload)
+        batch.data[k, : len(payload)] = np.frombuffer(payload, np.uint8)
+    cuts = [c for c in cuts if c < len(frames) and frames[c][0] != frames[c - 1][0]]
+    edges = [0, *cuts, len(frames)]
+    return [batch.take(slice(a, b)) for a, b in itertools.pairwise(edges) if b > a]
+
+
+@pytest.fixture(scope="module")
+def synthetic_dbc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dbc") / "synthetic.dbc"
+    path.write_text(SYNTHETIC_DBC)
+    return path
+
+
+HYPOTHESIS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def check_rule(
+    dbc: Path, rule: str, frames: list[tuple[int, int, bytes]], cuts: list[int]
+) -> tuple[Cloud, dict[tuple[str, str], list[Point]]]:
+    cfg = config(f'dbc = ["{dbc}"]', rule)
+    cloud = run_rules(cfg, frame_batches(frames, cuts))
+    return cloud, decoded_series(cfg, [frame_batches(frames, [])[0]])
+
+
+@HYPOTHESIS
+@given(
+    traffic(),
+    st.sampled_from(["first", "last", "min", "max", "mean"]),
+    st.sampled_from([1, 10, 250, 1000, 5000]),
+)
+def test_sample_matches_the_reference(
+    synthetic_dbc: Path, data: Any, reduce: str, period_ms: int
+) -> None:
+    frames, cuts = data
+    rule = (
+        '[[collect]]\nname = "r"\nmode = "sample"\nsignals = ["X", "Y", "Q"]\n'
+        f'period_ms = {period_ms}\nreduce = "{reduce}"\n'
+    )
+    cloud, series = check_rule(synthetic_dbc, rule, frames, cuts)
+    for signal in ("X", "Y", "Q"):
+        key = f"{signal}.mean" if reduce == "mean" else signal
+        expected = reference_sample(series.get(("FAST", signal), []), period_ms * MS, reduce)
+        same(cloud.values.get(("r", "FAST", key), []), expected, exact=reduce != "mean")
+
+
+@HYPOTHESIS
+@given(
+    traffic(),
+    st.sampled_from([0.0, 0.5, 3.0, 100.0]),
+    st.sampled_from([0.0, 0.01, 0.2]),
+    st.sampled_from([0, 5, 1000, 4000]),
+)
+def test_change_matches_the_reference(
+    synthetic_dbc: Path, data: Any, deadband: float, relative: float, heartbeat_ms: int
+) -> None:
+    frames, cuts = data
+    band = f"deadband = {deadband}\n" if relative == 0 else f"deadband_rel = {relative}\n"
+    beat = f"heartbeat_ms = {heartbeat_ms}\n" if heartbeat_ms else ""
+    rule = f'[[collect]]\nname = "r"\nmode = "change"\nsignals = ["X", "Q", "Z"]\n{band}{beat}'
+    cloud, series = check_rule(synthetic_dbc, rule, frames, cuts)
+    for message, signal in (("FAST", "X"), ("FAST", "Q"), ("SLOW", "Z")):
+        expected = reference_change(
+            series.get((message, signal), []),
+            deadband if relative == 0 else 0.0,
+            relative,
+            heartbeat_ms * MS,
+        )
+        same(cloud.values.get(("r", message, signal), []), expected)
+
+
+@HYPOTHESIS
+@given(traffic(), st.sampled_from([1, 100, 1000, 7000]))
+def test_aggregate_matches_the_reference(synthetic_dbc: Path, data: Any, window_ms: int) -> None:
+    frames, cuts = data
+    rule = (
+        '[[collect]]\nname = "r"\nmode = "aggregate"\nsignals = ["X", "Q"]\n'
+        f"window_ms = {window_ms}\n"
+    )
+    cloud, series = check_rule(synthetic_dbc, rule, frames, cuts)
+    for signal in ("X", "Q"):
+        for stat in ("min", "max", "mean", "count", "stddev"):
+            expected = reference_aggregate(series.get(("FAST", signal), []), window_ms * MS, stat)
+            got = cloud.values.get(("r", "FAST", f"{signal}.{stat}"), [])
+            same(got, expected, exact=stat in ("min", "max", "count"))
+
+
+@HYPOTHESIS
+@given(
+    traffic(),
+    st.sampled_from(["rising", "always"]),
+    st.sampled_from([0, 10, 1000]),
+    st.sampled_from([0, 5, 2000]),
+    st.sampled_from([0, 500, 5000]),
+)
+def test_trigger_matches_the_reference(
+    synthetic_dbc: Path, data: Any, edge: str, before_ms: int, after_ms: int, min_interval_ms: int
+) -> None:
+    frames, cuts = data
+    rule = (
+        '[[collect]]\nname = "r"\nmode = "trigger"\nwhen = "X > 100 and Y < 0 or Z > 200"\n'
+        f'signals = ["Y", "Q", "Z"]\nedge = "{edge}"\nbefore_ms = {before_ms}\n'
+        f"after_ms = {after_ms}\nmin_interval_ms = {min_interval_ms}\n"
+    )
+    cloud, series = check_rule(synthetic_dbc, rule, frames, cuts)
+    condition = {
+        name: series.get((m, name), []) for m, name in (("FAST", "X"), ("FAST", "Y"), ("SLOW", "Z"))
+    }
+
+    def when(v: dict[str, float], t: int) -> bool:
+        return (v["X"] > 100 and v["Y"] < 0) or v["Z"] > 200
+
+    for message, signal in (("FAST", "Y"), ("FAST", "Q"), ("SLOW", "Z")):
+        _, expected = reference_trigger(
+            condition,
+            when,
+            series.get((message, signal), []),
+            before_ms * MS,
+            after_ms * MS,
+            min_interval_ms * MS,
+            edge,
+        )
+        same(cloud.values.get(("r", message, signal), []), expected)
+
+
+@HYPOTHESIS
+@given(traffic())
+def test_all_and_raw_match_the_reference(synthetic_dbc: Path, data: Any) -> None:
+    frames, cuts = data
+    rules = (
+        '[[collect]]\nname = "a"\nmode = "all"\nsignals = ["Q", "Z"]\n'
+        '[[collect]]\nname = "w"\nmode = "raw"\nids = [512]\n'
+    )
+    cloud, series = check_rule(synthetic_dbc, rules, frames, cuts)
+    for message, signal in (("FAST", "Q"), ("SLOW", "Z")):
+        same(cloud.values.get(("a", message, signal), []), series.get((message, signal), []))
+    raw = [
+        (t, payload)
+        for batch in cloud.raw.get("w", [])
+        for t, payload in zip(
+            batch.t_ns.tolist(), (batch.payload(k) for k in range(len(batch))), strict=True
+        )
+    ]
+    assert raw == [(t, payload) for t, can_id, payload in frames if can_id == 512]
+
+
+# The agent as a user runs it: rules in the config file, MQTT, the reference receiver.
+
+AGENT_RULES = """
+[[collect]]
+name = "speed-1hz"
+mode = "sample"
+signals = ["SPEED.SPEED"]
+period_ms = 1000
+
+[[collect]]
+name = "wheel-stats"
+mode = "aggregate"
+signals = ["WHEEL_SPEED_FL"]
+window_ms = 2000
+stats = ["mean", "count"]
+
+[[collect]]
+name = "fast"
+mode = "trigger"
+when = "SPEED.SPEED > 60"
+signals = ["SPEED.SPEED"]
+before_ms = 2000
+after_ms = 3000
+
+[[collect]]
+name = "steer-log"
+mode = "raw"
+messages = ["STEER_ANGLE_SENSOR"]
+"""
+
+
+def test_the_agent_sends_what_its_rules_keep_and_the_receiver_names_the_rule(
+    tmp_path: Path,
+) -> None:
+    with broker(tmp_path) as mqtt:
+        receiver = ReceiverProcess(
+            tmp_path / "received.jsonl", "--mqtt", mqtt.url, "--idle-exit", "3"
+        )
+        receiver.wait_ready("subscribed to")
+        path = tmp_path / "agent.toml"
+        path.write_text(
+            f'vehicle_id = "rules"\nstate_dir = "{tmp_path / "state"}"\n'
+            f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{RAV4_LOG}"\n{RAV4_BUS}\n'
+            f'[uplink]\nkind = "mqtt"\nurl = "{mqtt.url}"\n[metrics]\nlisten = ""\n{AGENT_RULES}'
+        )
+        result = run_agent(path)
+        assert result.returncode == 0, result.stderr
+        summary = receiver.finish()
+    assert "0 rejected" in summary, summary
+    got: dict[str, list[dict[str, Any]]] = {}
+    for row in records(receiver.output):
+        got.setdefault(str(row["rule"]), []).append(row)
+    assert set(got) == {"speed-1hz", "wheel-stats", "fast", "steer-log"}
+    cfg = config(RAV4_BUS, AGENT_RULES)
+    series = decoded_series(cfg, rav4_frames())
+
+    def points(rule: str, key: str) -> list[Point]:
+        return [(round(float(r["t"]) * SECOND), r["signals"][key]) for r in got[rule]]
+
+    same(points("speed-1hz", "SPEED"), reference_sample(series["SPEED", "SPEED"], SECOND, "last"))
+    wheel = series["WHEEL_SPEEDS", "WHEEL_SPEED_FL"]
+    same(
+        points("wheel-stats", "WHEEL_SPEED_FL.mean"),
+        reference_aggregate(wheel, 2 * SECOND, "mean"),
+        exact=False,
+    )
+    same(
+        points("wheel-stats", "WHEEL_SPEED_FL.count"),
+        reference_aggregate(wheel, 2 * SECOND, "count"),
+    )
+    assert all(r["window_ms"] == 2000 for r in got["wheel-stats"])
+    _, fast = reference_trigger(
+        {"speed": series["SPEED", "SPEED"]},
+        lambda v, t: v["speed"] > 60,
+        series["SPEED", "SPEED"],
+        2000 * MS,
+        3000 * MS,
+        0,
+        "rising",
+    )
+    same(points("fast", "SPEED"), fast)
+    frames = FrameBatch.concat(list(rav4_frames()))
+    steer = frames.take(frames.can_id == 0x25)
+    assert sorted(
+        (round(float(r["t"]) * SECOND), r["id"], r["data"]) for r in got["steer-log"]
+    ) == [(t, 0x25, steer.payload(k).hex()) for k, t in enumerate(steer.t_ns.tolist())]
