@@ -12,10 +12,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from agent.collect.base import Collected, Mode, Reference, Target, assemble, register, samples
+from agent.collect.base import BusBatch, Collected, Mode, Reference, Target, assemble, register
 from agent.collect.rules import CollectRule
-from agent.decode import DecodedBatch, MessageBlock, SignalInfo
-from agent.frames import FrameBatch
+from agent.decode import SignalInfo
 
 Floats = npt.NDArray[np.float64]
 
@@ -157,18 +156,15 @@ class Aggregate(Mode):
 
     def collect(
         self,
-        bus: str,
-        frames: FrameBatch,
-        decoded: DecodedBatch,
-        blocks: Mapping[int, Sequence[MessageBlock]],
+        batch: BusBatch,
         out: Collected,
     ) -> None:
-        for target in self.targets.get(bus, ()):
-            for block in blocks.get(id(target.plan), ()):
+        for target in self.targets.get(batch.bus, ()):
+            for block in batch.blocks(target.plan):
                 opened = self.open.setdefault((target, block.bus), {})
                 closed = []
                 for j, column in enumerate(target.columns.tolist()):
-                    values = samples(block, column)
+                    values = batch.samples(block, column)
                     if not len(values.t_ns):
                         continue
                     stats = windows(values.t_ns, values.value, self.length_ns)

@@ -88,7 +88,7 @@ class Collected:
 
 
 def take_rows(
-    block: CollectedBlock, rows: npt.NDArray[np.bool_] | npt.NDArray[np.intp]
+    block: CollectedBlock, rows: npt.NDArray[np.bool_] | npt.NDArray[np.intp] | slice
 ) -> CollectedBlock:
     """The block with only these rows; rows that keep no value are the caller's to avoid."""
     present = None if block.present is None else block.present[:, rows]
@@ -135,17 +135,39 @@ class Samples:
     value: npt.NDArray[np.float64]  # physical
 
 
-def samples(block: MessageBlock, column: int) -> Samples:
-    """Signal `column` of a decoded block, where its frames carry it."""
-    info = block.plan.signals[column]
-    bits = block.bits[column]
-    t_ns, can_id = block.t_ns, block.can_id
-    present = block.present
-    if present is not None and not present[column].all():
-        rows = present[column]
-        bits, t_ns, can_id = bits[rows], t_ns[rows], can_id[rows]
-    value = np.asarray(info.physical(info.raw_from_bits(bits)), dtype=np.float64)
-    return Samples(t_ns, can_id, bits, value)
+class BusBatch:
+    """One bus's batch as the rules see it: its frames, its decoded blocks by message, and
+    each signal's values, computed once however many rules read them."""
+
+    def __init__(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> None:
+        self.bus = bus
+        self.frames = frames
+        self.decoded = decoded
+        # A bus that replays several channels of a log has a block per channel and
+        # message; `block.bus` names the channel.
+        self._blocks: dict[int, list[MessageBlock]] = {}
+        for block in decoded.blocks:
+            self._blocks.setdefault(id(block.plan), []).append(block)
+        self._samples: dict[tuple[int, int], Samples] = {}
+
+    def blocks(self, plan: MessagePlan) -> Sequence[MessageBlock]:
+        return self._blocks.get(id(plan), ())
+
+    def samples(self, block: MessageBlock, column: int) -> Samples:
+        """Signal `column` of a decoded block, where its frames carry it."""
+        key = (id(block), column)
+        found = self._samples.get(key)
+        if found is None:
+            info = block.plan.signals[column]
+            bits = block.bits[column]
+            t_ns, can_id = block.t_ns, block.can_id
+            present = block.present
+            if present is not None and not present[column].all():
+                rows = present[column]
+                bits, t_ns, can_id = bits[rows], t_ns[rows], can_id[rows]
+            value = np.asarray(info.physical(info.raw_from_bits(bits)), dtype=np.float64)
+            found = self._samples[key] = Samples(t_ns, can_id, bits, value)
+        return found
 
 
 def assemble(
@@ -159,6 +181,10 @@ def assemble(
     """A block from single values (each with its frame's time and ID, and its column):
     values of one frame share a row. Frames of one ID at one instant (a log's coarse clock)
     are told apart by their order."""
+    if len(selection.signals) == 1:  # a row per value
+        order = np.lexsort((can_id, t_ns))
+        rows = bits[order].reshape(1, -1)
+        return CollectedBlock(bus, selection, t_ns[order], can_id[order], rows, None)
     order = np.lexsort((column, can_id, t_ns))
     t_ns, can_id, column, bits = t_ns[order], can_id[order], column[order], bits[order]
     n = len(t_ns)
@@ -219,15 +245,10 @@ class Mode(abc.ABC):
     @abc.abstractmethod
     def collect(
         self,
-        bus: str,
-        frames: FrameBatch,
-        decoded: DecodedBatch,
-        blocks: Mapping[int, Sequence[MessageBlock]],
+        batch: BusBatch,
         out: Collected,
     ) -> None:
-        """Add to `out` what the rule keeps of a bus's batch (`blocks`: its decoded blocks by
-        the id of their plan; a bus that replays several channels of a log has a block per
-        channel, and `block.bus` names it)."""
+        """Add to `out` what the rule keeps of a bus's batch."""
 
     def flush(self, out: Collected) -> None:
         """Add what the rule still holds (open windows) at the end of the stream."""

@@ -5,19 +5,14 @@ NaN counts as a value: a NaN after a number is sent, and so is a number after Na
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.collect.base import Collected, Mode, Reference, Target, assemble, register, samples
+from agent.collect.base import BusBatch, Collected, Mode, Reference, Target, assemble, register
 from agent.collect.rules import CollectRule
-from agent.decode import DecodedBatch, MessageBlock
-from agent.frames import FrameBatch
-
-#: The first stretch the search for the next value to send looks at; it grows fourfold
-#: each time, so a quiet signal costs a few numpy calls per batch, a busy one one per value.
-_FIRST_STRETCH = 16
 
 
 class Deadband:
@@ -33,67 +28,56 @@ class Deadband:
     def sends(
         self, t_ns: npt.NDArray[np.int64], value: npt.NDArray[np.float64]
     ) -> npt.NDArray[np.intp]:
-        """The positions of the (time-ordered) values to send."""
-        if not self.deadband and not self.relative and not self.heartbeat_ns:
-            return self._changes(t_ns, value)
-        chosen: list[int] = []
-        i = 0
+        """The positions of the (time-ordered) values to send.
+
+        Which values are sent depends on the last one sent, so this is a walk; but a value
+        equal to the one before it is never sent for moving (it is within the deadband of
+        the last value sent whenever the one before was), so the walk visits only the
+        values that differ from their predecessor, and the heartbeats found between them by
+        bisection: CAN signals hold their value over many frames."""
         n = len(value)
-        if self.value is None:
-            chosen.append(0)
-            self.value, self.t_ns = float(value[0]), int(t_ns[0])
-            i = 1
+        changed = np.empty(n, np.bool_)
+        changed[:1] = True
+        with np.errstate(invalid="ignore"):
+            np.not_equal(value[1:], value[:-1], out=changed[1:])
+        candidates = np.flatnonzero(changed).tolist()
+        values = value.tolist()
+        times = t_ns.tolist()
+        heartbeat = self.heartbeat_ns
+        deadband, relative = self.deadband, self.relative
+        reference, sent_t = self.value, self.t_ns
+        chosen: list[int] = []
+        k = 0  # the next candidate to look at
+        i = 0  # the first position not yet decided
         while i < n:
-            limit = n
-            if self.heartbeat_ns:
-                due = self.t_ns + self.heartbeat_ns
-                limit = max(i, int(np.searchsorted(t_ns, due, side="left")))
-            j = self._moved(value, i, limit)
-            if j is None:
-                if limit >= n:
-                    break
-                j = limit
-            chosen.append(j)
-            self.value, self.t_ns = float(value[j]), int(t_ns[j])
-            i = j + 1
-        return np.array(chosen, np.intp)
-
-    def _changes(
-        self, t_ns: npt.NDArray[np.int64], value: npt.NDArray[np.float64]
-    ) -> npt.NDArray[np.intp]:
-        """Without deadband or heartbeat every change is sent, so the last value sent is the
-        value before: a comparison of neighbours."""
-        before = np.empty_like(value)
-        before[1:] = value[:-1]
-        before[0] = np.nan if self.value is None else self.value
-        same = (value == before) | (np.isnan(value) & np.isnan(before))
-        if self.value is None:
-            same[0] = False
-        chosen = np.flatnonzero(~same)
-        if len(chosen):
-            self.value, self.t_ns = float(value[chosen[-1]]), int(t_ns[chosen[-1]])
-        return chosen
-
-    def _moved(self, value: npt.NDArray[np.float64], start: int, limit: int) -> int | None:
-        """The first position in [start, limit) past the deadband of the last value sent."""
-        reference = self.value
-        assert reference is not None
-        threshold = max(self.deadband, self.relative * abs(reference))
-        stretch = _FIRST_STRETCH
-        i = start
-        while i < limit:
-            end = min(i + stretch, limit)
-            part = value[i:end]
-            if np.isnan(reference):
-                moved = ~np.isnan(part)
+            due = bisect.bisect_left(times, sent_t + heartbeat, i) if heartbeat else n
+            if reference is None:
+                found = i
             else:
-                with np.errstate(invalid="ignore"):
-                    moved = ~(np.abs(part - reference) <= threshold)
-            if moved.any():
-                return i + int(np.argmax(moved))
-            i = end
-            stretch *= 4
-        return None
+                found = n
+                while k < len(candidates) and candidates[k] < due:
+                    c = candidates[k]
+                    k += 1
+                    if c < i:
+                        continue
+                    v = values[c]
+                    if v != v or reference != reference:  # NaN
+                        moved = (v != v) != (reference != reference)
+                    else:
+                        moved = abs(v - reference) > max(deadband, relative * abs(reference))
+                    if moved:
+                        found = c
+                        break
+            j = min(found, due)
+            if j >= n:
+                break
+            chosen.append(j)
+            reference, sent_t = values[j], times[j]
+            i = j + 1
+            if j == due:  # the candidates after the heartbeat are looked at anew
+                k = bisect.bisect_left(candidates, i)
+        self.value, self.t_ns = reference, sent_t
+        return np.array(chosen, np.intp)
 
 
 @register
@@ -113,18 +97,15 @@ class Change(Mode):
 
     def collect(
         self,
-        bus: str,
-        frames: FrameBatch,
-        decoded: DecodedBatch,
-        blocks: Mapping[int, Sequence[MessageBlock]],
+        batch: BusBatch,
         out: Collected,
     ) -> None:
         rule = self.rule
-        for target in self.targets.get(bus, ()):
-            for block in blocks.get(id(target.plan), ()):
+        for target in self.targets.get(batch.bus, ()):
+            for block in batch.blocks(target.plan):
                 t_ns, can_id, column, bits = [], [], [], []
                 for j, c in enumerate(target.columns.tolist()):
-                    values = samples(block, c)
+                    values = batch.samples(block, c)
                     if not len(values.t_ns):
                         continue
                     key = (target, block.bus, j)

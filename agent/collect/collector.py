@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from agent.collect.base import MODES, Collected, Mode, Reference, Selection, Target
+from agent.collect.base import MODES, BusBatch, Collected, Mode, Reference, Selection, Target
 from agent.collect.rules import CollectRule
-from agent.decode import DecodedBatch, Decoder, MessageBlock, MessagePlan
+from agent.decode import DecodedBatch, Decoder, MessagePlan
 from agent.frames import FrameBatch
 
 
@@ -17,8 +18,9 @@ class CollectError(ValueError):
     """A rule that does not fit the DBCs: it selects nothing, or names an unknown signal."""
 
 
-def _matches(patterns: Sequence[str], *names: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns for name in names)
+def _pattern(globs: Sequence[str]) -> re.Pattern[str]:
+    """One regular expression for any of the globs (case-sensitive, as DBC names are)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
 
 
 class Collector:
@@ -42,12 +44,10 @@ class Collector:
     def collect(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> Collected:
         """What the rules keep of one bus's batch (and what it ends of earlier ones)."""
         out = Collected()
-        blocks: dict[int, list[MessageBlock]] = {}
-        for block in decoded.blocks:
-            blocks.setdefault(id(block.plan), []).append(block)
+        batch = BusBatch(bus, frames, decoded)
         for mode in self.rules:
             if bus in mode.buses:
-                mode.collect(bus, frames, decoded, blocks, out)
+                mode.collect(batch, out)
         return out
 
     def flush(self) -> Collected:
@@ -64,9 +64,10 @@ def _targets(
     targets: list[Target] = []
     if rule.mode == "raw" and not rule.messages:
         return targets  # the frames of its IDs, or all
+    messages, signals = _pattern(rule.messages), _pattern(rule.signals)
     for bus in buses:
         for plan in decoders[bus].messages(bus):
-            if rule.messages and not _matches(rule.messages, plan.info.name):
+            if rule.messages and not messages.match(plan.info.name):
                 continue
             if rule.mode == "raw":
                 columns = np.arange(len(plan.signals), dtype=np.intp)
@@ -75,7 +76,7 @@ def _targets(
                     [
                         k
                         for k, s in enumerate(plan.signals)
-                        if _matches(rule.signals, s.name, f"{plan.info.name}.{s.name}")
+                        if signals.match(s.name) or signals.match(f"{plan.info.name}.{s.name}")
                     ],
                     np.intp,
                 )

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-from agent.collect.base import Collected, CollectedBlock, Mode, Target, register
-from agent.decode import DecodedBatch, MessageBlock
-from agent.frames import FrameBatch
+from agent.collect.base import BusBatch, Collected, CollectedBlock, Mode, Target, register
+from agent.decode import MessageBlock
 
 
 @register
@@ -15,14 +12,11 @@ class KeepAll(Mode):
 
     def collect(
         self,
-        bus: str,
-        frames: FrameBatch,
-        decoded: DecodedBatch,
-        blocks: Mapping[int, Sequence[MessageBlock]],
+        batch: BusBatch,
         out: Collected,
     ) -> None:
-        for target in self.targets.get(bus, ()):
-            for block in blocks.get(id(target.plan), ()):
+        for target in self.targets.get(batch.bus, ()):
+            for block in batch.blocks(target.plan):
                 piece = selected(target, block)
                 if piece is not None:
                     out.blocks.append(piece)

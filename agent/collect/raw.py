@@ -8,10 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from agent.collect.base import Collected, Mode, RawCapture, Reference, Target, register
+from agent.collect.base import BusBatch, Collected, Mode, RawCapture, Reference, Target, register
 from agent.collect.rules import CollectRule
-from agent.decode import DecodedBatch, MessageBlock
-from agent.frames import FrameBatch
 
 
 @register
@@ -31,20 +29,18 @@ class Raw(Mode):
 
     def collect(
         self,
-        bus: str,
-        frames: FrameBatch,
-        decoded: DecodedBatch,
-        blocks: Mapping[int, Sequence[MessageBlock]],
+        batch: BusBatch,
         out: Collected,
     ) -> None:
-        if bus not in self.buses or not len(frames):
+        frames = batch.frames
+        if batch.bus not in self.buses or not len(frames):
             return
         if self.everything:
-            out.raw.append(RawCapture(self.rule.name, bus, frames))
+            out.raw.append(RawCapture(self.rule.name, batch.bus, frames))
             return
         keep = np.isin(frames.can_id, self.ids) if len(self.ids) else np.zeros(len(frames), bool)
-        for target in self.targets.get(bus, ()):
-            for block in blocks.get(id(target.plan), ()):
+        for target in self.targets.get(batch.bus, ()):
+            for block in batch.blocks(target.plan):
                 keep[block.rows] = True
         if keep.any():
-            out.raw.append(RawCapture(self.rule.name, bus, frames.take(keep)))
+            out.raw.append(RawCapture(self.rule.name, batch.bus, frames.take(keep)))

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from agent.collect.aggregate import Aggregate
 from agent.collect.base import (
+    BusBatch,
     Collected,
     Mode,
     Reference,
@@ -21,11 +22,8 @@ from agent.collect.base import (
     Target,
     assemble,
     register,
-    samples,
 )
 from agent.collect.rules import CollectRule
-from agent.decode import DecodedBatch, MessageBlock
-from agent.frames import FrameBatch
 
 
 @dataclass(slots=True)
@@ -98,22 +96,19 @@ class Sample(Mode):
 
     def collect(
         self,
-        bus: str,
-        frames: FrameBatch,
-        decoded: DecodedBatch,
-        blocks: Mapping[int, Sequence[MessageBlock]],
+        batch: BusBatch,
         out: Collected,
     ) -> None:
         if self.mean is not None:
-            self.mean.collect(bus, frames, decoded, blocks, out)
+            self.mean.collect(batch, out)
             return
         reduce = self.rule.reduce
-        for target in self.targets.get(bus, ()):
-            for block in blocks.get(id(target.plan), ()):
+        for target in self.targets.get(batch.bus, ()):
+            for block in batch.blocks(target.plan):
                 opened = self.open.setdefault((target, block.bus), {})
                 closed = []
                 for j, column in enumerate(target.columns.tolist()):
-                    values = samples(block, column)
+                    values = batch.samples(block, column)
                     if not len(values.t_ns):
                         continue
                     chosen = choose(values, self.period_ns, reduce)

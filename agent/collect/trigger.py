@@ -18,19 +18,17 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.collect.base import (
+    BusBatch,
     Collected,
     CollectedBlock,
     Mode,
     Reference,
     Target,
     register,
-    samples,
     take_rows,
 )
 from agent.collect.keep_all import selected
 from agent.collect.rules import CollectRule
-from agent.decode import DecodedBatch, MessageBlock
-from agent.frames import FrameBatch
 
 #: Ring values are also dropped this long after the newest value the rule has seen, so a
 #: condition whose bus falls silent does not let the ring grow without bound.
@@ -73,32 +71,30 @@ class Trigger(Mode):
 
     def collect(
         self,
-        bus: str,
-        frames: FrameBatch,
-        decoded: DecodedBatch,
-        blocks: Mapping[int, Sequence[MessageBlock]],
+        batch: BusBatch,
         out: Collected,
     ) -> None:
+        frames = batch.frames
         if not len(frames):
             return
-        for target in self.targets.get(bus, ()):
-            for block in blocks.get(id(target.plan), ()):
+        for target in self.targets.get(batch.bus, ()):
+            for block in batch.blocks(target.plan):
                 piece = selected(target, block)
                 if piece is not None:
                     self.ring.append(piece)
         last = int(frames.t_ns.max())
         self.newest = last if self.newest is None else max(self.newest, last)
-        if any(r.bus == bus for r in self.references.values()):
-            self._evaluate(bus, blocks)
+        if any(r.bus == batch.bus for r in self.references.values()):
+            self._evaluate(batch)
             self.frontier = last if self.frontier is None else max(self.frontier, last)
         self._decide(out)
 
-    def _evaluate(self, bus: str, blocks: Mapping[int, Sequence[MessageBlock]]) -> None:
+    def _evaluate(self, batch: BusBatch) -> None:
         values = {}
         for name, reference in self.references.items():
-            if reference.bus != bus:
+            if reference.bus != batch.bus:
                 continue
-            found = [samples(b, reference.column) for b in blocks.get(id(reference.plan), ())]
+            found = [batch.samples(b, reference.column) for b in batch.blocks(reference.plan)]
             found = [f for f in found if len(f.t_ns)]
             if len(found) == 1:
                 values[name] = (found[0].t_ns, found[0].value)
@@ -167,6 +163,11 @@ class Trigger(Mode):
         last = np.append(np.flatnonzero(new)[1:], len(new)) - 1
         self.starts, self.ends = starts[new], ends[last]
 
+    def _overlaps(self, first: int, last: int) -> bool:
+        """Whether a firing's window covers any time from `first` to `last`."""
+        at = int(np.searchsorted(self.starts, last, side="right")) - 1
+        return at >= 0 and int(self.ends[at]) >= first
+
     def covered(self, t_ns: Times) -> npt.NDArray[np.bool_]:
         """Whether a firing's window covers each time."""
         at = np.searchsorted(self.starts, t_ns, side="right") - 1
@@ -183,14 +184,21 @@ class Trigger(Mode):
         sent: dict[int, list[CollectedBlock]] = {}
         ring = []
         for piece in self.ring:
-            covered = self.covered(piece.t_ns)
-            if covered.any():
-                sent.setdefault(id(piece.plan), []).append(take_rows(piece, covered))
-            waiting = ~covered & (piece.t_ns > undecided_after)
-            if waiting.all():
+            first, last = int(piece.t_ns[0]), int(piece.t_ns[-1])
+            if self._overlaps(first, last):
+                covered = self.covered(piece.t_ns)
+                if covered.any():
+                    sent.setdefault(id(piece.plan), []).append(take_rows(piece, covered))
+                waiting = ~covered & (piece.t_ns > undecided_after)
+                if waiting.all():
+                    ring.append(piece)
+                elif waiting.any():
+                    ring.append(take_rows(piece, waiting))
+            elif first > undecided_after:
                 ring.append(piece)
-            elif waiting.any():
-                ring.append(take_rows(piece, waiting))
+            elif last > undecided_after:  # the piece's times ascend: keep its end
+                start = int(np.searchsorted(piece.t_ns, undecided_after, side="right"))
+                ring.append(take_rows(piece, slice(start, None)))
         self.ring = ring
         for pieces in sent.values():
             out.blocks.append(pieces[0] if len(pieces) == 1 else _joined(pieces))
