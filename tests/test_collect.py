@@ -4,7 +4,9 @@ values), on the real RAV4 log and on hypothesis-generated series, as the cloud r
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import math
 import statistics
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +23,8 @@ from agent.config import Config, parse_config
 from agent.decode import ALL_BUSES, Decoder, bus_decoders
 from agent.frames import FrameBatch
 from agent.logs import open_log
+from agent.receiver import Receiver, accept_files
+from agent.service import Agent
 from agent.wire import BatchEncoder, ReceivedBatch, SchemaStore, parse_batch, read_envelope
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
 from tests.services import ReceiverProcess, broker, records, run_agent
@@ -821,3 +825,38 @@ def test_the_agent_sends_what_its_rules_keep_and_the_receiver_names_the_rule(
     assert sorted(
         (round(float(r["t"]) * SECOND), r["id"], r["data"]) for r in got["steer-log"]
     ) == [(t, 0x25, steer.payload(k).hex()) for k, t in enumerate(steer.t_ns.tolist())]
+
+
+async def test_the_agent_counts_what_each_rule_kept_and_each_firing(tmp_path: Path) -> None:
+    text = (
+        f'vehicle_id = "v"\nstate_dir = "{tmp_path}"\nstatus_interval_s = 60\n'
+        f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{RAV4_LOG}"\n{RAV4_BUS}\n'
+        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+        f"{AGENT_RULES}"
+    )
+    agent = Agent(parse_config(text, "test.toml", tmp_path), status=None)
+    assert await agent.run() == 0
+    out = io.StringIO()
+    receiver = Receiver(out)
+    accept_files(receiver, tmp_path / "outbox", set())
+    assert receiver.stats.rejected == 0
+    kept: dict[str, int] = {}
+    for line in out.getvalue().splitlines():
+        row = json.loads(line)
+        kept[row["rule"]] = kept.get(row["rule"], 0) + (
+            len(row["signals"]) if "signals" in row else 1
+        )
+    registry = agent.metrics.registry
+    for rule, values in kept.items():
+        assert (
+            registry.get_sample_value("telemetry_agent_collect_values_total", {"rule": rule})
+            == values
+        )
+    series = decoded_series(config(RAV4_BUS, AGENT_RULES), rav4_frames())
+    fired, _ = reference_trigger(
+        {"speed": series["SPEED", "SPEED"]}, lambda v, t: v["speed"] > 60, [], 0, 0, 0, "rising"
+    )
+    assert registry.get_sample_value(
+        "telemetry_agent_collect_triggers_total", {"rule": "fast"}
+    ) == len(fired)
+    assert (registry.get_sample_value("telemetry_agent_collect_seconds_total") or 0) > 0

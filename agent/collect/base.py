@@ -183,8 +183,8 @@ def assemble(
     are told apart by their order."""
     if len(selection.signals) == 1:  # a row per value
         order = np.lexsort((can_id, t_ns))
-        rows = bits[order].reshape(1, -1)
-        return CollectedBlock(bus, selection, t_ns[order], can_id[order], rows, None)
+        column_bits = bits[order].reshape(1, -1)
+        return CollectedBlock(bus, selection, t_ns[order], can_id[order], column_bits, None)
     order = np.lexsort((column, can_id, t_ns))
     t_ns, can_id, column, bits = t_ns[order], can_id[order], column[order], bits[order]
     n = len(t_ns)
