@@ -423,7 +423,7 @@ def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> Collect
             try:
                 expression = parse(text)
             except ExpressionError as error:
-                check.problems.append(f"{at}.when: {error}")
+                check.problems.append(f"{at}.when: rule {name!r}: {error}")
         rule = replace(
             rule,
             when=expression,

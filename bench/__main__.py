@@ -7,7 +7,7 @@ import platform
 import numpy as np
 
 from agent.memory import keep_freed_memory
-from bench import candump_reader, command, decoder, pipeline
+from bench import candump_reader, collect, command, decoder, pipeline
 
 keep_freed_memory()  # as the agent's own entry point does
 print(f"Python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}\n")
@@ -19,3 +19,5 @@ print("## The whole decode command against a python-can + cantools loop\n")
 print(command.run(), "\n", flush=True)
 print("## The agent end to end\n")
 print(pipeline.run(), flush=True)
+print("\n## Collection rules\n")
+print(collect.run(), flush=True)

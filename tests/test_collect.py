@@ -19,13 +19,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.collect import Collected, Collector
+from agent.collect.trigger import RING_SLACK_NS, Trigger
 from agent.config import Config, parse_config
 from agent.decode import ALL_BUSES, Decoder, bus_decoders
 from agent.frames import FrameBatch
 from agent.logs import open_log
 from agent.receiver import Receiver, accept_files
 from agent.service import Agent
-from agent.wire import BatchEncoder, ReceivedBatch, SchemaStore, parse_batch, read_envelope
+from agent.wire import (
+    BatchEncoder,
+    ReceivedBatch,
+    SchemaStore,
+    WireError,
+    parse_batch,
+    read_envelope,
+)
+from agent.wire import telemetry_pb2 as pb
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
 from tests.services import ReceiverProcess, broker, records, run_agent
 
@@ -860,3 +869,68 @@ async def test_the_agent_counts_what_each_rule_kept_and_each_firing(tmp_path: Pa
         "telemetry_agent_collect_triggers_total", {"rule": "fast"}
     ) == len(fired)
     assert (registry.get_sample_value("telemetry_agent_collect_seconds_total") or 0) > 0
+
+
+def test_damaged_raw_sections_are_refused_with_a_reason(synthetic_dbc: Path) -> None:
+    frames = [(k * 10 * MS, 512, bytes([k % 256, 0])) for k in range(50)]
+    cfg = config(f'dbc = ["{synthetic_dbc}"]', '[[collect]]\nname = "w"\nmode = "raw"\n')
+    batch = frame_batches(frames, [])[0]
+    decoders = bus_decoders(cfg.buses)
+    collected = Collector(cfg.collect, decoders).collect(
+        "can0", batch, decoders["can0"].decode(batch)
+    )
+    encoder = BatchEncoder("v", "s", b"", compression="none")
+    wire = encoder.encode([collected], 1)
+    assert wire is not None
+    schemas = SchemaStore()
+    schemas.add(read_envelope(encoder.announcement(wire.schema_id)), 1 << 20)
+    assert len(parse_batch(read_envelope(wire.payload), schemas).raw[0].frames) == 50
+    for damage, reason in (
+        (lambda raw: setattr(raw, "lengths", raw.lengths[:-1]), "flags or lengths missing"),
+        (lambda raw: setattr(raw, "data", raw.data[:-1]), "payload lengths do not add up"),
+        (lambda raw: setattr(raw, "bus", 7), "name bus 7"),
+        (lambda raw: setattr(raw, "frames", 51), "column|value planes|flags or lengths"),
+    ):
+        envelope = pb.Batch.FromString(wire.payload)
+        body = pb.Body.FromString(envelope.body)
+        damage(body.raw[0])
+        envelope.body = body.SerializeToString()
+        envelope.body_size = len(envelope.body)
+        with pytest.raises(WireError, match=reason):
+            parse_batch(envelope, schemas)
+
+
+@pytest.mark.parametrize("other_bus", [False, True])
+def test_a_trigger_ring_stays_bounded_while_its_condition_is_false(
+    synthetic_dbc: Path, other_bus: bool
+) -> None:
+    """On the same bus, the condition is known false up to the bus's last frame: the ring
+    holds before_ms of values. On another bus that stays silent, nothing is known: the ring
+    holds before_ms plus RING_SLACK_NS behind the newest value, not the whole drive."""
+    bus = f'dbc = ["{synthetic_dbc}"]\n'
+    condition = "Z > 1"
+    if other_bus:
+        other = synthetic_dbc.with_name("other.dbc")
+        other.write_text(SYNTHETIC_DBC.replace(" Z :", " Z1 :").replace("FAST", "FAST1"))
+        bus += f'[[bus]]\nname = "can1"\nsource = "replay"\npath = "{RAV4_LOG}"\n'
+        bus += f'dbc = ["{other}"]\n'
+        condition = "Z1 > 1"
+    cfg = config(
+        bus,
+        f'[[collect]]\nname = "t"\nmode = "trigger"\nwhen = "{condition}"\n'
+        'signals = ["FAST.X"]\nbefore_ms = 2000\n',
+    )
+    decoders = bus_decoders(cfg.buses)
+    collector = Collector(cfg.collect, decoders)
+    (mode,) = collector.rules
+    assert isinstance(mode, Trigger)
+    step = 10 * MS
+    bound = (2 * SECOND + (RING_SLACK_NS if other_bus else 0)) // step
+    held = 0
+    for second in range(60):
+        frames = [(second * SECOND + k * step, 256, bytes(8)) for k in range(100)]
+        batch = frame_batches(frames, [])[0]
+        assert not collector.collect("can0", batch, decoders["can0"].decode(batch))
+        held = sum(len(piece) for piece in mode.ring)
+        assert held <= bound + 100
+    assert held >= bound - 100

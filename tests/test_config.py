@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import EX_CONFIG, ConfigError, Pace, load_config, parse_config
-from tests.data import RAV4_LOG, RAV4_PT_DBC
+from tests.data import RAV4_LOG, RAV4_PT_DBC, REPO
 from tests.services import agent_command
 
 
@@ -245,7 +245,7 @@ def test_collection_rule_problems_are_named_by_rule_and_key() -> None:
         "collect[2].name: missing",
         "collect[2]: deadband and deadband_rel exclude each other",
         "collect[2].heartbeat_ms: must be greater than 0",
-        "collect[3].when: position 12: expected ')', found end of expression",
+        "collect[3].when: rule 't': position 12: expected ')', found end of expression",
         "collect[3].edge: must be one of rising, always",
         "collect[4].signals: missing",
         "collect[4].stats: expected a list of distinct min, max, mean, count, stddev",
@@ -290,3 +290,17 @@ def test_rules_that_do_not_fit_the_dbcs_are_config_errors(
         assert result.returncode == EX_CONFIG, result.stderr
         assert f"{path}: {problem}" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_the_readme_example_of_collection_rules_is_a_valid_config() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Collection rules") :]
+    example = section[section.index("```toml\n") + 8 : section.index("```\n", 8)]
+    config = parse_config(config_text(rest=example), "README.md", REPO)
+    assert [rule.mode for rule in config.collect] == [
+        "sample",
+        "change",
+        "aggregate",
+        "trigger",
+        "raw",
+    ]
