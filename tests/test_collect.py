@@ -934,3 +934,40 @@ def test_a_trigger_ring_stays_bounded_while_its_condition_is_false(
         held = sum(len(piece) for piece in mode.ring)
         assert held <= bound + 100
     assert held >= bound - 100
+
+
+def test_collected_values_too_large_for_one_batch_are_split(tmp_path: Path) -> None:
+    text = (
+        f'vehicle_id = "v"\nstate_dir = "{tmp_path}"\n'
+        f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{RAV4_LOG}"\n{RAV4_BUS}\n'
+        "[batch]\nmax_bytes = 4096\n[spool]\nmax_bytes = 1048576\nmemory_bytes = 65536\n"
+        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+        '[[collect]]\nname = "log"\nmode = "raw"\n'
+        '[[collect]]\nname = "wheels"\nmode = "all"\nsignals = ["WHEEL_SPEED_*"]\n'
+    )
+    agent = Agent(parse_config(text, "test.toml", tmp_path), status=None)
+    frames = FrameBatch.concat(list(rav4_frames())).take(slice(0, 20_000))
+    assert agent.collector is not None
+    collected = agent.collector.collect("can0", frames, agent.decoders["can0"].decode(frames))
+    wires = agent._encode("can0", collected)
+    assert len(wires) > 8 and all(len(w) <= 4096 for w in wires)
+    cloud = Cloud()
+    for wire in wires:
+        cloud.schemas.add(read_envelope(agent.encoder.announcement(wire.schema_id)), 1 << 20)
+        batch = parse_batch(read_envelope(wire.payload), cloud.schemas)
+        for capture in batch.raw:
+            cloud.raw.setdefault(capture.rule, []).append(capture.frames)
+        for block in batch.blocks:
+            for column in block.signals:
+                key = (block.rule, block.message.name, column.name)
+                cloud.values.setdefault(key, []).extend(
+                    zip(block.t_ns.tolist(), column.physical().tolist(), strict=True)
+                )
+    got = FrameBatch.concat(cloud.raw["log"])
+    order = np.argsort(got.t_ns, kind="stable")
+    assert np.array_equal(got.t_ns[order], frames.t_ns)
+    assert np.array_equal(got.data[order], frames.data)
+    series = decoded_series(agent.config, [frames])
+    for wheel in ("FL", "FR", "RL", "RR"):
+        name = f"WHEEL_SPEED_{wheel}"
+        same(cloud.values["wheels", "WHEEL_SPEEDS", name], series["WHEEL_SPEEDS", name])
