@@ -8,6 +8,7 @@ are relative to the config file's folder.
 
 from __future__ import annotations
 
+import math
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -381,7 +382,7 @@ def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> Collect
             check.problems.append(f"{at}.period_ms: missing")
         rule = replace(
             rule,
-            period_ms=check.get(data, at, "period_ms", int, 1000, _positive),
+            period_ms=check.get(data, at, "period_ms", int, 1000, _duration(1, DAY_MS)),
             reduce=check.get(data, at, "reduce", str, "last", _one_of(REDUCES)),
         )
     elif mode == "change":
@@ -389,11 +390,9 @@ def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> Collect
             check.problems.append(f"{at}: deadband and deadband_rel exclude each other")
         rule = replace(
             rule,
-            deadband=float(check.get(data, at, "deadband", (int, float), 0.0, _not_negative)),
-            deadband_rel=float(
-                check.get(data, at, "deadband_rel", (int, float), 0.0, _not_negative)
-            ),
-            heartbeat_ms=check.get(data, at, "heartbeat_ms", int, 0, _positive),
+            deadband=float(check.get(data, at, "deadband", (int, float), 0.0, _band)),
+            deadband_rel=float(check.get(data, at, "deadband_rel", (int, float), 0.0, _band)),
+            heartbeat_ms=check.get(data, at, "heartbeat_ms", int, 0, _duration(0, DAY_MS)),
         )
     elif mode == "aggregate":
         if "window_ms" not in data:
@@ -411,7 +410,7 @@ def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> Collect
             stats = list(STATS)
         rule = replace(
             rule,
-            window_ms=check.get(data, at, "window_ms", int, 1000, _positive),
+            window_ms=check.get(data, at, "window_ms", int, 1000, _duration(1, DAY_MS)),
             stats=tuple(stats),
         )
     elif mode == "trigger":
@@ -427,11 +426,16 @@ def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> Collect
         rule = replace(
             rule,
             when=expression,
-            before_ms=check.get(data, at, "before_ms", int, 1000, _not_negative),
-            after_ms=check.get(data, at, "after_ms", int, 1000, _not_negative),
-            min_interval_ms=check.get(data, at, "min_interval_ms", int, 0, _not_negative),
+            before_ms=check.get(data, at, "before_ms", int, 1000, _duration(0, CAPTURE_MS)),
+            after_ms=check.get(data, at, "after_ms", int, 1000, _duration(0, CAPTURE_MS)),
+            min_interval_ms=check.get(data, at, "min_interval_ms", int, 0, _duration(0, DAY_MS)),
             edge=check.get(data, at, "edge", str, "rising", _one_of(EDGES)),
         )
+        if rule.before_ms == rule.after_ms == 0:
+            check.problems.append(
+                f"{at}: before_ms and after_ms are both 0: a capture would hold only the "
+                "values at the instants it fires"
+            )
     elif mode == "raw":
         ids = data.get("ids", [])
         if not isinstance(ids, list) or not all(
@@ -443,8 +447,21 @@ def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> Collect
     return rule
 
 
-def _not_negative(value: float) -> str | None:
-    return None if value >= 0 else "must not be negative"
+#: The longest period, window, heartbeat or interval a rule may have.
+DAY_MS = 86_400_000
+#: The longest capture before or after a firing: what comes before is held in memory.
+CAPTURE_MS = 600_000
+
+
+def _duration(low: int, high: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"must be {low} to {high:,} ms"
+
+    return check
+
+
+def _band(value: float) -> str | None:
+    return None if 0 <= value < math.inf else "must be a number of 0 or more"
 
 
 def parse_config(text: str, source: str, base: Path) -> Config:

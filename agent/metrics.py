@@ -40,6 +40,10 @@ class Metrics:
             "Values a collection rule kept (signal values, window statistics, raw frames).",
             ("rule",),
         )
+        self.collect_errors = counter(
+            "collect_errors",
+            "Batches whose collection rules failed (a bug): their values are not sent.",
+        )
         self.collect_triggers = counter(
             "collect_triggers", "Times a trigger rule's condition fired.", ("rule",)
         )

@@ -17,13 +17,13 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
 import numpy as np
 
 from agent.collect import Collected, Collector
-from agent.collect.trigger import Trigger
 from agent.config import Config
 from agent.decode import DecodedBatch, bus_decoders
 from agent.frames import FrameBatch
@@ -260,13 +260,10 @@ class Agent:
             return
         frames = FrameBatch.concat(batch.pieces)
         decoded = self._decode(bus, frames, count=True)
-        section: Section = decoded
-        if self.collector is not None:
-            started = time.perf_counter()
-            section = self.collector.collect(bus, frames, decoded)
-            self.metrics.collect_seconds.inc(time.perf_counter() - started)
-            self._count(section)
-        wires = self._encode(bus, section)
+        if self.collector is None:
+            wires = self._encode(decoded, bus)
+        else:
+            wires = self._collect(lambda c: c.collect(bus, frames, decoded))
         if wires:
             per_frame = sum(len(w) for w in wires) / batch.frames
             if len(wires) > 1:  # it was too large: take no chances with the next one
@@ -278,12 +275,22 @@ class Agent:
     def _flush_rules(self) -> None:
         """At the end: what the collection rules still hold (their open windows)."""
         if self.collector is not None:
-            section = self.collector.flush()
-            self._count(section)
-            self._spool(self._encode("", section))
+            self._spool(self._collect(lambda c: c.flush()))
 
-    def _count(self, collected: Collected) -> None:
+    def _collect(self, run: Callable[[Collector], Collected]) -> list[WireBatch]:
+        """The wire batches of what the rules keep. A failure in a rule costs that batch's
+        values, counted and logged, and never the agent."""
         assert self.collector is not None
+        started = time.perf_counter()
+        try:
+            collected = run(self.collector)
+            wires = self._encode(collected)
+        except Exception:
+            log.exception("the collection rules failed on a batch; its values are not sent")
+            self.metrics.collect_errors.inc()
+            return []
+        finally:
+            self.metrics.collect_seconds.inc(time.perf_counter() - started)
         kept: dict[str, int] = {}
         for block in collected.blocks:
             values = block.bits.size if block.present is None else block.present.sum()
@@ -293,9 +300,10 @@ class Agent:
         for rule, values in kept.items():
             self.metrics.collect_values.labels(rule).inc(values)
         for mode in self.collector.rules:
-            if isinstance(mode, Trigger) and mode.fired:
-                self.metrics.collect_triggers.labels(mode.rule.name).inc(mode.fired)
-                mode.fired = 0
+            if mode.firings:
+                self.metrics.collect_triggers.labels(mode.rule.name).inc(mode.firings)
+                mode.firings = 0
+        return wires
 
     def _spool(self, wires: list[WireBatch]) -> None:
         for wire in wires:
@@ -315,15 +323,15 @@ class Agent:
             self.totals.unknown += result.unknown
         return result
 
-    def _encode(self, bus: str, section: Section) -> list[WireBatch]:
+    def _encode(self, section: Section, bus: str = "") -> list[WireBatch]:
         """The wire batches of a section: one, or more where one would exceed max_bytes
-        (it is split in halves until each fits)."""
+        (it is split in halves until each fits). `bus`: a decoded section's, which is
+        decoded again in halves (a decoded batch is views of its frames)."""
         wire = self.encoder.encode([section], self.next_sequence)
         if wire is None:
             return []
         if len(wire) > self.config.batch.max_bytes and _rows(section) > 1:
             if isinstance(section, DecodedBatch):
-                # Decoded again in halves: a decoded batch is views of its frames.
                 frames = section.blocks[0].batch
                 middle = len(frames) // 2
                 halves: tuple[Section, Section] = (
@@ -332,7 +340,7 @@ class Agent:
                 )
             else:
                 halves = section.halves()
-            return [w for half in halves for w in self._encode(bus, half)]
+            return [w for half in halves for w in self._encode(half, bus)]
         self.next_sequence += 1
         self.totals.batches += 1
         self.metrics.batches_built.inc()

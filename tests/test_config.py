@@ -227,9 +227,10 @@ def test_collection_rule_problems_are_named_by_rule_and_key() -> None:
                 "window_ms = 5\n"
                 '[[collect]]\nname = "a"\nmode = "teleport"\n'
                 '[[collect]]\nmode = "change"\nsignals = ["X"]\ndeadband = 1\n'
-                "deadband_rel = 0.1\nheartbeat_ms = 0\n"
+                "deadband_rel = inf\nheartbeat_ms = -1\n"
                 '[[collect]]\nname = "t"\nmode = "trigger"\nsignals = ["X"]\n'
-                'when = "SPEED > (60"\nedge = "falling"\n'
+                'when = "SPEED > (60"\nedge = "falling"\nbefore_ms = 0\nafter_ms = 0\n'
+                "min_interval_ms = 10000000000000\n"
                 '[[collect]]\nname = "s"\nmode = "aggregate"\nsignals = []\n'
                 'stats = ["median"]\nbuses = ["can9"]\n'
                 '[[collect]]\nname = "r"\nmode = "raw"\nsignals = ["X"]\nids = [-1]\n'
@@ -244,7 +245,10 @@ def test_collection_rule_problems_are_named_by_rule_and_key() -> None:
         "collect[1].mode: must be one of all, sample, change, aggregate, trigger, raw",
         "collect[2].name: missing",
         "collect[2]: deadband and deadband_rel exclude each other",
-        "collect[2].heartbeat_ms: must be greater than 0",
+        "collect[2].heartbeat_ms: must be 0 to 86,400,000 ms",
+        "collect[2].deadband_rel: must be a number of 0 or more",
+        "collect[3]: before_ms and after_ms are both 0",
+        "collect[3].min_interval_ms: must be 0 to 86,400,000 ms",
         "collect[3].when: rule 't': position 12: expected ')', found end of expression",
         "collect[3].edge: must be one of rising, always",
         "collect[4].signals: missing",

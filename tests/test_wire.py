@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.collect import Collector, CollectRule
 from agent.decode import ALL_BUSES, Decoder
 from agent.logs import open_log
 from agent.records import JsonLinesWriter
@@ -93,17 +94,24 @@ def a_batch() -> tuple[bytes, bytes]:
     return wire.payload, encoder.announcement(wire.schema_id)
 
 
-def test_format_1_batches_of_an_older_agent_are_still_read() -> None:
-    """Format 2 added collection rules; a batch of every signal is laid out as in format 1,
-    so batches an older agent left in its spool are read after an upgrade."""
+def test_batches_of_every_signal_stay_format_1() -> None:
+    """Format 2 added collection rules. A batch of every decoded signal is laid out as in
+    format 1 and says so, so a cloud that reads only format 1 keeps working with an agent
+    that has no rules; batches of rules are format 2."""
     payload, announcement = a_batch()
-    schemas = SchemaStore()
-    schemas.add(read_envelope(announcement), 1 << 24)
-    old = pb.Batch.FromString(payload)
-    old.format = 1
-    now = parse_batch(read_envelope(payload), schemas)
-    then = parse_batch(read_envelope(old.SerializeToString()), schemas)
-    assert lines(then.blocks) == lines(now.blocks) and then.frames == now.frames > 0
+    assert read_envelope(payload).format == 1
+    assert read_envelope(announcement).format == 1
+    decoder = Decoder({"can0": [RAV4_PT_DBC]})
+    frames = next(open_log(RAV4_LOG).batches(2_000))
+    collector = Collector((CollectRule("speed", "all", signals=("SPEED",)),), {"can0": decoder})
+    encoder = BatchEncoder("v", "s", b"d")
+    wire = encoder.encode([collector.collect("can0", frames, decoder.decode(frames))], 1)
+    assert wire is not None
+    assert (
+        read_envelope(wire.payload).format
+        == read_envelope(encoder.announcement(wire.schema_id)).format
+        == 2
+    )
 
 
 def test_damaged_batches_are_refused_with_a_reason() -> None:

@@ -1,7 +1,8 @@
 """Mode `aggregate`: statistics of each signal's physical values over fixed windows, instead
 of the values. Windows are aligned to multiples of `window_ms` of the frames' clock, so two
-agents' windows line up; a window is sent once a later value shows it has ended (or at the
-end of the stream), and values of one window can arrive over several batches.
+agents' windows line up; a window is sent once the bus's frames have passed its end (or at
+the end of the stream), and values of one window can arrive over several batches. A NaN
+value makes its window's statistics NaN.
 `sample` with `reduce = "mean"` is this mode with the one statistic "mean"."""
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class Windows:
             np.array([n]),
             np.array([self.mean[0] + delta * nb / n]),
             np.array([self.m2[0] + later.m2[0] + delta * delta * na * nb / n]),
-            np.array([min(self.minimum[0], later.minimum[0])]),
-            np.array([max(self.maximum[0], later.maximum[0])]),
+            # NaN in one part makes the whole window's NaN, as within a batch.
+            np.minimum(self.minimum[:1], later.minimum[:1]),
+            np.maximum(self.maximum[:1], later.maximum[:1]),
         )
         rest = later.take(slice(1, None))
         return Windows(
@@ -149,10 +151,9 @@ class Aggregate(Mode):
             )
             for target in targets
         }
-        # Per target, channel and column: the last window seen, which may go on in the next
-        # batch.
-        self.open: dict[tuple[Target, str], dict[int, Windows]] = {}
-        self.can_id = {id(t): np.uint32(t.plan.info.frame_id) for t in targets}
+        # Per target and channel, and per column and sender: the last window seen, which
+        # may go on in the next batch.
+        self.open: dict[tuple[Target, str], dict[tuple[int, int], Windows]] = {}
 
     def collect(
         self,
@@ -164,45 +165,62 @@ class Aggregate(Mode):
                 opened = self.open.setdefault((target, block.bus), {})
                 closed = []
                 for j, column in enumerate(target.columns.tolist()):
-                    values = batch.samples(block, column)
-                    if not len(values.t_ns):
-                        continue
-                    stats = windows(values.t_ns, values.value, self.length_ns)
-                    before = opened.get(j)
-                    if before is not None:
-                        if before.index[0] == stats.index[0]:
-                            stats = before.merged(stats)
-                        else:
-                            closed.append((j, before))
-                    if len(stats) > 1:
-                        closed.append((j, stats.take(slice(0, -1))))
-                    opened[j] = stats.take(slice(-1, None))
+                    for sender, values in target.senders(batch.samples(block, column)):
+                        if not len(values.t_ns):
+                            continue
+                        stats = windows(values.t_ns, values.value, self.length_ns)
+                        before = opened.get((j, sender))
+                        if before is not None:
+                            if before.index[0] == stats.index[0]:
+                                stats = before.merged(stats)
+                            else:
+                                closed.append(((j, sender), before))
+                        if len(stats) > 1:
+                            closed.append(((j, sender), stats.take(slice(0, -1))))
+                        opened[(j, sender)] = stats.take(slice(-1, None))
                 self._send(target, block.bus, closed, out)
+        # Windows whose signal has not come again but whose time the bus has passed.
+        newest = int(batch.frames.t_ns.max()) if len(batch.frames) else None
+        for (target, channel), opened in self.open.items():
+            if target.bus == batch.bus and newest is not None:
+                ended = [
+                    key
+                    for key, w in opened.items()
+                    if (int(w.index[0]) + 1) * self.length_ns <= newest
+                ]
+                self._send(target, channel, [(key, opened.pop(key)) for key in ended], out)
 
     def flush(self, out: Collected) -> None:
         for (target, channel), opened in self.open.items():
-            self._send(target, channel, sorted(opened.items()), out)
+            self._send(target, channel, list(opened.items()), out)
         self.open.clear()
 
     def _send(
-        self, target: Target, channel: str, closed: list[tuple[int, Windows]], out: Collected
+        self,
+        target: Target,
+        channel: str,
+        closed: list[tuple[tuple[int, int], Windows]],
+        out: Collected,
     ) -> None:
+        """Closed windows, keyed by (column, sender): a row per window and sender, with the
+        sender's frame ID (the message's ID when all senders are one stream)."""
         if not closed:
             return
         width = len(self.stats)
-        t_ns, column, bits = [], [], []
-        for j, stats in closed:
+        t_ns, can_id, column, bits = [], [], [], []
+        for (j, sender), stats in closed:
+            frame_id = target.plan.info.frame_id if sender < 0 else sender
             for s, name in enumerate(self.stats):
                 t_ns.append(stats.index * self.length_ns)
+                can_id.append(np.full(len(stats), frame_id, np.uint32))
                 column.append(np.full(len(stats), j * width + s, np.intp))
                 bits.append(statistic(stats, name))
-        every_t = np.concatenate(t_ns)
         out.blocks.append(
             assemble(
                 channel,
                 self.selections[id(target)],
-                every_t,
-                np.full(len(every_t), self.can_id[id(target)], np.uint32),
+                np.concatenate(t_ns),
+                np.concatenate(can_id),
                 np.concatenate(column),
                 np.concatenate(bits),
             )

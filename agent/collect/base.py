@@ -65,26 +65,41 @@ class Collected:
         return bool(self.blocks) or bool(self.raw)
 
     def halves(self) -> tuple[Collected, Collected]:
-        """The rows before and after the middle of the time span, for a batch that would be
-        too large."""
-        times = [b.t_ns for b in self.blocks] + [r.frames.t_ns for r in self.raw]
-        every = np.concatenate(times)
-        middle = int(np.median(every))
-        if not (every > middle).any():  # one instant: split by count instead
-            middle = int(np.min(every)) - 1
+        """Two parts of a batch that would be too large, each with values: the rows up to
+        the middle of the time span and after it, or, when every row has one timestamp,
+        the blocks (or rows) in two halves. At least two rows are needed."""
+        pieces: list[CollectedBlock | RawCapture] = [*self.blocks, *self.raw]
+        every = np.concatenate([_times(p) for p in pieces])
+        low, high = int(every.min()), int(every.max())
         early, late = Collected(), Collected()
-        for block in self.blocks:
-            for half, keep in ((early, block.t_ns <= middle), (late, block.t_ns > middle)):
-                if keep.any():
-                    half.blocks.append(take_rows(block, keep))
-        for capture in self.raw:
-            for half, keep in (
-                (early, capture.frames.t_ns <= middle),
-                (late, capture.frames.t_ns > middle),
-            ):
-                if keep.any():
-                    half.raw.append(replace(capture, frames=capture.frames.take(keep)))
+        if low < high:
+            k = (len(every) - 1) // 2
+            middle = min(int(np.partition(every, k)[k]), high - 1)
+            for piece in pieces:
+                t_ns = _times(piece)
+                early.add(piece, t_ns <= middle)
+                late.add(piece, t_ns > middle)
+        elif len(pieces) > 1:
+            for k, piece in enumerate(pieces):
+                (early if k < len(pieces) // 2 else late).add(piece, slice(None))
+        else:
+            n = len(every)
+            early.add(pieces[0], slice(0, n // 2))
+            late.add(pieces[0], slice(n // 2, None))
         return early, late
+
+    def add(self, piece: CollectedBlock | RawCapture, rows: npt.NDArray[np.bool_] | slice) -> None:
+        """Add these rows of a block or capture, if there are any."""
+        if isinstance(rows, np.ndarray) and not rows.any():
+            return
+        if isinstance(piece, RawCapture):
+            self.raw.append(replace(piece, frames=piece.frames.take(rows)))
+        else:
+            self.blocks.append(take_rows(piece, rows))
+
+
+def _times(piece: CollectedBlock | RawCapture) -> npt.NDArray[np.int64]:
+    return piece.frames.t_ns if isinstance(piece, RawCapture) else piece.t_ns
 
 
 def take_rows(
@@ -110,10 +125,23 @@ class Target:
     plan: MessagePlan
     columns: npt.NDArray[np.intp]  # indices into plan.signals
     selection: Selection
+    # On a J1939 bus a message's frame ID holds its sender (the source address): each
+    # sender's values are a stream of their own, with their own periods, windows and last
+    # value sent.
+    by_sender: bool = False
 
     @property
     def signals(self) -> list[SignalInfo]:
         return [self.plan.signals[c] for c in self.columns.tolist()]
+
+    def senders(self, values: Samples) -> list[tuple[int, Samples]]:
+        """A signal's values per sender, keyed by frame ID (-1: all, off J1939)."""
+        ids = values.can_id
+        if not self.by_sender or not len(ids):
+            return [(-1, values)]
+        if int(ids.min()) == int(ids.max()):
+            return [(int(ids[0]), values)]
+        return [(int(i), values.take(ids == i)) for i in np.unique(ids).tolist()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +162,18 @@ class Samples:
     bits: npt.NDArray[np.uint64]
     value: npt.NDArray[np.float64]  # physical
 
+    def take(self, rows: npt.NDArray[np.bool_] | slice) -> Samples:
+        return Samples(self.t_ns[rows], self.can_id[rows], self.bits[rows], self.value[rows])
+
+
+def time_order(t_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
+    """The order that sorts frames by time, or None when they are in order already: frames
+    come in arrival order, and a source that merges several interfaces may be a little out
+    of order, which periods, windows and captures must not see."""
+    if len(t_ns) < 2 or bool((t_ns[1:] >= t_ns[:-1]).all()):
+        return None
+    return np.argsort(t_ns, kind="stable")
+
 
 class BusBatch:
     """One bus's batch as the rules see it: its frames, its decoded blocks by message, and
@@ -142,7 +182,6 @@ class BusBatch:
     def __init__(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> None:
         self.bus = bus
         self.frames = frames
-        self.decoded = decoded
         # A bus that replays several channels of a log has a block per channel and
         # message; `block.bus` names the channel.
         self._blocks: dict[int, list[MessageBlock]] = {}
@@ -165,6 +204,9 @@ class BusBatch:
             if present is not None and not present[column].all():
                 rows = present[column]
                 bits, t_ns, can_id = bits[rows], t_ns[rows], can_id[rows]
+            order = time_order(t_ns)
+            if order is not None:
+                bits, t_ns, can_id = bits[order], t_ns[order], can_id[order]
             value = np.asarray(info.physical(info.raw_from_bits(bits)), dtype=np.float64)
             found = self._samples[key] = Samples(t_ns, can_id, bits, value)
         return found
@@ -238,6 +280,7 @@ class Mode(abc.ABC):
         self.rule = rule
         self.buses = frozenset(buses)
         self.references = references
+        self.firings = 0  # a trigger's, since the agent last counted them
         self.targets: dict[str, list[Target]] = {}
         for target in targets:
             self.targets.setdefault(target.bus, []).append(target)

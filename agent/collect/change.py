@@ -92,8 +92,8 @@ class Change(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        # Per target, channel and column.
-        self.deadbands: dict[tuple[Target, str, int], Deadband] = {}
+        # Per target, channel, column and sender.
+        self.deadbands: dict[tuple[Target, str, int, int], Deadband] = {}
 
     def collect(
         self,
@@ -105,20 +105,20 @@ class Change(Mode):
             for block in batch.blocks(target.plan):
                 t_ns, can_id, column, bits = [], [], [], []
                 for j, c in enumerate(target.columns.tolist()):
-                    values = batch.samples(block, c)
-                    if not len(values.t_ns):
-                        continue
-                    key = (target, block.bus, j)
-                    deadband = self.deadbands.get(key)
-                    if deadband is None:
-                        deadband = self.deadbands[key] = Deadband(
-                            rule.deadband, rule.deadband_rel, rule.heartbeat_ms * 1_000_000
-                        )
-                    sent = deadband.sends(values.t_ns, values.value)
-                    t_ns.append(values.t_ns[sent])
-                    can_id.append(values.can_id[sent])
-                    column.append(np.full(len(sent), j, np.intp))
-                    bits.append(values.bits[sent])
+                    for sender, values in target.senders(batch.samples(block, c)):
+                        if not len(values.t_ns):
+                            continue
+                        key = (target, block.bus, j, sender)
+                        deadband = self.deadbands.get(key)
+                        if deadband is None:
+                            deadband = self.deadbands[key] = Deadband(
+                                rule.deadband, rule.deadband_rel, rule.heartbeat_ms * 1_000_000
+                            )
+                        sent = deadband.sends(values.t_ns, values.value)
+                        t_ns.append(values.t_ns[sent])
+                        can_id.append(values.can_id[sent])
+                        column.append(np.full(len(sent), j, np.intp))
+                        bits.append(values.bits[sent])
                 if sum(len(t) for t in t_ns):
                     out.blocks.append(
                         assemble(

@@ -19,7 +19,10 @@ class CollectError(ValueError):
 
 
 def _pattern(globs: Sequence[str]) -> re.Pattern[str]:
-    """One regular expression for any of the globs (case-sensitive, as DBC names are)."""
+    """One regular expression for any of the globs (case-sensitive, as DBC names are); with
+    none, one that matches nothing."""
+    if not globs:
+        return re.compile(r"(?!)")
     return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
 
 
@@ -64,7 +67,10 @@ def _targets(
     targets: list[Target] = []
     if rule.mode == "raw" and not rule.messages:
         return targets  # the frames of its IDs, or all
-    messages, signals = _pattern(rule.messages), _pattern(rule.signals)
+    # A pattern with a dot names Message.Signal; without, the signal's own name.
+    messages = _pattern(rule.messages)
+    plain = _pattern([g for g in rule.signals if "." not in g])
+    qualified = _pattern([g for g in rule.signals if "." in g])
     for bus in buses:
         for plan in decoders[bus].messages(bus):
             if rule.messages and not messages.match(plan.info.name):
@@ -76,7 +82,7 @@ def _targets(
                     [
                         k
                         for k, s in enumerate(plan.signals)
-                        if signals.match(s.name) or signals.match(f"{plan.info.name}.{s.name}")
+                        if plain.match(s.name) or qualified.match(f"{plan.info.name}.{s.name}")
                     ],
                     np.intp,
                 )
@@ -84,7 +90,8 @@ def _targets(
                 selection = Selection(
                     plan.info, tuple(plan.signals[c] for c in columns.tolist()), rule.name
                 )
-                targets.append(Target(bus, plan, columns, selection))
+                by_sender = decoders[bus].is_j1939(bus) and plan.info.is_extended
+                targets.append(Target(bus, plan, columns, selection, by_sender))
     if rule.mode == "raw":
         if rule.messages and not targets:
             raise CollectError(f"no message matches {', '.join(rule.messages)}")

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from agent.collect.base import BusBatch, Collected, CollectedBlock, Mode, Target, register
+from agent.collect.base import (
+    BusBatch,
+    Collected,
+    CollectedBlock,
+    Mode,
+    Target,
+    register,
+    time_order,
+)
 from agent.decode import MessageBlock
 
 
@@ -37,4 +45,8 @@ def selected(target: Target, block: MessageBlock) -> CollectedBlock | None:
             present = None
     if not len(t_ns):
         return None
+    order = time_order(t_ns)
+    if order is not None:
+        t_ns, can_id, bits = t_ns[order], can_id[order], bits[:, order]
+        present = None if present is None else present[:, order]
     return CollectedBlock(block.bus, target.selection, t_ns, can_id, bits, present)

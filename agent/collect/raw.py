@@ -1,15 +1,24 @@
-"""Mode `raw`: the frames themselves, lossless (a CAN logger on the device): all frames of
-the rule's buses, or those of its `messages` and `ids`, error and remote frames included.
-The cloud decodes them with the DBC, as `decode` does a log."""
+"""Mode `raw`: the frames themselves, lossless (a CAN logger on the device). Without
+`messages` and `ids`: every frame of the rule's buses, error and remote frames included.
+With them: the data and remote frames of those messages (J1939 messages by PGN, as they
+decode) and the data and remote frames whose ID is one of `ids`, standard or extended.
+One capture per channel, named as the decoded blocks are. The cloud decodes them with the
+DBC, as `decode` does a log."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.collect.base import BusBatch, Collected, Mode, RawCapture, Reference, Target, register
 from agent.collect.rules import CollectRule
+from agent.frames import FrameBatch, FrameFlag
+
+_ERROR = np.uint8(FrameFlag.ERROR)
+_REMOTE = np.uint8(FrameFlag.REMOTE)
+_EXTENDED = np.uint8(FrameFlag.EXTENDED)
 
 
 @register
@@ -26,21 +35,45 @@ class Raw(Mode):
         super().__init__(rule, targets, buses, references)
         self.ids = np.array(sorted(rule.ids), np.uint32)
         self.everything = not rule.messages and not rule.ids
+        # Remote frames carry no data to decode: they are matched by their messages' IDs.
+        self.remote = {
+            bus: np.array(
+                [_key(t.plan.info.frame_id, t.plan.info.is_extended) for t in targets], np.int64
+            )
+            for bus, targets in self.targets.items()
+        }
 
-    def collect(
-        self,
-        batch: BusBatch,
-        out: Collected,
-    ) -> None:
+    def collect(self, batch: BusBatch, out: Collected) -> None:
         frames = batch.frames
-        if batch.bus not in self.buses or not len(frames):
+        if not len(frames):
             return
         if self.everything:
-            out.raw.append(RawCapture(self.rule.name, batch.bus, frames))
+            self._capture(frames, out)
             return
-        keep = np.isin(frames.can_id, self.ids) if len(self.ids) else np.zeros(len(frames), bool)
+        data = (frames.flags & (_ERROR | _REMOTE)) == 0
+        remote = (frames.flags & (_ERROR | _REMOTE)) == _REMOTE
+        keep = np.zeros(len(frames), np.bool_)
+        if len(self.ids):
+            keep = np.isin(frames.can_id, self.ids) & (data | remote)
         for target in self.targets.get(batch.bus, ()):
             for block in batch.blocks(target.plan):
                 keep[block.rows] = True
+        keys = self.remote.get(batch.bus)
+        if keys is not None and remote.any():
+            extended = (frames.flags & _EXTENDED) != 0
+            keep |= remote & np.isin(_key(frames.can_id, extended), keys)
         if keep.any():
-            out.raw.append(RawCapture(self.rule.name, batch.bus, frames.take(keep)))
+            self._capture(frames.take(keep), out)
+
+    def _capture(self, frames: FrameBatch, out: Collected) -> None:
+        if int(frames.bus.min()) == int(frames.bus.max()):
+            out.raw.append(RawCapture(self.rule.name, frames.buses[int(frames.bus[0])], frames))
+            return
+        for channel in np.unique(frames.bus).tolist():
+            part = frames.take(frames.bus == channel)
+            out.raw.append(RawCapture(self.rule.name, frames.buses[channel], part))
+
+
+def _key(can_id: npt.ArrayLike, extended: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """A frame ID with its extended flag, as one integer."""
+    return np.asarray(can_id, np.int64) | (np.asarray(extended, np.int64) << 31)

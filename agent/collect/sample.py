@@ -1,8 +1,8 @@
 """Mode `sample`: one value per signal per period. `first`, `last`, `min` and `max` send the
 value of a frame as it was (with its own timestamp); `mean` sends the period's mean, as
 `aggregate` does. Periods are aligned to multiples of `period_ms` of the frames' clock; a
-period's value is sent once a later value shows the period has ended (or at the end of the
-stream)."""
+period's value is sent once the bus's frames have passed the period's end (or at the end of
+the stream), so values of one period can come over several batches."""
 
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ class Sample(Mode):
         super().__init__(rule, targets, buses, references)
         self.period_ns = rule.period_ms * 1_000_000
         self.mean = Aggregate(rule, targets, buses, references) if rule.reduce == "mean" else None
-        # Per target, channel and column: the value chosen so far in the last period seen.
-        self.open: dict[tuple[Target, str], dict[int, Chosen]] = {}
+        # Per target and channel, and per column and sender: the value chosen so far in the
+        # last period seen.
+        self.open: dict[tuple[Target, str], dict[tuple[int, int], Chosen]] = {}
 
     def collect(
         self,
@@ -108,29 +109,41 @@ class Sample(Mode):
                 opened = self.open.setdefault((target, block.bus), {})
                 closed = []
                 for j, column in enumerate(target.columns.tolist()):
-                    values = batch.samples(block, column)
-                    if not len(values.t_ns):
-                        continue
-                    chosen = choose(values, self.period_ns, reduce)
-                    before = opened.get(j)
-                    if before is not None:
-                        if before.period[0] != chosen.period[0]:
-                            closed.append((j, before))
-                        elif not _later_wins(
-                            reduce, float(before.values.value[0]), float(chosen.values.value[0])
-                        ):
-                            chosen = _replace_first(chosen, before)
-                    if len(chosen.period) > 1:
-                        closed.append((j, chosen.take(slice(0, -1))))
-                    opened[j] = chosen.take(slice(-1, None))
+                    for sender, values in target.senders(batch.samples(block, column)):
+                        if not len(values.t_ns):
+                            continue
+                        chosen = choose(values, self.period_ns, reduce)
+                        before = opened.get((j, sender))
+                        if before is not None:
+                            if before.period[0] != chosen.period[0]:
+                                closed.append((j, before))
+                            elif not _later_wins(
+                                reduce,
+                                float(before.values.value[0]),
+                                float(chosen.values.value[0]),
+                            ):
+                                chosen = _replace_first(chosen, before)
+                        if len(chosen.period) > 1:
+                            closed.append((j, chosen.take(slice(0, -1))))
+                        opened[(j, sender)] = chosen.take(slice(-1, None))
                 _send(target, block.bus, closed, out)
+        # Periods whose signal has not come again but whose time the bus has passed.
+        newest = int(batch.frames.t_ns.max()) if len(batch.frames) else None
+        for (target, channel), opened in self.open.items():
+            if target.bus == batch.bus and newest is not None:
+                ended = [
+                    key
+                    for key, c in opened.items()
+                    if (int(c.period[0]) + 1) * self.period_ns <= newest
+                ]
+                _send(target, channel, [(key[0], opened.pop(key)) for key in ended], out)
 
     def flush(self, out: Collected) -> None:
         if self.mean is not None:
             self.mean.flush(out)
             return
         for (target, channel), opened in self.open.items():
-            _send(target, channel, sorted(opened.items()), out)
+            _send(target, channel, [(key[0], c) for key, c in opened.items()], out)
         self.open.clear()
 
 

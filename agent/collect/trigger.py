@@ -7,7 +7,9 @@ the data. `edge = "rising"` fires where it turns true, `"always"` wherever it is
 either fires at most once per `min_interval_ms`. Every value of a selected signal is decided
 once: sent as soon as a known firing's window covers it; dropped once no later firing could
 (it is more than `before_ms` older than the condition's data); held in the ring until then.
-Buses are assumed to share one clock, as a gateway's do.
+The rule's buses are assumed to share one clock, as a gateway's do; one that lags more than
+RING_SLACK_NS behind the rule's newest frames may lose values (so the ring stays bounded when
+the condition's bus falls silent).
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ class Trigger(Mode):
         }
         self.was_true = False
         self.last_fired: int | None = None
-        self.fired = 0  # firings so far
-        self.frontier: int | None = None  # the condition is known up to here
-        self.newest: int | None = None
+        self.known_until: int | None = None  # the condition is known up to here
+        # The newest frame time of each bus the rule reads (its signals', its condition's).
+        self.target_buses = frozenset(t.bus for t in targets)
+        self.condition_buses = frozenset(r.bus for r in references.values())
+        self.newest: dict[str, int] = {}
         # The windows of the firings, merged: sorted, disjoint.
         self.starts: Times = np.zeros(0, np.int64)
         self.ends: Times = np.zeros(0, np.int64)
@@ -75,18 +79,19 @@ class Trigger(Mode):
         out: Collected,
     ) -> None:
         frames = batch.frames
-        if not len(frames):
+        bus = batch.bus
+        if not len(frames) or (bus not in self.target_buses and bus not in self.condition_buses):
             return
-        for target in self.targets.get(batch.bus, ()):
+        for target in self.targets.get(bus, ()):
             for block in batch.blocks(target.plan):
                 piece = selected(target, block)
                 if piece is not None:
                     self.ring.append(piece)
         last = int(frames.t_ns.max())
-        self.newest = last if self.newest is None else max(self.newest, last)
-        if any(r.bus == batch.bus for r in self.references.values()):
+        self.newest[bus] = max(self.newest.get(bus, last), last)
+        if bus in self.condition_buses:
             self._evaluate(batch)
-            self.frontier = last if self.frontier is None else max(self.frontier, last)
+            self.known_until = last if self.known_until is None else max(self.known_until, last)
         self._decide(out)
 
     def _evaluate(self, batch: BusBatch) -> None:
@@ -153,7 +158,7 @@ class Trigger(Mode):
         if not len(candidates):
             return
         self.last_fired = int(candidates[-1])
-        self.fired += len(candidates)
+        self.firings += len(candidates)
         starts = np.concatenate([self.starts, candidates - self.before_ns])
         ends = np.concatenate([self.ends, candidates + self.after_ns])
         order = np.argsort(starts, kind="stable")
@@ -176,34 +181,37 @@ class Trigger(Mode):
         return inside
 
     def _decide(self, out: Collected) -> None:
-        undecided_after = -(1 << 62)
-        if self.frontier is not None:
-            undecided_after = self.frontier - self.before_ns
-        if self.newest is not None:
-            undecided_after = max(undecided_after, self.newest - self.before_ns - RING_SLACK_NS)
-        sent: dict[int, list[CollectedBlock]] = {}
+        newest = max(self.newest.values())
+        too_old = newest - RING_SLACK_NS  # what a bus lagging this far behind may lose
+        decided_through = too_old - self.before_ns
+        if self.known_until is not None:
+            decided_through = max(decided_through, self.known_until - self.before_ns)
+        sent: dict[tuple[str, int], list[CollectedBlock]] = {}
         ring = []
         for piece in self.ring:
             first, last = int(piece.t_ns[0]), int(piece.t_ns[-1])
             if self._overlaps(first, last):
                 covered = self.covered(piece.t_ns)
                 if covered.any():
-                    sent.setdefault(id(piece.plan), []).append(take_rows(piece, covered))
-                waiting = ~covered & (piece.t_ns > undecided_after)
+                    key = (piece.bus, id(piece.plan))
+                    sent.setdefault(key, []).append(take_rows(piece, covered))
+                waiting = ~covered & (piece.t_ns > decided_through)
                 if waiting.all():
                     ring.append(piece)
                 elif waiting.any():
                     ring.append(take_rows(piece, waiting))
-            elif first > undecided_after:
+            elif first > decided_through:
                 ring.append(piece)
-            elif last > undecided_after:  # the piece's times ascend: keep its end
-                start = int(np.searchsorted(piece.t_ns, undecided_after, side="right"))
+            elif last > decided_through:  # the piece's times ascend: keep its end
+                start = int(np.searchsorted(piece.t_ns, decided_through, side="right"))
                 ring.append(take_rows(piece, slice(start, None)))
         self.ring = ring
         for pieces in sent.values():
             out.blocks.append(pieces[0] if len(pieces) == 1 else _joined(pieces))
-        # Windows that ended before anything still undecided can go.
-        keep = self.ends > undecided_after
+        # A window can go once every bus with selected signals has frames past its end:
+        # no value to come can fall in it.
+        passed = min(self.newest.get(bus, too_old) for bus in self.target_buses)
+        keep = self.ends >= max(passed, too_old)
         self.starts, self.ends = self.starts[keep], self.ends[keep]
 
     def flush(self, out: Collected) -> None:
@@ -212,7 +220,7 @@ class Trigger(Mode):
 
 
 def _joined(pieces: list[CollectedBlock]) -> CollectedBlock:
-    """Pieces of one selection, in time order, as one block."""
+    """Pieces of one selection on one channel, in time order, as one block."""
     first = pieces[0]
     present = [
         p.present if p.present is not None else np.ones(p.bits.shape, np.bool_) for p in pieces

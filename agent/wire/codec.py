@@ -23,8 +23,9 @@ from agent.decode import DecodedBatch, MessageBlock, SignalColumn, SignalInfo
 from agent.frames import FrameBatch
 from agent.wire import telemetry_pb2 as pb
 
-#: The Body layout this module writes. Format 2 added collection rules (rules, window
-#: statistics, raw frames); format 1 bodies are format 2 bodies without them.
+#: The Body layout of what collection rules kept. Format 2 added rules, window statistics
+#: and raw frames; a batch of every decoded signal is written as format 1, which it is, so
+#: a cloud that reads only format 1 keeps working with an agent that has no rules.
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
 
@@ -142,7 +143,7 @@ class BatchEncoder:
             return None
         raw, frames, signals, first, last = self._body(sections)
         batch = pb.Batch(
-            format=FORMAT,
+            format=FORMAT if any(isinstance(s, Collected) for s in sections) else 1,
             vehicle_id=self.vehicle_id,
             stream_id=self.stream_id,
             sequence=sequence,
@@ -227,7 +228,7 @@ class BatchEncoder:
         self._schema_id = hashlib.sha256(raw).digest()
         compression, packed = self._compressed(raw)
         self._announcements[self._schema_id] = pb.Batch(
-            format=FORMAT,
+            format=FORMAT if any(b.rule for b in self._schema.blocks) else 1,
             vehicle_id=self.vehicle_id,
             stream_id=self.stream_id,
             dbc_hash=self.dbc_digest,
