@@ -29,7 +29,7 @@ from tests.services import broker
 
 ROUNDS = 7
 #: The agent runs: the RAV4 log this many times end to end, each variant this many times.
-AGENT_COPIES, AGENT_ROUNDS = 8, 5
+AGENT_COPIES, AGENT_ROUNDS = 8, 7
 SECOND = 1_000_000_000
 
 #: A fleet engineer's rule set for this car: a few sampled streams, deadbands with

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.collect.base import BusBatch, Collected, Mode, Reference, Target, assemble, register
-from agent.collect.rules import CollectRule
+from agent.collect.rules import STATS, CollectRule
 from agent.decode import SignalInfo
 
 Floats = npt.NDArray[np.float64]
@@ -71,22 +71,28 @@ class Windows:
         )
 
 
-def windows(t_ns: npt.NDArray[np.int64], value: Floats, length_ns: int) -> Windows:
-    """The statistics of each window that the (time-ordered) values fall in."""
+def windows(
+    t_ns: npt.NDArray[np.int64], value: Floats, length_ns: int, stats: Sequence[str] = STATS
+) -> Windows:
+    """The statistics of each window that the (time-ordered) values fall in; those that
+    `stats` do not need are left at zero."""
     index = t_ns // length_ns
     starts = np.flatnonzero(np.concatenate([[True], index[1:] != index[:-1]]))
     count = np.diff(np.append(starts, len(value))).astype(np.float64)
+    unused = np.zeros(len(starts))
     with np.errstate(invalid="ignore"):
         mean = np.add.reduceat(value, starts) / count
-        deviation = value - np.repeat(mean, count.astype(np.intp))
-        m2 = np.add.reduceat(deviation * deviation, starts)
+        m2 = unused
+        if "stddev" in stats:
+            deviation = value - np.repeat(mean, count.astype(np.intp))
+            m2 = np.add.reduceat(deviation * deviation, starts)
     return Windows(
         index[starts],
         count,
         mean,
         m2,
-        np.minimum.reduceat(value, starts),
-        np.maximum.reduceat(value, starts),
+        np.minimum.reduceat(value, starts) if "min" in stats else unused,
+        np.maximum.reduceat(value, starts) if "max" in stats else unused,
     )
 
 
@@ -168,7 +174,7 @@ class Aggregate(Mode):
                     for sender, values in target.senders(batch.samples(block, column)):
                         if not len(values.t_ns):
                             continue
-                        stats = windows(values.t_ns, values.value, self.length_ns)
+                        stats = windows(values.t_ns, values.value, self.length_ns, self.stats)
                         before = opened.get((j, sender))
                         if before is not None:
                             if before.index[0] == stats.index[0]:
