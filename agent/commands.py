@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -133,12 +134,43 @@ def run_decode(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+#: syslog priorities, which journald reads from a `<N>` prefix of each line.
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+class OneLineFormatter(logging.Formatter):
+    """One line per event, a traceback folded into it, so that a journal or a log file
+    never holds a line that does not say what it belongs to; under systemd (JOURNAL_STREAM
+    names our stderr) each line starts with its syslog priority for journald."""
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__("telemetry-agent: %(levelname)s: %(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", " | ")
+        if self.journal:
+            level = max((lv for lv in _PRIORITIES if lv <= record.levelno), default=logging.DEBUG)
+            priority = 2 if record.levelno >= logging.CRITICAL else _PRIORITIES[level]
+            return f"<{priority}>{text}"
+        return text
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is the journal stream systemd gave us (JOURNAL_STREAM is device:inode
+    of it; a child's redirected stderr no longer matches)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        status = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return f"{status.st_dev}:{status.st_ino}" == f"{device}:{inode}"
+
+
 def _log_to_stderr(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="telemetry-agent: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(_stderr_is_journal()))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     # Their per-connection chatter is not the agent's news.
     for noisy in ("asyncio", "grpc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -152,12 +184,16 @@ def run_agent(args: argparse.Namespace) -> int:
         for problem in error.problems:
             print(f"telemetry-agent: {error.source}: {problem}", file=sys.stderr)
         return EX_CONFIG
+    if args.verbose:
+        config = replace(config, log_level="debug")
     # The daemon's imports are not needed by the other commands.
     from agent.service import Agent
     from agent.spool import SpoolError
 
     async def serve() -> int:
-        return await Agent(config).run()  # made inside the event loop it runs in
+        # Made inside the event loop it runs in.
+        path = Path(args.config) if args.config else None
+        return await Agent(config, config_path=path).run()
 
     try:
         return asyncio.run(serve())

@@ -12,7 +12,7 @@ import math
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -30,11 +30,12 @@ MIB = 1024 * 1024
 #: uncompressed), and brokers cap messages too.
 MAX_BATCH_BYTES = 4 * MIB
 
-SOURCES = ("replay", "python-can", "simulate")
+SOURCES = ("replay", "python-can", "simulate", "socketcan")
 UPLINKS = ("mqtt", "grpc", "file")
 COMPRESSIONS = ("zstd", "none")
 WHEN_FULL = ("drop_oldest", "drop_newest")
 FSYNC_MODES = ("batch", "interval", "never")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _REPO_DBC = Path(__file__).resolve().parents[1] / "dbc"
 _INSTALLED_DBC = Path(sys.prefix) / "share" / "telemetry-agent" / "dbc"
@@ -143,6 +144,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     collect: tuple[CollectRule, ...] = ()  # none: every decoded signal is sent
     status_interval_s: float = 5.0
+    log_level: str = "info"
     source: str = "<embedded defaults>"
 
 
@@ -229,6 +231,7 @@ _SOURCE_KEYS = {
     "replay": {"path", "pace", "loop", "channel"},
     "python-can": {"interface", "channel", "bitrate", "fd", "options"},
     "simulate": {"pace", "duration_s", "seed"},
+    "socketcan": {"channel", "fd"},
 }
 
 
@@ -312,6 +315,9 @@ def _bus(check: _Checker, data: Any, where: str) -> BusConfig | None:
             fd=check.get(data, where, "fd", bool, False),
             options=check.get(data, where, "options", dict, {}),
         )
+    if source == "socketcan":
+        # The interface is the bus's name unless `channel` names another (as in replay).
+        return _replace(bus, fd=check.get(data, where, "fd", bool, True))
     if source == "simulate":
         duration = check.get(data, where, "duration_s", (int, float), 0.0, _positive)
         return _replace(
@@ -484,6 +490,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "metrics",
             "collect",
             "status_interval_s",
+            "log_level",
         },
     )
     vehicle_id = check.get(data, "", "vehicle_id", str, "")
@@ -644,6 +651,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
                 check.problems.append(f"collect[{k}].name: {rule.name!r} is used by another rule")
             rules.append(rule)
     status = check.get(data, "", "status_interval_s", (int, float), 5.0, _positive)
+    log_level = check.get(data, "", "log_level", str, "info", _one_of(LOG_LEVELS))
     if check.problems:
         raise ConfigError(source, check.problems)
     return Config(
@@ -656,6 +664,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         metrics=metrics_config,
         collect=tuple(rules),
         status_interval_s=float(status),
+        log_level=log_level,
         source=source,
     )
 
@@ -690,6 +699,36 @@ def _section(
         return {}
     check.table(value, where or key, known)
     return value
+
+
+#: What a reload (SIGHUP) cannot change in a running agent: new values wait for a restart.
+RESTART_KEYS = ("vehicle_id", "state_dir", "buses", "spool", "metrics")
+
+
+def restart_changes(running: Config, loaded: Config) -> list[str]:
+    """The key paths whose values differ between two configs but need a restart."""
+    changed: list[str] = []
+    for key in RESTART_KEYS:
+        old, new = getattr(running, key), getattr(loaded, key)
+        if old == new:
+            continue
+        if key == "buses" and len(old) == len(new):
+            for k, (a, b) in enumerate(zip(old, new, strict=True)):
+                changed += [f"bus[{k}].{f}" for f in _fields(a) if getattr(a, f) != getattr(b, f)]
+        elif key in ("spool", "metrics"):
+            changed += [f"{key}.{f}" for f in _fields(old) if getattr(old, f) != getattr(new, f)]
+        else:
+            changed.append("bus" if key == "buses" else key)
+    return changed
+
+
+def _fields(section: object) -> list[str]:
+    return [f.name for f in fields(section)]  # type: ignore[arg-type]
+
+
+def rules_key(rules: tuple[CollectRule, ...]) -> list[object]:
+    """The rules in a comparable form (a parsed condition compares by its text)."""
+    return [(replace(r, when=None), r.when.text if r.when else None) for r in rules]
 
 
 def load_config(path: str | Path) -> Config:

@@ -18,16 +18,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-from agent.collect import Collected, Collector
-from agent.config import Config
+from agent.collect import Collected, CollectError, Collector
+from agent.collect.raw import Raw
+from agent.config import Config, ConfigError, load_config, restart_changes, rules_key
 from agent.decode import DecodedBatch, bus_decoders
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
+from agent.notify import Notifier
 from agent.sources import Source, SourceError, create_sources
 from agent.spool import Spool
 from agent.uplinks import create_uplink
@@ -75,10 +78,20 @@ class Totals:
 
 
 class Agent:
-    def __init__(self, config: Config, status: TextIO | None = sys.stderr) -> None:
+    def __init__(
+        self,
+        config: Config,
+        status: TextIO | None = sys.stderr,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        """`config_path`: the file SIGHUP reloads (None: nothing to reload)."""
         self.config = config
+        self.config_path = config_path
         self.status = status
+        self.notifier = notifier or Notifier()
         self.metrics = Metrics()
+        set_log_level(config.log_level)
         self.decoders = bus_decoders(config.buses)
         for name, decoder in self.decoders.items():
             for warning in decoder.warnings:
@@ -96,6 +109,7 @@ class Agent:
             config.vehicle_id, self.stream_id, digest, compression=config.batch.compression
         )
         self.sources: list[Source] = create_sources(config.buses)
+        self._filter_sources()
         self.uplink = create_uplink(config.uplink, config.vehicle_id)
         self.sender = Sender(self.uplink, self.metrics, self.spool)
         self.next_sequence = self.spool.next_sequence
@@ -104,10 +118,48 @@ class Agent:
         self._bytes_per_frame = FIRST_BYTES_PER_FRAME
         self._stop = asyncio.Event()
         self.failed_buses: list[str] = []
+        self._ticked = time.monotonic()  # the batch-age task's last round
+        self._draining = False  # the sources have ended or a stop came: no more batch ages
+        self._reloading: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Stop as Ctrl-C does: close the open batch, wait briefly for acks, return."""
+        if not self._stop.is_set():
+            self.notifier.notify(STOPPING=1, STATUS="stopping: delivering the last batches")
         self._stop.set()
+
+    def reload(self) -> None:
+        """Read the config file again and apply what can change while running (SIGHUP)."""
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.ensure_future(self._reload())
+
+    def _filter_sources(self) -> None:
+        for source in self.sources:
+            source.frame_ids = self._frame_ids(source.bus.name)
+
+    def _frame_ids(self, bus: str) -> frozenset[tuple[int, bool]] | None:
+        """The (ID, extended) pairs of the frames the agent uses on a bus, for a source
+        that can filter in the kernel: those its DBCs decode, or those its rules read.
+        None (all) on J1939 buses, whose IDs vary in priority and source address, and for
+        raw capture of everything."""
+        decoder = self.decoders[bus]
+        if decoder.is_j1939(bus):
+            return None
+        if self.collector is None:
+            return frozenset((p.info.frame_id, p.info.is_extended) for p in decoder.messages(bus))
+        ids: set[tuple[int, bool]] = set()
+        for mode in self.collector.rules:
+            if bus not in mode.buses:
+                continue
+            if isinstance(mode, Raw):
+                if mode.everything:
+                    return None
+                ids |= {(i, True) for i in mode.ids.tolist()}
+                ids |= {(i, False) for i in mode.ids.tolist() if i <= 0x7FF}
+            plans = [t.plan for t in mode.targets.get(bus, ())]
+            plans += [r.plan for r in mode.references.values() if r.bus == bus]
+            ids |= {(p.info.frame_id, p.info.is_extended) for p in plans}
+        return frozenset(ids)
 
     @property
     def max_age_ns(self) -> int:
@@ -118,9 +170,10 @@ class Agent:
         stop is asked for (Ctrl-C, SIGTERM: the open batches go into the spool, and what is
         not acknowledged within STOP_DRAIN_S stays there for the next start)."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.reload}
+        for signum, handler in handlers.items():
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signum, self.stop)
+                loop.add_signal_handler(signum, handler)
         if self.config.metrics.listen:
             self.metrics.serve(self.config.metrics.listen)
         started = time.monotonic()
@@ -128,6 +181,10 @@ class Agent:
         sender = asyncio.create_task(self.sender.run(), name="uplink")
         tick = asyncio.create_task(self._tick(), name="batch-age")
         report = asyncio.create_task(self._report(started), name="status")
+        # Ready once config, spool and metrics are up: the cloud may well be out of reach,
+        # which is normal in a vehicle and no reason to hold systemd back.
+        self.notifier.notify(READY=1, STATUS=self._summary(started))
+        watchdog = asyncio.create_task(self._watchdog([spool, sender]), name="watchdog")
         buses = [
             asyncio.create_task(self._read(source), name=f"bus-{source.bus.name}")
             for source in self.sources
@@ -149,6 +206,9 @@ class Agent:
                 if broken:
                     break
             stopped = self._stop.is_set() or broken
+            if not stopped:
+                self.notifier.notify(STATUS="every source has ended: delivering the spool")
+            self._draining = True
             for task in [*buses, tick]:
                 task.cancel()
             await asyncio.gather(*buses, tick, return_exceptions=True)
@@ -160,11 +220,14 @@ class Agent:
                 delivered = await self._deliver(stopped)
             stopped = stopped or self._stop.is_set()
         finally:
-            for task in [tick, report, stop, sender, spool]:
+            tasks = [tick, report, stop, sender, spool, watchdog]
+            if self._reloading is not None:
+                tasks.append(self._reloading)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(tick, report, stop, sender, spool, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.spool.close()
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in handlers:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)
         self._print_status(started)
@@ -240,9 +303,10 @@ class Agent:
     async def _tick(self) -> None:
         """Close batches that have been open `max_age_ms` of wall time; sleeps until the
         oldest one is due (at least TICK_S), so a quiet agent wakes rarely."""
-        max_age_s = self.config.batch.max_age_ms / 1000
         while True:
+            max_age_s = self.config.batch.max_age_ms / 1000  # a reload may change it
             now = time.monotonic()
+            self._ticked = now
             for bus, batch in self._open.items():
                 if batch.frames and now - batch.opened >= max_age_s:
                     self._close(bus)
@@ -353,21 +417,118 @@ class Agent:
             await asyncio.sleep(self.config.status_interval_s)
             self._print_status(started)
 
-    def _print_status(self, started: float) -> None:
-        if self.status is None:
-            return
+    def _summary(self, started: float) -> str:
+        """The one-line status: for the terminal, and for systemd's STATUS=."""
         elapsed = time.monotonic() - started
         totals = self.totals
         link = "up" if self.sender.connected else "down"
         dropped = "".join(f", {n:,} dropped ({why})" for why, n in self.spool.dropped.items())
-        self.status.write(
-            f"[{elapsed:6.1f} s] {totals.frames:,} frames "
-            f"({totals.frames / max(elapsed, 1e-9):,.0f}/s), "
+        return (
+            f"{totals.frames:,} frames ({totals.frames / max(elapsed, 1e-9):,.0f}/s), "
             f"{totals.decoded:,} decoded, {totals.unknown:,} unknown; {totals.batches:,} batches, "
             f"{self.sender.acked:,} acknowledged, {len(self.spool):,} in the spool{dropped}; "
-            f"uplink {self.uplink.kind} {self.uplink.target} {link}\n"
+            f"uplink {self.uplink.kind} {self.uplink.target} {link}"
         )
+
+    def _print_status(self, started: float) -> None:
+        summary = self._summary(started)
+        self.notifier.notify(STATUS=summary)
+        if self.status is None or self.notifier.enabled:
+            return  # under systemd, `systemctl status` shows it, and the journal keeps events
+        self.status.write(f"[{time.monotonic() - started:6.1f} s] {summary}\n")
         self.status.flush()
+
+    async def _watchdog(self, services: list[asyncio.Task[None]]) -> None:
+        """WATCHDOG=1 while the pipeline makes progress: the tasks that move batches are
+        alive, and the batch-age task (which closes the batches of quiet buses) has run
+        recently, so the event loop is not stuck. A silent bus is no failure: a parked
+        vehicle sends nothing. Without a watchdog (no WATCHDOG_USEC) this ends at once."""
+        interval = self.notifier.watchdog_s
+        if interval is None:
+            return
+        stuck = False
+        while True:
+            await asyncio.sleep(interval / 2)
+            late = 0.0 if self._draining else time.monotonic() - self._ticked
+            dead = [task.get_name() for task in services if task.done()]
+            if dead or late > max(interval / 2, 2 * TICK_S + self.config.batch.max_age_ms / 1000):
+                if not stuck:
+                    log.error(
+                        "no progress (%s): not telling systemd's watchdog",
+                        f"{', '.join(dead)} stopped"
+                        if dead
+                        else f"batch ages unchecked for {late:.1f} s",
+                    )
+                stuck = True
+                continue
+            stuck = False
+            self.notifier.notify(WATCHDOG=1)
+
+    async def _reload(self) -> None:
+        """SIGHUP: apply a valid new config's rules, batch, uplink and log settings; refuse
+        an invalid one and keep the running one; name the keys that need a restart."""
+        path = self.config_path
+        if path is None:
+            log.warning("reload: the agent runs on its embedded defaults, no file to read")
+            return
+        self.notifier.notify(
+            RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000, STATUS="reloading"
+        )
+        try:
+            try:
+                loaded = load_config(path)
+                collector = self.collector
+                if rules_key(loaded.collect) != rules_key(self.config.collect):
+                    collector = Collector(loaded.collect, self.decoders) if loaded.collect else None
+            except ConfigError as error:
+                for problem in error.problems:
+                    log.error("reload refused, the running config stays: %s: %s", path, problem)
+                return
+            except CollectError as error:
+                log.error("reload refused, the running config stays: %s: %s", path, error)
+                return
+            self._apply(loaded, collector)
+        except Exception:
+            log.exception("reload failed; the running config stays where it was not applied")
+        finally:
+            self.notifier.notify(READY=1, STATUS=self._summary(time.monotonic()))
+
+    def _apply(self, loaded: Config, collector: Collector | None) -> None:
+        running = self.config
+        later = restart_changes(running, loaded)
+        if collector is not self.collector:
+            self._flush_rules()  # the old rules' open windows go out as they are
+            self.collector = collector
+            for rule in loaded.collect:
+                self.metrics.collect_values.labels(rule.name)
+                if rule.mode == "trigger":
+                    self.metrics.collect_triggers.labels(rule.name)
+            self._filter_sources()
+        if loaded.batch.compression != running.batch.compression:
+            self.encoder.set_compression(loaded.batch.compression)
+        if loaded.uplink != running.uplink:
+            self.uplink = create_uplink(loaded.uplink, running.vehicle_id)
+            self.sender.replace_uplink(self.uplink)
+        set_log_level(loaded.log_level)
+        self.config = replace(
+            running,
+            batch=loaded.batch,
+            uplink=loaded.uplink,
+            collect=loaded.collect,
+            status_interval_s=loaded.status_interval_s,
+            log_level=loaded.log_level,
+            source=loaded.source,
+        )
+        log.info("reloaded %s", self.config_path)
+        if later:
+            log.warning(
+                "reload: %s changed, which takes a restart; the running values stay",
+                ", ".join(later),
+            )
+
+
+def set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
 
 
 def _rows(section: Section) -> int:

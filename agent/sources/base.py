@@ -29,6 +29,11 @@ class Source(abc.ABC):
     def __init__(self, bus: BusConfig) -> None:
         self.bus = bus
         self.stats = SourceStats()
+        # The frames the agent uses, as (ID, extended) pairs: those its DBCs decode, or
+        # its collection rules select. None: all of them (raw capture of everything, J1939
+        # buses, or not known). A source that can filter in the kernel uses it; the agent
+        # sets it before `batches` starts.
+        self.frame_ids: frozenset[tuple[int, bool]] | None = None
 
     @abc.abstractmethod
     def batches(self) -> AsyncIterator[FrameBatch]:

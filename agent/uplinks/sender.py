@@ -9,6 +9,7 @@ duplicates by (stream, sequence).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -36,6 +37,9 @@ class Sender:
         self.connected = False
         self.last_error = ""
         self._labels = (uplink.kind,)
+        self._switch = asyncio.Event()
+        self._replacement: Uplink | None = None
+        self._had_link = False  # whether the last session connected
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every spooled batch is acknowledged; False if the time ran out."""
@@ -50,27 +54,61 @@ class Sender:
                 return False
         return True
 
+    def replace_uplink(self, uplink: Uplink) -> None:
+        """Send through `uplink` from now on (a reload changed the uplink's settings): the
+        current link is closed, and what it had in flight is sent again on the new one."""
+        self._replacement = uplink
+        self._switch.set()
+
     async def run(self) -> None:
         """Connect, send, reconnect: until cancelled."""
         backoff = BACKOFF_FIRST_S
         while True:
+            session = asyncio.ensure_future(self._session())
+            switch = asyncio.ensure_future(self._switch.wait())
             try:
-                await self.uplink.connect()
-                self._set_connected(True)
-                log.info("uplink %s connected to %s", self.uplink.kind, self.uplink.target)
-                backoff = BACKOFF_FIRST_S
-                await self._pump()
-            except (UplinkError, OSError, ValueError) as error:
-                # OSError, ValueError: a certificate file that went missing or went bad, say;
-                # worth retrying as much as a link that failed.
-                self.last_error = str(error)
-                self.metrics.uplink_failures.labels(*self._labels).inc()
-                log.warning("uplink %s: %s; retrying in %.1f s", self.uplink.kind, error, backoff)
+                await asyncio.wait([session, switch], return_when=asyncio.FIRST_COMPLETED)
+                if not switch.done():
+                    error = session.exception()
+                    # OSError, ValueError: a certificate file that went missing or went bad,
+                    # say; worth retrying as much as a link that failed. Others are bugs.
+                    if not isinstance(error, UplinkError | OSError | ValueError):
+                        raise error or RuntimeError("uplink session ended")
+                    if self._had_link:
+                        backoff = BACKOFF_FIRST_S
+                    self.last_error = str(error)
+                    self.metrics.uplink_failures.labels(*self._labels).inc()
+                    log.warning(
+                        "uplink %s: %s; retrying in %.1f s", self.uplink.kind, error, backoff
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            asyncio.shield(switch), backoff * random.uniform(0.5, 1.5)
+                        )
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
             finally:
-                self._set_connected(False)
-                await self.uplink.close()
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+                for task in (session, switch):
+                    task.cancel()
+                await asyncio.gather(session, switch, return_exceptions=True)
+            if self._switch.is_set() and self._replacement is not None:
+                self.uplink, self._replacement = self._replacement, None
+                self._switch.clear()
+                self._labels = (self.uplink.kind,)
+                backoff = BACKOFF_FIRST_S
+                log.info("uplink now %s to %s", self.uplink.kind, self.uplink.target)
+
+    async def _session(self) -> None:
+        """One connection: connect and send until the link fails (the error is raised)."""
+        self._had_link = False
+        try:
+            await self.uplink.connect()
+            self._set_connected(True)
+            self._had_link = True
+            log.info("uplink %s connected to %s", self.uplink.kind, self.uplink.target)
+            await self._pump()
+        finally:
+            self._set_connected(False)
+            await self.uplink.close()
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected

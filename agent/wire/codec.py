@@ -127,8 +127,8 @@ class BatchEncoder:
         self.vehicle_id = vehicle_id
         self.stream_id = stream_id
         self.dbc_digest = dbc_digest
-        self.compression = compression
-        self._compressor = zstandard.ZstdCompressor(level=level) if compression == "zstd" else None
+        self.level = level
+        self.set_compression(compression)
         self._schema = pb.Schema()
         self._buses: dict[str, int] = {}
         self._index: dict[tuple[str, int], int] = {}
@@ -166,6 +166,13 @@ class BatchEncoder:
             len(raw),
             batch.SerializeToString(),
             self._schema_id,
+        )
+
+    def set_compression(self, compression: str) -> None:
+        """Compress the batches from now on with `compression` ("zstd" or "none")."""
+        self.compression = compression
+        self._compressor = (
+            zstandard.ZstdCompressor(level=self.level) if compression == "zstd" else None
         )
 
     def announcement(self, schema_id: bytes) -> bytes:
