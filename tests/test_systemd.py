@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import parse_config
+from agent.config import parse_config, restart_changes
 from agent.notify import Notifier
 from agent.receiver import Receiver, accept_files
 from agent.service import Agent
@@ -221,3 +221,49 @@ async def test_the_watchdog_goes_quiet_when_batches_stop_being_checked(
     finally:
         agent.stop()
         await running
+
+
+def test_a_reload_names_the_keys_that_need_a_restart(tmp_path: Path) -> None:
+    running = parse_config(config_text(tmp_path, "outbox"), "agent.toml", tmp_path)
+    loaded = parse_config(
+        config_text(tmp_path, "outbox2", "[spool]\nmax_bytes = 1048576\n")
+        .replace('source = "simulate"', 'source = "simulate"\nseed = 3')
+        .replace('listen = ""', 'listen = "127.0.0.1:9999"'),
+        "agent.toml",
+        tmp_path,
+    )
+    assert restart_changes(running, loaded) == [
+        "bus[0].seed",
+        "spool.max_bytes",
+        "metrics.listen",
+    ]
+    assert restart_changes(running, running) == []
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        (
+            "",
+            {(i, False) for i in (256, 257, 258, 259, 512, 513, 768)} | {(0x18FF50E5, True)},
+        ),
+        (
+            '[[collect]]\nname = "s"\nmode = "sample"\nsignals = ["Speed"]\nperiod_ms = 100\n',
+            {(257, False)},
+        ),
+        (
+            '[[collect]]\nname = "t"\nmode = "trigger"\nwhen = "EngineSpeed > 3000"\n'
+            'signals = ["WheelSpeedFL"]\n[[collect]]\nname = "r"\nmode = "raw"\nids = [2015]\n',
+            {(256, False), (258, False), (2015, False), (2015, True)},
+        ),
+        ('[[collect]]\nname = "r"\nmode = "raw"\n', None),
+    ],
+)
+def test_sources_learn_which_frames_the_agent_uses(
+    tmp_path: Path, rules: str, expected: set[tuple[int, bool]] | None
+) -> None:
+    """What a SocketCAN source turns into kernel filters: the DBC's IDs without rules,
+    those the rules read with them, and all of them for raw capture of everything."""
+    agent = Agent(parse_config(config_text(tmp_path, "outbox", rules), "a.toml", tmp_path))
+    (source,) = agent.sources
+    assert source.frame_ids == (None if expected is None else frozenset(expected))
