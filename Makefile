@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench soak run proto broker clean
+.PHONY: install test lint bench soak run proto broker systemd-tools install-service clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install broker
+test: install broker systemd-tools
 	$(BIN)/python -m pytest -q
 	$(MAKE) lint
 
@@ -23,6 +23,19 @@ broker:
 	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+
+# tests/test_deploy.py checks the unit with `systemd-analyze verify`: install it where missing.
+systemd-tools:
+	@command -v systemd-analyze >/dev/null || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq systemd >/dev/null; }
+
+# The agent as a systemd service: /opt/telemetry-agent, /etc/telemetry-agent, the unit.
+# Needs root: `sudo make install-service`. Options: INSTALL_ARGS="--vehicle-id VIN123"
+# (deploy/install.sh --help lists them). Run again to upgrade; agent.toml is kept.
+INSTALL_ARGS ?=
+install-service:
+	sh deploy/install.sh $(INSTALL_ARGS)
 
 # The generated protobuf module; a test checks that the committed one is what this makes.
 proto: install
