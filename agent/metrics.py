@@ -30,6 +30,17 @@ class Metrics:
             "frames_malformed", "Log records that could not be parsed, skipped.", ("bus",)
         )
         self.error_frames = counter("error_frames", "CAN error frames.", ("bus",))
+        self.bus_off = counter(
+            "bus_off", "Times a bus's controller went bus-off (its error frames say so).", ("bus",)
+        )
+        self.frames_dropped = counter(
+            "frames_dropped",
+            "Frames lost before the agent read them: the socket's receive queue was full.",
+            ("bus",),
+        )
+        self.bus_outages = counter(
+            "bus_outages", "Times a bus's interface was missing, went away or went down.", ("bus",)
+        )
         self.signals_decoded = counter("signals_decoded", "Signal values decoded.", ("bus",))
         self.decode_seconds = counter("decode_seconds", "Time spent decoding frames.")
         self.collect_seconds = counter(

@@ -121,6 +121,7 @@ class Agent:
         self._ticked = time.monotonic()  # the batch-age task's last round
         self._draining = False  # the sources have ended or a stop came: no more batch ages
         self._reloading: asyncio.Task[None] | None = None
+        self._counts: list[Callable[[], None]] = []  # the sources' counters into metrics
 
     def stop(self) -> None:
         """Stop as Ctrl-C does: close the open batch, wait briefly for acks, return."""
@@ -265,13 +266,27 @@ class Agent:
     async def _read(self, source: Source) -> None:
         name = source.bus.name
         received = self.metrics.frames_received.labels(name)
-        malformed = self.metrics.frames_malformed.labels(name)
-        counted = 0
+        # The source's counters, and the metric each goes to.
+        counters = {
+            "malformed": self.metrics.frames_malformed.labels(name),
+            "bus_off": self.metrics.bus_off.labels(name),
+            "dropped": self.metrics.frames_dropped.labels(name),
+            "outages": self.metrics.bus_outages.labels(name),
+        }
+        counted = dict.fromkeys(counters, 0)
+
+        def count() -> None:
+            for key, metric in counters.items():
+                value = getattr(source.stats, key)
+                metric.inc(value - counted[key])
+                counted[key] = value
+
+        # Also with the status line: an interface that is down delivers no batches.
+        self._counts.append(count)
         try:
             async for frames in source.batches():
                 received.inc(len(frames))
-                malformed.inc(source.stats.malformed - counted)
-                counted = source.stats.malformed
+                count()
                 self.add(name, frames)
         except SourceError as error:
             log.error("%s", error)
@@ -280,7 +295,7 @@ class Agent:
             log.exception("bus %s stopped by an error", name)
             self.failed_buses.append(name)
         finally:
-            malformed.inc(source.stats.malformed - counted)
+            count()
 
     def add(self, bus: str, frames: FrameBatch) -> None:
         """Add a bus's frames to its open batch, closing it where they pass its time span
@@ -431,6 +446,8 @@ class Agent:
         )
 
     def _print_status(self, started: float) -> None:
+        for count in self._counts:
+            count()
         summary = self._summary(started)
         self.notifier.notify(STATUS=summary)
         if self.status is None or self.notifier.enabled:

@@ -17,7 +17,12 @@ class SourceError(Exception):
 
 @dataclass
 class SourceStats:
+    """What a source counts; the agent exports each as a metric per bus."""
+
     malformed: int = 0  # records a reader could not parse, skipped
+    bus_off: int = 0  # times the bus's controller went bus-off
+    dropped: int = 0  # frames lost before the agent saw them (a full receive queue)
+    outages: int = 0  # times the interface was missing, went away or went down
 
 
 class Source(abc.ABC):
