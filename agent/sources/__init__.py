@@ -1,8 +1,9 @@
-"""Where frames come from: a replayed log, a python-can interface, or simulated traffic."""
+"""Where frames come from: a replayed log, a SocketCAN interface (our own reader), any
+python-can interface, or simulated traffic."""
 
 from agent.sources.base import Source, SourceError, SourceStats, create_sources
 
-from . import pythoncan, replay, simulate
+from . import pythoncan, replay, simulate, socketcan
 
 __all__ = [
     "Source",
@@ -12,4 +13,5 @@ __all__ = [
     "pythoncan",
     "replay",
     "simulate",
+    "socketcan",
 ]

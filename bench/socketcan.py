@@ -1,0 +1,276 @@
+"""Our SocketCAN reader against python-can's, on the same datagrams: CPU per frame.
+
+The frames cross an AF_UNIX SOCK_SEQPACKET socketpair (this machine may have no SocketCAN),
+laid out as the kernel lays out `struct can_frame` and `struct canfd_frame`, with the
+kernel's SO_TIMESTAMPNS receive times on the reading end, as on a CAN_RAW socket. A writer
+process sends them, so the reading process's CPU time (`time.process_time`, all its threads)
+is the reader's alone. Contenders:
+
+- ours: `SocketCanSource` whole, reader thread and event loop, until every frame has come
+  out as a FrameBatch; it reads with `recvmmsg` (libc's, through ctypes), many frames a
+  system call;
+- ours, `recvmsg_into`: the same, made to read as it does where libc has no `recvmmsg`:
+  one `recvmsg_into` per frame (what it always did before);
+- `recvmmsg` alone: the slab's drain (one `recvmmsg` for all frames queued, a `poll` when
+  there are none), no decoding; the floor of our reader when flooded. At 5k/s it wakes
+  for every frame, as ours does not (it gathers frames for GATHER_S after a drain), so
+  there it shows what a wake-up costs;
+- python-can `capture_message`: its SocketCAN receive path, one call per frame (what
+  `SocketcanBus.recv` calls after a `select`);
+- python-can `select` + `capture_message`: what `SocketcanBus._recv_internal` does per frame;
+- `recvmsg_into` alone: one call per frame into one buffer, no decoding; the floor that any
+  reader built on the socket module stands on.
+
+"flood": the writer sends as fast as it can, so the reader always finds frames queued.
+"5k/s": a frame every 200 us, a busy 500 kbit/s bus; the reader's wake-ups count too.
+
+On the 2-vCPU VM where this was written, one `recvmsg` on the socketpair costs 1.3 us in C
+(`recvmmsg`, which the socket module lacks, 0.8 us a frame), so no reader on the socket
+module's calls gets under about 2 us a frame there: hence ours calls libc's `recvmmsg`.
+python-can's 70 to 110 us were measured on slower boards, where every figure here grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import cast
+
+from can.interfaces.socketcan.socketcan import capture_message
+
+from agent.config import BusConfig
+from agent.frames import FrameBatch
+from agent.memory import keep_freed_memory
+from agent.sources.socketcan import (
+    CAN_EFF_FLAG,
+    SO_TIMESTAMPNS_OLD,
+    FrameSlab,
+    SocketCanSource,
+)
+from bench.common import REPO, table
+
+FLOOD_FRAMES = 100_000
+PACED_RATE = 5_000  # frames per second, evenly spaced as on a bus
+PACED_FRAMES = 10_000
+REPEATS = 3
+
+
+def datagrams(kind: str, n: int) -> list[bytes]:
+    """`n` frames of one kind: "classic" (8 bytes, standard and extended IDs) or "fd"
+    (64 bytes, bit rate switch)."""
+    out = []
+    for k in range(n):
+        payload = k.to_bytes(8, "little")
+        if kind == "fd":
+            out.append(struct.pack("=IBBBB64s", 0x100 + k % 64, 64, 0x05, 0, 0, payload * 8))
+        else:
+            can_id = 0x100 + k % 64 if k % 2 else CAN_EFF_FLAG | (0x18FF0000 + k % 256)
+            out.append(struct.pack("=IBBBB8s", can_id, 8, 0, 0, 0, payload))
+    return out
+
+
+def write(fd: int, kind: str, n: int, rate: int) -> None:
+    """The writer process: waits for a byte on stdin, then sends `n` frames to `fd`."""
+    sock = socket.socket(fileno=fd)
+    frames = datagrams(kind, n)
+    sys.stdin.buffer.read(1)
+    send = sock.send
+    if not rate:
+        for frame in frames:
+            send(frame)
+        sys.stdin.buffer.read()
+        return
+    started = time.monotonic()
+    for k, frame in enumerate(frames):
+        delay = started + k / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        send(frame)
+    # Open until the reader is done: a closed peer would be one more event to read.
+    sys.stdin.buffer.read()
+
+
+class Writer:
+    """A writer process on one end of a fresh socketpair; `reader` is the other end."""
+
+    def __init__(self, kind: str, n: int, rate: int) -> None:
+        self.reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        # The receive times the kernel gives python-can's path and ours.
+        self.reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
+        writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        args = ["write", str(writer.fileno()), kind, str(n), str(rate)]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.socketcan", *args],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            pass_fds=[writer.fileno()],
+        )
+        writer.close()
+        time.sleep(0.3)  # the writer has built its frames
+
+    def go(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"g")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(30)
+        self.reader.close()
+
+
+def _ours(writer: Writer, n: int, recvmmsg: bool = True) -> float:
+    async def read() -> float:
+        source = SocketCanSource(BusConfig(name="can0", source="socketcan", dbc=()))
+        source.open_socket = lambda: writer.reader
+        if not recvmmsg:
+            source._slab.recvmmsg = None  # as where libc lacks it
+        stream = cast(AsyncGenerator[FrameBatch, None], source.batches())
+        got = 0
+        started = time.process_time()
+        writer.go()
+        async for batch in stream:
+            got += len(batch)
+            if got >= n:
+                break
+        cpu = time.process_time() - started
+        await stream.aclose()
+        assert got == n, got
+        return cpu
+
+    return asyncio.run(read())
+
+
+def _capture(writer: Writer, n: int) -> float:
+    sock = writer.reader
+    started = time.process_time()
+    writer.go()
+    for _ in range(n):
+        message = capture_message(sock)
+        assert message is not None
+    return time.process_time() - started
+
+
+def _select_capture(writer: Writer, n: int) -> float:
+    sock = writer.reader
+    started = time.process_time()
+    writer.go()
+    got = 0
+    while got < n:
+        ready, _, _ = select.select([sock], [], [], 0.1)
+        if ready and capture_message(sock) is not None:
+            got += 1
+    return time.process_time() - started
+
+
+def _recvmsg_into(writer: Writer, n: int) -> float:
+    sock = writer.reader
+    buffer = [memoryview(bytearray(72))]
+    recv = sock.recvmsg_into
+    started = time.process_time()
+    writer.go()
+    for _ in range(n):
+        recv(buffer, 64)
+    return time.process_time() - started
+
+
+def _ours_recvmsg_into(writer: Writer, n: int) -> float:
+    return _ours(writer, n, recvmmsg=False)
+
+
+def _recvmmsg(writer: Writer, n: int) -> float:
+    sock = writer.reader
+    sock.setblocking(False)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    slab = FrameSlab()
+    got = 0
+    started = time.process_time()
+    writer.go()
+    while got < n:
+        drained = slab.drain(sock)
+        if not drained:
+            poller.poll(100)
+        elif slab.full:
+            slab.clear()
+        got += drained
+    return time.process_time() - started
+
+
+READERS: dict[str, Callable[[Writer, int], float]] = {
+    "ours": _ours,
+    "ours recvmsg_into": _ours_recvmsg_into,
+    "recvmmsg": _recvmmsg,
+    "recvmsg_into": _recvmsg_into,
+    "capture": _capture,
+    "select+capture": _select_capture,
+}
+
+
+def cpu_per_frame(reader: str, kind: str, n: int, rate: int, repeats: int) -> float:
+    """The least CPU per frame of `repeats` runs, in microseconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        writer = Writer(kind, n, rate)
+        try:
+            best = min(best, READERS[reader](writer, n))
+        finally:
+            writer.close()
+    return best / n * 1e6
+
+
+def run() -> str:
+    keep_freed_memory()  # as the agent's own entry point does
+    rows: list[list[object]] = []
+    for traffic, n, rate, repeats in (
+        ("flood", FLOOD_FRAMES, 0, REPEATS),
+        (f"{PACED_RATE // 1000}k/s", PACED_FRAMES, PACED_RATE, 2),
+    ):
+        for kind in ("classic", "fd"):
+            us = {name: cpu_per_frame(name, kind, n, rate, repeats) for name in READERS}
+            rows.append(
+                [
+                    f"{kind} ({'64' if kind == 'fd' else '8'} B)",
+                    traffic,
+                    f"{n:,}",
+                    f"{us['ours']:.2f}",
+                    f"{us['ours recvmsg_into']:.2f}",
+                    f"{us['recvmmsg']:.2f}",
+                    f"{us['recvmsg_into']:.2f}",
+                    f"{us['capture']:.2f}",
+                    f"{us['select+capture']:.2f}",
+                    f"{us['capture'] / us['ours']:.1f}",
+                    f"{us['select+capture'] / us['ours']:.1f}",
+                ]
+            )
+    return table(
+        [
+            "frames",
+            "traffic",
+            "count",
+            "ours us/frame",
+            "ours with recvmsg_into us/frame",
+            "recvmmsg alone us/frame",
+            "recvmsg_into alone us/frame",
+            "python-can capture_message us/frame",
+            "python-can select + capture us/frame",
+            "x capture",
+            "x select + capture",
+        ],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["write"]:
+        write(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        print(run())
