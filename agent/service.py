@@ -118,6 +118,7 @@ class Agent:
         self._bytes_per_frame = FIRST_BYTES_PER_FRAME
         self._stop = asyncio.Event()
         self.failed_buses: list[str] = []
+        self._started = time.monotonic()  # when `run` began
         self._ticked = time.monotonic()  # the batch-age task's last round
         self._draining = False  # the sources have ended or a stop came: no more batch ages
         self._reloading: asyncio.Task[None] | None = None
@@ -177,7 +178,7 @@ class Agent:
                 loop.add_signal_handler(signum, handler)
         if self.config.metrics.listen:
             self.metrics.serve(self.config.metrics.listen)
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         spool = asyncio.create_task(self.spool.run(), name="spool")
         sender = asyncio.create_task(self.sender.run(), name="uplink")
         tick = asyncio.create_task(self._tick(), name="batch-age")
@@ -508,7 +509,7 @@ class Agent:
         except Exception:
             log.exception("reload failed; the running config stays where it was not applied")
         finally:
-            self.notifier.notify(READY=1, STATUS=self._summary(time.monotonic()))
+            self.notifier.notify(READY=1, STATUS=self._summary(self._started))
 
     def _apply(self, loaded: Config, collector: Collector | None) -> None:
         running = self.config
