@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
 from agent.config import BusConfig
 from agent.frames import FrameBatch
+
+#: Batches a reader thread has handed over that wait for the event loop; beyond this the
+#: thread waits (backpressure: frames wait in the interface's buffer meanwhile).
+MAX_PENDING = 64
+#: How often a reader thread waiting to hand a batch over looks whether its source stopped.
+HAND_OVER_WAIT_S = 0.05
+
+
+def hand_over(
+    loop: asyncio.AbstractEventLoop,
+    queue: asyncio.Queue[FrameBatch | BaseException],
+    item: FrameBatch | BaseException,
+    stop: threading.Event,
+) -> None:
+    """From a reader thread: put `item` (a batch, or the error that ended the reading) on
+    the event loop's queue, waiting while the queue is full, unless the source stops.
+    An empty batch is not handed over."""
+    if isinstance(item, FrameBatch) and not len(item):
+        return
+    future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+    while not stop.is_set():
+        try:
+            future.result(timeout=HAND_OVER_WAIT_S)
+            return
+        except TimeoutError:
+            continue
+    future.cancel()
 
 
 class SourceError(Exception):

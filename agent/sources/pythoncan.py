@@ -12,13 +12,11 @@ from typing import Any
 import can
 
 from agent.frames import FrameBatch, FrameFlag
-from agent.sources.base import Source, SourceError, register
+from agent.sources.base import MAX_PENDING, Source, SourceError, hand_over, register
 
 #: The reader thread hands frames over at least this often, and at most this many at once.
 FLUSH_S = 0.05
 FLUSH_FRAMES = 2_000
-#: Batches waiting for the event loop; beyond this the reader thread waits (backpressure).
-MAX_PENDING = 64
 
 
 @register
@@ -74,31 +72,15 @@ class PythonCanSource(Source):
             try:
                 message = bus.recv(timeout=FLUSH_S)
             except Exception as error:
-                self._hand_over(loop, queue, error, stop)
+                hand_over(loop, queue, error, stop)
                 return
             if message is not None:
                 pending.append(message)
             now = time.monotonic()
             if pending and (len(pending) >= FLUSH_FRAMES or now - flushed >= FLUSH_S):
-                self._hand_over(loop, queue, self._batch(pending), stop)
+                hand_over(loop, queue, self._batch(pending), stop)
                 pending = []
                 flushed = now
-
-    @staticmethod
-    def _hand_over(
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[FrameBatch | BaseException],
-        item: FrameBatch | BaseException,
-        stop: threading.Event,
-    ) -> None:
-        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-        while not stop.is_set():
-            try:
-                future.result(timeout=0.5)
-                return
-            except TimeoutError:
-                continue
-        future.cancel()
 
     def _batch(self, messages: list[Any]) -> FrameBatch:
         batch = FrameBatch.allocate(len(messages), (self.bus.name,))

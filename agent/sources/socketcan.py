@@ -63,7 +63,14 @@ import numpy.typing as npt
 
 from agent.config import BusConfig
 from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag
-from agent.sources.base import Source, SourceError, SourceStats, register
+from agent.sources.base import (
+    MAX_PENDING,
+    Source,
+    SourceError,
+    SourceStats,
+    hand_over,
+    register,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +78,6 @@ log = logging.getLogger(__name__)
 FLUSH_S = 0.05
 #: ...or when it holds this many frames (the slab's size).
 BATCH_FRAMES = 2048
-#: Batches waiting for the event loop; beyond this the reader thread waits (backpressure).
-MAX_PENDING = 64
 #: The longest the reader waits for a frame before it looks at the stop flag again.
 WAIT_S = 0.05
 #: After a drain, the reader sleeps this long while the next frames queue up in the kernel:
@@ -706,7 +711,7 @@ class SocketCanSource(Source):
         try:
             self._open_and_read(loop, queue, stop)
         except Exception as error:  # a bug, or no SocketCAN: the loop raises it
-            _hand_over(loop, queue, error, stop)
+            hand_over(loop, queue, error, stop)
 
     def _open_and_read(
         self,
@@ -736,7 +741,7 @@ class SocketCanSource(Source):
                         self._dropped_before = self.stats.dropped
                 # The frames received before the loss are good: hand them over now.
                 if len(self._slab):
-                    _hand_over(loop, queue, self._decode(), stop)
+                    hand_over(loop, queue, self._decode(), stop)
             if not stop.is_set():
                 stop.wait(self._delay)
 
@@ -794,7 +799,7 @@ class SocketCanSource(Source):
                     self._outage = None
             now = time.monotonic()
             if len(slab) and (slab.full or now - slab.first_at >= FLUSH_S):
-                _hand_over(loop, queue, self._decode(), stop)
+                hand_over(loop, queue, self._decode(), stop)
             elif got:
                 # Let frames gather in the kernel's queue, which has stamped their times:
                 # the next wake-up then drains many, and its cost is shared among them.
@@ -821,23 +826,3 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
-
-
-def _hand_over(
-    loop: asyncio.AbstractEventLoop,
-    queue: asyncio.Queue[FrameBatch | BaseException],
-    item: FrameBatch | BaseException,
-    stop: threading.Event,
-) -> None:
-    """Put `item` on the loop's queue, waiting while it is full (backpressure: the frames
-    wait in the socket's buffer meanwhile), unless the source stops."""
-    if isinstance(item, FrameBatch) and not len(item):
-        return
-    future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-    while not stop.is_set():
-        try:
-            future.result(timeout=WAIT_S)
-            return
-        except TimeoutError:
-            continue
-    future.cancel()
