@@ -26,7 +26,14 @@ import numpy as np
 
 from agent.collect import Collected, CollectError, Collector
 from agent.collect.raw import Raw
-from agent.config import Config, ConfigError, load_config, restart_changes, rules_key
+from agent.config import (
+    RESTART_KEYS,
+    Config,
+    ConfigError,
+    load_config,
+    restart_changes,
+    rules_key,
+)
 from agent.decode import DecodedBatch, bus_decoders
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
@@ -528,15 +535,8 @@ class Agent:
             self.uplink = create_uplink(loaded.uplink, running.vehicle_id)
             self.sender.replace_uplink(self.uplink)
         set_log_level(loaded.log_level)
-        self.config = replace(
-            running,
-            batch=loaded.batch,
-            uplink=loaded.uplink,
-            collect=loaded.collect,
-            status_interval_s=loaded.status_interval_s,
-            log_level=loaded.log_level,
-            source=loaded.source,
-        )
+        # Everything of the new config but what takes a restart.
+        self.config = replace(loaded, **{key: getattr(running, key) for key in RESTART_KEYS})
         log.info("reloaded %s", self.config_path)
         if later:
             log.warning(
