@@ -166,25 +166,24 @@ class Aggregate(Mode):
         batch: BusBatch,
         out: Collected,
     ) -> None:
-        for target in self.targets.get(batch.bus, ()):
-            for block in batch.blocks(target.plan):
-                opened = self.open.setdefault((target, block.bus), {})
-                closed = []
-                for j, column in enumerate(target.columns.tolist()):
-                    for sender, values in target.senders(batch.samples(block, column)):
-                        if not len(values.t_ns):
-                            continue
-                        stats = windows(values.t_ns, values.value, self.length_ns, self.stats)
-                        before = opened.get((j, sender))
-                        if before is not None:
-                            if before.index[0] == stats.index[0]:
-                                stats = before.merged(stats)
-                            else:
-                                closed.append(((j, sender), before))
-                        if len(stats) > 1:
-                            closed.append(((j, sender), stats.take(slice(0, -1))))
-                        opened[(j, sender)] = stats.take(slice(-1, None))
-                self._send(target, block.bus, closed, out)
+        for target, block in self.blocks(batch):
+            opened = self.open.setdefault((target, block.bus), {})
+            closed = []
+            for j, column in enumerate(target.columns.tolist()):
+                for sender, values in target.senders(batch.samples(block, column)):
+                    if not len(values.t_ns):
+                        continue
+                    stats = windows(values.t_ns, values.value, self.length_ns, self.stats)
+                    before = opened.get((j, sender))
+                    if before is not None:
+                        if before.index[0] == stats.index[0]:
+                            stats = before.merged(stats)
+                        else:
+                            closed.append(((j, sender), before))
+                    if len(stats) > 1:
+                        closed.append(((j, sender), stats.take(slice(0, -1))))
+                    opened[(j, sender)] = stats.take(slice(-1, None))
+            self._send(target, block.bus, closed, out)
         # Windows whose signal has not come again but whose time the bus has passed.
         newest = int(batch.frames.t_ns.max()) if len(batch.frames) else None
         for (target, channel), opened in self.open.items():

@@ -4,7 +4,7 @@ blocks a rule keeps, and the interface every mode implements."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -292,6 +292,13 @@ class Mode(abc.ABC):
         out: Collected,
     ) -> None:
         """Add to `out` what the rule keeps of a bus's batch."""
+
+    def blocks(self, batch: BusBatch) -> Iterator[tuple[Target, MessageBlock]]:
+        """The decoded blocks of a bus's batch that hold the rule's signals, with the
+        target each serves (a message on several channels has a block per channel)."""
+        for target in self.targets.get(batch.bus, ()):
+            for block in batch.blocks(target.plan):
+                yield target, block
 
     def flush(self, out: Collected) -> None:
         """Add what the rule still holds (open windows) at the end of the stream."""

@@ -101,32 +101,31 @@ class Change(Mode):
         out: Collected,
     ) -> None:
         rule = self.rule
-        for target in self.targets.get(batch.bus, ()):
-            for block in batch.blocks(target.plan):
-                t_ns, can_id, column, bits = [], [], [], []
-                for j, c in enumerate(target.columns.tolist()):
-                    for sender, values in target.senders(batch.samples(block, c)):
-                        if not len(values.t_ns):
-                            continue
-                        key = (target, block.bus, j, sender)
-                        deadband = self.deadbands.get(key)
-                        if deadband is None:
-                            deadband = self.deadbands[key] = Deadband(
-                                rule.deadband, rule.deadband_rel, rule.heartbeat_ms * 1_000_000
-                            )
-                        sent = deadband.sends(values.t_ns, values.value)
-                        t_ns.append(values.t_ns[sent])
-                        can_id.append(values.can_id[sent])
-                        column.append(np.full(len(sent), j, np.intp))
-                        bits.append(values.bits[sent])
-                if sum(len(t) for t in t_ns):
-                    out.blocks.append(
-                        assemble(
-                            block.bus,
-                            target.selection,
-                            np.concatenate(t_ns),
-                            np.concatenate(can_id),
-                            np.concatenate(column),
-                            np.concatenate(bits),
+        for target, block in self.blocks(batch):
+            t_ns, can_id, column, bits = [], [], [], []
+            for j, c in enumerate(target.columns.tolist()):
+                for sender, values in target.senders(batch.samples(block, c)):
+                    if not len(values.t_ns):
+                        continue
+                    key = (target, block.bus, j, sender)
+                    deadband = self.deadbands.get(key)
+                    if deadband is None:
+                        deadband = self.deadbands[key] = Deadband(
+                            rule.deadband, rule.deadband_rel, rule.heartbeat_ms * 1_000_000
                         )
+                    sent = deadband.sends(values.t_ns, values.value)
+                    t_ns.append(values.t_ns[sent])
+                    can_id.append(values.can_id[sent])
+                    column.append(np.full(len(sent), j, np.intp))
+                    bits.append(values.bits[sent])
+            if sum(len(t) for t in t_ns):
+                out.blocks.append(
+                    assemble(
+                        block.bus,
+                        target.selection,
+                        np.concatenate(t_ns),
+                        np.concatenate(can_id),
+                        np.concatenate(column),
+                        np.concatenate(bits),
                     )
+                )

@@ -23,11 +23,10 @@ class KeepAll(Mode):
         batch: BusBatch,
         out: Collected,
     ) -> None:
-        for target in self.targets.get(batch.bus, ()):
-            for block in batch.blocks(target.plan):
-                piece = selected(target, block)
-                if piece is not None:
-                    out.blocks.append(piece)
+        for target, block in self.blocks(batch):
+            piece = selected(target, block)
+            if piece is not None:
+                out.blocks.append(piece)
 
 
 def selected(target: Target, block: MessageBlock) -> CollectedBlock | None:

@@ -55,9 +55,8 @@ class Raw(Mode):
         keep = np.zeros(len(frames), np.bool_)
         if len(self.ids):
             keep = np.isin(frames.can_id, self.ids) & (data | remote)
-        for target in self.targets.get(batch.bus, ()):
-            for block in batch.blocks(target.plan):
-                keep[block.rows] = True
+        for _, block in self.blocks(batch):
+            keep[block.rows] = True
         keys = self.remote.get(batch.bus)
         if keys is not None and remote.any():
             extended = (frames.flags & _EXTENDED) != 0

@@ -34,11 +34,7 @@ class Chosen:
     values: Samples
 
     def take(self, rows: slice) -> Chosen:
-        v = self.values
-        return Chosen(
-            self.period[rows],
-            Samples(v.t_ns[rows], v.can_id[rows], v.bits[rows], v.value[rows]),
-        )
+        return Chosen(self.period[rows], self.values.take(rows))
 
 
 def choose(values: Samples, period_ns: int, reduce: str) -> Chosen:
@@ -104,29 +100,28 @@ class Sample(Mode):
             self.mean.collect(batch, out)
             return
         reduce = self.rule.reduce
-        for target in self.targets.get(batch.bus, ()):
-            for block in batch.blocks(target.plan):
-                opened = self.open.setdefault((target, block.bus), {})
-                closed = []
-                for j, column in enumerate(target.columns.tolist()):
-                    for sender, values in target.senders(batch.samples(block, column)):
-                        if not len(values.t_ns):
-                            continue
-                        chosen = choose(values, self.period_ns, reduce)
-                        before = opened.get((j, sender))
-                        if before is not None:
-                            if before.period[0] != chosen.period[0]:
-                                closed.append((j, before))
-                            elif not _later_wins(
-                                reduce,
-                                float(before.values.value[0]),
-                                float(chosen.values.value[0]),
-                            ):
-                                chosen = _replace_first(chosen, before)
-                        if len(chosen.period) > 1:
-                            closed.append((j, chosen.take(slice(0, -1))))
-                        opened[(j, sender)] = chosen.take(slice(-1, None))
-                _send(target, block.bus, closed, out)
+        for target, block in self.blocks(batch):
+            opened = self.open.setdefault((target, block.bus), {})
+            closed = []
+            for j, column in enumerate(target.columns.tolist()):
+                for sender, values in target.senders(batch.samples(block, column)):
+                    if not len(values.t_ns):
+                        continue
+                    chosen = choose(values, self.period_ns, reduce)
+                    before = opened.get((j, sender))
+                    if before is not None:
+                        if before.period[0] != chosen.period[0]:
+                            closed.append((j, before))
+                        elif not _later_wins(
+                            reduce,
+                            float(before.values.value[0]),
+                            float(chosen.values.value[0]),
+                        ):
+                            chosen = _replace_first(chosen, before)
+                    if len(chosen.period) > 1:
+                        closed.append((j, chosen.take(slice(0, -1))))
+                    opened[(j, sender)] = chosen.take(slice(-1, None))
+            _send(target, block.bus, closed, out)
         # Periods whose signal has not come again but whose time the bus has passed.
         newest = int(batch.frames.t_ns.max()) if len(batch.frames) else None
         for (target, channel), opened in self.open.items():

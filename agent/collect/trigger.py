@@ -82,11 +82,10 @@ class Trigger(Mode):
         bus = batch.bus
         if not len(frames) or (bus not in self.target_buses and bus not in self.condition_buses):
             return
-        for target in self.targets.get(bus, ()):
-            for block in batch.blocks(target.plan):
-                piece = selected(target, block)
-                if piece is not None:
-                    self.ring.append(piece)
+        for target, block in self.blocks(batch):
+            piece = selected(target, block)
+            if piece is not None:
+                self.ring.append(piece)
         last = int(frames.t_ns.max())
         self.newest[bus] = max(self.newest.get(bus, last), last)
         if bus in self.condition_buses:
