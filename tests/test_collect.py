@@ -107,14 +107,19 @@ class Cloud:
         return batch
 
 
-def run_rules(cfg: Config, batches: Iterable[FrameBatch]) -> Cloud:
+def run_batches(cfg: Config, batches: Iterable[tuple[str, FrameBatch]]) -> Cloud:
     decoders = bus_decoders(cfg.buses)
     collector = Collector(cfg.collect, decoders)
     cloud = Cloud()
-    for frames in batches:
-        cloud.send(collector.collect("can0", frames, decoders["can0"].decode(frames)))
+    for bus, frames in batches:
+        cloud.send(collector.collect(bus, frames, decoders[bus].decode(frames)))
     cloud.send(collector.flush())
     return cloud
+
+
+def run_rules(cfg: Config, batches: Iterable[FrameBatch]) -> Cloud:
+    """`run_batches` for batches of bus can0."""
+    return run_batches(cfg, (("can0", frames) for frames in batches))
 
 
 def decoded_series(
@@ -593,15 +598,22 @@ def traffic(draw: st.DrawFn) -> tuple[list[tuple[int, int, bytes]], list[int]]:
     return frames, cuts
 
 
+def frames_of(rows: list[tuple[Any, ...]], buses: tuple[str, ...] = ("can0",)) -> FrameBatch:
+    """Frames from (t_ns, id, payload[, flags[, channel index]]) rows."""
+    batch = FrameBatch.allocate(len(rows), buses)
+    for k, row in enumerate(rows):
+        t, can_id, payload = row[:3]
+        batch.t_ns[k], batch.can_id[k], batch.length[k] = t, can_id, len(payload)
+        batch.data[k, : len(payload)] = np.frombuffer(payload, np.uint8)
+        batch.flags[k] = row[3] if len(row) > 3 else 0
+        batch.bus[k] = row[4] if len(row) > 4 else 0
+    return batch
+
+
 def frame_batches(frames: list[tuple[int, int, bytes]], cuts: list[int]) -> list[FrameBatch]:
     """The frames in batches cut before each of `cuts`, except where that would part frames
     of one instant: the agent never does (it cuts batches by frame time)."""
-    batch = FrameBatch.allocate(len(frames), ("can0",))
-    for k, (t, can_id, payload) in enumerate(frames):
-        batch.t_ns[k] = t
-        batch.can_id[k] = can_id
-        batch.length[k] = len(payload)
-        batch.data[k, : len(payload)] = np.frombuffer(payload, np.uint8)
+    batch = frames_of(list(frames))
     cuts = [c for c in cuts if c < len(frames) and frames[c][0] != frames[c - 1][0]]
     edges = [0, *cuts, len(frames)]
     return [batch.take(slice(a, b)) for a, b in itertools.pairwise(edges) if b > a]
@@ -974,28 +986,6 @@ def test_collected_values_too_large_for_one_batch_are_split(tmp_path: Path) -> N
 
 
 # Edge cases found in review: each a small scenario with its exact outcome.
-
-
-def frames_of(rows: list[tuple[Any, ...]], buses: tuple[str, ...] = ("can0",)) -> FrameBatch:
-    """Frames from (t_ns, id, payload[, flags[, channel index]]) rows."""
-    batch = FrameBatch.allocate(len(rows), buses)
-    for k, row in enumerate(rows):
-        t, can_id, payload = row[:3]
-        batch.t_ns[k], batch.can_id[k], batch.length[k] = t, can_id, len(payload)
-        batch.data[k, : len(payload)] = np.frombuffer(payload, np.uint8)
-        batch.flags[k] = row[3] if len(row) > 3 else 0
-        batch.bus[k] = row[4] if len(row) > 4 else 0
-    return batch
-
-
-def run_batches(cfg: Config, batches: Iterable[tuple[str, FrameBatch]]) -> Cloud:
-    decoders = bus_decoders(cfg.buses)
-    collector = Collector(cfg.collect, decoders)
-    cloud = Cloud()
-    for bus, frames in batches:
-        cloud.send(collector.collect(bus, frames, decoders[bus].decode(frames)))
-    cloud.send(collector.flush())
-    return cloud
 
 
 def fast(x: int = 0, y: int = 0, mode: int = 0, q: int = 0) -> bytes:
