@@ -8,13 +8,16 @@ is the reader's alone. Contenders:
 
 - ours: `SocketCanSource` whole, reader thread and event loop, until every frame has come
   out as a FrameBatch; it reads with `recvmmsg` (libc's, through ctypes), many frames a
-  system call;
+  system call. The socket's receive buffer is what the agent asks for (8 MiB), which a
+  gateway grants where net.core.rmem_max is raised (deploy/60-telemetry-agent.conf);
+- ours, 208 KiB buffer: the same, where rmem_max is the kernel's default: the reader
+  wakes up every 14 ms, not every FLUSH_S, lest a full bus overflow the buffer meanwhile;
 - ours, `recvmsg_into`: the same, made to read as it does where libc has no `recvmmsg`:
   one `recvmsg_into` per frame (what it always did before);
 - `recvmmsg` alone: the slab's drain (one `recvmmsg` for all frames queued, a `poll` when
   there are none), no decoding; the floor of our reader when flooded. At 5k/s it wakes
-  for every frame, as ours does not (it gathers frames for GATHER_S after a drain), so
-  there it shows what a wake-up costs;
+  for every frame, as ours does not (it lets frames gather in the kernel after a drain),
+  so there it shows what a wake-up costs;
 - python-can `capture_message`: its SocketCAN receive path, one call per frame (what
   `SocketcanBus.recv` calls after a `select`);
 - python-can `select` + `capture_message`: what `SocketcanBus._recv_internal` does per frame;
@@ -23,6 +26,9 @@ is the reader's alone. Contenders:
 
 "flood": the writer sends as fast as it can, so the reader always finds frames queued.
 "5k/s": a frame every 200 us, a busy 500 kbit/s bus; the reader's wake-ups count too.
+
+A second table shows why wake-ups weigh so much: the CPU of a drain and decode of 1,000
+queued frames (one thread, no writer running), right after the last one and after a sleep.
 
 On the 2-vCPU VM where this was written, one `recvmsg` on the socketpair costs 1.3 us in C
 (`recvmmsg`, which the socket module lacks, 0.8 us a frame), so no reader on the socket
@@ -35,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -52,6 +59,7 @@ from agent.sources.socketcan import (
     SO_TIMESTAMPNS_OLD,
     FrameSlab,
     SocketCanSource,
+    size_receive_buffer,
 )
 from bench.common import REPO, table
 
@@ -59,6 +67,8 @@ FLOOD_FRAMES = 100_000
 PACED_RATE = 5_000  # frames per second, evenly spaced as on a bus
 PACED_FRAMES = 10_000
 REPEATS = 3
+#: net.core.rmem_max unless raised: what a socket that asks for more is granted (doubled).
+DEFAULT_RMEM_MAX = 212_992
 
 
 def datagrams(kind: str, n: int) -> list[bytes]:
@@ -99,9 +109,14 @@ def write(fd: int, kind: str, n: int, rate: int) -> None:
 class Writer:
     """A writer process on one end of a fresh socketpair; `reader` is the other end."""
 
-    def __init__(self, kind: str, n: int, rate: int) -> None:
+    def __init__(self, kind: str, n: int, rate: int, tuned: bool = True) -> None:
         self.reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        # AF_UNIX charges queued datagrams to the writer; the reader's buffer size matters
+        # only as the agent reads it back (how long it lets frames gather).
+        if tuned:
+            size_receive_buffer(self.reader)
+        else:
+            self.reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DEFAULT_RMEM_MAX)
         # The receive times the kernel gives python-can's path and ours.
         self.reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
         writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
@@ -207,6 +222,7 @@ def _recvmmsg(writer: Writer, n: int) -> float:
 
 READERS: dict[str, Callable[[Writer, int], float]] = {
     "ours": _ours,
+    "ours 208 KiB": _ours,
     "ours recvmsg_into": _ours_recvmsg_into,
     "recvmmsg": _recvmmsg,
     "recvmsg_into": _recvmsg_into,
@@ -219,12 +235,50 @@ def cpu_per_frame(reader: str, kind: str, n: int, rate: int, repeats: int) -> fl
     """The least CPU per frame of `repeats` runs, in microseconds."""
     best = float("inf")
     for _ in range(repeats):
-        writer = Writer(kind, n, rate)
+        writer = Writer(kind, n, rate, tuned=reader != "ours 208 KiB")
         try:
             best = min(best, READERS[reader](writer, n))
         finally:
             writer.close()
     return best / n * 1e6
+
+
+WAKE_FRAMES = 1000
+WAKE_ROUNDS = 15
+
+
+def wake_up_cost(sleep_s: float) -> tuple[float, float]:
+    """The median thread CPU, in us, of draining and of decoding WAKE_FRAMES queued frames
+    after sleeping `sleep_s`."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with reader, writer:
+        writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
+        reader.setblocking(False)
+        slab = FrameSlab()
+        frames = datagrams("classic", WAKE_FRAMES)
+        drains, takes = [], []
+        for _ in range(WAKE_ROUNDS):
+            for frame in frames:
+                writer.send(frame)
+            time.sleep(sleep_s)
+            started = time.thread_time()
+            assert slab.drain(reader) == WAKE_FRAMES
+            drained = time.thread_time()
+            slab.take(("can0",))
+            drains.append(drained - started)
+            takes.append(time.thread_time() - drained)
+    return statistics.median(drains) * 1e6, statistics.median(takes) * 1e6
+
+
+def wake_up_table() -> str:
+    rows = []
+    for sleep_s in (0.0, 0.01, 0.2):
+        drain, take = wake_up_cost(sleep_s)
+        rows.append([f"{sleep_s * 1000:g} ms", f"{drain:.0f}", f"{take:.0f}"])
+    return table(
+        [f"sleep before ({WAKE_FRAMES:,} frames queued)", "drain us", "decode (take) us"], rows
+    )
 
 
 def run() -> str:
@@ -242,6 +296,7 @@ def run() -> str:
                     traffic,
                     f"{n:,}",
                     f"{us['ours']:.2f}",
+                    f"{us['ours 208 KiB']:.2f}",
                     f"{us['ours recvmsg_into']:.2f}",
                     f"{us['recvmmsg']:.2f}",
                     f"{us['recvmsg_into']:.2f}",
@@ -251,12 +306,13 @@ def run() -> str:
                     f"{us['select+capture'] / us['ours']:.1f}",
                 ]
             )
-    return table(
+    readers = table(
         [
             "frames",
             "traffic",
             "count",
             "ours us/frame",
+            "ours, 208 KiB buffer us/frame",
             "ours with recvmsg_into us/frame",
             "recvmmsg alone us/frame",
             "recvmsg_into alone us/frame",
@@ -267,6 +323,7 @@ def run() -> str:
         ],
         rows,
     )
+    return readers + "\n\n" + wake_up_table()
 
 
 if __name__ == "__main__":

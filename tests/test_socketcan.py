@@ -40,6 +40,9 @@ from agent.sources.socketcan import (
     CAN_ERR_BUSOFF,
     CAN_ERR_FLAG,
     CAN_RTR_FLAG,
+    FLUSH_S,
+    FRAME_CHARGE,
+    MAX_BUS_RATE,
     MAX_FILTERS,
     SO_RXQ_OVFL,
     SO_TIMESTAMPNS_NEW,
@@ -47,9 +50,11 @@ from agent.sources.socketcan import (
     FrameSlab,
     SocketCanSource,
     enable_timestamps,
+    gather_limit,
     kernel_filters,
     open_can_socket,
     receive_times,
+    size_receive_buffer,
 )
 from tests.test_agent_sources import DEMO_DBC, agent_for, received_lines
 
@@ -648,6 +653,73 @@ async def test_thousands_of_frames_in_bursts_arrive_once_in_order(
     assert source.stats.bus_off == sum(f.error and f.can_id == CAN_ERR_BUSOFF for f in frames)
     assert source.stats.bus_off > 0
     assert source.stats.malformed == 0
+
+
+def send_paced(writer: socket.socket, frames: Sequence[bytes], rate: float) -> None:
+    """Send `frames` at `rate` a second, as a bus brings them."""
+    started = time.monotonic()
+    for k, frame in enumerate(frames):
+        delay = started + k / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        writer.send(frame)
+
+
+async def test_paced_frames_are_drained_once_a_batch_and_handed_over_in_time(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
+    size_receive_buffer(reader, 8 * 1024 * 1024)
+    if gather_limit(reader) < FLUSH_S:
+        pytest.skip("this machine grants no 8 MiB receive buffer (net.core.rmem_max)")
+    frames = random_frames(2000, seed=12)
+    source = source_on(reader)
+    drain = source._slab.drain
+    drains: list[int] = []
+
+    def counted(sock: socket.socket, since: float | None = None) -> int:
+        got = drain(sock, since)
+        drains.append(got)
+        return got
+
+    source._slab.drain = counted  # type: ignore[method-assign]
+    batches: list[FrameBatch] = []
+    late_ns: list[int] = []
+    sending = asyncio.create_task(
+        asyncio.to_thread(send_paced, writer, [f.kernel_bytes() for f in frames], 2000)
+    )
+    stream = cast(AsyncGenerator[FrameBatch, None], source.batches())
+    try:
+        async with asyncio.timeout(10):
+            async for batch in stream:
+                # How long after its first frame came the batch was handed over.
+                late_ns.append(time.time_ns() - int(batch.t_ns[0]))
+                batches.append(batch)
+                if sum(map(len, batches)) >= len(frames):
+                    break
+    finally:
+        await stream.aclose()
+    await sending
+    assert_same_frames(FrameBatch.concat(batches), expected_batch(frames))
+    # One second of frames: about five batches, and one wake-up to drain each (the first
+    # frame of all wakes the reader once more), not one every few milliseconds.
+    assert 4 <= len(batches) <= 8, [len(b) for b in batches]
+    assert len([got for got in drains if got]) <= len(batches) + 2, drains
+    # The frames gathered while the reader slept make a batch due FLUSH_S after its first
+    # frame came, not FLUSH_S after they were drained.
+    assert sorted(late_ns)[len(late_ns) // 2] < (FLUSH_S + 0.06) * 1e9, late_ns
+
+
+def test_the_reader_sleeps_no_longer_than_the_receive_buffer_lasts() -> None:
+    # However long it sleeps, the frames of a full bus meanwhile fit in the buffer the
+    # kernel granted: a short sleep where net.core.rmem_max is the kernel's default.
+    with socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)[0] as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 212_992)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        limit = gather_limit(sock)
+        assert limit * MAX_BUS_RATE * FRAME_CHARGE <= granted
+        assert 0.005 < limit < FLUSH_S
 
 
 async def test_garbage_is_counted_and_skipped_by_the_running_source(

@@ -6,8 +6,15 @@ board keeps up with about a quarter of a busy bus. This reader runs no Python pe
 at all where libc has `recvmmsg`, and decodes whole batches with numpy:
 
 - A thread (never the event loop) waits in `poll` for the first frame, then drains the
-  non-blocking socket until EAGAIN or the batch is full, then sleeps GATHER_S so that the
-  next drain finds many frames queued (the kernel has stamped their times already).
+  non-blocking socket until EAGAIN or the batch is full, then sleeps while the next
+  frames queue up in the kernel (which has stamped their times already): until the batch
+  is due, but never longer than the socket's receive buffer takes to fill at the highest
+  rate a CAN bus carries (`gather_limit`). With the 8 MiB buffer the reader asks for, a
+  wake-up comes every FLUSH_S whatever the bus's load; with the kernel's default cap of
+  208 KiB, every 14 ms. Each wake-up costs more than its work: on a 2-vCPU VM a drain and
+  decode after 0.2 s of sleep take 2 to 3 times as long as right after the last one, the
+  caches having gone cold meanwhile (bench/socketcan.py). So the fewer wake-ups, the less
+  CPU: at 5,000 frames/s, 2 us a frame instead of 6.
 - A drain is one `recvmmsg(2)` call (libc's, through ctypes; the socket module lacks it):
   `struct mmsghdr` records, made once, point each at its own 72-byte slot of a slab and
   its own room for ancillary data, and the kernel fills as many as it has frames, writing
@@ -75,22 +82,23 @@ from agent.sources.base import (
 log = logging.getLogger(__name__)
 
 #: The reader hands a batch over at most this long after its first frame...
-FLUSH_S = 0.05
+FLUSH_S = 0.2
 #: ...or when it holds this many frames (the slab's size).
 BATCH_FRAMES = 2048
 #: The longest the reader waits for a frame before it looks at the stop flag again.
 WAIT_S = 0.05
-#: After a drain, the reader sleeps this long while the next frames queue up in the kernel:
-#: about 50 at 5,000 frames/s, where even the default receive buffer holds some 500. At
-#: that rate it cuts the reader's CPU per frame fourfold against a wake-up per frame.
-GATHER_S = 0.01
 #: Reopening a missing interface: after this long, doubling up to RETRY_MAX_S.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
-#: Asked for as the socket's receive buffer: most of a second at 10,000 frames/s (the
-#: kernel charges 0.7 to 1 KiB per frame). Without CAP_NET_ADMIN the kernel caps it at
-#: net.core.rmem_max (often 208 KiB), which a vehicle gateway should raise.
+#: Asked for as the socket's receive buffer. Without CAP_NET_ADMIN the kernel caps it at
+#: net.core.rmem_max (212,992 bytes unless raised, as deploy/60-telemetry-agent.conf does).
 RECEIVE_BUFFER = 8 * 1024 * 1024
+#: What the kernel charges a receive buffer for a queued frame (an sk_buff and its data,
+#: 0.7 to 1 KiB), taken at its most.
+FRAME_CHARGE = 1024
+#: More frames a second than any CAN bus carries (the shortest classic frames at 1 Mbit/s
+#: come 21,000 a second; CAN FD frames take longer).
+MAX_BUS_RATE = 30_000
 #: Above this many IDs no kernel filter is set (CAN_RAW_FILTER_MAX in the kernel is 512).
 MAX_FILTERS = 512
 
@@ -302,6 +310,23 @@ def enable_timestamps(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
 
 
+def size_receive_buffer(sock: socket.socket, size: int = RECEIVE_BUFFER) -> None:
+    """Ask for a receive buffer of `size` bytes: beyond net.core.rmem_max where the process
+    may (CAP_NET_ADMIN), else up to it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def gather_limit(sock: socket.socket) -> float:
+    """The longest the reader may let frames queue up in `sock` between two drains, in
+    seconds: as long as its receive buffer (what the kernel granted) takes to fill at
+    MAX_BUS_RATE, so that no frame is dropped while the reader sleeps."""
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return granted / FRAME_CHARGE / MAX_BUS_RATE
+
+
 def open_can_socket(
     interface: str, *, fd: bool = True, frame_ids: frozenset[tuple[int, bool]] | None = None
 ) -> socket.socket:
@@ -309,10 +334,7 @@ def open_can_socket(
     kernel filters of `frame_ids`, receive times and the drop counter, a large buffer."""
     sock = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
     try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
-        except OSError:  # without CAP_NET_ADMIN: up to net.core.rmem_max
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        size_receive_buffer(sock)
         if fd:
             sock.setsockopt(SOL_CAN_RAW, CAN_RAW_FD_FRAMES, 1)
         sock.setsockopt(SOL_CAN_RAW, CAN_RAW_ERR_FILTER, struct.pack("=I", CAN_ERR_MASK))
@@ -392,7 +414,9 @@ class FrameSlab:
         self._received: list[Received] = []  # recvmsg_into's results, as they came
         self._count = 0  # frames in the slab, however they were received
         self._drains: list[tuple[int, int]] = []  # (first row, wall clock ns) of each drain
-        self.first_at = 0.0  # monotonic time of the first drain into an empty slab
+        #: Monotonic time since when the slab's frames may have waited: the first drain's
+        #: into an empty slab, or the `since` it was given.
+        self.first_at = 0.0
         #: How real sockets are read; None: with recvmsg_into (tests replace it).
         self.recvmmsg: RecvMMsg | None = RECVMMSG
         # For recvmmsg: the records, the iovecs and the ancillary rooms live in buffers of
@@ -439,14 +463,16 @@ class FrameSlab:
     def full(self) -> bool:
         return self._count >= self.capacity
 
-    def drain(self, sock: socket.socket) -> int:
+    def drain(self, sock: socket.socket, since: float | None = None) -> int:
         """Receive from the non-blocking `sock` until it has nothing more or the slab is
-        full; the number of datagrams received. OSError (other than EAGAIN) passes on."""
+        full; the number of datagrams received. OSError (other than EAGAIN) passes on.
+        `since`: when the queue was last found empty, if the caller knows (the monotonic
+        clock); frames drained into an empty slab have waited since then at most."""
         start = self._count
         if start >= self.capacity:
             return 0
         if not start:
-            self.first_at = time.monotonic()
+            self.first_at = time.monotonic() if since is None else since
         clock = time.time_ns()
         # A stand-in of a socket (tests') has no file descriptor to give libc. The two
         # ways keep their results apart, so a slab is read one way until it is taken.
@@ -767,9 +793,11 @@ class SocketCanSource(Source):
         # Non-blocking, and waited for with poll: a socket with a timeout would poll
         # before every read, one more system call per frame.
         sock.setblocking(False)
+        gather = gather_limit(sock)
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         slab = self._slab
+        gathered_from: float | None = None  # the queue was empty then, and frames came
         while not stop.is_set():
             # A reload assigns a new set: an identity test per wake-up is all it costs.
             current = self.frame_ids
@@ -784,7 +812,7 @@ class SocketCanSource(Source):
             got = 0
             if events:
                 try:
-                    got = slab.drain(sock)
+                    got = slab.drain(sock, gathered_from)
                 except OSError as error:
                     if error.errno != errno.ENETDOWN:
                         raise
@@ -797,13 +825,19 @@ class SocketCanSource(Source):
                 if got and self._outage is not None:
                     log.info("bus %s: frames arrive again", self.bus.name)
                     self._outage = None
+            gathered_from = None
             now = time.monotonic()
-            if len(slab) and (slab.full or now - slab.first_at >= FLUSH_S):
+            filled = slab.full
+            if len(slab) and (filled or now - slab.first_at >= FLUSH_S):
                 hand_over(loop, queue, self._decode(), stop)
-            elif got:
-                # Let frames gather in the kernel's queue, which has stamped their times:
-                # the next wake-up then drains many, and its cost is shared among them.
-                time.sleep(min(GATHER_S, max(0.0, slab.first_at + FLUSH_S - now)))
+            if got and not filled:
+                # Frames are coming and the queue is empty: let the next ones gather in it
+                # (the kernel has stamped their times), so that the next wake-up drains
+                # many and shares its cost among them. Into an empty slab, they make a
+                # batch that is due FLUSH_S from now.
+                gathered_from = now
+                due = slab.first_at + FLUSH_S if len(slab) else now + FLUSH_S
+                stop.wait(min(gather, due - now))
 
     def _decode(self) -> FrameBatch:
         decoded = self._slab.take((self.bus.name,))
