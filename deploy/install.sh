@@ -5,8 +5,9 @@
 #   ROOT/etc/telemetry-agent/agent.toml            never overwritten: a new example goes
 #                                                  beside it as agent.toml.example
 #   ROOT/etc/telemetry-agent/dbc/*.dbc             the repository's DBC files, if absent
-# and, on the real root with systemd running, `systemctl daemon-reload`. Running it again
-# upgrades the agent and the unit and leaves the config alone.
+#   ROOT/etc/sysctl.d/60-telemetry-agent.conf      room for SocketCAN receive buffers
+# and, on the real root, applies the sysctl file and runs `systemctl daemon-reload`. Running
+# it again upgrades the agent, the unit and the sysctl file and leaves the config alone.
 #
 # `--root DIR` installs under DIR instead of / (tests, chroots). A virtual environment
 # holds absolute paths, so the agent runs from ROOT/opt/telemetry-agent, where it was
@@ -154,6 +155,16 @@ for dbc in "$REPO"/dbc/*.dbc; do
     fi
 done
 echo "dbc:    $CONF/dbc/"
+
+# The cap on sockets' receive buffers, raised for the agent's SocketCAN sockets: ours, so a
+# new version replaces it. Applied now on the real root; at every boot by systemd-sysctl.
+SYSCTL=$R/etc/sysctl.d/60-telemetry-agent.conf
+install -d -m 0755 "$R/etc/sysctl.d"
+install -m 0644 "$DEPLOY/60-telemetry-agent.conf" "$SYSCTL"
+echo "sysctl: $SYSCTL"
+if [ -z "$R" ] && ! sysctl -q -p "$SYSCTL"; then
+    echo "install.sh: could not apply $SYSCTL now: it applies at the next boot" >&2
+fi
 
 if [ -n "$R" ] || ! command -v systemctl >/dev/null 2>&1; then
     echo "installed under ${R:-/}; systemd was not told"

@@ -22,12 +22,14 @@ import pytest
 
 from agent.config import MetricsConfig
 from agent.metrics import Metrics
+from agent.sources.socketcan import FLUSH_S, FRAME_CHARGE, MAX_BUS_RATE, RECEIVE_BUFFER
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "telemetry-agent.service"
 INSTALL = DEPLOY / "install.sh"
 EXAMPLE_CONFIG = DEPLOY / "agent.toml"
+SYSCTL = DEPLOY / "60-telemetry-agent.conf"
 INSTALLED_AGENT = "/opt/telemetry-agent/bin/telemetry-agent"
 
 Unit = dict[str, list[tuple[str, str]]]
@@ -166,6 +168,18 @@ def test_the_networkd_file_brings_the_example_bus_up() -> None:
     assert one(network, "CAN", "RestartSec")  # bus-off recovery
     # The agent starts after network-online.target, which must not wait for a CAN link.
     assert one(network, "Link", "RequiredForOnline") == "no"
+
+
+def test_the_sysctl_file_lets_the_reader_sleep_a_whole_batch() -> None:
+    settings = {}
+    for line in SYSCTL.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = (part.strip() for part in line.split("=", 1))
+            settings[key] = value
+    assert settings == {"net.core.rmem_max": str(RECEIVE_BUFFER)}
+    # The kernel doubles what a socket asks for, up to the cap, for its own overhead.
+    granted = 2 * int(settings["net.core.rmem_max"])
+    assert granted / FRAME_CHARGE / MAX_BUS_RATE >= FLUSH_S
 
 
 def test_the_prometheus_config_scrapes_the_metrics_endpoint() -> None:
@@ -326,6 +340,7 @@ SYSTEM_PATHS = (
     Path("/opt/telemetry-agent"),
     Path("/etc/telemetry-agent"),
     Path("/etc/systemd/system/telemetry-agent.service"),
+    Path("/etc/sysctl.d/60-telemetry-agent.conf"),
 )
 
 
@@ -422,6 +437,7 @@ def test_install_lays_out_the_venv_the_unit_the_config_and_the_dbc(installed: In
         "etc/systemd/system/telemetry-agent.service": _hash(UNIT),
         "etc/telemetry-agent/agent.toml": _hash(EXAMPLE_CONFIG),
         "etc/telemetry-agent/dbc/demo.dbc": _hash(REPO / "dbc" / "demo.dbc"),
+        "etc/sysctl.d/60-telemetry-agent.conf": _hash(SYSCTL),
     }
     for path, digest in expected.items():
         mode, content = installed.first[path]
@@ -434,6 +450,7 @@ def test_install_lays_out_the_venv_the_unit_the_config_and_the_dbc(installed: In
     # Nothing else under the root.
     assert {tuple(path.split("/")[:2]) for path in installed.first} == {
         ("etc",),
+        ("etc", "sysctl.d"),
         ("etc", "systemd"),
         ("etc", "telemetry-agent"),
         ("opt",),
