@@ -9,9 +9,9 @@ is the reader's alone. Contenders:
 - ours: `SocketCanSource` whole, reader thread and event loop, until every frame has come
   out as a FrameBatch; it reads with `recvmmsg` (libc's, through ctypes), many frames a
   system call. The socket's receive buffer is what the agent asks for (8 MiB), which a
-  gateway grants where net.core.rmem_max is raised (deploy/60-telemetry-agent.conf);
+  gateway grants where net.core.rmem_max is raised (deploy/10-telemetry-agent.conf);
 - ours, 208 KiB buffer: the same, where rmem_max is the kernel's default: the reader
-  wakes up every 14 ms, not every FLUSH_S, lest a full bus overflow the buffer meanwhile;
+  wakes up every 12 ms, not every FLUSH_S, lest a full bus overflow the buffer meanwhile;
 - ours, `recvmsg_into`: the same, made to read as it does where libc has no `recvmmsg`:
   one `recvmsg_into` per frame (what it always did before);
 - `recvmmsg` alone: the slab's drain (one `recvmmsg` for all frames queued, a `poll` when
@@ -28,7 +28,9 @@ is the reader's alone. Contenders:
 "5k/s": a frame every 200 us, a busy 500 kbit/s bus; the reader's wake-ups count too.
 
 A second table shows why wake-ups weigh so much: the CPU of a drain and decode of 1,000
-queued frames (one thread, no writer running), right after the last one and after a sleep.
+queued frames in one thread, right after it sent them, and after it slept (its caches grow
+cold meanwhile, the CPU may idle deeper or slow down; which of these weighs most here is
+not measured).
 
 On the 2-vCPU VM where this was written, one `recvmsg` on the socketpair costs 1.3 us in C
 (`recvmmsg`, which the socket module lacks, 0.8 us a frame), so no reader on the socket

@@ -5,7 +5,7 @@
 #   ROOT/etc/telemetry-agent/agent.toml            never overwritten: a new example goes
 #                                                  beside it as agent.toml.example
 #   ROOT/etc/telemetry-agent/dbc/*.dbc             the repository's DBC files, if absent
-#   ROOT/etc/sysctl.d/60-telemetry-agent.conf      room for SocketCAN receive buffers
+#   ROOT/etc/sysctl.d/10-telemetry-agent.conf      room for SocketCAN receive buffers
 # and, on the real root, applies the sysctl file and runs `systemctl daemon-reload`. Running
 # it again upgrades the agent, the unit and the sysctl file and leaves the config alone.
 #
@@ -157,13 +157,18 @@ done
 echo "dbc:    $CONF/dbc/"
 
 # The cap on sockets' receive buffers, raised for the agent's SocketCAN sockets: ours, so a
-# new version replaces it. Applied now on the real root; at every boot by systemd-sysctl.
-SYSCTL=$R/etc/sysctl.d/60-telemetry-agent.conf
+# new version replaces it. systemd-sysctl applies it at every boot; on the real root it is
+# applied now too, unless the cap is already as high (a higher one is left alone).
+SYSCTL=$R/etc/sysctl.d/10-telemetry-agent.conf
 install -d -m 0755 "$R/etc/sysctl.d"
-install -m 0644 "$DEPLOY/60-telemetry-agent.conf" "$SYSCTL"
+install -m 0644 "$DEPLOY/10-telemetry-agent.conf" "$SYSCTL"
 echo "sysctl: $SYSCTL"
-if [ -z "$R" ] && ! sysctl -q -p "$SYSCTL"; then
-    echo "install.sh: could not apply $SYSCTL now: it applies at the next boot" >&2
+if [ -z "$R" ]; then
+    wanted=$(sed -n 's/^net\.core\.rmem_max *= *//p' "$SYSCTL")
+    current=$(cat /proc/sys/net/core/rmem_max 2>/dev/null || echo 0)
+    if [ "$current" -lt "$wanted" ] && ! sysctl -q -p "$SYSCTL"; then
+        echo "install.sh: could not apply $SYSCTL now: it applies at the next boot" >&2
+    fi
 fi
 
 if [ -n "$R" ] || ! command -v systemctl >/dev/null 2>&1; then

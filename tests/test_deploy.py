@@ -29,7 +29,7 @@ DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "telemetry-agent.service"
 INSTALL = DEPLOY / "install.sh"
 EXAMPLE_CONFIG = DEPLOY / "agent.toml"
-SYSCTL = DEPLOY / "60-telemetry-agent.conf"
+SYSCTL = DEPLOY / "10-telemetry-agent.conf"
 INSTALLED_AGENT = "/opt/telemetry-agent/bin/telemetry-agent"
 
 Unit = dict[str, list[tuple[str, str]]]
@@ -177,7 +177,7 @@ def test_the_sysctl_file_lets_the_reader_sleep_a_whole_batch() -> None:
             key, value = (part.strip() for part in line.split("=", 1))
             settings[key] = value
     assert settings == {"net.core.rmem_max": str(RECEIVE_BUFFER)}
-    # The kernel doubles what a socket asks for, up to the cap, for its own overhead.
+    # The kernel caps what a socket asks for, then grants twice that for its overhead.
     granted = 2 * int(settings["net.core.rmem_max"])
     assert granted / FRAME_CHARGE / MAX_BUS_RATE >= FLUSH_S
 
@@ -340,7 +340,7 @@ SYSTEM_PATHS = (
     Path("/opt/telemetry-agent"),
     Path("/etc/telemetry-agent"),
     Path("/etc/systemd/system/telemetry-agent.service"),
-    Path("/etc/sysctl.d/60-telemetry-agent.conf"),
+    Path("/etc/sysctl.d/10-telemetry-agent.conf"),
 )
 
 
@@ -348,7 +348,7 @@ SYSTEM_PATHS = (
 class Installed:
     root: Path
     install: Callable[[], subprocess.CompletedProcess[str]]
-    systemctl_log: Path
+    host_calls: Path  # what the install asked of this machine's systemctl and sysctl
     system_before: dict[Path, float | None]
     #: The root as the first install left it (later tests run the install again).
     first: dict[str, tuple[int, str]]
@@ -404,13 +404,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     subprocess.run(pip_wheel, check=True, timeout=120)
     (wheel,) = wheels.glob("*.whl")
 
-    # A systemctl that records being called: an install under --root must not tell systemd.
+    # A systemctl and a sysctl that record being called: an install under --root must not
+    # tell systemd, nor change this machine's kernel settings.
     fake_bin = work / "bin"
     fake_bin.mkdir()
-    systemctl_log = work / "systemctl.log"
-    systemctl = fake_bin / "systemctl"
-    systemctl.write_text(f'#!/bin/sh\necho "$@" >> {systemctl_log}\n')
-    systemctl.chmod(0o755)
+    host_calls = work / "host-calls.log"
+    for name in ("systemctl", "sysctl"):
+        fake = fake_bin / name
+        fake.write_text(f'#!/bin/sh\necho "{name} $@" >> {host_calls}\n')
+        fake.chmod(0o755)
     env = {
         **os.environ,
         "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
@@ -428,7 +430,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         return result
 
     install()
-    return Installed(root, install, systemctl_log, system_before, _snapshot(root))
+    return Installed(root, install, host_calls, system_before, _snapshot(root))
 
 
 def test_install_lays_out_the_venv_the_unit_the_config_and_the_dbc(installed: Installed) -> None:
@@ -437,7 +439,7 @@ def test_install_lays_out_the_venv_the_unit_the_config_and_the_dbc(installed: In
         "etc/systemd/system/telemetry-agent.service": _hash(UNIT),
         "etc/telemetry-agent/agent.toml": _hash(EXAMPLE_CONFIG),
         "etc/telemetry-agent/dbc/demo.dbc": _hash(REPO / "dbc" / "demo.dbc"),
-        "etc/sysctl.d/60-telemetry-agent.conf": _hash(SYSCTL),
+        "etc/sysctl.d/10-telemetry-agent.conf": _hash(SYSCTL),
     }
     for path, digest in expected.items():
         mode, content = installed.first[path]
@@ -515,7 +517,7 @@ def test_install_again_keeps_the_config_and_changes_nothing_else(installed: Inst
 
 
 def test_install_under_a_root_touches_nothing_outside_it(installed: Installed) -> None:
-    assert not installed.systemctl_log.exists(), installed.systemctl_log.read_text()
+    assert not installed.host_calls.exists(), installed.host_calls.read_text()
     assert {path: _mtime(path) for path in SYSTEM_PATHS} == installed.system_before
     pyvenv = (installed.root / "opt/telemetry-agent/pyvenv.cfg").read_text()
     assert "include-system-site-packages = false" in pyvenv

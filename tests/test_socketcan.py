@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import errno
 import io
+import itertools
 import logging
 import os
 import re
@@ -54,7 +55,6 @@ from agent.sources.socketcan import (
     kernel_filters,
     open_can_socket,
     receive_times,
-    size_receive_buffer,
 )
 from tests.test_agent_sources import DEMO_DBC, agent_for, received_lines
 
@@ -665,25 +665,38 @@ def send_paced(writer: socket.socket, frames: Sequence[bytes], rate: float) -> N
         writer.send(frame)
 
 
+@dataclass
+class Drain:
+    started: float
+    ended: float
+    got: int
+
+
+def record_drains(source: SocketCanSource) -> list[Drain]:
+    """Each drain the source's reader makes, from now on: when, and how many frames."""
+    drains: list[Drain] = []
+    drain = source._slab.drain
+
+    def recorded(sock: socket.socket, since: float | None = None) -> int:
+        started = time.monotonic()
+        got = drain(sock, since)
+        drains.append(Drain(started, time.monotonic(), got))
+        return got
+
+    source._slab.drain = recorded  # type: ignore[method-assign]
+    return drains
+
+
 async def test_paced_frames_are_drained_once_a_batch_and_handed_over_in_time(
-    pair: tuple[socket.socket, socket.socket],
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reader, writer = pair
     reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
-    size_receive_buffer(reader, 8 * 1024 * 1024)
-    if gather_limit(reader) < FLUSH_S:
-        pytest.skip("this machine grants no 8 MiB receive buffer (net.core.rmem_max)")
+    # As with a receive buffer that lasts longer than a batch (AF_UNIX has none to fill).
+    monkeypatch.setattr(socketcan_module, "gather_limit", lambda sock: 1.0)
     frames = random_frames(2000, seed=12)
     source = source_on(reader)
-    drain = source._slab.drain
-    drains: list[int] = []
-
-    def counted(sock: socket.socket, since: float | None = None) -> int:
-        got = drain(sock, since)
-        drains.append(got)
-        return got
-
-    source._slab.drain = counted  # type: ignore[method-assign]
+    drains = record_drains(source)
     batches: list[FrameBatch] = []
     late_ns: list[int] = []
     sending = asyncio.create_task(
@@ -705,21 +718,88 @@ async def test_paced_frames_are_drained_once_a_batch_and_handed_over_in_time(
     # One second of frames: about five batches, and one wake-up to drain each (the first
     # frame of all wakes the reader once more), not one every few milliseconds.
     assert 4 <= len(batches) <= 8, [len(b) for b in batches]
-    assert len([got for got in drains if got]) <= len(batches) + 2, drains
+    assert len([d for d in drains if d.got]) <= len(batches) + 2, drains
     # The frames gathered while the reader slept make a batch due FLUSH_S after its first
     # frame came, not FLUSH_S after they were drained.
     assert sorted(late_ns)[len(late_ns) // 2] < (FLUSH_S + 0.06) * 1e9, late_ns
 
 
-def test_the_reader_sleeps_no_longer_than_the_receive_buffer_lasts() -> None:
+async def test_the_reader_lets_frames_wait_no_longer_than_the_buffer_lasts(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader, writer = pair
+    limit, decoding_s = 0.1, 0.09
+    monkeypatch.setattr(socketcan_module, "gather_limit", lambda sock: limit)
+    frames = random_frames(1000, seed=14)
+    source = source_on(reader)
+    drains = record_drains(source)
+    decode = source._decode
+
+    def slow_decode() -> FrameBatch:  # as when the event loop is slow to take a batch
+        time.sleep(decoding_s)
+        return decode()
+
+    source._decode = slow_decode  # type: ignore[method-assign]
+    sending = asyncio.create_task(
+        asyncio.to_thread(send_paced, writer, [f.kernel_bytes() for f in frames], 1000)
+    )
+    got = await collect(source, len(frames))
+    await sending
+    assert_same_frames(got, expected_batch(frames))
+    # How long the frames were left to queue up between two drains: the limit, or the
+    # decoding and hand-over when that takes longer, never the two one after the other.
+    waits = [b.started - a.ended for a, b in itertools.pairwise(drains) if a.got and b.got]
+    assert len(waits) >= 5, drains
+    assert max(waits) < max(limit, decoding_s) + 0.045, waits
+
+
+def send_bursts_every(
+    writer: socket.socket, bursts: Sequence[Sequence[bytes]], every_s: float
+) -> None:
+    for burst in bursts:
+        for frame in burst:
+            writer.send(frame)
+        time.sleep(every_s)
+
+
+async def test_bursts_further_apart_than_a_batch_make_a_batch_each(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a burst the reader sleeps, finds the queue empty, and waits: the next burst
+    # starts a batch of its own, due FLUSH_S after it came, not at once.
+    reader, writer = pair
+    monkeypatch.setattr(socketcan_module, "gather_limit", lambda sock: 1.0)
+    frames = random_frames(120, seed=15)
+    bursts = [[f.kernel_bytes() for f in frames[k : k + 20]] for k in range(0, 120, 20)]
+    source = source_on(reader)
+    sizes: list[int] = []
+    sending = asyncio.create_task(
+        asyncio.to_thread(send_bursts_every, writer, bursts, FLUSH_S + 0.05)
+    )
+    stream = cast(AsyncGenerator[FrameBatch, None], source.batches())
+    try:
+        async with asyncio.timeout(10):
+            async for batch in stream:
+                sizes.append(len(batch))
+                if sum(sizes) >= len(frames):
+                    break
+    finally:
+        await stream.aclose()
+    await sending
+    assert sizes == [20] * 6
+
+
+def test_the_reader_sleeps_no_longer_than_the_receive_buffer_lasts(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
     # However long it sleeps, the frames of a full bus meanwhile fit in the buffer the
     # kernel granted: a short sleep where net.core.rmem_max is the kernel's default.
-    with socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)[0] as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 212_992)
-        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        limit = gather_limit(sock)
-        assert limit * MAX_BUS_RATE * FRAME_CHARGE <= granted
-        assert 0.005 < limit < FLUSH_S
+    reader, _ = pair
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 212_992)
+    granted = reader.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    limit = gather_limit(reader)
+    assert limit * MAX_BUS_RATE * FRAME_CHARGE <= granted
+    assert 0.005 < limit < FLUSH_S
 
 
 async def test_garbage_is_counted_and_skipped_by_the_running_source(
@@ -829,12 +909,13 @@ async def test_a_closed_socket_is_opened_again_and_no_frame_is_lost() -> None:
 
 
 class GoesDown:
-    """A socket whose interface goes down once: the read fails with ENETDOWN, as the kernel
-    reports it, and then frames come again on the same socket."""
+    """A socket whose interface goes down once, after `after` frames: the read fails with
+    ENETDOWN, as the kernel reports it, and then frames come again on the same socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, after: int = 0) -> None:
         self.sock = sock
         self.down = True
+        self.after = after
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
@@ -846,10 +927,28 @@ class GoesDown:
         self.sock.close()
 
     def recvmsg_into(self, buffers: list[memoryview], ancbufsize: int) -> Any:
-        if self.down:
+        if self.down and not self.after:
             self.down = False
             raise OSError(errno.ENETDOWN, "Network is down")
+        self.after -= 1
         return self.sock.recvmsg_into(buffers, ancbufsize)
+
+
+def test_frames_read_before_the_interface_went_down_are_kept(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    reader, writer = pair
+    reader.setblocking(False)
+    frames = random_frames(10, seed=13)
+    for frame in frames:
+        writer.send(frame.kernel_bytes())
+    slab = FrameSlab()
+    down = GoesDown(reader, after=3)
+    with pytest.raises(OSError, match="Network is down"):
+        slab.drain(down)  # type: ignore[arg-type]
+    assert len(slab) == 3
+    assert slab.drain(down) == 7  # type: ignore[arg-type]
+    assert_same_frames(slab.take(("can0",)).batch, expected_batch(frames))
 
 
 async def test_an_interface_that_goes_down_keeps_its_socket(

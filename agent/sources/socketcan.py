@@ -11,19 +11,20 @@ at all where libc has `recvmmsg`, and decodes whole batches with numpy:
   is due, but never longer than the socket's receive buffer takes to fill at the highest
   rate a CAN bus carries (`gather_limit`). With the 8 MiB buffer the reader asks for, a
   wake-up comes every FLUSH_S whatever the bus's load; with the kernel's default cap of
-  208 KiB, every 14 ms. Each wake-up costs more than its work: on a 2-vCPU VM a drain and
-  decode after 0.2 s of sleep take 2 to 3 times as long as right after the last one, the
-  caches having gone cold meanwhile (bench/socketcan.py). So the fewer wake-ups, the less
-  CPU: at 5,000 frames/s, 2 us a frame instead of 6.
+  208 KiB, every 12 ms. A wake-up costs more than the work it does: on a 2-vCPU VM, a
+  drain and decode of 1,000 frames after 0.2 s of sleep take 2 to 3 times as long as
+  right after sending them (bench/socketcan.py). So the fewer wake-ups, the less CPU: at
+  5,000 frames/s, 1.6 to 2 us a frame instead of 6. The price is latency: frames reach the
+  event loop up to FLUSH_S after they arrive.
 - A drain is one `recvmmsg(2)` call (libc's, through ctypes; the socket module lacks it):
   `struct mmsghdr` records, made once, point each at its own 72-byte slot of a slab and
   its own room for ancillary data, and the kernel fills as many as it has frames, writing
   each one's size and flags into its record. numpy views over the records and the
   ancillary rooms read those without a copy. Flooded, on a 2-vCPU VM, the whole reader
-  then costs 1.2 us of CPU a frame, against 2.8 to 3 us with one `recvmsg_into` a frame,
-  whose call alone costs 2 us (bench/socketcan.py). Where libc lacks `recvmmsg` (or for a
-  stand-in of a socket, as tests use), a drain makes one `recvmsg_into` per frame into
-  the same slots and keeps its results in a list.
+  then costs about 1 us of CPU a frame, against 1.5 to 1.9 us with one `recvmsg_into` a
+  frame, whose call alone costs 1.2 to 1.3 us (bench/socketcan.py). Where libc lacks
+  `recvmmsg` (or for a stand-in of a socket, as tests use), a drain makes one
+  `recvmsg_into` per frame into the same slots and keeps its results in a list.
 - When a batch is handed over (full, or FLUSH_S after its first frame) the slab is decoded
   at once through a numpy structured view: a 16-byte datagram is a `struct can_frame`, a
   72-byte one a `struct canfd_frame`, anything else is counted as malformed. The kernel's
@@ -33,7 +34,7 @@ at all where libc has `recvmmsg`, and decodes whole batches with numpy:
   anything else are parsed one by one, which only odd kernels or 32-bit boards need.
 - The kernel filters by ID (CAN_RAW_FILTER, from `frame_ids`), so frames no DBC or rule
   uses never wake the thread. When a config reload assigns new `frame_ids` the reader sees
-  it at its next wake-up (WAIT_S at most) and sets the new filter on the open socket.
+  it at its next wake-up (FLUSH_S at most) and sets the new filter on the open socket.
   Error frames come too (CAN_RAW_ERR_FILTER): they are counted, bus-off separately, and
   passed on for the decoder to count.
 - An interface that is missing or goes away is retried with a backoff and logged once per
@@ -91,14 +92,16 @@ WAIT_S = 0.05
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
 #: Asked for as the socket's receive buffer. Without CAP_NET_ADMIN the kernel caps it at
-#: net.core.rmem_max (212,992 bytes unless raised, as deploy/60-telemetry-agent.conf does).
+#: net.core.rmem_max (212,992 bytes unless raised, as deploy/10-telemetry-agent.conf does).
 RECEIVE_BUFFER = 8 * 1024 * 1024
 #: What the kernel charges a receive buffer for a queued frame (an sk_buff and its data,
 #: 0.7 to 1 KiB), taken at its most.
 FRAME_CHARGE = 1024
-#: More frames a second than any CAN bus carries (the shortest classic frames at 1 Mbit/s
-#: come 21,000 a second; CAN FD frames take longer).
-MAX_BUS_RATE = 30_000
+#: More frames a second than a CAN bus carries: at 1 Mbit/s the shortest classic frames
+#: (47 bits) come 21,300 a second; CAN FD frames without data, switching to 8 Mbit/s for
+#: their data phase, 29,400. (A vcan interface has no such limit: past it frames may drop,
+#: and the kernel counts them.)
+MAX_BUS_RATE = 35_000
 #: Above this many IDs no kernel filter is set (CAN_RAW_FILTER_MAX in the kernel is 512).
 MAX_FILTERS = 512
 
@@ -476,17 +479,19 @@ class FrameSlab:
         clock = time.time_ns()
         # A stand-in of a socket (tests') has no file descriptor to give libc. The two
         # ways keep their results apart, so a slab is read one way until it is taken.
-        if self.recvmmsg is not None and isinstance(sock, socket.socket) and not self._received:
-            got = self._receive_many(self.recvmmsg, sock.fileno(), start)
-        elif len(self._received) == start:
-            got = self._receive_each(sock, start)
-        else:
-            raise RuntimeError("take the slab's frames before reading another kind of socket")
-        if got:
-            self._drains.append((start, clock))
-        return got
+        try:
+            if self.recvmmsg is not None and isinstance(sock, socket.socket) and not self._received:
+                self._receive_many(self.recvmmsg, sock.fileno(), start)
+            elif len(self._received) == start:
+                self._receive_each(sock, start)
+            else:
+                raise RuntimeError("take the slab's frames before reading another kind of socket")
+        finally:
+            if self._count > start:
+                self._drains.append((start, clock))
+        return self._count - start
 
-    def _receive_many(self, recvmmsg: RecvMMsg, fd: int, start: int) -> int:
+    def _receive_many(self, recvmmsg: RecvMMsg, fd: int, start: int) -> None:
         records_at, room = self._records_at + start * _MMSG_SIZE, self.capacity - start
         while True:
             # Returns fewer than `room` only when the queue ran dry (or failed, which the
@@ -494,25 +499,27 @@ class FrameSlab:
             got = recvmmsg(fd, records_at, room, _MSG_DONTWAIT, None)
             if got >= 0:
                 self._count = start + got
-                return got
+                return
             error = ctypes.get_errno()
             if error in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return 0
+                return
             if error != errno.EINTR:
                 raise OSError(error, os.strerror(error))  # its subclass, as the socket's
 
-    def _receive_each(self, sock: socket.socket, start: int) -> int:
+    def _receive_each(self, sock: socket.socket, start: int) -> None:
         received = self._received
         append = received.append
         recv = sock.recvmsg_into
         slots = self._slots
-        for row in range(start, self.capacity):
-            try:
-                append(recv(slots[row], ANCILLARY_SIZE))
-            except BlockingIOError:
-                break
-        self._count = len(received)
-        return self._count - start
+        try:
+            for row in range(start, self.capacity):
+                try:
+                    append(recv(slots[row], ANCILLARY_SIZE))
+                except BlockingIOError:
+                    break
+        finally:
+            # An error (the interface went down) keeps what was received before it.
+            self._count = len(received)
 
     def end_of_stream(self) -> bool:
         """Whether the last drain read to the end of a socket whose peer has closed it (a
@@ -797,7 +804,7 @@ class SocketCanSource(Source):
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         slab = self._slab
-        gathered_from: float | None = None  # the queue was empty then, and frames came
+        gathered_from: float | None = None  # the reader slept since then, the queue empty
         while not stop.is_set():
             # A reload assigns a new set: an identity test per wake-up is all it costs.
             current = self.frame_ids
@@ -806,13 +813,16 @@ class SocketCanSource(Source):
                     self.set_filters(sock, current)
                 applied = current
             wait = WAIT_S
-            if len(slab):
+            if gathered_from is not None:
+                wait = 0.0  # whatever queued up meanwhile; if nothing, wait anew below
+            elif len(slab):
                 wait = min(wait, max(0.0, slab.first_at + FLUSH_S - time.monotonic()))
             events = poller.poll(wait * 1000)
+            since, gathered_from = gathered_from, None
             got = 0
             if events:
                 try:
-                    got = slab.drain(sock, gathered_from)
+                    got = slab.drain(sock, since)
                 except OSError as error:
                     if error.errno != errno.ENETDOWN:
                         raise
@@ -825,19 +835,19 @@ class SocketCanSource(Source):
                 if got and self._outage is not None:
                     log.info("bus %s: frames arrive again", self.bus.name)
                     self._outage = None
-            gathered_from = None
             now = time.monotonic()
             filled = slab.full
             if len(slab) and (filled or now - slab.first_at >= FLUSH_S):
                 hand_over(loop, queue, self._decode(), stop)
             if got and not filled:
-                # Frames are coming and the queue is empty: let the next ones gather in it
-                # (the kernel has stamped their times), so that the next wake-up drains
-                # many and shares its cost among them. Into an empty slab, they make a
-                # batch that is due FLUSH_S from now.
+                # Frames are coming and the queue was empty at `now`: let the next ones
+                # gather in it (the kernel has stamped their times), so that the next
+                # wake-up drains many and shares its cost among them. Into an empty slab,
+                # they make a batch that is due FLUSH_S from now. The decode and hand-over
+                # above count against the time the buffer lasts.
                 gathered_from = now
                 due = slab.first_at + FLUSH_S if len(slab) else now + FLUSH_S
-                stop.wait(min(gather, due - now))
+                stop.wait(max(0.0, min(now + gather, due) - time.monotonic()))
 
     def _decode(self) -> FrameBatch:
         decoded = self._slab.take((self.bus.name,))
