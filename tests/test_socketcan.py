@@ -750,7 +750,7 @@ async def test_the_reader_lets_frames_wait_no_longer_than_the_buffer_lasts(
     # decoding and hand-over when that takes longer, never the two one after the other.
     waits = [b.started - a.ended for a, b in itertools.pairwise(drains) if a.got and b.got]
     assert len(waits) >= 5, drains
-    assert max(waits) < max(limit, decoding_s) + 0.045, waits
+    assert max(waits) < max(limit, decoding_s) + 0.06, waits
 
 
 def send_bursts_every(
@@ -769,12 +769,12 @@ async def test_bursts_further_apart_than_a_batch_make_a_batch_each(
     # starts a batch of its own, due FLUSH_S after it came, not at once.
     reader, writer = pair
     monkeypatch.setattr(socketcan_module, "gather_limit", lambda sock: 1.0)
-    frames = random_frames(120, seed=15)
-    bursts = [[f.kernel_bytes() for f in frames[k : k + 20]] for k in range(0, 120, 20)]
+    frames = random_frames(100, seed=15)
+    bursts = [[f.kernel_bytes() for f in frames[k : k + 20]] for k in range(0, 100, 20)]
     source = source_on(reader)
     sizes: list[int] = []
     sending = asyncio.create_task(
-        asyncio.to_thread(send_bursts_every, writer, bursts, FLUSH_S + 0.05)
+        asyncio.to_thread(send_bursts_every, writer, bursts, FLUSH_S + 0.15)
     )
     stream = cast(AsyncGenerator[FrameBatch, None], source.batches())
     try:
@@ -786,7 +786,7 @@ async def test_bursts_further_apart_than_a_batch_make_a_batch_each(
     finally:
         await stream.aclose()
     await sending
-    assert sizes == [20] * 6
+    assert sizes == [20] * 5
 
 
 def test_the_reader_sleeps_no_longer_than_the_receive_buffer_lasts(
