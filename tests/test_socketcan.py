@@ -178,26 +178,38 @@ def source_on(sock: socket.socket | None = None, name: str = "can0") -> SocketCa
     return source
 
 
-def send_bursts(writer: socket.socket, datagrams: Sequence[bytes], burst: int = 250) -> None:
+def send_bursts(
+    writer: socket.socket, datagrams: Sequence[bytes], burst: int = 250, pause_s: float = 0.002
+) -> None:
     for start in range(0, len(datagrams), burst):
         for datagram in datagrams[start : start + burst]:
             writer.send(datagram)
-        time.sleep(0.002)
+        time.sleep(pause_s)
 
 
-async def collect(source: SocketCanSource, n: int, timeout: float = 10.0) -> FrameBatch:
-    """The source's first `n` frames; it is then closed (its thread stopped)."""
-    batches: list[FrameBatch] = []
+async def received_batches(
+    source: SocketCanSource, n: int, timeout: float = 10.0
+) -> list[tuple[int, FrameBatch]]:
+    """The batches of the source's first `n` frames, each with the wall clock (ns) when it
+    came; the source is then closed (its thread stopped)."""
+    received: list[tuple[int, FrameBatch]] = []
+    frames = 0
     stream = cast(AsyncGenerator[FrameBatch, None], source.batches())
     try:
         async with asyncio.timeout(timeout):
             async for batch in stream:
-                batches.append(batch)
-                if sum(map(len, batches)) >= n:
+                received.append((time.time_ns(), batch))
+                frames += len(batch)
+                if frames >= n:
                     break
     finally:
         await stream.aclose()
-    return FrameBatch.concat(batches)
+    return received
+
+
+async def collect(source: SocketCanSource, n: int, timeout: float = 10.0) -> FrameBatch:
+    """The source's first `n` frames; it is then closed (its thread stopped)."""
+    return FrameBatch.concat([batch for _, batch in await received_batches(source, n, timeout)])
 
 
 def reader_threads() -> list[threading.Thread]:
@@ -697,23 +709,14 @@ async def test_paced_frames_are_drained_once_a_batch_and_handed_over_in_time(
     frames = random_frames(2000, seed=12)
     source = source_on(reader)
     drains = record_drains(source)
-    batches: list[FrameBatch] = []
-    late_ns: list[int] = []
     sending = asyncio.create_task(
         asyncio.to_thread(send_paced, writer, [f.kernel_bytes() for f in frames], 2000)
     )
-    stream = cast(AsyncGenerator[FrameBatch, None], source.batches())
-    try:
-        async with asyncio.timeout(10):
-            async for batch in stream:
-                # How long after its first frame came the batch was handed over.
-                late_ns.append(time.time_ns() - int(batch.t_ns[0]))
-                batches.append(batch)
-                if sum(map(len, batches)) >= len(frames):
-                    break
-    finally:
-        await stream.aclose()
+    received = await received_batches(source, len(frames))
     await sending
+    batches = [batch for _, batch in received]
+    # How long after its first frame came each batch was handed over.
+    late_ns = [at - int(batch.t_ns[0]) for at, batch in received]
     assert_same_frames(FrameBatch.concat(batches), expected_batch(frames))
     # One second of frames: about five batches, and one wake-up to drain each (the first
     # frame of all wakes the reader once more), not one every few milliseconds.
@@ -753,15 +756,6 @@ async def test_the_reader_lets_frames_wait_no_longer_than_the_buffer_lasts(
     assert max(waits) < max(limit, decoding_s) + 0.06, waits
 
 
-def send_bursts_every(
-    writer: socket.socket, bursts: Sequence[Sequence[bytes]], every_s: float
-) -> None:
-    for burst in bursts:
-        for frame in burst:
-            writer.send(frame)
-        time.sleep(every_s)
-
-
 async def test_bursts_further_apart_than_a_batch_make_a_batch_each(
     pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -770,23 +764,14 @@ async def test_bursts_further_apart_than_a_batch_make_a_batch_each(
     reader, writer = pair
     monkeypatch.setattr(socketcan_module, "gather_limit", lambda sock: 1.0)
     frames = random_frames(100, seed=15)
-    bursts = [[f.kernel_bytes() for f in frames[k : k + 20]] for k in range(0, 100, 20)]
     source = source_on(reader)
-    sizes: list[int] = []
+    datagrams = [f.kernel_bytes() for f in frames]
     sending = asyncio.create_task(
-        asyncio.to_thread(send_bursts_every, writer, bursts, FLUSH_S + 0.15)
+        asyncio.to_thread(send_bursts, writer, datagrams, 20, FLUSH_S + 0.15)
     )
-    stream = cast(AsyncGenerator[FrameBatch, None], source.batches())
-    try:
-        async with asyncio.timeout(10):
-            async for batch in stream:
-                sizes.append(len(batch))
-                if sum(sizes) >= len(frames):
-                    break
-    finally:
-        await stream.aclose()
+    received = await received_batches(source, len(frames))
     await sending
-    assert sizes == [20] * 5
+    assert [len(batch) for _, batch in received] == [20] * 5
 
 
 def test_the_reader_sleeps_no_longer_than_the_receive_buffer_lasts(
