@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
@@ -256,3 +257,118 @@ def test_a_channel_filter_still_counts_malformed_lines_by_their_numbers(tmp_path
     assert frames.can_id.tolist() == [0x100, 0x101]
     assert reader.stats.malformed == 2
     assert reader.stats.examples == ["line 4: 'garbage'", "line 5: '(1.000003) can0 1G0#01'"]
+
+
+# The grammar the reader accepts, as a regular expression: the oracle for mutated lines.
+ORACLE = re.compile(
+    r"\((?P<sec>\d{1,10})\.(?P<frac>\d{1,9})\) (?P<bus>[^ ]{1,15}) "
+    r"(?P<id>[0-9A-Fa-f]{3}|[0-9A-Fa-f]{8})#"
+    r"(?:[Rr](?P<rlen>\d)?|#(?P<fd>[0-9A-Fa-f])(?P<fd_data>(?:[0-9A-Fa-f]{2})*)"
+    r"|(?P<data>(?:[0-9A-Fa-f]{2})*)(?:_[0-9A-Fa-f])?)"
+    r"(?: [RT])?\r?"
+)
+FD_LENGTHS = {*range(9), 12, 16, 20, 24, 32, 48, 64}
+
+
+def oracle(line: str) -> tuple[int, str, int, int, bytes] | None:
+    """(t_ns, bus, id, flags, payload) of a line, or None for a malformed one."""
+    match = ORACLE.fullmatch(line)
+    if match is None:
+        return None
+    g = match.groupdict()
+    seconds, raw_id = int(g["sec"]), int(g["id"], 16)
+    if seconds > (2**63 - 1) // 10**9 - 1 or (len(g["id"]) == 3 and raw_id > 0x7FF):
+        return None
+    flags = 0
+    if len(g["id"]) == 8:
+        flags = FrameFlag.ERROR if raw_id & 0x20000000 else FrameFlag.EXTENDED
+    if g["fd"] is not None:
+        payload = bytes.fromhex(g["fd_data"])
+        if len(payload) not in FD_LENGTHS:
+            return None
+        fd = int(g["fd"], 16)
+        flags |= FrameFlag.FD | (FrameFlag.BRS if fd & 1 else 0) | (FrameFlag.ESI if fd & 2 else 0)
+    elif g["data"] is not None:
+        payload = bytes.fromhex(g["data"])
+        if len(payload) > 8:
+            return None
+    else:
+        payload = bytes(int(g["rlen"] or 0))
+        flags |= FrameFlag.REMOTE
+        if len(payload) > 8:
+            return None
+    t_ns = seconds * 10**9 + int(g["frac"].ljust(9, "0"))
+    return t_ns, g["bus"], raw_id & 0x1FFFFFFF, flags, payload
+
+
+VALID_LINE = st.builds(
+    lambda sec, digits, frac, bus, ext, can_id, data, fd, tail: (
+        f"({sec}.{frac % 10**digits:0{digits}d}) {bus} "
+        + (f"{can_id & 0x1FFFFFFF:08X}" if ext else f"{can_id & 0x7FF:03x}")
+        + (f"##{fd}" if fd is not None else "#")
+        + data.hex().upper()
+        + tail
+    ),
+    st.integers(0, 9_999_999_999),
+    st.integers(1, 9),
+    st.integers(0, 999_999_999),
+    st.sampled_from(["can0", "can1", "vcan12", "x", "canbus123", "averylongname15"]),
+    st.booleans(),
+    st.integers(0, 0x3FFFFFFF),
+    st.binary(max_size=12),
+    st.sampled_from([None, "0", "1", "3"]),
+    st.sampled_from(["", " R", " T", "\r"]),
+)
+
+
+@st.composite
+def mutated_line(draw: st.DrawFn) -> str:
+    """A valid line with a character inserted, deleted or replaced: mostly malformed, and
+    hard to tell from a good line for a parser that takes shortcuts."""
+    line: str = draw(VALID_LINE)
+    at = draw(st.integers(0, len(line)))
+    char = draw(st.sampled_from(list(".#() _R0aF\r\t")))
+    edit = draw(st.sampled_from(["insert", "delete", "replace"]))
+    if edit == "insert":
+        return line[:at] + char + line[at:]
+    return line[:at] + (char if edit == "replace" else "") + line[at + 1 :]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    lines=st.lists(st.one_of(VALID_LINE, mutated_line(), GARBAGE_TEXT), max_size=40),
+    chunk_bytes=st.sampled_from([61, 997, 1 << 20]),
+)
+def test_every_line_reads_as_the_grammar_says(
+    tmp_path: Path, lines: list[str], chunk_bytes: int
+) -> None:
+    lines = [line for line in lines if "\n" not in line]
+    log = tmp_path / "mutated.log"
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    got, reader = read(log, 7, chunk_bytes=chunk_bytes)
+    expected = [frame for frame in map(oracle, lines) if frame is not None]
+    blank = sum(1 for line in lines if line in ("", "\r"))
+    assert reader.stats.malformed == len(lines) - len(expected) - blank, reader.stats.examples
+    assert len(got) == len(expected)
+    for row, (t_ns, bus, can_id, flags, payload) in enumerate(expected):
+        assert int(got.t_ns[row]) == t_ns, row
+        assert got.buses[got.bus[row]] == bus, row
+        assert (int(got.can_id[row]), int(got.flags[row])) == (can_id, flags), row
+        if flags & FrameFlag.REMOTE:
+            assert got.length[row] == len(payload) and not got.data[row].any()
+        else:
+            assert got.payload(row) == payload, row
+
+
+def test_a_short_fraction_after_a_line_with_a_dot_where_six_decimals_put_it(
+    tmp_path: Path,
+) -> None:
+    # Seven characters before this line's ')' is the '.' of the line before: the dot is
+    # where six decimals would put it, but in another line.
+    log = tmp_path / "short.log"
+    log.write_text("garbage.a\n(1.5) can0 123#00\n")
+    frames, reader = read(log)
+    assert frames.t_ns.tolist() == [1_500_000_000]
+    assert reader.stats.malformed == 1

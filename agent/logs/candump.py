@@ -119,6 +119,10 @@ class _Windows:
         self.buf[_PAD : _PAD + len(chunk)] = np.frombuffer(chunk, np.uint8)
         self._views: dict[int, npt.NDArray[np.uint8]] = {}
 
+    def char(self, positions: npt.NDArray[np.intp]) -> npt.NDArray[np.uint8]:
+        """The character at each position (a chunk position)."""
+        return self.buf.take(positions + _PAD)
+
     def take(self, starts: npt.NDArray[np.intp], width: int) -> npt.NDArray[np.uint8]:
         """`width` bytes from each start (a chunk position), as an (n, width) array."""
         view = self._views.get(width)
@@ -126,6 +130,60 @@ class _Windows:
             view = self._views[width] = sliding_window_view(self.buf, width)
         result: npt.NDArray[np.uint8] = view[starts + _PAD]
         return result
+
+
+class _BusNames:
+    """The interface names seen so far, in bus index order, each as two little-endian
+    64-bit words. A name hashes to a slot of a table that holds its bus index, so finding
+    the names of a chunk's lines is a few column operations whatever the number of buses
+    (a binary search per line cost a tenth of the parse)."""
+
+    _SLOT_BITS = 16
+    # Stands for an empty slot: no name of at most MAX_IFACE bytes reads as these words.
+    _NONE = np.uint64(2**64 - 1)
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._keys: list[tuple[int, int]] = []
+        self._low = np.array([self._NONE], np.uint64)  # the names' words, then the sentinel
+        self._high = self._low.copy()
+        self._slots = np.full(1 << self._SLOT_BITS, -1, np.int16)
+        self._multipliers = (np.uint64(1), np.uint64(1))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _hash(self, low: npt.NDArray[np.uint64], high: npt.NDArray[np.uint64]) -> Any:
+        # Multiplicative hashing: the top bits of odd multiples; uint64 arrays wrap silently.
+        m_low, m_high = self._multipliers
+        return ((low * m_low + high * m_high) >> np.uint64(64 - self._SLOT_BITS)).view(np.int64)
+
+    def find(
+        self, low: npt.NDArray[np.uint64], high: npt.NDArray[np.uint64]
+    ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.bool_]]:
+        """Each name's bus index, and whether it is a known name at all."""
+        index = self._slots.take(self._hash(low, high))  # -1 reads the sentinel
+        match = self._low.take(index) == low
+        match &= self._high.take(index) == high
+        return index, match
+
+    def add(self, low: int, high: int) -> None:
+        self._keys.append((low, high))
+        name = low.to_bytes(8, "little") + high.to_bytes(8, "little")
+        self.names.append(name.rstrip(b"\0").decode("latin-1"))
+        keys = np.array([*self._keys, (int(self._NONE), int(self._NONE))], np.uint64)
+        self._low, self._high = keys[:, 0].copy(), keys[:, 1].copy()
+        # Multipliers under which every known name has a slot of its own: the first pair
+        # nearly always does, with at most 256 names in 65,536 slots.
+        rng = np.random.default_rng(len(self.names))
+        while True:
+            m_low, m_high = rng.integers(0, 2**63, 2) | 1
+            self._multipliers = (np.uint64(m_low), np.uint64(m_high))
+            slots = self._hash(self._low[:-1], self._high[:-1])
+            if len(np.unique(slots)) == len(slots):
+                break
+        self._slots[:] = -1
+        self._slots[slots] = np.arange(len(slots), dtype=np.int16)
 
 
 @register
@@ -136,9 +194,7 @@ class CandumpReader(LogReader):
     def __init__(self, path: str | Path, *, chunk_bytes: int = CHUNK_BYTES) -> None:
         super().__init__(path)
         self.chunk_bytes = chunk_bytes
-        self._buses: list[str] = []
-        #: Each bus's name as two little-endian 64-bit words, in bus index order.
-        self._bus_keys: list[tuple[int, int]] = []
+        self._names = _BusNames()
         self._consumed = 0
         self._size = 1
 
@@ -197,14 +253,15 @@ class CandumpReader(LogReader):
 
         # In a clean chunk every line has as many of each delimiter: then their positions,
         # reshaped, are the lines' own, and no search is needed.
-        counts: dict[str, int] = {")": 1, ".": 1, " ": 2, "#": 1}
+        counts: dict[str, int] = {")": 1, " ": 2}
         positions = {char: np.flatnonzero(buf == ord(char)) for char in counts}
         clean = not blank.any()
         if clean:
             counts[" "] = len(positions[" "]) // n_lines
-            counts["#"] = len(positions["#"]) // n_lines
             for char, k in counts.items():
-                if not 1 <= k <= 3 or len(positions[char]) != k * n_lines:
+                # ')' once; ' ' after ')' and after the interface, and before a direction.
+                expected = k == 1 if char == ")" else 2 <= k <= 3
+                if not expected or len(positions[char]) != k * n_lines:
                     clean = False
                     break
                 per_line = positions[char].reshape(n_lines, k)
@@ -220,17 +277,27 @@ class CandumpReader(LogReader):
             return _first_after(positions[char], after, ends)
 
         close = find(")", starts, 0)
-        dot = find(".", starts, 0)
+        # candump writes six decimals, so the dot is 7 before ')'; the dots are searched for
+        # only where a line has it elsewhere. (A second dot in a timestamp fails the line
+        # wherever the dot is taken to be.)
+        dot = close - 7
+        elsewhere = (w.char(dot) != ord(".")) | (dot <= starts)  # not in an earlier line
+        if elsewhere.any():
+            dots = np.flatnonzero(buf == ord("."))
+            dot[elsewhere] = _first_after(dots, starts[elsewhere], ends[elsewhere])
         ok &= (close < ends) & (dot < close)
-        ok &= w.take(close + 1, 1)[:, 0] == ord(" ")
+        ok &= w.char(close + 1) == ord(" ")
         iface_start = close + 2
         iface_end = find(" ", iface_start, 1)
         iface_length = iface_end - iface_start
         ok &= (iface_length >= 1) & (iface_length <= MAX_IFACE) & (iface_end < ends)
         id_start = iface_end + 1
-        hash_ = find("#", id_start, 0)
+        # An ID has 3 or 8 characters, so its '#' is at one of two places (a '#' inside an
+        # ID is no hex digit: such a line fails below).
+        short = w.char(id_start + 3) == ord("#")
+        hash_ = id_start + np.where(short, 3, 8)
+        ok &= (short | (w.char(id_start + 8) == ord("#"))) & (hash_ < ends)
         id_length = hash_ - id_start
-        ok &= (hash_ < ends) & ((id_length == 3) | (id_length == 8))
         last_space = (
             positions[" "].reshape(n_lines, 3)[:, 2] if clean and counts[" "] == 3 else None
         )
@@ -240,7 +307,8 @@ class CandumpReader(LogReader):
             # whose channel cannot be read stays, to be counted as malformed.
             named = np.flatnonzero(ok)
             indices = self._bus_indices(w, iface_start[named], iface_length[named])
-            wanted = np.array([name in self.channels for name in self._buses], np.bool_)[indices]
+            taken = [name in self.channels for name in self._names.names]
+            wanted = np.array(taken, np.bool_)[indices]
             keep = np.ones(n_lines, np.bool_)
             keep[named] = wanted
             if not keep.all():
@@ -255,19 +323,22 @@ class CandumpReader(LogReader):
         # Timestamp: whole seconds right-aligned before the dot, fraction left-aligned after.
         whole_length = dot - starts - 1
         ok &= (whole_length >= 1) & (whole_length <= _INT_DIGITS)
-        window = w.take(dot - _INT_DIGITS, _INT_DIGITS)
-        pairs, valid = _decode_pairs(window, whole_length, True, _DECIMAL_PAIRS)
+        # One window for both (each window costs a copy per line, however narrow).
+        stamp = w.take(dot - _INT_DIGITS, 2 * _INT_DIGITS + 1)
+        pairs, valid = _decode_pairs(stamp[:, :_INT_DIGITS], whole_length, True, _DECIMAL_PAIRS)
         whole = pairs.astype(np.int64) @ _HUNDREDS
         ok &= valid & (whole < _MAX_SECONDS)
         fraction_length = close - dot - 1
         ok &= (fraction_length >= 1) & (fraction_length <= _FRACTION_DIGITS)
-        window = w.take(dot + 1, _INT_DIGITS)
-        pairs, valid = _decode_pairs(window, fraction_length, False, _DECIMAL_PAIRS)
+        fraction = stamp[:, _INT_DIGITS + 1 :]
+        pairs, valid = _decode_pairs(fraction, fraction_length, False, _DECIMAL_PAIRS)
         ok &= valid
         # Ten digits after the dot, the tenth always 0: tenths of nanoseconds.
         t_ns = whole * 1_000_000_000 + (pairs.astype(np.int64) @ _HUNDREDS) // 10
 
-        pairs, valid = _decode_pairs(w.take(hash_ - 8, 8), id_length, True, _HEX_PAIRS)
+        # The ID right-aligned before '#', and the three characters after it.
+        around = w.take(hash_ - 8, 12)
+        pairs, valid = _decode_pairs(around[:, :8], id_length, True, _HEX_PAIRS)
         raw_id = pairs.astype(np.int64) @ _BYTES
         ok &= valid
         extended = id_length == 8
@@ -276,7 +347,7 @@ class CandumpReader(LogReader):
         ok &= extended | (raw_id <= 0x7FF)
 
         # After '#': '#F' + data (FD), 'R[n]' (remote) or data.
-        after = w.take(hash_ + 1, 3)
+        after = around[:, 9:]
         fd = after[:, 0] == ord("#")
         ok &= ~(fd & (after[:, 1] == ord("#")))  # CAN XL: not a CAN frame
         fd_flags = np.where(fd, _HEX[after[:, 1]], 0)
@@ -298,7 +369,8 @@ class CandumpReader(LogReader):
         dlc = ~fd & ~remote & (tail[:, 0] == ord("_")) & (_HEX[tail[:, 1]] >= 0)
         rest = data_end + np.where(dlc, 2, 0)
         rest_length = ends - rest
-        suffix = w.take(rest, 2).view("<u2")[:, 0]
+        two = tail.view("<u2")
+        suffix = np.where(dlc, two[:, 1], two[:, 0])
         direction = (suffix == _RECEIVED) | (suffix == _TRANSMITTED)
         ok &= (rest_length == 0) | ((rest_length == 2) & direction)
         length = np.where(remote, np.maximum(remote_length, 0), data_chars // 2)
@@ -339,7 +411,7 @@ class CandumpReader(LogReader):
             flags=flags[rows].astype(np.uint8),
             length=length[rows].astype(np.uint8),
             data=payload,
-            buses=tuple(self._buses),
+            buses=tuple(self._names.names),
         )
         return batch, n_lines
 
@@ -350,28 +422,16 @@ class CandumpReader(LogReader):
         its length) and looked up among the names seen so far: only a new name costs a
         Python step."""
         words = w.take(starts, MAX_IFACE + 1).view("<u8")
-        low = words[:, 0] & _NAME_MASKS[np.minimum(lengths, 8)]
-        high = words[:, 1] & _NAME_MASKS[np.clip(lengths - 8, 0, 8)]
+        low = words[:, 0] & _NAME_MASKS.take(np.minimum(lengths, 8))
+        high = words[:, 1] & _NAME_MASKS.take(np.clip(lengths - 8, 0, 8))
         while True:
-            known = np.array(self._bus_keys, np.uint64).reshape(-1, 2)
-            order = np.lexsort((known[:, 1], known[:, 0]))
-            at = np.minimum(np.searchsorted(known[order, 0], low), max(len(known) - 1, 0))
-            found = order[at] if len(known) else np.zeros(len(low), np.intp)
-            match = (
-                (known[found, 0] == low) & (known[found, 1] == high)
-                if len(known)
-                else np.zeros(len(low), np.bool_)
-            )
+            found, match = self._names.find(low, high)
             missing = np.flatnonzero(~match)
             if not len(missing):
                 return found.astype(np.uint8)
-            if len(self._buses) > 255:
+            if len(self._names) > 255:
                 raise LogError(f"{self.path}: more than 256 buses in one log")
-            row = missing[0]
-            key = (int(low[row]), int(high[row]))
-            self._bus_keys.append(key)
-            name = int(low[row]).to_bytes(8, "little") + int(high[row]).to_bytes(8, "little")
-            self._buses.append(name.rstrip(b"\0").decode("latin-1"))
+            self._names.add(int(low[missing[0]]), int(high[missing[0]]))
 
     @staticmethod
     def _example(buf: npt.NDArray[np.uint8], starts: Any, ends: Any, row: int, line: int) -> str:
