@@ -372,3 +372,19 @@ def test_a_short_fraction_after_a_line_with_a_dot_where_six_decimals_put_it(
     frames, reader = read(log)
     assert frames.t_ns.tolist() == [1_500_000_000]
     assert reader.stats.malformed == 1
+
+
+def test_every_interface_name_of_a_log_with_256_buses(tmp_path: Path) -> None:
+    # Enough names that some hash to one slot, so the reader picks other multipliers.
+    names = [f"{'x' * (i % 11)}{i:03d}n" for i in range(256)]  # 4 to 14 characters
+    order = np.random.default_rng(3).permutation(np.repeat(np.arange(256), 3))
+    log = tmp_path / "buses.log"
+    log.write_text(
+        "".join(f"({row}.000000) {names[i]} 123#{i % 256:02X}\n" for row, i in enumerate(order))
+    )
+    frames, reader = read(log, chunk_bytes=1000)
+    assert reader.stats.malformed == 0
+    assert [frames.buses[b] for b in frames.bus] == [names[i] for i in order]
+    log.write_text(log.read_text() + "(9.0) one-too-many 123#00\n")
+    with pytest.raises(LogError, match="more than 256 buses"):
+        read(log)

@@ -86,7 +86,7 @@ def _decode_pairs(
     width = chars.shape[1]
     # A row of a small contiguous table per line: take() copies it ten times faster than a
     # broadcast comparison makes it. Lengths out of range belong to malformed lines.
-    used = _field_masks(width, right).take(np.clip(lengths, 0, width), axis=0)
+    used = _field_masks(width, right).take(lengths, axis=0, mode="clip")
     # (c - '0') * used + '0' wraps around in uint8 and gives c back where used: ten times
     # faster than np.where, which has no fast path for uint8. Likewise take() over indexing.
     text = chars - _ZERO
@@ -173,15 +173,17 @@ class _BusNames:
         self.names.append(name.rstrip(b"\0").decode("latin-1"))
         keys = np.array([*self._keys, (int(self._NONE), int(self._NONE))], np.uint64)
         self._low, self._high = keys[:, 0].copy(), keys[:, 1].copy()
-        # Multipliers under which every known name has a slot of its own: the first pair
-        # nearly always does, with at most 256 names in 65,536 slots.
-        rng = np.random.default_rng(len(self.names))
+        # Multipliers under which every known name has a slot of its own: with a few names
+        # the first pair does; with 256 names in 65,536 slots, a few tries. The next pairs
+        # come from a 64-bit LCG (Knuth's MMIX constants).
+        m_low, m_high = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F
         while True:
-            m_low, m_high = rng.integers(0, 2**63, 2) | 1
-            self._multipliers = (np.uint64(m_low), np.uint64(m_high))
+            self._multipliers = (np.uint64(m_low | 1), np.uint64(m_high | 1))
             slots = self._hash(self._low[:-1], self._high[:-1])
-            if len(np.unique(slots)) == len(slots):
+            if len(set(slots.tolist())) == len(slots):
                 break
+            m_low = (m_low * 6364136223846793005 + 1442695040888963407) % 2**64
+            m_high = (m_high * 6364136223846793005 + 1442695040888963407) % 2**64
         self._slots[:] = -1
         self._slots[slots] = np.arange(len(slots), dtype=np.int16)
 
@@ -251,35 +253,33 @@ class CandumpReader(LogReader):
         blank = ends == starts
         ok = ~blank & (buf[np.minimum(starts, len(buf) - 1)] == ord("("))
 
-        # In a clean chunk every line has as many of each delimiter: then their positions,
-        # reshaped, are the lines' own, and no search is needed.
-        counts: dict[str, int] = {")": 1, " ": 2}
-        positions = {char: np.flatnonzero(buf == ord(char)) for char in counts}
-        clean = not blank.any()
+        # In a clean chunk every line has as many spaces: then their positions, reshaped,
+        # are the lines' own, and no search is needed.
+        spaces = np.flatnonzero(buf == ord(" "))
+        per_line = len(spaces) // max(n_lines, 1)
+        # A space after ')', one after the interface, and one before a direction.
+        clean = not blank.any() and 2 <= per_line <= 3 and len(spaces) == per_line * n_lines
         if clean:
-            counts[" "] = len(positions[" "]) // n_lines
-            for char, k in counts.items():
-                # ')' once; ' ' after ')' and after the interface, and before a direction.
-                expected = k == 1 if char == ")" else 2 <= k <= 3
-                if not expected or len(positions[char]) != k * n_lines:
-                    clean = False
-                    break
-                per_line = positions[char].reshape(n_lines, k)
-                if not ((per_line[:, 0] > starts).all() and (per_line[:, -1] < ends).all()):
-                    clean = False
-                    break
+            table = spaces.reshape(n_lines, per_line)
+            clean = bool((table[:, 0] > starts).all() and (table[:, -1] < ends).all())
 
-        def find(char: str, after: npt.NDArray[np.intp], nth: int) -> npt.NDArray[np.intp]:
-            """The first `char` at or after `after` in each line (the line's `nth` in a
+        def space(after: npt.NDArray[np.intp], nth: int) -> npt.NDArray[np.intp]:
+            """The first space at or after `after` in each line (the line's `nth` in a
             clean chunk), or the line's end."""
             if clean:
-                return positions[char].reshape(n_lines, counts[char])[:, nth]
-            return _first_after(positions[char], after, ends)
+                return table[:, nth]
+            return _first_after(spaces, after, ends)
 
-        close = find(")", starts, 0)
+        # ')' is right before the first space, and the ')' are searched for only where it
+        # is not. (A ')' or a second '.' inside a timestamp fails the line wherever they are
+        # taken to be: so also below.)
+        close = space(starts, 0) - 1
+        elsewhere = w.char(close) != ord(")")
+        if elsewhere.any():
+            closes = np.flatnonzero(buf == ord(")"))
+            close[elsewhere] = _first_after(closes, starts[elsewhere], ends[elsewhere])
         # candump writes six decimals, so the dot is 7 before ')'; the dots are searched for
-        # only where a line has it elsewhere. (A second dot in a timestamp fails the line
-        # wherever the dot is taken to be.)
+        # only where a line has it elsewhere.
         dot = close - 7
         elsewhere = (w.char(dot) != ord(".")) | (dot <= starts)  # not in an earlier line
         if elsewhere.any():
@@ -288,7 +288,7 @@ class CandumpReader(LogReader):
         ok &= (close < ends) & (dot < close)
         ok &= w.char(close + 1) == ord(" ")
         iface_start = close + 2
-        iface_end = find(" ", iface_start, 1)
+        iface_end = space(iface_start, 1)
         iface_length = iface_end - iface_start
         ok &= (iface_length >= 1) & (iface_length <= MAX_IFACE) & (iface_end < ends)
         id_start = iface_end + 1
@@ -298,9 +298,7 @@ class CandumpReader(LogReader):
         hash_ = id_start + np.where(short, 3, 8)
         ok &= (short | (w.char(id_start + 8) == ord("#"))) & (hash_ < ends)
         id_length = hash_ - id_start
-        last_space = (
-            positions[" "].reshape(n_lines, 3)[:, 2] if clean and counts[" "] == 3 else None
-        )
+        last_space = table[:, 2] if clean and per_line == 3 else None
         line_of = np.arange(n_lines)
         if self.channels is not None:
             # Lines of other channels leave before the costly part of the parse. A line
@@ -358,7 +356,7 @@ class CandumpReader(LogReader):
         underscores = np.flatnonzero(buf == ord("_"))
         data_end = _first_after(underscores, data_start, ends) if len(underscores) else ends
         if not clean:
-            data_end = np.minimum(data_end, _first_after(positions[" "], data_start, ends))
+            data_end = np.minimum(data_end, _first_after(spaces, data_start, ends))
         elif last_space is not None:  # every line ends in " R" or " T"
             data_end = np.minimum(data_end, last_space)
         data_chars = np.where(remote, 0, data_end - data_start)
@@ -382,19 +380,22 @@ class CandumpReader(LogReader):
             window = w.take(data_start[ok], width)
             pairs, valid = _decode_pairs(window, data_chars[ok], False, _HEX_PAIRS)
             payload[:, : width // 2] = pairs
-            ok[np.flatnonzero(ok)[~valid]] = False
-            payload = payload[valid]
+            if not valid.all():
+                ok[np.flatnonzero(ok)[~valid]] = False
+                payload = payload[valid]
 
         rows = np.flatnonzero(ok)
         buses = self._bus_indices(w, iface_start[rows], iface_length[rows])
-        flags = (
-            np.where(extended & ~error, FrameFlag.EXTENDED, 0)
-            | np.where(error, FrameFlag.ERROR, 0)
-            | np.where(remote, FrameFlag.REMOTE, 0)
-            | np.where(fd, FrameFlag.FD, 0)
-            | np.where(fd & ((fd_flags & 1) != 0), FrameFlag.BRS, 0)
-            | np.where(fd & ((fd_flags & 2) != 0), FrameFlag.ESI, 0)
-        )
+        flags = np.zeros(len(ok), np.uint8)
+        for flag, where in (
+            (FrameFlag.EXTENDED, extended & ~error),
+            (FrameFlag.ERROR, error),
+            (FrameFlag.REMOTE, remote),
+            (FrameFlag.FD, fd),
+            (FrameFlag.BRS, fd & ((fd_flags & 1) != 0)),
+            (FrameFlag.ESI, fd & ((fd_flags & 2) != 0)),
+        ):
+            flags |= where.view(np.uint8) * np.uint8(flag)  # a bool is a 0 or 1 byte
         bad_rows = np.flatnonzero(~ok & ~blank)
         if len(bad_rows):
             self.stats.add_malformed(
@@ -408,7 +409,7 @@ class CandumpReader(LogReader):
             t_ns=t_ns[rows],
             bus=buses,
             can_id=can_id[rows].astype(np.uint32),
-            flags=flags[rows].astype(np.uint8),
+            flags=flags.take(rows),
             length=length[rows].astype(np.uint8),
             data=payload,
             buses=tuple(self._names.names),
