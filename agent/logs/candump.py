@@ -26,8 +26,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag
 from agent.logs.base import DEFAULT_BATCH_FRAMES, LogError, LogReader, register
 
-#: Bytes read at a time; about 25,000 lines of classic CAN.
-CHUNK_BYTES = 1 << 20
+#: Bytes read at a time; about 12,000 lines of classic CAN. A chunk's columns then stay in
+#: the core's cache: 1 MiB chunks parse 10 to 20% slower, 4 MiB ones 30%.
+CHUNK_BYTES = 1 << 19
 #: The longest interface name Linux allows (IFNAMSIZ less the terminating NUL).
 MAX_IFACE = 15
 _PAD = 160  # room before and after a chunk for the widest window (an FD payload, 128 chars)
@@ -211,17 +212,26 @@ class CandumpReader(LogReader):
             self._size = max(self.path.stat().st_size, 1)
         except OSError as error:
             raise LogError(f"{self.path}: cannot read the log: {error.strerror or error}") from None
+
+        def read() -> bytes:
+            try:
+                return f.read(self.chunk_bytes)
+            except OSError as error:
+                reason = error.strerror or error
+                raise LogError(f"{self.path}: cannot read the log: {reason}") from None
+
         with f:
-            while True:
-                try:
-                    block = f.read(self.chunk_bytes)
-                except OSError as error:
-                    reason = error.strerror or error
-                    raise LogError(f"{self.path}: cannot read the log: {reason}") from None
+            block = read()
+            while block:
+                # One block ahead, so that the last chunk is known as such (its last line
+                # may lack a line end), and a short last block joins the one before: a parse
+                # costs about 0.1 ms whatever its size.
+                following = read()
+                if 0 < len(following) < self.chunk_bytes // 2:
+                    block, following = block + following, read()
                 chunk = carry + block
-                if not chunk:
-                    return
-                if block:
+                block = following
+                if following:
                     cut = chunk.rfind(b"\n") + 1
                     if cut == 0 and len(chunk) < 64 * self.chunk_bytes:
                         carry = chunk  # no line end yet: read on
@@ -230,10 +240,8 @@ class CandumpReader(LogReader):
                         chunk, carry = chunk + b"\n", b""
                     else:
                         chunk, carry = chunk[:cut], chunk[cut:]
-                else:
-                    carry = b""
-                    if not chunk.endswith(b"\n"):
-                        chunk += b"\n"
+                elif not chunk.endswith(b"\n"):
+                    chunk += b"\n"
                 frames, lines = self._parse(chunk, lines_before)
                 lines_before += lines
                 self._consumed += len(chunk)
