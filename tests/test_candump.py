@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import LogError, open_log
-from agent.logs.candump import CandumpReader
+from agent.logs.candump import CHUNK_BYTES, CandumpReader
 from tests.data import RAV4_LOG, TESLA_LOG, TRUCK_LOG
 
 
@@ -312,7 +312,11 @@ VALID_LINE = st.builds(
     st.integers(0, 9_999_999_999),
     st.integers(1, 9),
     st.integers(0, 999_999_999),
-    st.sampled_from(["can0", "can1", "vcan12", "x", "canbus123", "averylongname15"]),
+    # Names are bytes (read as latin-1): NUL and 0xFF bytes, 8 of them, two that differ
+    # only past their eighth byte, 15 of them.
+    st.sampled_from(
+        ["can0", "can0\0", "\0", "\xff" * 8, "canbus12\x01", "canbus12\x02", "averylongname15"]
+    ),
     st.booleans(),
     st.integers(0, 0x3FFFFFFF),
     st.binary(max_size=12),
@@ -339,14 +343,21 @@ def mutated_line(draw: st.DrawFn) -> str:
 )
 @given(
     lines=st.lists(st.one_of(VALID_LINE, mutated_line(), GARBAGE_TEXT), max_size=40),
-    chunk_bytes=st.sampled_from([61, 997, 1 << 20]),
+    chunk_bytes=st.sampled_from([1, 61, 997, CHUNK_BYTES]),
 )
 def test_every_line_reads_as_the_grammar_says(
     tmp_path: Path, lines: list[str], chunk_bytes: int
 ) -> None:
     lines = [line for line in lines if "\n" not in line]
     log = tmp_path / "mutated.log"
-    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Frame lines as the bytes they stand for; garbage beyond latin-1 as UTF-8.
+    encoded = []
+    for line in lines:
+        try:
+            encoded.append(line.encode("latin-1"))
+        except UnicodeEncodeError:
+            encoded.append(line.encode("utf-8"))
+    log.write_bytes(b"\n".join(encoded) + b"\n")
     got, reader = read(log, 7, chunk_bytes=chunk_bytes)
     expected = [frame for frame in map(oracle, lines) if frame is not None]
     blank = sum(1 for line in lines if line in ("", "\r"))
@@ -388,3 +399,51 @@ def test_every_interface_name_of_a_log_with_256_buses(tmp_path: Path) -> None:
     log.write_text(log.read_text() + "(9.0) one-too-many 123#00\n")
     with pytest.raises(LogError, match="more than 256 buses"):
         read(log)
+
+
+def test_interface_names_that_end_in_nul_bytes_are_names_of_their_own(tmp_path: Path) -> None:
+    log = tmp_path / "nul.log"
+    log.write_bytes(b"(1.0) can0\0 123#00\n(2.0) can0 123#01\n(3.0) \0 123#02\n(4.0) can0 123#03\n")
+    frames, reader = read(log)
+    assert reader.stats.malformed == 0
+    assert [frames.buses[b] for b in frames.bus] == ["can0\0", "can0", "\0", "can0"]
+
+
+def test_other_channels_take_no_bus_of_the_log(tmp_path: Path) -> None:
+    # 300 names of other channels would be more buses than a batch can name.
+    lines = [f"({i}.0) other{i} 123#00" for i in range(300)]
+    lines[150:150] = ["(1.5) can0 124#01", "(1.6) can0 12G#01"]
+    log = tmp_path / "many.log"
+    log.write_text("\n".join(lines) + "\n")
+    reader = CandumpReader(log, chunk_bytes=1000)
+    reader.channels = frozenset({"can0", "not-in-the-log-and-longer-than-15"})
+    frames = FrameBatch.concat(list(reader.batches()))
+    assert frames.buses == ("can0",) and frames.can_id.tolist() == [0x124]
+    assert reader.stats.malformed == 1
+    assert reader.stats.examples == ["line 152: '(1.6) can0 12G#01'"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [100, CHUNK_BYTES])
+def test_a_line_longer_than_a_mebibyte_is_one_malformed_line_skipped(
+    tmp_path: Path, chunk_bytes: int
+) -> None:
+    log = tmp_path / "long.log"
+    log.write_bytes(
+        b"(1.0) can0 123#00\n"
+        + b"x" * (3 << 20)
+        + b"\n(2.0) can0 124##1"
+        + b"AB" * 64
+        + b"\ngarbage\n(3.0) can0 125#02"
+    )
+    frames, reader = read(log, chunk_bytes=chunk_bytes)
+    assert frames.can_id.tolist() == [0x123, 0x124, 0x125]
+    assert frames.payload(1) == b"\xab" * 64
+    assert reader.stats.malformed == 2
+    assert reader.stats.examples == ["line 2: '" + "x" * 80 + "'", "line 4: 'garbage'"]
+
+
+def test_a_can_fd_line_read_a_byte_at_a_time(tmp_path: Path) -> None:
+    log = tmp_path / "fd.log"
+    log.write_bytes(b"(2.0) can0 124##1" + b"AB" * 64 + b"\n(3.0) can0 125#02\n")
+    frames, reader = read(log, chunk_bytes=1)  # the FD line is 145 one-byte chunks
+    assert frames.can_id.tolist() == [0x124, 0x125] and reader.stats.malformed == 0

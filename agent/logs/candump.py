@@ -5,11 +5,12 @@ FRAME is `III#DATA` (standard ID), `IIIIIIII#DATA` (extended; with 0x20000000 se
 frame), `ID#R` or `ID#R5` (remote, with an optional length), `ID##F` + DATA (CAN FD, F
 being the flags nibble: 1 BRS, 2 ESI), and a classic frame may end in `_D` (a raw DLC).
 
-Each chunk of the file is one numpy byte array. The fields of every line are found by
-searching the positions of the delimiters, then read through fixed-width windows
-(`sliding_window_view(...)[starts]`, one index per line) and decoded with lookup tables.
-Every check is a column operation; a line that fails any of them is counted as malformed
-and dropped, and the lines around it are kept.
+Each chunk of the file is one numpy byte array. The fields of every line are found from
+the positions of its newline and spaces (the other delimiters sit at fixed offsets from
+them in a well-formed line, and are searched for only where they do not), then read through
+fixed-width windows (`sliding_window_view(...)[starts]`, one index per line) and decoded
+with lookup tables. Every check is a column operation; a line that fails any of them is
+counted as malformed and dropped, and the lines around it are kept.
 """
 
 from __future__ import annotations
@@ -134,10 +135,11 @@ class _Windows:
 
 
 class _BusNames:
-    """The interface names seen so far, in bus index order, each as two little-endian
-    64-bit words. A name hashes to a slot of a table that holds its bus index, so finding
-    the names of a chunk's lines is a few column operations whatever the number of buses
-    (a binary search per line cost a tenth of the parse)."""
+    """Interface names, in bus index order, each as two little-endian 64-bit words: its
+    first 8 bytes, then the rest with the name's length in the top byte (so that a name
+    ending in NUL bytes is not another name). A name hashes to a slot of a table that holds
+    its index, so finding the names of a chunk's lines is a few column operations whatever
+    the number of buses (a binary search per line cost a tenth of the parse)."""
 
     _SLOT_BITS = 16
     # Stands for an empty slot: no name of at most MAX_IFACE bytes reads as these words.
@@ -153,6 +155,18 @@ class _BusNames:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @staticmethod
+    def key(name: str) -> tuple[int, int] | None:
+        """A name's two words, or None for a name no candump line can carry."""
+        try:
+            raw = name.encode("latin-1")
+        except UnicodeEncodeError:
+            return None
+        if not 1 <= len(raw) <= MAX_IFACE:
+            return None
+        low = int.from_bytes(raw[:8].ljust(8, b"\0"), "little")
+        return low, int.from_bytes(raw[8:].ljust(8, b"\0"), "little") | len(raw) << 56
 
     def _hash(self, low: npt.NDArray[np.uint64], high: npt.NDArray[np.uint64]) -> Any:
         # Multiplicative hashing: the top bits of odd multiples; uint64 arrays wrap silently.
@@ -171,7 +185,7 @@ class _BusNames:
     def add(self, low: int, high: int) -> None:
         self._keys.append((low, high))
         name = low.to_bytes(8, "little") + high.to_bytes(8, "little")
-        self.names.append(name.rstrip(b"\0").decode("latin-1"))
+        self.names.append(name[: high >> 56].decode("latin-1"))
         keys = np.array([*self._keys, (int(self._NONE), int(self._NONE))], np.uint64)
         self._low, self._high = keys[:, 0].copy(), keys[:, 1].copy()
         # Multipliers under which every known name has a slot of its own: with a few names
@@ -198,6 +212,7 @@ class CandumpReader(LogReader):
         super().__init__(path)
         self.chunk_bytes = chunk_bytes
         self._names = _BusNames()
+        self._wanted: _BusNames | None = None  # the channels, where only some are read
         self._consumed = 0
         self._size = 1
 
@@ -220,6 +235,14 @@ class CandumpReader(LogReader):
                 reason = error.strerror or error
                 raise LogError(f"{self.path}: cannot read the log: {reason}") from None
 
+        if self.channels is not None:
+            self._wanted = _BusNames()
+            for key in filter(None, map(_BusNames.key, sorted(self.channels))):
+                self._wanted.add(*key)
+        # A line longer than this (garbage: a frame's line has under 200 bytes) is counted
+        # once and skipped to its end, so that memory stays bounded.
+        longest = max(64 * self.chunk_bytes, 1 << 20)
+        skipping = False
         with f:
             block = read()
             while block:
@@ -230,16 +253,26 @@ class CandumpReader(LogReader):
                 if 0 < len(following) < self.chunk_bytes // 2:
                     block, following = block + following, read()
                 chunk = carry + block
-                block = following
+                block, carry = following, b""
+                if skipping:
+                    end = chunk.find(b"\n")
+                    if end < 0:
+                        continue
+                    chunk, skipping = chunk[end + 1 :], False
                 if following:
                     cut = chunk.rfind(b"\n") + 1
-                    if cut == 0 and len(chunk) < 64 * self.chunk_bytes:
+                    if cut == 0 and len(chunk) < longest:
                         carry = chunk  # no line end yet: read on
                         continue
-                    if cut == 0:  # a "line" of 64 chunks: garbage, parsed as one line
-                        chunk, carry = chunk + b"\n", b""
-                    else:
-                        chunk, carry = chunk[:cut], chunk[cut:]
+                    if cut == 0:
+                        text = chunk[:80].decode("utf-8", "replace")
+                        self.stats.add_malformed(1, [f"line {lines_before + 1}: {text!r}"])
+                        lines_before += 1
+                        skipping = True
+                        continue
+                    chunk, carry = chunk[:cut], chunk[cut:]
+                elif not chunk:
+                    continue  # the file ended with the end of a skipped line
                 elif not chunk.endswith(b"\n"):
                     chunk += b"\n"
                 frames, lines = self._parse(chunk, lines_before)
@@ -278,23 +311,19 @@ class CandumpReader(LogReader):
                 return table[:, nth]
             return _first_after(spaces, after, ends)
 
-        # ')' is right before the first space, and the ')' are searched for only where it
-        # is not. (A ')' or a second '.' inside a timestamp fails the line wherever they are
-        # taken to be: so also below.)
+        # A timestamp holds no space, so ')' is right before the first space, or the line is
+        # malformed.
         close = space(starts, 0) - 1
-        elsewhere = w.char(close) != ord(")")
-        if elsewhere.any():
-            closes = np.flatnonzero(buf == ord(")"))
-            close[elsewhere] = _first_after(closes, starts[elsewhere], ends[elsewhere])
+        ok &= w.char(close) == ord(")")
         # candump writes six decimals, so the dot is 7 before ')'; the dots are searched for
-        # only where a line has it elsewhere.
+        # only where a line has it elsewhere. (A second dot in a timestamp fails the line
+        # wherever the dot is taken to be.)
         dot = close - 7
         elsewhere = (w.char(dot) != ord(".")) | (dot <= starts)  # not in an earlier line
         if elsewhere.any():
             dots = np.flatnonzero(buf == ord("."))
             dot[elsewhere] = _first_after(dots, starts[elsewhere], ends[elsewhere])
-        ok &= (close < ends) & (dot < close)
-        ok &= w.char(close + 1) == ord(" ")
+        ok &= (close + 1 < ends) & (dot < close)  # the space after ")" is in the line
         iface_start = close + 2
         iface_end = space(iface_start, 1)
         iface_length = iface_end - iface_start
@@ -308,13 +337,14 @@ class CandumpReader(LogReader):
         id_length = hash_ - id_start
         last_space = table[:, 2] if clean and per_line == 3 else None
         line_of = np.arange(n_lines)
-        if self.channels is not None:
-            # Lines of other channels leave before the costly part of the parse. A line
-            # whose channel cannot be read stays, to be counted as malformed.
+        if self._wanted is not None:
+            # Lines of other channels leave before the costly part of the parse, their names
+            # never entered among the log's buses. A line whose channel cannot be read stays,
+            # to be counted as malformed.
             named = np.flatnonzero(ok)
-            indices = self._bus_indices(w, iface_start[named], iface_length[named])
-            taken = [name in self.channels for name in self._names.names]
-            wanted = np.array(taken, np.bool_)[indices]
+            _, wanted = self._wanted.find(
+                *self._name_keys(w, iface_start[named], iface_length[named])
+            )
             keep = np.ones(n_lines, np.bool_)
             keep[named] = wanted
             if not keep.all():
@@ -393,7 +423,7 @@ class CandumpReader(LogReader):
                 payload = payload[valid]
 
         rows = np.flatnonzero(ok)
-        buses = self._bus_indices(w, iface_start[rows], iface_length[rows])
+        buses = self._bus_indices(*self._name_keys(w, iface_start[rows], iface_length[rows]))
         flags = np.zeros(len(ok), np.uint8)
         for flag, where in (
             (FrameFlag.EXTENDED, extended & ~error),
@@ -424,15 +454,22 @@ class CandumpReader(LogReader):
         )
         return batch, n_lines
 
-    def _bus_indices(
-        self, w: _Windows, starts: npt.NDArray[np.intp], lengths: npt.NDArray[np.intp]
-    ) -> npt.NDArray[np.uint8]:
-        """Bus indices from interface names, each name read as two 64-bit words (masked to
-        its length) and looked up among the names seen so far: only a new name costs a
-        Python step."""
+    @staticmethod
+    def _name_keys(
+        w: _Windows, starts: npt.NDArray[np.intp], lengths: npt.NDArray[np.intp]
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """Interface names (of 1 to MAX_IFACE bytes) as the two words of `_BusNames`."""
         words = w.take(starts, MAX_IFACE + 1).view("<u8")
         low = words[:, 0] & _NAME_MASKS.take(np.minimum(lengths, 8))
         high = words[:, 1] & _NAME_MASKS.take(np.clip(lengths - 8, 0, 8))
+        high |= lengths.astype(np.uint64) << np.uint64(56)
+        return low, high
+
+    def _bus_indices(
+        self, low: npt.NDArray[np.uint64], high: npt.NDArray[np.uint64]
+    ) -> npt.NDArray[np.uint8]:
+        """Bus indices of interface names, looked up among the names seen so far: only a
+        new name costs a Python step."""
         while True:
             found, match = self._names.find(low, high)
             missing = np.flatnonzero(~match)
