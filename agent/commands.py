@@ -16,6 +16,7 @@ from typing import TextIO
 
 from agent import __version__
 from agent.decode import ALL_BUSES, DbcError, Decoder, bus_decoders, load_dbc
+from agent.exits import EX_CONFIG, EX_IOERR
 from agent.logs import LogError, formats, open_log
 from agent.memory import keep_freed_memory
 from agent.records import WRITERS
@@ -181,7 +182,7 @@ def run_agent(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.collect import CollectError
-    from agent.config import EX_CONFIG, EX_IOERR, ConfigError, embedded_defaults, load_config
+    from agent.config import ConfigError, embedded_defaults, load_config
 
     _log_to_stderr(args.verbose)
     try:
@@ -216,7 +217,7 @@ def run_agent(args: argparse.Namespace) -> int:
 
 def run_check_config(args: argparse.Namespace) -> int:
     from agent.collect import CollectError, Collector
-    from agent.config import EX_CONFIG, ConfigError, load_config
+    from agent.config import ConfigError, load_config
 
     try:
         config = load_config(args.config)
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate a config file",
-        description=f"Validate a config: exit 0, or print every problem and exit {os.EX_CONFIG}.",
+        description=f"Validate a config: exit 0, or print every problem and exit {EX_CONFIG}.",
     )
     check.add_argument("config", metavar="PATH")
     check.set_defaults(handler=run_check_config)

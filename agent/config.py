@@ -9,7 +9,6 @@ are relative to the config file's folder.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -20,11 +19,6 @@ from urllib.parse import urlsplit
 
 from agent.collect.expression import ExpressionError, parse
 from agent.collect.rules import EDGES, MODE_KEYS, MODES, REDUCES, STATS, CollectRule
-
-#: Exit status of `check-config` and `run` for a bad config (sysexits.h EX_CONFIG).
-EX_CONFIG = os.EX_CONFIG
-#: Exit status of `run` when the spool under state_dir cannot be used (EX_IOERR).
-EX_IOERR = os.EX_IOERR
 
 MIB = 1024 * 1024
 #: The largest batch the agent builds: receivers refuse larger ones (four times this,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import EX_CONFIG, ConfigError, Pace, load_config, parse_config
+from agent.config import ConfigError, Pace, load_config, parse_config
+from agent.exits import EX_CONFIG
 from tests.data import RAV4_LOG, RAV4_PT_DBC, REPO
 from tests.services import agent_command
 
