@@ -13,8 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import LOGS, table
-from tests.data import REPO
+from bench.common import LOGS, REPO, table
 
 #: Longer logs, made of the RAV4 log end to end: start-up weighs less the longer the log.
 REPEATS = (8, 32)

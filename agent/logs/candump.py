@@ -6,8 +6,9 @@ frame), `ID#R` or `ID#R5` (remote, with an optional length), `ID##F` + DATA (CAN
 being the flags nibble: 1 BRS, 2 ESI), and a classic frame may end in `_D` (a raw DLC).
 
 Each chunk of the file is one numpy byte array. The fields of every line are found from
-the positions of its newline and spaces (the other delimiters sit at fixed offsets from
-them in a well-formed line, and are searched for only where they do not), then read through
+the positions of its newline and spaces (')' and '#' sit at fixed offsets from them in a
+well-formed line, and so does the dot where the fraction has six digits; the dot alone is
+searched for, on the lines where it is not there), then read through
 fixed-width windows (`sliding_window_view(...)[starts]`, one index per line) and decoded
 with lookup tables. Every check is a column operation; a line that fails any of them is
 counted as malformed and dropped, and the lines around it are kept.
@@ -147,7 +148,6 @@ class _BusNames:
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        self._keys: list[tuple[int, int]] = []
         self._low = np.array([self._NONE], np.uint64)  # the names' words, then the sentinel
         self._high = self._low.copy()
         self._slots = np.full(1 << self._SLOT_BITS, -1, np.int16)
@@ -183,11 +183,10 @@ class _BusNames:
         return index, match
 
     def add(self, low: int, high: int) -> None:
-        self._keys.append((low, high))
         name = low.to_bytes(8, "little") + high.to_bytes(8, "little")
         self.names.append(name[: high >> 56].decode("latin-1"))
-        keys = np.array([*self._keys, (int(self._NONE), int(self._NONE))], np.uint64)
-        self._low, self._high = keys[:, 0].copy(), keys[:, 1].copy()
+        self._low = np.insert(self._low, -1, np.uint64(low))  # before the sentinel
+        self._high = np.insert(self._high, -1, np.uint64(high))
         # Multipliers under which every known name has a slot of its own: with a few names
         # the first pair does; with 256 names in 65,536 slots, a few tries. The next pairs
         # come from a 64-bit LCG (Knuth's MMIX constants).
