@@ -182,3 +182,145 @@ def test_selector_values_beyond_the_lookup_table(tmp_path: Path) -> None:
         == {"Page": 70000, "High": -1}
     )
     assert rows[2][1] == {"Page": 5}  # cantools refuses a value no signal is selected by
+
+
+def _dbc_of(messages: list[tuple[str, int]]) -> str:
+    """A DBC of (name, DBC frame ID) messages, each one byte-wide signal named after it."""
+    lines = ['VERSION ""', "", "BU_: ECU", ""]
+    for name, frame_id in messages:
+        lines += [f"BO_ {frame_id} {name}: 8 ECU", f' SG_ {name}_B : 8|8@1+ (1,0) [0|0] "" ECU', ""]
+    return "\n".join(lines)
+
+
+_EXTENDED_BIT = 0x80000000  # how a DBC marks a 29-bit ID
+
+
+@pytest.mark.parametrize("j1939", [["can1"], ["can1", "can2"], ["*"]])
+@pytest.mark.parametrize("seed", range(4))
+def test_each_frame_finds_its_message_whatever_its_bus_flags_and_id(
+    tmp_path: Path, j1939: list[str], seed: int
+) -> None:
+    # Standard, plain extended and J1939 messages (PDU1 and PDU2), on J1939 buses and
+    # others; can2 has DBC of its own, with the same IDs and PGNs for other messages.
+    standard = {0x000: "S0", 0x123: "S123", 0x7FF: "S7FF"}
+    extended = {0x1ABCDE0: "X1", 0x18FEF100: "CCVS", 0x0C010000: "TC1"}
+    messages: dict[str, tuple[dict[int, str], dict[int, str]]] = {}
+    dbcs: dict[str, list[Path]] = {}
+    for bus, prefix in (("can2", "own"), ("*", "all")):
+        std = {i: f"{prefix}_{name}" for i, name in standard.items()}
+        ext = {i: f"{prefix}_{name}" for i, name in extended.items()}
+        messages[bus] = std, ext
+        dbcs[bus] = [tmp_path / f"{prefix}.dbc"]
+        dbcs[bus][0].write_text(
+            _dbc_of(
+                [(n, i) for i, n in std.items()] + [(n, i | _EXTENDED_BIT) for i, n in ext.items()]
+            )
+        )
+    decoder = Decoder(dbcs, j1939)
+    buses = ("can0", "can1", "can2")
+
+    def pgn(can_id: int) -> int:
+        pf = (can_id >> 16) & 0xFF
+        return (can_id >> 8) & (0x3FF00 if pf < 0xF0 else 0x3FFFF)
+
+    rng = np.random.default_rng(seed)
+    n = 3000
+    batch = FrameBatch.allocate(n, buses)
+    batch.bus[:] = rng.integers(0, len(buses), n)
+    choices = np.array(
+        [*standard, 0x800, 0xFFF, 0x1234, *extended, 0x18FEF1AA, 0x0C0105FE, 0x1ABCDE1, 0x0CF00400]
+    )
+    batch.can_id[:] = rng.choice(choices, n)
+    anywhere = rng.random(n) < 0.2
+    batch.can_id[anywhere] = rng.integers(0, 1 << 29, int(anywhere.sum()))
+    flag_sets = [0, 0, 0, FrameFlag.EXTENDED, FrameFlag.EXTENDED, FrameFlag.REMOTE, FrameFlag.ERROR]
+    flag_sets += [FrameFlag.EXTENDED | FrameFlag.REMOTE, FrameFlag.EXTENDED | FrameFlag.ERROR]
+    batch.flags[:] = rng.choice(np.array(flag_sets, np.uint8), n)
+    batch.flags[rng.random(n) < 0.1] |= np.uint8(FrameFlag.FD)
+    batch.length[:] = 8
+    batch.data[:, 1] = np.arange(n) % 256
+
+    expected: dict[int, str] = {}
+    counts = {"error": 0, "remote": 0, "unknown": 0}
+    for row in range(n):
+        bus, can_id, flags = buses[batch.bus[row]], int(batch.can_id[row]), int(batch.flags[row])
+        std, ext = messages[bus if bus in messages else "*"]
+        if flags & FrameFlag.ERROR:
+            counts["error"] += 1
+            continue
+        if flags & FrameFlag.REMOTE:
+            counts["remote"] += 1
+            continue
+        if not flags & FrameFlag.EXTENDED:
+            name = std.get(can_id)
+        elif decoder.is_j1939(bus):
+            name = {pgn(i): name for i, name in ext.items()}.get(pgn(can_id))
+        else:
+            name = ext.get(can_id)
+        if name is None:
+            counts["unknown"] += 1
+        else:
+            expected[row] = name
+
+    result = decoder.decode(batch)
+    rows = decoded_rows(result)
+    assert {row: name for row, (name, _) in rows.items()} == expected
+    assert all(values[f"{name}_B"] == row % 256 for row, (name, values) in rows.items())
+    assert all((np.diff(block.rows) > 0).all() for block in result.blocks)
+    assert (result.error_frames, result.remote_frames, result.unknown) == (
+        counts["error"],
+        counts["remote"],
+        counts["unknown"],
+    )
+
+
+@pytest.mark.parametrize("present", [40, 300])
+def test_hundreds_of_messages_in_a_batch(tmp_path: Path, present: int) -> None:
+    # More messages than one byte can number, and a batch with more or fewer than 256 of them.
+    path = tmp_path / "many.dbc"
+    path.write_text(_dbc_of([(f"M{i}", i) for i in range(300)]))
+    rng = np.random.default_rng(present)
+    can_id = rng.permutation(np.repeat(rng.choice(300, present, replace=False), 7))
+    frames = [(int(i), False, bytes([0, k % 256, 0, 0, 0, 0, 0, 0])) for k, i in enumerate(can_id)]
+    result = Decoder({"*": [path]}).decode(batch_of(frames))
+    assert all((np.diff(block.rows) > 0).all() for block in result.blocks)
+    assert decoded_rows(result) == {
+        k: (f"M{i}", {f"M{i}_B": k % 256}) for k, i in enumerate(can_id.tolist())
+    }
+
+
+UNREADABLE_CHILDREN = """VERSION ""
+
+BU_: ECU
+
+BO_ 512 Paged: 8 ECU
+ SG_ Page M : 0|8@1+ (1,0) [0|0] "" ECU
+ SG_ Near m1 : 8|8@1+ (1,0) [0|0] "" ECU
+ SG_ Odd m1 : 16|8@1+ (1,0) [0|0] "" ECU
+
+BO_ 513 Far: 8 ECU
+ SG_ Page M : 0|8@1+ (1,0) [0|0] "" ECU
+ SG_ Near m1 : 8|8@1+ (1,0) [0|0] "" ECU
+ SG_ Beyond m1 : 600|8@1+ (1,0) [0|0] "" ECU
+
+SIG_VALTYPE_ 512 Odd : 1;
+"""
+
+
+def test_multiplexed_signals_that_no_frame_can_carry_stay_absent(tmp_path: Path) -> None:
+    # cantools refuses both messages whole; we decode what can be decoded, and say why not
+    # the rest.
+    path = tmp_path / "unreadable.dbc"
+    path.write_text(UNREADABLE_CHILDREN)
+    decoder = Decoder({"*": [path]})
+    assert {
+        f"{path}: message Paged: signal Odd is never decoded: an IEEE float of 8 bits",
+        f"{path}: message Far: signal Beyond is never decoded: it ends past byte 64",
+    } <= set(decoder.warnings)
+    payloads = [bytes([1, 7, 0, 0, 0, 0, 0, 0]), bytes([2, 7, 0, 0, 0, 0, 0, 0])]
+    frames = [(can_id, False, p) for can_id in (512, 513) for p in payloads]
+    rows = decoded_rows(decoder.decode(batch_of(frames)))
+    assert [values for _, values in rows.values()] == [{"Page": 1, "Near": 7}, {"Page": 2}] * 2
+    # Alone, the first message has no frame too short for any signal that it can carry.
+    rows = decoded_rows(decoder.decode(batch_of(frames[:2])))
+    assert [values for _, values in rows.values()] == [{"Page": 1, "Near": 7}, {"Page": 2}]

@@ -60,6 +60,7 @@ def load_dbc(path: str | Path, *, strict: bool = False) -> Dbc:
     for message in database.messages:
         warnings.extend(f"{path}: {problem}" for problem in _strict_problems(message))
         plan = compile_message(message, path.name)
+        warnings.extend(f"{path}: message {message.name}: {problem}" for problem in plan.problems)
         warnings.extend(
             f"{path}: message {message.name}: another signal named {original.name!r} "
             f"is decoded as {s.name!r}"

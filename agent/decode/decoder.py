@@ -68,6 +68,14 @@ class DecodedBatch:
     present: npt.NDArray[np.bool_] | None = None
 
 
+# A frame's code sorts it: what kept it from being decoded, or its message.
+_UNKNOWN, _ERROR_FRAME, _REMOTE_FRAME, _FIRST_MESSAGE = 0, 1, 2, 3
+_NOT_STANDARD = np.uint8(FrameFlag.EXTENDED | FrameFlag.REMOTE | FrameFlag.ERROR)
+_REMOTE = np.uint8(FrameFlag.REMOTE)
+#: Block sets remembered per bus table: the same messages recur batch after batch.
+_BLOCK_SETS = 256
+
+
 class _Lookup:
     """The messages of the buses of one bus table, with every signal's parameters in flat
     arrays, so that one gather per parameter serves all the signals of a batch."""
@@ -79,36 +87,39 @@ class _Lookup:
         j1939: list[bool],
     ) -> None:
         self.plans = [(bus, plan) for bus, _, plan in plans]
+        self.one_bus = len(buses) == 1
+        self.codes = len(plans) + _FIRST_MESSAGE
+        # The narrowest type makes numpy's stable sort a radix sort of one or two passes.
+        self.code_dtype: type[np.unsignedinteger[Any]] = (
+            np.uint8 if self.codes <= 256 else np.uint16 if self.codes <= 65536 else np.uint32
+        )
         bus_of = np.array([buses.index(bus) for bus, _, _ in plans], np.int64)
         keys = np.array([key for _, key, _ in plans], np.int64)
         extended = keys & _EXTENDED_KEY != 0
-        index = np.arange(len(plans), dtype=np.int32)
+        code = np.arange(_FIRST_MESSAGE, self.codes, dtype=np.int64)
         # Standard IDs and J1939 PGNs are dense: a table per bus, looked up by one take.
         # Each bus has 4096 entries: its 2048 standard IDs, then 2048 that a frame which is
-        # not a standard data frame (extended, error, remote, ID beyond 11 bits) reads, -1.
-        self.standard = np.full(len(buses) * 4096, -1, np.int32)
-        self.standard[bus_of[~extended] * 4096 + keys[~extended]] = index[~extended]
-        on_j1939 = np.array(j1939, np.bool_)[bus_of] & extended
-        self.j1939_slot = np.cumsum(j1939) - 1
-        self.j1939_slot[~np.array(j1939, np.bool_)] = -1
+        # not a standard data frame (extended, error, remote, ID beyond 11 bits) reads.
+        self.standard = np.full(len(buses) * 4096, _UNKNOWN, self.code_dtype)
+        self.standard[bus_of[~extended] * 4096 + keys[~extended]] = code[~extended]
+        is_j1939 = np.array(j1939, np.bool_)
+        self.all_j1939 = bool(is_j1939.all())
+        on_j1939 = is_j1939[bus_of] & extended
+        self.j1939_slot = np.cumsum(is_j1939) - 1
+        self.j1939_slot[~is_j1939] = -1
         # A PDU1 PGN is entered at all 256 destination addresses, so a frame's PGN slot
         # is just bits 8 to 25 of its ID, with nothing to clear per frame.
-        self.pgns = np.full(sum(j1939) * _PGN_SPACE, -1, np.int32)
+        self.pgns = np.full(int(is_j1939.sum()) * _PGN_SPACE, _UNKNOWN, self.code_dtype)
         base = self.j1939_slot[bus_of[on_j1939]] * _PGN_SPACE + (keys[on_j1939] & (_PGN_SPACE - 1))
         pdu1 = (keys[on_j1939] & 0xFF00) < 0xF000
         destinations = np.where(pdu1[:, None], np.arange(256)[None, :], 0)
-        self.pgns[base[:, None] + destinations] = index[on_j1939][:, None]
+        self.pgns[base[:, None] + destinations] = code[on_j1939][:, None]
         # Other 29-bit IDs are sparse: sorted keys, found by binary search.
         searched = extended & ~on_j1939
         self.extended_keys = (bus_of[searched] << 32) | keys[searched]
         order = np.argsort(self.extended_keys)
         self.extended_keys = self.extended_keys[order]
-        self.extended_index = index[searched][order]
-        # The sort key of a frame is its message's index plus one (0: not decoded); the
-        # narrowest type makes numpy's stable sort a radix sort of one or two passes.
-        self.sort_dtype = (
-            np.uint8 if len(plans) < 255 else np.uint16 if len(plans) < 65535 else np.int32
-        )
+        self.extended_code = code[searched][order]
 
         signals = [p.signals for _, _, p in plans]
         self.width = np.array([len(s) for s in signals], np.int64)
@@ -129,16 +140,49 @@ class _Lookup:
         # Which halves of a batch's table of payload words any signal here reads.
         self.big = bool((self.word >= WORDS).any())
         self.little = bool((self.word < WORDS).any()) or not self.big
+        self.layouts = [_Layout(words, self.little, self.big) for words in range(1, WORDS + 1)]
+        self._block_sets: dict[bytes, _BlockSet] = {}
+
+    def block_set(self, blocks: npt.NDArray[np.intp]) -> _BlockSet:
+        """What decoding needs to know about the messages `blocks`, made once per set."""
+        found = self._block_sets.get(blocks.tobytes())
+        if found is None:
+            if len(self._block_sets) >= _BLOCK_SETS:
+                self._block_sets.clear()
+            found = _BlockSet(self, blocks)
+            self._block_sets[blocks.tobytes()] = found
+        return found
+
+
+class _BlockSet:
+    """A set of messages present in a batch: their signals laid out segment after segment,
+    one segment per signal of each message, with each segment's parameters."""
+
+    def __init__(self, lookup: _Lookup, blocks: npt.NDArray[np.intp]) -> None:
+        self.plans = [
+            (*lookup.plans[m], bool(odd))
+            for m, odd in zip(blocks.tolist(), lookup.irregular[blocks], strict=True)
+        ]
+        self.any_irregular = any(odd for _, _, odd in self.plans)
+        self.signals_in = lookup.width[blocks]
+        total = int(self.signals_in.sum())
+        self.segment_block = np.repeat(np.arange(len(blocks)), self.signals_in)
+        signal = np.repeat(
+            lookup.first_signal[blocks] - (np.cumsum(self.signals_in) - self.signals_in),
+            self.signals_in,
+        ) + np.arange(total)
+        self.shift_left = lookup.shift_left[signal]
+        self.shift_right = lookup.shift_right[signal]
+        self.needed = lookup.needed[signal]
+        self.max_needed = lookup.max_needed[blocks]
+        self._word = lookup.word[signal]
         self._columns: dict[_Layout, npt.NDArray[np.int64]] = {}
 
-    def layout(self, words: int) -> _Layout:
-        return _Layout(words, self.little, self.big)
-
     def columns(self, layout: _Layout) -> npt.NDArray[np.int64]:
-        """Each signal's column in a batch's table of payload words."""
+        """Each segment's column in a batch's table of payload words."""
         columns = self._columns.get(layout)
         if columns is None:
-            columns = layout.column(self.word)
+            columns = layout.column(self._word)
             self._columns[layout] = columns
         return columns
 
@@ -209,41 +253,45 @@ class Decoder:
     def decode(self, batch: FrameBatch) -> DecodedBatch:
         """Decode every frame of `batch` that a DBC of its bus knows."""
         n = len(batch)
-        flags = batch.flags
-        error = (flags & _ERROR) != 0
-        undecodable = (flags & _UNDECODABLE) != 0
-        n_error = int(np.count_nonzero(error))
-        n_remote = int(np.count_nonzero(undecodable)) - n_error
         lookup = self._lookup(batch.buses)
-        key = self._identify(batch, lookup, undecodable)
-        key += 1  # 0: not decoded, so the undecoded frames sort first
-        order = np.argsort(key.astype(lookup.sort_dtype), kind="stable")
-        counts = np.bincount(key, minlength=len(lookup.plans) + 1)
-        first = int(counts[0])
-        result = DecodedBatch(n, n - first, first - n_error - n_remote, n_error, n_remote)
+        code = self._identify(batch, lookup)
+        # Frames grouped by code, undecoded ones first: a stable radix sort of one byte.
+        if code.dtype == np.uint8:
+            order = np.argsort(code, kind="stable")
+            starts = code.take(order).searchsorted(np.arange(lookup.codes, dtype=np.uint8))
+            counts = np.diff(starts, append=n)
+        else:
+            counts = np.bincount(code, minlength=lookup.codes)
+            seen = np.flatnonzero(counts)
+            if len(seen) <= 256:
+                rank = np.zeros(lookup.codes, np.uint8)
+                rank[seen] = np.arange(len(seen))
+                order = np.argsort(rank.take(code), kind="stable")
+            else:
+                order = np.argsort(code, kind="stable")
+        unknown, error, remote = counts[:_FIRST_MESSAGE].tolist()
+        first = unknown + error + remote
+        result = DecodedBatch(n, n - first, unknown, error, remote)
         if first == n:
             return result
 
         # Blocks of frames of one message; within a block, one segment per signal holding
         # its value in every frame of the block (signal-major, so each column is contiguous).
         rows = order[first:]
-        counts = counts[1:]
+        counts = counts[_FIRST_MESSAGE:]
         blocks = np.flatnonzero(counts)
+        block_set = lookup.block_set(blocks)
         frames_in = counts[blocks]
         frame_ends = np.cumsum(frames_in)
-        signals_in = lookup.width[blocks]
-        segment_block = np.repeat(np.arange(len(blocks)), signals_in)
-        segment_signal = np.repeat(
-            lookup.first_signal[blocks] - (np.cumsum(signals_in) - signals_in), signals_in
-        ) + np.arange(len(segment_block))
-        segment_length = frames_in[segment_block]
+        frame_starts = frame_ends - frames_in
+        segment_length = frames_in.take(block_set.segment_block)
         segment_ends = np.cumsum(segment_length)
         total = int(segment_ends[-1]) if len(segment_ends) else 0
 
         # The payload words of the decoded frames, in block order: little endian, then big
         # (each half only where a signal reads it).
         lengths = batch.length.take(rows)
-        layout = lookup.layout(max(1, min(WORDS, -(-int(lengths.max()) // 8))))
+        layout = lookup.layouts[max(0, min(WORDS, -(-int(lengths.max()) // 8)) - 1)]
         words, stride = layout.words, layout.stride
         flat = batch.data.view("<u8").reshape(-1)
         at = rows * WORDS
@@ -253,79 +301,85 @@ class Decoder:
             halves.append(little.byteswap())
         table = (halves[0] if len(halves) == 1 else np.concatenate(halves, axis=1)).reshape(-1)
         # Each value's cell in `table`: its frame's row plus its signal's word column.
-        segment_first_frame = (frame_ends - frames_in)[segment_block]
         cell = np.repeat(
-            stride * (segment_first_frame - (segment_ends - segment_length))
-            + lookup.columns(layout)[segment_signal],
+            stride * (frame_starts.take(block_set.segment_block) - (segment_ends - segment_length))
+            + block_set.columns(layout),
             segment_length,
         )
         cell += _steps(total, stride)
         bits = table.take(cell)
         # Parameters are constant along a segment: 1-D repeats are numpy's fastest fill.
-        bits <<= np.repeat(lookup.shift_left[segment_signal], segment_length)
-        bits >>= np.repeat(lookup.shift_right[segment_signal], segment_length)
+        bits <<= np.repeat(block_set.shift_left, segment_length)
+        bits >>= np.repeat(block_set.shift_right, segment_length)
 
         present: npt.NDArray[np.bool_] | None = None
-        if (lengths < np.repeat(lookup.max_needed[blocks], frames_in)).any():
-            present = lengths.take(cell // stride) >= np.repeat(
-                lookup.needed[segment_signal], segment_length
-            )
-        irregular = lookup.irregular[blocks]
-        if present is None and irregular.any():
+        if (np.minimum.reduceat(lengths, frame_starts) < block_set.max_needed).any():
+            present = lengths.take(cell // stride) >= np.repeat(block_set.needed, segment_length)
+        fresh = present is None
+        if fresh and block_set.any_irregular:
             present = np.ones(total, np.bool_)
 
-        block_value_ends = np.cumsum(frames_in * signals_in)
-        for m, f1, n_frames, v1, n_values, odd in zip(
-            blocks.tolist(),
+        values_in = frames_in * block_set.signals_in
+        for (bus, plan, odd), f1, n_frames, v1, n_values in zip(
+            block_set.plans,
             frame_ends.tolist(),
             frames_in.tolist(),
-            block_value_ends.tolist(),
-            (frames_in * signals_in).tolist(),
-            irregular.tolist(),
+            np.cumsum(values_in).tolist(),
+            values_in.tolist(),
             strict=True,
         ):
-            bus, plan = lookup.plans[m]
             span = (f1 - n_frames, f1, v1 - n_values, v1)
             block = MessageBlock(bus, plan, batch, rows, bits, present, span)
             if odd:
-                _irregular(block, table, layout)
+                _irregular(block, table, layout, fresh)
             result.blocks.append(block)
         result.signals = total if present is None else int(np.count_nonzero(present))
         result.rows, result.bits, result.present = rows, bits, present
         return result
 
     @staticmethod
-    def _identify(
-        batch: FrameBatch, lookup: _Lookup, undecodable: npt.NDArray[np.bool_]
-    ) -> npt.NDArray[np.int32]:
-        """The index in `lookup.plans` of each frame's message, or -1."""
-        extended = (batch.flags & _EXTENDED) != 0
+    def _identify(batch: FrameBatch, lookup: _Lookup) -> npt.NDArray[np.unsignedinteger[Any]]:
+        """Each frame's code: its message's, or why it is not decoded."""
+        flags = batch.flags
+        seen = int(np.bitwise_or.reduce(flags)) if len(batch) else 0
         # 32-bit arithmetic throughout: half the memory traffic of numpy's default int64.
-        bus = batch.bus.astype(np.int32)
         can_id = batch.can_id.view(np.int32)
-        if extended.all():  # a J1939 bus, say: no standard frame to look up
-            message = np.full(len(batch), -1, np.int32)
-        else:
-            other = (extended | undecodable | (can_id > 0x7FF)).view(np.uint8).astype(np.int32)
-            message = lookup.standard.take((bus << 12) | (other << 11) | (can_id & 0x7FF))
-        rows = np.flatnonzero(extended & ~undecodable)
-        if not len(rows):
-            return message
+        slot = np.minimum(can_id, 0x800)
+        bus = None if lookup.one_bus else batch.bus.astype(np.int32)
+        if bus is not None:
+            slot |= bus << 12
+        if seen & _NOT_STANDARD:
+            slot |= np.left_shift((flags & _NOT_STANDARD) != 0, 11, dtype=np.int32)
+        code = lookup.standard.take(slot)
+        if seen & _UNDECODABLE:
+            code[(flags & _REMOTE) != 0] = _REMOTE_FRAME
+            code[(flags & _ERROR) != 0] = _ERROR_FRAME
+        if not seen & _EXTENDED:
+            return code
+        extended = (flags & _NOT_STANDARD) == _EXTENDED  # extended data frames
+        if lookup.all_j1939:
+            # A frame's PGN slot is bits 8 to 25 of its ID, after its bus's table.
+            pgn_slot = (can_id >> 8) & (_PGN_SPACE - 1)
+            if bus is not None:
+                pgn_slot |= bus << 18
+            np.copyto(code, lookup.pgns.take(pgn_slot), where=extended)
+            return code
+        rows = np.flatnonzero(extended)
         if len(lookup.pgns):
-            slot = lookup.j1939_slot.take(bus[rows])
-            on = slot >= 0
-            j1939, slot = (rows, slot) if on.all() else (rows[on], slot[on])
+            bus_slot = lookup.j1939_slot.take(batch.bus.take(rows))
+            on = bus_slot >= 0
+            j1939, bus_slot = rows[on], bus_slot[on]
             pgn_slot = (can_id[j1939] >> 8) & (_PGN_SPACE - 1)
-            pgn_slot += slot * _PGN_SPACE
-            message[j1939] = lookup.pgns.take(pgn_slot)
+            pgn_slot += bus_slot * _PGN_SPACE
+            code[j1939] = lookup.pgns.take(pgn_slot)
             rows = rows[~on]
         if len(rows) and len(lookup.extended_keys):
-            keys = (bus[rows].astype(np.int64) << 32) | _EXTENDED_KEY | can_id[rows]
+            keys = (batch.bus[rows].astype(np.int64) << 32) | _EXTENDED_KEY | can_id[rows]
             last = len(lookup.extended_keys) - 1
             at = np.minimum(np.searchsorted(lookup.extended_keys, keys), last)
             found = lookup.extended_keys[at] == keys
-            message[rows[found]] = lookup.extended_index[at[found]]
-        return message
+            code[rows[found]] = lookup.extended_code[at[found]]
+        return code
 
 
 _Words = TypeVar("_Words", int, npt.NDArray[np.int64])
@@ -364,9 +418,12 @@ def _steps(count: int, step: int) -> npt.NDArray[np.int64]:
     return cached[:count]
 
 
-def _irregular(block: MessageBlock, table: npt.NDArray[np.uint64], layout: _Layout) -> None:
+def _irregular(
+    block: MessageBlock, table: npt.NDArray[np.uint64], layout: _Layout, fresh: bool
+) -> None:
     """The per-message part of decoding, in place: straddling signals, signals no frame can
-    carry, and multiplexed signals."""
+    carry, and multiplexed signals. `fresh`: no frame is short, so every signal is present
+    until this step says otherwise."""
     plan, bits, present = block.plan, block.bits, block.present
     assert present is not None  # allocated by decode() for every irregular block
     # `table` holds the block's frames from its first frame on, a row of words each.
@@ -383,9 +440,13 @@ def _irregular(block: MessageBlock, table: npt.NDArray[np.uint64], layout: _Layo
         key = info.physical(info.raw_from_bits(bits[multiplexer.parent]))
         if key.dtype.kind == "f":
             key = np.trunc(key)  # cantools selects by int() of the scaled value
-        selected = multiplexer.select(key)
-        selected &= present[multiplexer.parent]
-        present[multiplexer.children] &= selected
+        selected = multiplexer.select(key, present[multiplexer.parent])
+        # Each child has one multiplexer, so in a fresh block its row is this step's alone.
+        if fresh:
+            present[multiplexer.rows] = selected
+        else:
+            present[multiplexer.rows] &= selected
+    present[plan.never] = False  # a child that no frame can carry stays absent
 
 
 class BusDbcs(Protocol):

@@ -74,8 +74,8 @@ class SignalInfo:
 
     def raw_from_bits(self, bits: npt.NDArray[np.uint64]) -> RawArray:
         """Typed raw values from the signal's bit fields: unsigned, two's complement, or
-        IEEE float."""
-        if self.is_float:
+        IEEE float (a float of a length that has none is never present: left as read)."""
+        if self.is_float and self.length in _FLOAT_DTYPES:
             dtype = _FLOAT_DTYPES[self.length]
             return bits.astype(f"u{np.dtype(dtype).itemsize}").view(dtype)
         if self.is_signed:
@@ -152,8 +152,9 @@ class MessagePlan:
         self.needed = np.array([s.needed_bytes for s in signals], np.int64)
         #: Signals that straddle two words: (index, low word, high word, shift).
         self.straddlers: list[tuple[int, int, int, int]] = []
-        #: Signals that no frame can carry (a bad DBC loaded leniently).
+        #: Signals that no frame can carry (a bad DBC loaded leniently), and why.
         self.never = np.zeros(k, np.bool_)
+        self.problems: list[str] = []
         for index, signal in enumerate(signals):
             self._place(index, signal)
         self.max_needed = int(self.needed.max()) if k else 0
@@ -163,8 +164,11 @@ class MessagePlan:
             if signal.multiplexer is None:
                 continue
             parent = by_name.get(signal.multiplexer)
-            if parent is None or signal.multiplexer_ids is None:
-                self.never[index] = True
+            if parent is None:
+                self._refuse(index, f"its multiplexer {signal.multiplexer} is not in the message")
+                continue
+            if signal.multiplexer_ids is None:
+                self._refuse(index, f"its multiplexer {signal.multiplexer} selects it by no value")
                 continue
             children.setdefault(parent, []).append(index)
         #: One per multiplexer signal, parents before their children's multiplexers.
@@ -184,16 +188,22 @@ class MessagePlan:
             parent = self.signals[by_name[parent]].multiplexer
         return depth
 
+    def _refuse(self, index: int, reason: str) -> None:
+        self.never[index] = True
+        self.problems.append(f"signal {self.signals[index].name} is never decoded: {reason}")
+
     def _place(self, index: int, signal: SignalInfo) -> None:
         length = signal.length
         first = signal.first_network_bit
         last = first + length - 1  # bit numbers in payload order, as for `first`
-        if (
-            not 1 <= length <= 64
-            or last >= 8 * MAX_PAYLOAD
-            or (signal.is_float and length not in _FLOAT_DTYPES)
-        ):
-            self.never[index] = True
+        if not 1 <= length <= 64:
+            self._refuse(index, f"{length} bits long")
+            return
+        if last >= 8 * MAX_PAYLOAD:
+            self._refuse(index, f"it ends past byte {MAX_PAYLOAD}")
+            return
+        if signal.is_float and length not in _FLOAT_DTYPES:
+            self._refuse(index, f"an IEEE float of {length} bits")
             return
         big = signal.byte_order == "big_endian"
         # The position of the signal's lowest bit in the payload read as one integer.
@@ -226,26 +236,45 @@ class Multiplexer:
     def __init__(self, parent: int, children: list[tuple[int, frozenset[int]]]) -> None:
         self.parent = parent
         self.children = np.array([index for index, _ in children], np.intp)
+        #: The children's rows in a block: a slice where they are consecutive signals.
+        self.rows: slice | npt.NDArray[np.intp] = self.children
+        if len(self.children) and (np.diff(self.children) == 1).all():
+            self.rows = slice(int(self.children[0]), int(self.children[-1]) + 1)
         ids = [i for _, selected in children for i in selected]
         self.table: npt.NDArray[np.bool_] | None = None
         self.ids = [np.array(sorted(selected), np.int64) for _, selected in children]
+        #: Where each child has one selector value: those values, compared in one step.
+        self.single: npt.NDArray[np.unsignedinteger[Any]] | None = None
         if ids and all(0 <= i < 1 << 16 for i in ids):
             # (children, values): the last column stands for every value outside the table.
             self.table = np.zeros((len(children), max(ids) + 2), np.bool_)
             for row, (_, selected) in enumerate(children):
                 self.table[row, sorted(selected)] = True
+            self.column_dtype = np.uint8 if self.table.shape[1] <= 256 else np.uint16
+            if all(len(selected) == 1 for _, selected in children):
+                self.single = np.array(
+                    [[min(selected)] for _, selected in children], self.column_dtype
+                )
 
-    def select(self, key: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    def select(
+        self, key: npt.NDArray[Any], carried: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.bool_]:
         """(children, frames): which child each frame's multiplexer value (an integer)
-        selects."""
+        selects, in the frames that carry the multiplexer."""
         if self.table is None:
-            return np.array([np.isin(key, ids) for ids in self.ids]).reshape(len(self.ids), -1)
+            selected = np.array([np.isin(key, ids) for ids in self.ids])
+            selected = selected.reshape(len(self.ids), -1)
+            selected &= carried
+            return selected
         outside = self.table.shape[1] - 1
-        inside = (key >= 0) & (key < outside)
-        column: npt.NDArray[np.bool_] = self.table[
-            :, np.where(inside, key, outside).astype(np.intp)
-        ]
-        return column
+        column = np.where((key >= 0) & (key < outside), key, outside).astype(self.column_dtype)
+        if not carried.all():
+            column[~carried] = outside
+        if self.single is not None:
+            # A comparison of narrow integers: far cheaper than gathering from the table.
+            equal: npt.NDArray[np.bool_] = self.single == column
+            return equal
+        return self.table.take(column.astype(np.intp), axis=1)
 
 
 class MessageBlock:
