@@ -288,25 +288,29 @@ class Decoder:
         segment_ends = np.cumsum(segment_length)
         total = int(segment_ends[-1]) if len(segment_ends) else 0
 
-        # The payload words of the decoded frames, in block order: little endian, then big
-        # (each half only where a signal reads it).
+        # The payload words of the decoded frames in block order, a row per word: little
+        # endian, then big (each half only where a signal reads it).
         lengths = batch.length.take(rows)
         layout = lookup.layouts[max(0, min(WORDS, -(-int(lengths.max()) // 8)) - 1)]
-        words, stride = layout.words, layout.stride
-        flat = batch.data.view("<u8").reshape(-1)
-        at = rows * WORDS
-        little = flat.take(at[:, None] + np.arange(words) if words > 1 else at).reshape(-1, words)
+        decoded = len(rows)
+        # Copied in row order first: a stream that the CPU prefetches, where gathering
+        # straight from the payloads in block order misses the cache on every frame.
+        payload = batch.data.view("<u8")
+        words = payload[:, 0].copy() if layout.words == 1 else payload[:, : layout.words].T.copy()
+        little = words.take(rows, axis=-1)
         halves = [little] if layout.little else []
         if layout.big:
             halves.append(little.byteswap())
-        table = (halves[0] if len(halves) == 1 else np.concatenate(halves, axis=1)).reshape(-1)
-        # Each value's cell in `table`: its frame's row plus its signal's word column.
+        table = (halves[0] if len(halves) == 1 else np.concatenate(halves)).reshape(-1)
+        # Each value's cell in `table`: its signal's word row plus its frame.
+        row_start = block_set.columns(layout) * decoded
         cell = np.repeat(
-            stride * (frame_starts.take(block_set.segment_block) - (segment_ends - segment_length))
-            + block_set.columns(layout),
+            frame_starts.take(block_set.segment_block)
+            - (segment_ends - segment_length)
+            + row_start,
             segment_length,
         )
-        cell += _steps(total, stride)
+        cell += _counting(total)
         bits = table.take(cell)
         # Parameters are constant along a segment: 1-D repeats are numpy's fastest fill.
         bits <<= np.repeat(block_set.shift_left, segment_length)
@@ -314,7 +318,8 @@ class Decoder:
 
         present: npt.NDArray[np.bool_] | None = None
         if (np.minimum.reduceat(lengths, frame_starts) < block_set.max_needed).any():
-            present = lengths.take(cell // stride) >= np.repeat(block_set.needed, segment_length)
+            frame = cell - np.repeat(row_start, segment_length)
+            present = lengths.take(frame) >= np.repeat(block_set.needed, segment_length)
         fresh = present is None
         if fresh and block_set.any_irregular:
             present = np.ones(total, np.bool_)
@@ -348,38 +353,46 @@ class Decoder:
         bus = None if lookup.one_bus else batch.bus.astype(np.int32)
         if bus is not None:
             slot |= bus << 12
-        if seen & _NOT_STANDARD:
+        by_pgn = seen & _EXTENDED and lookup.all_j1939
+        if seen & _NOT_STANDARD and not by_pgn:
             slot |= np.left_shift((flags & _NOT_STANDARD) != 0, 11, dtype=np.int32)
         code = lookup.standard.take(slot)
-        if seen & _UNDECODABLE:
-            code[(flags & _REMOTE) != 0] = _REMOTE_FRAME
-            code[(flags & _ERROR) != 0] = _ERROR_FRAME
-        if not seen & _EXTENDED:
-            return code
-        extended = (flags & _NOT_STANDARD) == _EXTENDED  # extended data frames
-        if lookup.all_j1939:
+        if by_pgn:
             # A frame's PGN slot is bits 8 to 25 of its ID, after its bus's table.
             pgn_slot = (can_id >> 8) & (_PGN_SPACE - 1)
             if bus is not None:
                 pgn_slot |= bus << 18
-            np.copyto(code, lookup.pgns.take(pgn_slot), where=extended)
-            return code
-        rows = np.flatnonzero(extended)
-        if len(lookup.pgns):
-            bus_slot = lookup.j1939_slot.take(batch.bus.take(rows))
-            on = bus_slot >= 0
-            j1939, bus_slot = rows[on], bus_slot[on]
-            pgn_slot = (can_id[j1939] >> 8) & (_PGN_SPACE - 1)
-            pgn_slot += bus_slot * _PGN_SPACE
-            code[j1939] = lookup.pgns.take(pgn_slot)
-            rows = rows[~on]
-        if len(rows) and len(lookup.extended_keys):
-            keys = (batch.bus[rows].astype(np.int64) << 32) | _EXTENDED_KEY | can_id[rows]
-            last = len(lookup.extended_keys) - 1
-            at = np.minimum(np.searchsorted(lookup.extended_keys, keys), last)
-            found = lookup.extended_keys[at] == keys
-            code[rows[found]] = lookup.extended_code[at[found]]
+            extended = (flags & _NOT_STANDARD) == _EXTENDED  # extended data frames
+            code = np.where(extended, lookup.pgns.take(pgn_slot), code)
+        elif seen & _EXTENDED:
+            _identify_extended(batch, lookup, code)
+        # Last, as they override what the lookups found.
+        if seen & _UNDECODABLE:
+            code[(flags & _REMOTE) != 0] = _REMOTE_FRAME
+            code[(flags & _ERROR) != 0] = _ERROR_FRAME
         return code
+
+
+def _identify_extended(
+    batch: FrameBatch, lookup: _Lookup, code: npt.NDArray[np.unsignedinteger[Any]]
+) -> None:
+    """The codes of extended data frames, in place, where not every bus is J1939."""
+    can_id = batch.can_id.view(np.int32)
+    rows = np.flatnonzero((batch.flags & _NOT_STANDARD) == _EXTENDED)
+    if len(lookup.pgns):
+        bus_slot = lookup.j1939_slot.take(batch.bus.take(rows))
+        on = bus_slot >= 0
+        j1939, bus_slot = rows[on], bus_slot[on]
+        pgn_slot = (can_id[j1939] >> 8) & (_PGN_SPACE - 1)
+        pgn_slot += bus_slot * _PGN_SPACE
+        code[j1939] = lookup.pgns.take(pgn_slot)
+        rows = rows[~on]
+    if len(rows) and len(lookup.extended_keys):
+        keys = (batch.bus[rows].astype(np.int64) << 32) | _EXTENDED_KEY | can_id[rows]
+        last = len(lookup.extended_keys) - 1
+        at = np.minimum(np.searchsorted(lookup.extended_keys, keys), last)
+        found = lookup.extended_keys[at] == keys
+        code[rows[found]] = lookup.extended_code[at[found]]
 
 
 _Words = TypeVar("_Words", int, npt.NDArray[np.int64])
@@ -387,8 +400,8 @@ _Words = TypeVar("_Words", int, npt.NDArray[np.int64])
 
 @dataclass(frozen=True, slots=True)
 class _Layout:
-    """A batch's table of payload words: per frame, `words` words read little endian, then
-    the same words read big endian; a half that no signal reads is left out."""
+    """A batch's table of payload words: `words` rows of each frame's words read little
+    endian, then as many read big endian; a half that no signal reads is left out."""
 
     words: int
     little: bool
@@ -399,23 +412,22 @@ class _Layout:
         return self.words * (int(self.little) + int(self.big))
 
     def column(self, word: _Words) -> _Words:
-        """Where payload word `word` (0..7 little endian, 8..15 big endian) sits in a frame's
-        row. Words past the table read its last word: only frames too short to carry them
+        """The table's row of payload word `word` (0..7 little endian, 8..15 big endian).
+        Words past the table read its last word: only frames too short to carry them
         would need them."""
         big_at = self.words if self.little else 0
         return np.minimum(word % WORDS, self.words - 1) + (word >= WORDS) * big_at  # type: ignore[no-any-return]
 
 
-_STEPS: dict[int, npt.NDArray[np.int64]] = {}
+_COUNTING = np.arange(0)
 
 
-def _steps(count: int, step: int) -> npt.NDArray[np.int64]:
-    """`np.arange(count) * step`, from a cache that grows: read only, never write to it."""
-    cached = _STEPS.get(step)
-    if cached is None or len(cached) < count:
-        cached = np.arange(max(count, 2 * len(cached) if cached is not None else 0)) * step
-        _STEPS[step] = cached
-    return cached[:count]
+def _counting(count: int) -> npt.NDArray[np.int64]:
+    """`np.arange(count)`, from a cache that grows: read only, never write to it."""
+    global _COUNTING
+    if len(_COUNTING) < count:
+        _COUNTING = np.arange(max(count, 2 * len(_COUNTING)))
+    return _COUNTING[:count]
 
 
 def _irregular(
@@ -426,11 +438,11 @@ def _irregular(
     until this step says otherwise."""
     plan, bits, present = block.plan, block.bits, block.present
     assert present is not None  # allocated by decode() for every irregular block
-    # `table` holds the block's frames from its first frame on, a row of words each.
-    frames = table.reshape(-1, layout.stride)[block.frame_span[0] : block.frame_span[1]]
+    # `table` holds a row per payload word, of every decoded frame of the batch.
+    words = table.reshape(layout.stride, -1)[:, block.frame_span[0] : block.frame_span[1]]
     for index, low, high, shift in plan.straddlers:
-        joined = (frames[:, layout.column(low)] >> np.uint64(shift)) | (
-            frames[:, layout.column(high)] << np.uint64(64 - shift)
+        joined = (words[layout.column(low)] >> np.uint64(shift)) | (
+            words[layout.column(high)] << np.uint64(64 - shift)
         )
         joined &= np.uint64((1 << plan.signals[index].length) - 1)
         bits[index] = joined
