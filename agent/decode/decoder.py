@@ -89,6 +89,7 @@ class _Lookup:
         self.plans = [(bus, plan) for bus, _, plan in plans]
         self.one_bus = len(buses) == 1
         self.codes = len(plans) + _FIRST_MESSAGE
+        self.code_range = np.arange(min(self.codes, 256), dtype=np.uint8)
         # The narrowest type makes numpy's stable sort a radix sort of one or two passes.
         self.code_dtype: type[np.unsignedinteger[Any]] = (
             np.uint8 if self.codes <= 256 else np.uint16 if self.codes <= 65536 else np.uint32
@@ -159,11 +160,9 @@ class _BlockSet:
     one segment per signal of each message, with each segment's parameters."""
 
     def __init__(self, lookup: _Lookup, blocks: npt.NDArray[np.intp]) -> None:
-        self.plans = [
-            (*lookup.plans[m], bool(odd))
-            for m, odd in zip(blocks.tolist(), lookup.irregular[blocks], strict=True)
-        ]
-        self.any_irregular = any(odd for _, _, odd in self.plans)
+        self.plans = [lookup.plans[m] for m in blocks.tolist()]
+        #: Positions of the blocks that need the per-message step.
+        self.irregular = np.flatnonzero(lookup.irregular[blocks]).tolist()
         self.signals_in = lookup.width[blocks]
         total = int(self.signals_in.sum())
         self.segment_block = np.repeat(np.arange(len(blocks)), self.signals_in)
@@ -258,8 +257,8 @@ class Decoder:
         # Frames grouped by code, undecoded ones first: a stable radix sort of one byte.
         if code.dtype == np.uint8:
             order = np.argsort(code, kind="stable")
-            starts = code.take(order).searchsorted(np.arange(lookup.codes, dtype=np.uint8))
-            counts = np.diff(starts, append=n)
+            counts = code.take(order).searchsorted(lookup.code_range, side="right")
+            counts[1:] -= counts[:-1]
         else:
             counts = np.bincount(code, minlength=lookup.codes)
             seen = np.flatnonzero(counts)
@@ -321,23 +320,24 @@ class Decoder:
             frame = cell - np.repeat(row_start, segment_length)
             present = lengths.take(frame) >= np.repeat(block_set.needed, segment_length)
         fresh = present is None
-        if fresh and block_set.any_irregular:
+        if fresh and block_set.irregular:
             present = np.ones(total, np.bool_)
 
         values_in = frames_in * block_set.signals_in
-        for (bus, plan, odd), f1, n_frames, v1, n_values in zip(
-            block_set.plans,
-            frame_ends.tolist(),
-            frames_in.tolist(),
-            np.cumsum(values_in).tolist(),
-            values_in.tolist(),
-            strict=True,
-        ):
-            span = (f1 - n_frames, f1, v1 - n_values, v1)
-            block = MessageBlock(bus, plan, batch, rows, bits, present, span)
-            if odd:
-                _irregular(block, table, layout, fresh)
-            result.blocks.append(block)
+        value_ends = np.cumsum(values_in)
+        result.blocks = [
+            MessageBlock(bus, plan, batch, rows, bits, present, (f0, f1, v0, v1))
+            for (bus, plan), f0, f1, v0, v1 in zip(
+                block_set.plans,
+                frame_starts.tolist(),
+                frame_ends.tolist(),
+                (value_ends - values_in).tolist(),
+                value_ends.tolist(),
+                strict=True,
+            )
+        ]
+        for position in block_set.irregular:
+            _irregular(result.blocks[position], table, layout, fresh)
         result.signals = total if present is None else int(np.count_nonzero(present))
         result.rows, result.bits, result.present = rows, bits, present
         return result
