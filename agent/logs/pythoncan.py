@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-import can
 import numpy as np
 
 from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag
@@ -132,6 +131,12 @@ def _reader(name: str, suffix: str, factory: Callable[[Path], Any]) -> type[Pyth
     return register(Reader)
 
 
+def _can() -> Any:
+    import can  # when a log needs it: importing python-can takes a tenth of a second
+
+    return can
+
+
 def _mf4(path: Path) -> Any:
     try:
         import asammdf  # noqa: F401  (python-can's MF4Reader needs it)
@@ -139,12 +144,12 @@ def _mf4(path: Path) -> Any:
         raise ImportError(
             "reading MF4 needs asammdf: pip install 'vehicle-telemetry-agent[mf4]'"
         ) from None
-    return can.MF4Reader(str(path))
+    return _can().MF4Reader(str(path))
 
 
 # ASC keeps a start date: absolute timestamps then match the other formats of the same log.
-ASCReader = _reader("asc", ".asc", lambda p: can.ASCReader(str(p), relative_timestamp=False))
-BLFReader = _reader("blf", ".blf", lambda p: can.BLFReader(str(p)))
-TRCReader = _reader("trc", ".trc", lambda p: can.TRCReader(str(p)))
-CSVReader = _reader("csv", ".csv", lambda p: can.CSVReader(str(p)))
+ASCReader = _reader("asc", ".asc", lambda p: _can().ASCReader(str(p), relative_timestamp=False))
+BLFReader = _reader("blf", ".blf", lambda p: _can().BLFReader(str(p)))
+TRCReader = _reader("trc", ".trc", lambda p: _can().TRCReader(str(p)))
+CSVReader = _reader("csv", ".csv", lambda p: _can().CSVReader(str(p)))
 MF4Reader = _reader("mf4", ".mf4", _mf4)
