@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TextIO
 
 from agent import __version__
-from agent.decode import ALL_BUSES, DbcError, Decoder, bus_decoders, load_dbc
+from agent.decode import (
+    ALL_BUSES,
+    DbcError,
+    Decoder,
+    bus_decoders,
+    default_cache_dir,
+    load_dbc,
+)
 from agent.exits import EX_CONFIG, EX_IOERR
 from agent.logs import LogError, formats, open_log
 from agent.memory import keep_freed_memory
@@ -88,7 +95,7 @@ def run_decode(args: argparse.Namespace) -> int:
     for bus, path in map(parse_dbc_option, args.dbc):
         dbcs.setdefault(bus, []).append(path)
     try:
-        decoder = Decoder(dbcs, args.j1939)
+        decoder = Decoder(dbcs, args.j1939, cache_dir=default_cache_dir())
     except DbcError as error:
         print(f"telemetry-agent decode: {error}", file=sys.stderr)
         return 2
@@ -229,12 +236,12 @@ def run_check_config(args: argparse.Namespace) -> int:
     for bus in config.buses:
         for path in bus.dbc:
             try:
-                load_dbc(path)
+                load_dbc(path, cache_dir=default_cache_dir())
             except DbcError as error:
                 problems.append(f"bus {bus.name}: {error}")
     if not problems and config.collect:
         try:
-            Collector(config.collect, bus_decoders(config.buses))
+            Collector(config.collect, bus_decoders(config.buses, default_cache_dir()))
         except CollectError as error:
             problems.append(str(error))
     for problem in problems:

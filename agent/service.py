@@ -34,7 +34,7 @@ from agent.config import (
     restart_changes,
     rules_key,
 )
-from agent.decode import DecodedBatch, bus_decoders
+from agent.decode import DecodedBatch, bus_decoders, default_cache_dir
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.notify import Notifier
@@ -99,7 +99,7 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         set_log_level(config.log_level)
-        self.decoders = bus_decoders(config.buses)
+        self.decoders = bus_decoders(config.buses, default_cache_dir())
         for name, decoder in self.decoders.items():
             for warning in decoder.warnings:
                 log.warning("bus %s: %s", name, warning)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import can
 
 from agent.commands import DecodeTotals, Progress
+from agent.decode.cache import CACHE_ENV
 from agent.logs import open_log
 from tests.data import (
     RAV4_ADAS_DBC,
@@ -26,13 +28,17 @@ from tests.data import (
 from tests.oracle import load_cantools
 
 
-def decode(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def decode(*args: str | Path, cache: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The command in its own process; `cache`: where it keeps compiled DBCs (None: in the
+    test run's cache; "": nowhere)."""
+    env = None if cache is None else {**os.environ, CACHE_ENV: str(cache)}
     return subprocess.run(
         [sys.executable, "-m", "agent", "decode", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=env,
     )
 
 
@@ -248,3 +254,19 @@ def test_an_mf4_log_decodes_from_the_command_line(tmp_path: Path) -> None:
     candump = decode(TRUCK_DIR / "truck.candump.log", "--dbc", TRUCK_DBC, "--j1939", "*")
     assert mf4.returncode == 0, mf4.stderr
     assert len(mf4.stdout.splitlines()) == len(candump.stdout.splitlines()) > 0
+
+
+def test_compiled_dbcs_kept_between_runs_decode_the_same(tmp_path: Path) -> None:
+    args = (RAV4_LOG, "--dbc", f"can0={RAV4_PT_DBC}", "--dbc", f"can1={RAV4_ADAS_DBC}")
+    uncached = decode(*args, cache="")
+    first = decode(*args, cache=tmp_path)
+    kept = sorted(tmp_path.iterdir())
+    second = decode(*args, cache=tmp_path)
+    assert len(kept) == 2 and sorted(tmp_path.iterdir()) == kept
+    assert uncached.returncode == first.returncode == second.returncode == 0
+    assert uncached.stdout == first.stdout == second.stdout != ""
+    # The warnings of loading each DBC are kept with it.
+    warnings = [line for line in uncached.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings and warnings == [
+        line for line in second.stderr.splitlines() if line.startswith("warning:")
+    ]

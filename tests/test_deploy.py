@@ -111,6 +111,7 @@ def test_the_unit_has_the_settings_the_agent_relies_on() -> None:
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "TimeoutStopSec": "30s",
         "StateDirectory": "telemetry-agent",
+        "CacheDirectory": "telemetry-agent",
         "ConfigurationDirectory": "telemetry-agent",
         "DynamicUser": "yes",
         "ProtectSystem": "strict",

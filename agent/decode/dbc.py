@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cantools
-
+from agent.decode import cache
 from agent.decode.plan import MessageInfo, MessagePlan, SignalInfo
 
 
@@ -33,42 +33,61 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def load_dbc(path: str | Path, *, strict: bool = False) -> Dbc:
+def load_dbc(path: str | Path, *, strict: bool = False, cache_dir: Path | None = None) -> Dbc:
     """Load a DBC file and compile every message into a decode plan.
 
     Real DBC files overlap signals and mis-flag IDs, so the default is cantools'
     `strict=False`; each message that a strict load would refuse is named in `warnings`.
+    With `cache_dir`, what a DBC compiles into is kept there and read back next time.
     """
     path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise DbcError(f"{path}: cannot read the DBC file: {error.strerror or error}") from None
+    entry = cache.key(content, path.name, strict) if cache_dir is not None else ""
+    found = cache.load(cache_dir, entry) if cache_dir is not None else None
+    if found is None:
+        found = _compile(path, content, strict)
+        if cache_dir is not None:
+            cache.store(cache_dir, entry, found)
+    plans, problems = found
+    return Dbc(path, plans, [f"{path}: {problem}" for problem in problems])
+
+
+def _compile(path: Path, content: bytes, strict: bool) -> tuple[list[MessagePlan], list[str]]:
+    """The plans of a DBC's messages, and what loading it warned about."""
+    import cantools  # only where no compiled DBC is kept: a tenth of a second
+
     collect = _Collect()
     logger = logging.getLogger("cantools")
     logger.addHandler(collect)
     # Collected here and listed with the rest, not printed once more by logging itself.
     propagate, logger.propagate = logger.propagate, False
+    # Decoded as cantools' load_file decodes a DBC file, line endings included.
+    text = io.TextIOWrapper(io.BytesIO(content), encoding="cp1252", errors="replace").read()
     try:
-        database: Any = cantools.database.load_file(path, database_format="dbc", strict=strict)
-    except OSError as error:
-        raise DbcError(f"{path}: cannot read the DBC file: {error.strerror or error}") from None
+        database: Any = cantools.database.load_string(text, database_format="dbc", strict=strict)
     except Exception as error:  # cantools raises many kinds for a file it cannot parse
         reason = str(error).strip() or type(error).__name__
         raise DbcError(f"{path}: not a valid DBC file: {reason}") from None
     finally:
         logger.removeHandler(collect)
         logger.propagate = propagate
-    warnings = [f"{path}: {message}" for message in collect.messages]
+    problems = list(collect.messages)
     plans = []
     for message in database.messages:
-        warnings.extend(f"{path}: {problem}" for problem in _strict_problems(message))
+        problems.extend(_strict_problems(message))
         plan = compile_message(message, path.name)
-        warnings.extend(f"{path}: message {message.name}: {problem}" for problem in plan.problems)
-        warnings.extend(
-            f"{path}: message {message.name}: another signal named {original.name!r} "
+        problems.extend(f"message {message.name}: {problem}" for problem in plan.problems)
+        problems.extend(
+            f"message {message.name}: another signal named {original.name!r} "
             f"is decoded as {s.name!r}"
             for s, original in zip(plan.signals, message.signals, strict=True)
             if s.name != original.name
         )
         plans.append(plan)
-    return Dbc(path, plans, warnings)
+    return plans, problems
 
 
 def _strict_problems(message: Any) -> list[str]:

@@ -191,7 +191,8 @@ class Decoder:
 
     `dbcs` maps a bus name to its DBC files; the bus `"*"` gives DBCs for every bus (a
     bus's own DBCs win where both define an ID). Buses named in `j1939` (or `"*"`) match
-    extended frames by PGN, so priority and source address may vary.
+    extended frames by PGN, so priority and source address may vary. With `cache_dir`,
+    compiled DBCs are kept there (see `agent.decode.cache`).
     """
 
     def __init__(
@@ -200,13 +201,14 @@ class Decoder:
         j1939: Iterable[str] = (),
         *,
         strict: bool = False,
+        cache_dir: Path | None = None,
     ) -> None:
         loaded: dict[Path, Dbc] = {}
         for paths in dbcs.values():
             for path in paths:
                 key = Path(path).resolve()
                 if key not in loaded:
-                    loaded[key] = load_dbc(path, strict=strict)
+                    loaded[key] = load_dbc(path, strict=strict, cache_dir=cache_dir)
         self.databases = list(loaded.values())
         self.warnings: list[str] = [w for db in self.databases for w in db.warnings]
         self._dbcs = {
@@ -472,9 +474,11 @@ class BusDbcs(Protocol):
     def j1939(self) -> bool: ...
 
 
-def bus_decoders(buses: Iterable[BusDbcs]) -> dict[str, Decoder]:
+def bus_decoders(buses: Iterable[BusDbcs], cache_dir: Path | None = None) -> dict[str, Decoder]:
     """A decoder per bus, each with its own DBCs."""
     return {
-        bus.name: Decoder({ALL_BUSES: list(bus.dbc)}, [ALL_BUSES] if bus.j1939 else [])
+        bus.name: Decoder(
+            {ALL_BUSES: list(bus.dbc)}, [ALL_BUSES] if bus.j1939 else [], cache_dir=cache_dir
+        )
         for bus in buses
     }

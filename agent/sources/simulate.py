@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.config import BusConfig
-from agent.decode import MessagePlan, SignalInfo, load_dbc
+from agent.decode import MessagePlan, SignalInfo, default_cache_dir, load_dbc
 from agent.decode.plan import WORDS
 from agent.frames import FrameBatch, FrameFlag
 from agent.sources.base import Source, register
@@ -33,7 +33,10 @@ class SimulateSource(Source):
     def __init__(self, bus: BusConfig) -> None:
         super().__init__(bus)
         self.plans = [
-            plan for path in self.bus.dbc for plan in load_dbc(path).plans if plan.signals
+            plan
+            for path in self.bus.dbc
+            for plan in load_dbc(path, cache_dir=default_cache_dir()).plans
+            if plan.signals
         ]
         rng = np.random.default_rng(self.bus.seed)
         # Per signal: a period of 5 to 60 s and a phase, so the waveforms differ.
