@@ -12,13 +12,14 @@ from pathlib import Path
 import can
 import numpy as np
 
-from agent.config import parse_config
+from agent.config import BusConfig, parse_config
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import open_log
 from agent.receiver import Receiver, accept_files
 from agent.records import JsonLinesWriter
 from agent.service import Agent
+from agent.sources.pythoncan import PythonCanSource
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO
 from tests.services import free_port, scrape_metrics
 from tests.test_agent_end_to_end import replay_bus
@@ -89,6 +90,19 @@ async def test_python_can_virtual_frames_arrive_decoded(tmp_path: Path) -> None:
     JsonLinesWriter(out).write(expected.blocks)
     want = [re.sub(r'"t": [0-9.]+', "", line) for line in out.getvalue().splitlines()]
     assert sorted(received) == sorted(want)
+
+
+def test_python_can_frames_with_an_impossible_id_are_counted_and_skipped() -> None:
+    # python-can does not check what an interface hands over; a frame batch holds 29 bits.
+    source = PythonCanSource(BusConfig(name="can0", source="python-can", dbc=()))
+    ids = [0x100, 1 << 29, 0x18FF50E5, 1 << 40, -1, 0x7FF]
+    messages = [
+        can.Message(arbitration_id=i, is_extended_id=i > 0x7FF, data=b"\x01", check=False)
+        for i in ids
+    ]
+    batch = source._batch(messages)
+    assert batch.can_id.tolist() == [0x100, 0x18FF50E5, 0x7FF]
+    assert source.stats.malformed == 3
 
 
 async def test_simulate_runs_for_its_duration_and_delivers_every_frame(tmp_path: Path) -> None:

@@ -260,9 +260,11 @@ def test_compiled_dbcs_kept_between_runs_decode_the_same(tmp_path: Path) -> None
     args = (RAV4_LOG, "--dbc", f"can0={RAV4_PT_DBC}", "--dbc", f"can1={RAV4_ADAS_DBC}")
     uncached = decode(*args, cache="")
     first = decode(*args, cache=tmp_path)
-    kept = sorted(tmp_path.iterdir())
+    kept = {entry.name: entry.stat().st_ino for entry in tmp_path.iterdir()}
     second = decode(*args, cache=tmp_path)
-    assert len(kept) == 2 and sorted(tmp_path.iterdir()) == kept
+    # The same files, not made again: read.
+    assert len(kept) == 2
+    assert {entry.name: entry.stat().st_ino for entry in tmp_path.iterdir()} == kept
     assert uncached.returncode == first.returncode == second.returncode == 0
     assert uncached.stdout == first.stdout == second.stdout != ""
     # The warnings of loading each DBC are kept with it.

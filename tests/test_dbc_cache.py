@@ -176,8 +176,10 @@ def test_the_oldest_entries_go_beyond_the_limit(
         load_dbc(dbc, cache_dir=folder)
         for made in set(entries(folder)) - before:  # as if made a second apart
             os.utime(made, ns=(length * 10**9, length * 10**9))
+        if length == 3:  # the first one, used again, is kept as the most recently used
+            load_dbc(tmp_path / "m1.dbc", cache_dir=folder)
     left = [pickle.loads(e.read_bytes())[1][0][0].signals[0].length for e in entries(folder)]
-    assert sorted(left) == [3, 4, 5]
+    assert sorted(left) == [1, 4, 5]
 
 
 def test_where_the_cache_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -192,5 +194,13 @@ def test_where_the_cache_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert dbc_cache.default_cache_dir() == tmp_path / "xdg" / "telemetry-agent"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert dbc_cache.default_cache_dir() == tmp_path / "home" / ".cache" / "telemetry-agent"
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    assert dbc_cache.default_cache_dir() == home / ".cache" / "telemetry-agent"
+    # Another user's home (sudo keeps HOME): no cache, rather than folders of ours in it.
+    if os.geteuid() == 0:
+        os.chown(home, 65534, 65534)
+    else:
+        monkeypatch.setenv("HOME", "/")
+    assert dbc_cache.default_cache_dir() is None

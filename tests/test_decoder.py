@@ -184,6 +184,60 @@ def test_selector_values_beyond_the_lookup_table(tmp_path: Path) -> None:
     assert rows[2][1] == {"Page": 5}  # cantools refuses a value no signal is selected by
 
 
+HIGHEST_SELECTOR = """VERSION ""
+
+BU_: ECU
+
+BO_ 1024 Paged: 8 ECU
+ SG_ Page M : 0|32@1+ (1,0) [0|0] "" ECU
+ SG_ Zero m0 : 32|8@1+ (1,0) [0|0] "" ECU
+ SG_ Top m65535 : 40|8@1+ (1,0) [0|0] "" ECU
+"""
+
+
+def test_the_highest_selector_value_of_the_lookup_table(tmp_path: Path) -> None:
+    # 65535 is the last value the table holds; 65536 and a frame too short for the
+    # multiplexer select nothing.
+    path = tmp_path / "top.dbc"
+    path.write_text(HIGHEST_SELECTOR)
+    message = load_cantools(path).get_message_by_name("Paged")
+    payloads = [
+        (65535).to_bytes(4, "little") + b"\x05\x06\0\0",
+        (65536).to_bytes(4, "little") + b"\x05\x06\0\0",
+        (0).to_bytes(4, "little") + b"\x05\x06\0\0",
+        b"\0\0",
+    ]
+    rows = decoded_rows(
+        Decoder({"*": [path]}).decode(batch_of([(1024, False, p) for p in payloads]))
+    )
+    assert (
+        rows[0][1]
+        == message.decode(payloads[0], decode_choices=False)
+        == {
+            "Page": 65535,
+            "Top": 6,
+        }
+    )
+    assert rows[1][1] == {"Page": 65536}
+    assert (
+        rows[2][1]
+        == message.decode(payloads[2], decode_choices=False)
+        == {
+            "Page": 0,
+            "Zero": 5,
+        }
+    )
+    assert rows[3][1] == {}
+
+
+def test_an_id_past_32_bits_signed_is_unknown(dbc: Path) -> None:
+    # Read as signed 32-bit numbers these IDs are negative, and one of them is 0x100 plus a
+    # multiple of 2**32 in the table's arithmetic: no frame that a CAN bus carries.
+    batch = batch_of([(0x80000001, False, bytes(8)), (0xFFFFF100, False, bytes(8))])
+    result = Decoder({"*": [dbc]}).decode(batch)
+    assert (result.decoded, result.unknown) == (0, 2)
+
+
 def _dbc_of(messages: list[tuple[str, int]]) -> str:
     """A DBC of (name, DBC frame ID) messages, each one byte-wide signal named after it."""
     lines = ['VERSION ""', "", "BU_: ECU", ""]

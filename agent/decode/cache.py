@@ -46,33 +46,60 @@ def default_cache_dir() -> Path | None:
     base = os.environ.get("XDG_CACHE_HOME")
     if not base:
         home = os.environ.get("HOME")
-        if not home:
+        # Not in another user's home (sudo keeps HOME): its folders would become root's.
+        if not home or not _owned(home):
             return None
         base = os.path.join(home, ".cache")
     return Path(base) / "telemetry-agent"
 
 
+def _owned(path: str) -> bool:
+    try:
+        return os.stat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+#: Raised by hand when what an entry holds changes shape.
+FORMAT = 1
+#: The modules whose code makes or reads entries, stamped by the files they were loaded from.
+_COMPILERS = ("agent.decode.cache", "agent.decode.dbc", "agent.decode.plan", "agent.frames")
+
 _code: str | None = None
 
 
+def _cantools_version() -> str:
+    """cantools' version from its installed metadata's folder name, without importing it
+    (what a hit saves) or importlib.metadata (a third of that)."""
+    spec = importlib.util.find_spec("cantools")
+    if spec is None or spec.origin is None:
+        return "-"
+    site = Path(spec.origin).parent.parent
+    found = sorted(p.name for p in site.glob("cantools-*.dist-info"))
+    return ",".join(found) or _stamp(spec.origin)
+
+
+def _stamp(file: str | None) -> str:
+    try:
+        info = os.stat(file) if file else None
+    except OSError:
+        info = None
+    return f"{info.st_size}:{info.st_mtime_ns}" if info else "-"
+
+
 def _code_signature() -> str:
-    """What made the entries: Python, numpy, cantools and this package's compiler, each by
-    version or by its files' size and modification time (an upgrade rewrites them)."""
+    """What made the entries: Python, numpy, cantools and this package, by version, and the
+    compiler's own files by size and modification time (an edit or reinstall changes them)."""
     global _code
     if _code is None:
-        # find_spec locates cantools without importing it, which is what a hit saves.
-        spec = importlib.util.find_spec("cantools")
-        files = [spec.origin if spec and spec.origin else ""]
-        here = Path(__file__).parent
-        files += [str(here / name) for name in ("cache.py", "dbc.py", "plan.py")]
+        from agent import __version__
+
         stamps = []
-        for name in files:
-            try:
-                info = os.stat(name)
-                stamps.append(f"{info.st_size}:{info.st_mtime_ns}")
-            except OSError:
-                stamps.append("-")
-        _code = "\0".join([sys.version, np.__version__, *stamps])
+        for name in _COMPILERS:
+            spec = getattr(sys.modules.get(name), "__spec__", None)
+            stamps.append(_stamp(spec.origin if spec else None))
+        versions = [sys.version, np.__version__, _cantools_version(), __version__, str(FORMAT)]
+        _code = "\0".join(versions + stamps)
     return _code
 
 
@@ -96,9 +123,13 @@ def load(folder: Path, entry: str) -> Any | None:
             if not _trusted(os.fstat(file.fileno())):
                 return None
             stored, value = pickle.load(file)
+        if stored != entry:
+            return None
+        # Used now: pruning drops what is least recently used.
+        os.utime(file.name)
     except Exception:  # missing, damaged, or made by code that no longer exists
         return None
-    return value if stored == entry else None
+    return value
 
 
 def store(folder: Path, entry: str, value: Any) -> None:
@@ -123,5 +154,5 @@ def store(folder: Path, entry: str, value: Any) -> None:
         for left in folder.glob(".*.tmp"):
             if left.stat().st_mtime < time.time() - _ABANDONED_S:
                 left.unlink(missing_ok=True)
-    except OSError:
-        return  # a read-only or full disk: the DBC is parsed at every start instead
+    except Exception:  # a read-only or full disk: the DBC is parsed at every start instead
+        return

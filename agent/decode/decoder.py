@@ -350,8 +350,8 @@ class Decoder:
         flags = batch.flags
         seen = int(np.bitwise_or.reduce(flags)) if len(batch) else 0
         # 32-bit arithmetic throughout: half the memory traffic of numpy's default int64.
-        can_id = batch.can_id.view(np.int32)
-        slot = np.minimum(can_id, 0x800)
+        # Clamped unsigned, so that no ID, however wrong, reads outside its bus's table.
+        slot = np.minimum(batch.can_id, np.uint32(0x800)).view(np.int32)
         bus = None if lookup.one_bus else batch.bus.astype(np.int32)
         if bus is not None:
             slot |= bus << 12
@@ -361,7 +361,7 @@ class Decoder:
         code = lookup.standard.take(slot)
         if by_pgn:
             # A frame's PGN slot is bits 8 to 25 of its ID, after its bus's table.
-            pgn_slot = (can_id >> 8) & (_PGN_SPACE - 1)
+            pgn_slot = (batch.can_id.view(np.int32) >> 8) & (_PGN_SPACE - 1)
             if bus is not None:
                 pgn_slot |= bus << 18
             extended = (flags & _NOT_STANDARD) == _EXTENDED  # extended data frames

@@ -250,7 +250,11 @@ class Multiplexer:
             self.table = np.zeros((len(children), max(ids) + 2), np.bool_)
             for row, (_, selected) in enumerate(children):
                 self.table[row, sorted(selected)] = True
-            self.column_dtype = np.uint8 if self.table.shape[1] <= 256 else np.uint16
+            # Narrow enough for the column past the last value too.
+            columns = self.table.shape[1]
+            self.column_dtype = (
+                np.uint8 if columns <= 1 << 8 else np.uint16 if columns <= 1 << 16 else np.uint32
+            )
             if all(len(selected) == 1 for _, selected in children):
                 self.single = np.array(
                     [[min(selected)] for _, selected in children], self.column_dtype

@@ -83,6 +83,11 @@ class PythonCanSource(Source):
                 flushed = now
 
     def _batch(self, messages: list[Any]) -> FrameBatch:
+        # python-can does not check what an interface hands over: an ID that no CAN frame
+        # can carry is counted and skipped.
+        valid = [m for m in messages if 0 <= m.arbitration_id < 1 << 29]
+        self.stats.malformed += len(messages) - len(valid)
+        messages = valid
         batch = FrameBatch.allocate(len(messages), (self.bus.name,))
         for row, message in enumerate(messages):
             batch.t_ns[row] = round(message.timestamp * 1e9)
