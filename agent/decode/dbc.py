@@ -45,13 +45,15 @@ def load_dbc(path: str | Path, *, strict: bool = False, cache_dir: Path | None =
         content = path.read_bytes()
     except OSError as error:
         raise DbcError(f"{path}: cannot read the DBC file: {error.strerror or error}") from None
-    entry = cache.key(content, path.name, strict) if cache_dir is not None else ""
-    found = cache.load(cache_dir, entry) if cache_dir is not None else None
-    if found is None:
-        found = _compile(path, content, strict)
-        if cache_dir is not None:
+    if cache_dir is None:
+        plans, problems = _compile(path, content, strict)
+    else:
+        entry = cache.key(content, path.name, strict)
+        found = cache.load(cache_dir, entry)
+        if found is None:
+            found = _compile(path, content, strict)
             cache.store(cache_dir, entry, found)
-    plans, problems = found
+        plans, problems = found
     return Dbc(path, plans, [f"{path}: {problem}" for problem in problems])
 
 
