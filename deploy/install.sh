@@ -158,7 +158,8 @@ echo "dbc:    $CONF/dbc/"
 
 # The cap on sockets' receive buffers, raised for the agent's SocketCAN sockets: ours, so a
 # new version replaces it. systemd-sysctl applies it at every boot; on the real root it is
-# applied now too, unless the cap is already as high (a higher one is left alone).
+# applied now too, unless the cap is already as high (a higher one is left alone). Written
+# to /proc directly: the sysctl command is procps', which a minimal Debian lacks.
 SYSCTL=$R/etc/sysctl.d/10-telemetry-agent.conf
 install -d -m 0755 "$R/etc/sysctl.d"
 install -m 0644 "$DEPLOY/10-telemetry-agent.conf" "$SYSCTL"
@@ -166,7 +167,8 @@ echo "sysctl: $SYSCTL"
 if [ -z "$R" ]; then
     wanted=$(sed -n 's/^net\.core\.rmem_max *= *//p' "$SYSCTL")
     current=$(cat /proc/sys/net/core/rmem_max 2>/dev/null || echo 0)
-    if [ "$current" -lt "$wanted" ] && ! sysctl -q -p "$SYSCTL"; then
+    if [ "$current" -lt "$wanted" ] &&
+        ! { echo "$wanted" >/proc/sys/net/core/rmem_max; } 2>/dev/null; then
         echo "install.sh: could not apply $SYSCTL now: it applies at the next boot" >&2
     fi
 fi

@@ -72,7 +72,7 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     if analyze is None:
         pytest.fail("systemd-analyze is missing: `make test` installs it (package systemd)")
     # verify checks that ExecStart's binary exists, and the agent is not installed here, so
-    # a copy runs this venv's agent; --root= would look for /bin/kill and every unit that
+    # a copy runs this venv's agent; --root= would look for /bin/sh and every unit that
     # ours pulls in under the root too. The name stays: it is the unit's name.
     text = UNIT.read_text()
     assert INSTALLED_AGENT in text
@@ -108,7 +108,6 @@ def test_the_unit_has_the_settings_the_agent_relies_on() -> None:
         "WatchdogSec": "30s",
         "Restart": "on-failure",
         "RestartSec": "5s",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
         "TimeoutStopSec": "30s",
         "StateDirectory": "telemetry-agent",
         "CacheDirectory": "telemetry-agent",
@@ -130,6 +129,14 @@ def test_the_unit_has_the_settings_the_agent_relies_on() -> None:
     }
     actual = {key: one(unit, "Service", key) for key in expected}
     assert actual == expected
+    # A reload checks the file (an invalid one fails `systemctl reload`), then signals the
+    # agent with the shell's kill: a minimal Debian has no /bin/kill (procps).
+    assert values(unit, "Service", "ExecReload") == [
+        f"{INSTALLED_AGENT} check-config /etc/telemetry-agent/agent.toml",
+        "/bin/sh -c 'kill -HUP \"$$MAINPID\"'",
+    ]
+    commands = [v for k, v in unit["Service"] if k.startswith("Exec")]
+    assert not [c for c in commands if "/bin/kill" in c]
     families = one(unit, "Service", "RestrictAddressFamilies").split()
     assert set(families) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_CAN", "AF_NETLINK"}
     # CPython's ctypes/cffi callbacks may need writable+executable memory.
