@@ -87,6 +87,11 @@ class Metrics:
         self.spool_memory_bytes = gauge(
             "spool_memory_bytes", "Bytes of batches the spool keeps in memory."
         )
+        self.spool_last_sequence = gauge(
+            "spool_last_sequence",
+            "Sequence number of the newest batch handed to the uplink: on disk, and with "
+            'fsync = "batch" synced. What a power cut may not lose.',
+        )
         self.spool_oldest_age = gauge(
             "spool_oldest_age_seconds", "Age of the oldest batch not yet acknowledged."
         )

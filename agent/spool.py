@@ -612,6 +612,8 @@ class Spool:
         for entry in entries:
             if not entry.done:
                 self.pending[entry.sequence] = entry
+        if entries:
+            self.metrics.spool_last_sequence.set(max(entry.sequence for entry in entries))
         self._notify()
 
     # -- the uplink's side --

@@ -305,9 +305,12 @@ async def test_with_fsync_batch_the_uplink_sees_a_batch_once_it_is_synced(
     wire, announcement = make_batches(opened.spool.stream_id, 1)[0]
     opened.spool.add(wire, announcement)
     assert not opened.spool.pending and len(opened.spool) == 1
+    # What a power cut may not lose: nothing yet.
+    assert sample(opened.metrics, "spool_last_sequence") == 0
     await opened.spool.sync()
     assert list(opened.spool.pending) == [1]
     assert sample(opened.metrics, "spool_fsync_seconds_count") == 1
+    assert sample(opened.metrics, "spool_last_sequence") == 1
 
 
 @pytest.mark.parametrize("fsync", ["interval", "never"])
@@ -316,6 +319,7 @@ async def test_other_fsync_modes_hand_batches_over_at_once(tmp_path: Path, fsync
     wire, announcement = make_batches(opened.spool.stream_id, 1)[0]
     opened.spool.add(wire, announcement)
     assert list(opened.spool.pending) == [1]
+    assert sample(opened.metrics, "spool_last_sequence") == 1
     await opened.spool.sync()
     synced = sample(opened.metrics, "spool_fsync_seconds_count")
     assert synced == (1 if fsync == "interval" else 0)
