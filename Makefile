@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench soak run proto broker systemd-tools install-service clean
+.PHONY: install test lint bench soak run proto broker systemd-tools install-service vm-test clean
 
 install: $(STAMP)
 
@@ -55,6 +55,14 @@ bench: install
 SOAK_SECONDS ?= 600
 soak: install broker
 	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS)
+
+# The agent on a real gateway: a Debian VM (systemd, SocketCAN on vcan, mosquitto) booted
+# with qemu, the agent installed by deploy/install.sh, every check of tests/vm/guest.py in
+# it, and build/vm-test/report.json. Needs root; installs qemu and debootstrap where
+# missing. The image is cached in ~/.cache/telemetry-agent-vm (VM_CACHE), not under the
+# checkout, so `make clean` leaves it.
+vm-test: install
+	$(BIN)/python -m tests.vm.host
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

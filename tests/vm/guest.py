@@ -1,0 +1,573 @@
+"""The checks of `make vm-test`, run inside the gateway VM by its vm-test unit at boot.
+
+Runs as root under systemd (PID 1) on Debian's kernel with SocketCAN, with the system's
+python3 and nothing but its standard library: the agent is what `deploy/install.sh`
+installs, the broker is Debian's mosquitto on the VM's loopback. The host's payload folder
+is /mnt/payload (read-only: the wheels, the deploy folder, the logs and DBCs, and `phase`,
+which says what this boot is for), its out folder /mnt/out (what the host compares).
+
+Each check is a function registered with @check: it returns its figures, or raises Failed;
+its result goes to ttyS1 as a line `VMTEST CHECK {json}`, which the host reads. A power
+cut spans boots: the first writes `VMTEST SPOOLED mode seq` lines until the host kills
+the VM, the next boot's recovery reports what arrived (`VMTEST PART`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PAYLOAD = Path("/mnt/payload")
+OUT = Path("/mnt/out")
+PREFIX = Path("/opt/telemetry-agent")
+AGENT = str(PREFIX / "bin/telemetry-agent")
+CONF = Path("/etc/telemetry-agent")
+UNIT = "telemetry-agent.service"
+METRICS = "http://127.0.0.1:9108/metrics"
+SPOOL = Path("/var/lib/private/telemetry-agent/spool")
+WORK = Path("/var/tmp/vm-test")
+FULL_SPEED = ("-t", "-g", "0")
+BUSES = {"can0": "vcan0", "can1": "vcan1", "fd0": "vcan2"}
+DBCS = {"can0": "toyota_new_mc_pt_generated.dbc", "can1": "toyota_adas.dbc", "fd0": "vm_fd.dbc"}
+
+Figures = dict[str, Any]
+CHECKS: list[tuple[str, Callable[[], Figures]]] = []
+
+
+class Failed(Exception):
+    """A check's condition did not hold; its message is the check's detail."""
+
+
+def check(name: str) -> Callable[[Callable[[], Figures]], Callable[[], Figures]]:
+    def register(function: Callable[[], Figures]) -> Callable[[], Figures]:
+        CHECKS.append((name, function))
+        return function
+
+    return register
+
+
+def emit(kind: str, payload: object) -> None:
+    print(f"VMTEST {kind} {json.dumps(payload)}", flush=True)
+
+
+def run(*command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def must(*command: str, timeout: float = 300) -> str:
+    done = run(*command, timeout=timeout)
+    if done.returncode != 0:
+        raise Failed(f"{' '.join(command)}: exit {done.returncode}: {done.stderr.strip()[-400:]}")
+    return done.stdout
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float, every: float = 0.2) -> float:
+    """Seconds until `condition` held; Failed after `timeout`."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise Failed(f"{what}: not after {timeout:.0f} s")
+        time.sleep(every)
+    return time.monotonic() - start
+
+
+# -- the agent and what it says --
+
+
+def config(max_age_ms: int = 1000, fsync: str = "batch", rules: str = "") -> str:
+    buses = "".join(
+        f'[[bus]]\nname = "{bus}"\nsource = "socketcan"\nchannel = "{interface}"\n'
+        f'dbc = ["dbc/{DBCS[bus]}"]\n\n'
+        for bus, interface in BUSES.items()
+    )
+    return (
+        'vehicle_id = "VMTEST"\nstate_dir = "/var/lib/telemetry-agent"\nlog_level = "info"\n\n'
+        f"{buses}"
+        f'[batch]\nmax_age_ms = {max_age_ms}\nmax_bytes = 120000\ncompression = "zstd"\n\n'
+        '[uplink]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:1883"\n\n'
+        f'[spool]\nfsync = "{fsync}"\n\n[metrics]\nlisten = "127.0.0.1:9108"\n{rules}'
+    )
+
+
+def write_config(text: str) -> None:
+    (CONF / "agent.toml").write_text(text)
+
+
+def show(*properties: str) -> dict[str, str]:
+    out = must("systemctl", "show", UNIT, *(f"-p{p}" for p in properties))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def main_pid() -> int:
+    return int(show("MainPID")["MainPID"])
+
+
+def active() -> bool:
+    return run("systemctl", "is-active", "--quiet", UNIT).returncode == 0
+
+
+def metrics() -> dict[str, float]:
+    """Every sample by its name and labels, as Prometheus writes them."""
+    try:
+        with urllib.request.urlopen(METRICS, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key.removeprefix("telemetry_agent_")] = float(value)
+    return samples
+
+
+def metric(name: str, **labels: str) -> float:
+    key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    return metrics().get(key, 0.0)
+
+
+def received(buses: tuple[str, ...] = ("can0", "can1")) -> float:
+    samples = metrics()
+    return sum(samples.get(f'frames_received_total{{bus="{bus}"}}', 0.0) for bus in buses)
+
+
+def dropped() -> float:
+    return sum(metric("frames_dropped_total", bus=bus) for bus in BUSES)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_agent() -> float:
+    started = time.monotonic()
+    must("systemctl", "start", UNIT, timeout=120)
+    return time.monotonic() - started
+
+
+def journal(lines: int = 40) -> str:
+    return run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat", "-n", str(lines)).stdout
+
+
+def journal_has(text: str, since: str) -> bool:
+    out = run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat", "--since", since).stdout
+    return text in out
+
+
+def now_for_journal() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class Receiver:
+    """`telemetry-agent receive` from the VM's mosquitto: records and the batch ledger."""
+
+    def __init__(self, name: str) -> None:
+        WORK.mkdir(parents=True, exist_ok=True)
+        self.records = WORK / f"{name}.jsonl"
+        self.batches = WORK / f"{name}.batches"
+        self.log = WORK / f"{name}.log"
+        self.name = name
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [AGENT, "receive", "--mqtt", "mqtt://127.0.0.1:1883", "--output", str(self.records),
+                 "--batches", str(self.batches)],
+                stderr=log,
+            )  # fmt: skip
+        # Batches published before it subscribed would pass it by.
+        wait_for("the receiver subscribed", lambda: "subscribed to" in self.log.read_text(), 120)
+
+    def taken(self) -> list[dict[str, Any]]:
+        if not self.batches.exists():
+            return []
+        return [json.loads(line) for line in self.batches.read_text().splitlines() if line]
+
+    def settle(self, timeout: float = 180) -> None:
+        """Until the spool is empty and no batch came for three seconds."""
+        wait_for("the spool emptied", lambda: metric("spool_batches") == 0, timeout)
+        last = (-1, time.monotonic())
+
+        def quiet() -> bool:
+            nonlocal last
+            count = len(self.taken())
+            if count != last[0]:
+                last = (count, time.monotonic())
+            return time.monotonic() - last[1] >= 3
+
+        wait_for("the receiver caught up", quiet, timeout)
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Stops it and copies its records, compressed, to the out folder for the host."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        self.records.touch()
+        with (
+            self.records.open("rb") as src,
+            gzip.open(OUT / f"{self.name}.jsonl.gz", "wb", 1) as dst,
+        ):
+            shutil.copyfileobj(src, dst)
+        return self.taken()
+
+
+def canplayer(log: str, *options: str, timeout: float = 300) -> float:
+    """Plays a payload log onto the vcans by its bus names; the seconds it took. In real time,
+    or with FULL_SPEED as fast as it can (`-t` alone sends one frame per millisecond)."""
+    started = time.monotonic()
+    mapping = [f"{interface}={bus}" for bus, interface in BUSES.items()]
+    must("canplayer", *options, "-I", str(PAYLOAD / log), *mapping, timeout=timeout)
+    return time.monotonic() - started
+
+
+# -- the checks, in the order they run --
+
+
+@check("install")
+def install() -> Figures:
+    wheel = next(PAYLOAD.glob("wheels/vehicle_telemetry_agent-*.whl"))
+    script = str(PAYLOAD / "src/deploy/install.sh")
+    args = ("sh", script, "--wheelhouse", str(PAYLOAD / "wheels"), "--wheel", str(wheel))
+    started = time.monotonic()
+    must(*args, "--vehicle-id", "VMTEST", timeout=900)
+    first = time.monotonic() - started
+    for name in DBCS.values():
+        shutil.copy(PAYLOAD / "dbc" / name, CONF / "dbc" / name)
+    write_config(config())
+    before = (CONF / "agent.toml").read_bytes()
+    started = time.monotonic()
+    upgrade = must(*args, timeout=900)
+    second = time.monotonic() - started
+    if (CONF / "agent.toml").read_bytes() != before:
+        raise Failed("the upgrade changed agent.toml")
+    if not (CONF / "agent.toml.example").exists() or "kept" not in upgrade:
+        raise Failed(f"the upgrade did not keep agent.toml aside its example: {upgrade}")
+    must(AGENT, "check-config", str(CONF / "agent.toml"))
+    verify = run("systemd-analyze", "verify", UNIT)
+    if verify.returncode != 0 or verify.stderr.strip() or verify.stdout.strip():
+        raise Failed(f"systemd-analyze verify: {(verify.stderr + verify.stdout).strip()}")
+    rmem = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    if rmem < 8388608:
+        raise Failed(f"net.core.rmem_max is {rmem}: the sysctl file was not applied")
+    return {
+        "detail": "installed, upgraded keeping agent.toml; check-config and verify clean",
+        "install_s": round(first, 1),
+        "upgrade_s": round(second, 1),
+    }
+
+
+@check("ready")
+def ready() -> Figures:
+    for interface in BUSES.values():
+        must("ip", "link", "add", "dev", interface, "type", "vcan")
+        must("ip", "link", "set", interface, "mtu", "72", "up")
+    seconds = start_agent()
+    state = show("ActiveState", "SubState", "Type", "StatusText")
+    if state["ActiveState"] != "active" or state["Type"] != "notify":
+        raise Failed(f"after start: {state}")
+    if not metrics():
+        raise Failed(f"no metrics at {METRICS}")
+    return {"detail": f"active via READY=1: {state['StatusText']}", "ready_s": round(seconds, 1)}
+
+
+@check("security")
+def security() -> Figures:
+    out = must("systemd-analyze", "security", "--no-pager", UNIT)
+    last = out.strip().splitlines()[-1]  # → Overall exposure level for ...: 1.5 OK 🙂
+    exposure = float(last.split(":")[1].split()[0])
+    if exposure > 2.0:
+        raise Failed(f"exposure {exposure} over 2.0: {last}")
+    return {"detail": last.strip("→ ").strip(), "exposure": exposure}
+
+
+@check("socketcan-replay")
+def socketcan_replay() -> Figures:
+    receiver = Receiver("replay")
+    pid = main_pid()
+    frames0, cpu0, dropped0 = received(), cpu_seconds(pid), dropped()
+    played = canplayer("rav4.log", timeout=600)
+    receiver.settle()
+    frames, cpu = received() - frames0, cpu_seconds(pid) - cpu0
+    taken = receiver.stop()
+    if main_pid() != pid:
+        raise Failed("the agent restarted during the replay")
+    return {
+        "detail": "compared on the host",
+        "played_s": round(played, 1),
+        "frames_read": int(frames),
+        "batches": len(taken),
+        "kernel_drops": int(dropped() - dropped0),
+        "agent_cpu_s": round(cpu, 2),
+        "agent_cpu_us_per_frame": round(cpu / max(frames, 1) * 1e6, 1),
+    }
+
+
+@check("can-fd")
+def can_fd() -> Figures:
+    receiver = Receiver("fd")
+    frames0 = received(("fd0",))
+    canplayer("fd.log")
+    receiver.settle()
+    taken = receiver.stop()
+    return {
+        "detail": "compared on the host",
+        "frames_read": int(received(("fd0",)) - frames0),
+        "batches": len(taken),
+    }
+
+
+def speed_rule(name: str) -> str:
+    return (
+        f'\n[[collect]]\nname = "{name}"\nmode = "sample"\nsignals = ["SPEED.SPEED"]\n'
+        'period_ms = 100\nreduce = "last"\n'
+    )
+
+
+@check("reload")
+def reload() -> Figures:
+    pid = main_pid()
+    write_config(config(rules=speed_rule("vm-reload")))
+    since = now_for_journal()
+    started = time.monotonic()
+    must("systemctl", "reload", UNIT, timeout=120)
+    wait_for("the agent's 'reloaded' line", lambda: journal_has("reloaded ", since), 60)
+    applied = time.monotonic() - started
+    canplayer("slice.log", *FULL_SPEED)
+    wait_for(
+        "the new rule keeps values",
+        lambda: metric("collect_values_total", rule="vm-reload") > 0,
+        30,
+    )
+    # An invalid file: systemctl reload fails and the agent is not even told.
+    write_config("bogus_key = 1\n" + config(rules=speed_rule("vm-reload")))
+    refused = run("systemctl", "reload", UNIT, timeout=120)
+    if refused.returncode == 0:
+        raise Failed("systemctl reload accepted an invalid config")
+    # SIGHUP sent past systemctl: the agent refuses the file itself.
+    since = now_for_journal()
+    must("systemctl", "kill", "--kill-whom=main", "--signal=HUP", UNIT)
+    wait_for("the agent's 'reload refused' line", lambda: journal_has("reload refused", since), 60)
+    kept = metric("collect_values_total", rule="vm-reload")
+    canplayer("slice.log", *FULL_SPEED)
+    wait_for(
+        "the old rule still runs",
+        lambda: metric("collect_values_total", rule="vm-reload") > kept,
+        30,
+    )
+    if main_pid() != pid or not active():
+        raise Failed("the agent restarted or stopped")
+    write_config(config())
+    must("systemctl", "reload", UNIT, timeout=120)
+    return {
+        "detail": "a new rule applied; an invalid file refused by systemctl reload and by "
+        "the agent on SIGHUP, the old rule kept",
+        "reload_s": round(applied, 1),
+    }
+
+
+@check("watchdog")
+def watchdog() -> Figures:
+    dropin = Path(f"/run/systemd/system/{UNIT}.d")
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "vm-test-watchdog.conf").write_text(
+        "[Service]\nWatchdogSec=10s\nTimeoutAbortSec=2s\n"
+    )
+    must("systemctl", "daemon-reload")
+    must("systemctl", "restart", UNIT, timeout=120)
+    restarts, pid = int(show("NRestarts")["NRestarts"]), main_pid()
+    os.kill(pid, signal.SIGSTOP)
+    killed = wait_for("the watchdog killed the agent", lambda: main_pid() != pid, 60)
+    back = wait_for("the agent is back", lambda: active() and main_pid() not in (0, pid), 90)
+    shutil.rmtree(dropin)
+    must("systemctl", "daemon-reload")
+    after = int(show("NRestarts")["NRestarts"])
+    if after != restarts + 1:
+        raise Failed(f"NRestarts went from {restarts} to {after}")
+    if "watchdog timeout" not in run("journalctl", "-u", UNIT, "--no-pager").stdout.lower():
+        raise Failed("no watchdog timeout in the journal")
+    must("systemctl", "restart", UNIT, timeout=120)
+    return {
+        "detail": f"killed by the watchdog, NRestarts {restarts} -> {after}",
+        "killed_after_s": round(killed, 1),
+        "active_again_after_s": round(killed + back, 1),
+    }
+
+
+def sender(interface: str, stop: threading.Event) -> None:
+    """SPEED frames (0xB4) onto `interface` until stopped, through its ups and downs."""
+    with socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW) as sock:
+        sock.bind((interface,))
+        frame = struct.pack("=IB3x8s", 0xB4, 8, bytes(8))
+        while not stop.is_set():
+            with contextlib.suppress(OSError):  # down: ENETDOWN; full: ENOBUFS
+                sock.send(frame)
+            time.sleep(0.005)
+
+
+@check("bus-down")
+def bus_down() -> Figures:
+    pid = main_pid()
+    outages = metric("bus_outages_total", bus="can0")
+    stop = threading.Event()
+    thread = threading.Thread(target=sender, args=("vcan0", stop))
+    thread.start()
+    try:
+        start = received(("can0",))
+        wait_for("frames arrive", lambda: received(("can0",)) > start + 50, 30)
+        must("ip", "link", "set", "vcan0", "down")
+        counted = wait_for(
+            "an outage counted", lambda: metric("bus_outages_total", bus="can0") > outages, 30
+        )
+        time.sleep(2)
+        must("ip", "link", "set", "vcan0", "up")
+        up = received(("can0",))
+        resumed = wait_for("frames arrive again", lambda: received(("can0",)) > up + 50, 30)
+    finally:
+        stop.set()
+        thread.join()
+    if main_pid() != pid or not active():
+        raise Failed("the agent restarted or stopped")
+    return {
+        "detail": "down counted as an outage, frames again after up, same process",
+        "outages": int(metric("bus_outages_total", bus="can0") - outages),
+        "outage_counted_after_s": round(counted, 1),
+        "resumed_after_s": round(resumed, 1),
+    }
+
+
+@check("stop-drain")
+def stop_drain() -> Figures:
+    # Batches that stay open for 30 s: the stop must close them.
+    write_config(config(max_age_ms=30000))
+    must("systemctl", "restart", UNIT, timeout=120)
+    must("systemctl", "stop", "mosquitto")
+    start = received()
+    expected = json.loads((PAYLOAD / "meta.json").read_text())["slice_frames_known"]
+    canplayer("slice.log", *FULL_SPEED)
+    wait_for("the slice read", lambda: received() - start >= expected, 30)
+    closed = metric("spool_batches")  # by max_bytes; the broker is away
+    started = time.monotonic()
+    must("systemctl", "stop", UNIT, timeout=120)
+    stopping = time.monotonic() - started
+    result = show("Result")["Result"]
+    if result != "success":
+        raise Failed(f"stop ended with Result={result}")
+    spooled = sum(path.stat().st_size for path in SPOOL.glob("*.seg"))
+    must("systemctl", "start", "mosquitto")
+    write_config(config())
+    receiver = Receiver("drain")
+    start_agent()
+    recovered = metric("spool_recovered_batches_total")
+    receiver.settle()
+    taken = receiver.stop()
+    if recovered <= closed:
+        raise Failed(f"{recovered} batches recovered, {closed} were closed before the stop")
+    return {
+        "detail": "compared on the host",
+        "stop_s": round(stopping, 1),
+        "batches_closed_by_stop": int(recovered - closed),
+        "spool_bytes_at_stop": spooled,
+        "recovered_batches": int(recovered),
+        "batches": len(taken),
+    }
+
+
+# -- the power cut, over three boots --
+
+
+def power_cut_write(mode: str) -> None:
+    """A fresh spool, the broker away, the log at full speed: lines of what the agent
+    says is spooled, until the host pulls the plug."""
+    run("systemctl", "stop", UNIT, timeout=120)
+    must("systemctl", "stop", "mosquitto")
+    shutil.rmtree(SPOOL, ignore_errors=True)
+    write_config(config(max_age_ms=100, fsync=mode))
+    os.sync()
+    start_agent()
+    player = subprocess.Popen(
+        ["canplayer", *FULL_SPEED, "-l", "i", "-I", str(PAYLOAD / "rav4.log")]
+        + [f"{interface}={bus}" for bus, interface in BUSES.items()],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = time.monotonic()
+    cut = False
+    while time.monotonic() - started < 120:
+        emit("SPOOLED", {"mode": mode, "sequence": int(metric("spool_last_sequence"))})
+        if not cut and time.monotonic() - started > 10:
+            emit("CUT", {"mode": mode})
+            cut = True
+        time.sleep(0.2)
+    player.kill()
+    raise Failed("the host did not cut the power")
+
+
+def power_cut_recover(mode: str) -> None:
+    for interface in BUSES.values():
+        run("ip", "link", "add", "dev", interface, "type", "vcan")
+        run("ip", "link", "set", interface, "mtu", "72", "up")
+    try:
+        receiver = Receiver(f"cut-{mode}")
+        start_agent()
+        samples = metrics()
+        receiver.settle()
+        taken = receiver.stop()
+        emit(
+            "PART",
+            {
+                "name": "power-cut",
+                "mode": mode,
+                "received": sorted({int(b["sequence"]) for b in taken}),
+                "recovered": int(samples.get("spool_recovered_batches_total", 0)),
+                "torn": int(samples.get('spool_damaged_records_total{kind="torn"}', 0)),
+                "corrupt": int(samples.get('spool_damaged_records_total{kind="corrupt"}', 0)),
+            },
+        )
+    except Exception as error:
+        emit("PART", {"name": "power-cut", "mode": mode, "error": repr(error)})
+        emit("JOURNAL", journal())
+
+
+def main() -> int:
+    phase = (PAYLOAD / "phase").read_text().strip()
+    state = run("systemctl", "is-system-running", "--wait").stdout.strip()
+    emit("BEGIN", {"phase": phase, "kernel": os.uname().release, "system": state})
+    if phase == "checks":
+        must("modprobe", "vcan")
+        for name, function in CHECKS:
+            started = time.monotonic()
+            try:
+                figures = {"ok": True, **function()}
+            except Exception as error:
+                detail = str(error) if isinstance(error, Failed) else traceback.format_exc()
+                figures = {"ok": False, "detail": detail}
+                emit("JOURNAL", journal())
+            emit(
+                "CHECK", {"name": name, **figures, "seconds": round(time.monotonic() - started, 1)}
+            )
+        power_cut_write("batch")
+    elif phase == "recover-batch":
+        power_cut_recover("batch")
+        power_cut_write("never")
+    elif phase == "recover-never":
+        power_cut_recover("never")
+    emit("END", {"phase": phase})
+    os.sync()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""`make vm-test`: the agent on a real gateway, a Debian VM with systemd and SocketCAN.
+
+The host's side: it installs its tools where missing (qemu, debootstrap), builds or reuses
+the image (`image.sh`), builds the wheels that the guest installs with `deploy/install.sh`,
+lays out the payload (the logs and DBCs the checks play, and `guest.py`, which runs them),
+boots the VM up to three times on one copy-on-write disk (the checks, then the recovery
+after each of two power cuts, with fsync "batch" and "never"), compares what arrived in the
+VM with `telemetry-agent decode` of the same logs, and writes build/vm-test/report.json.
+Exit status 1 when a check failed or never ran; 2 when the VM could not run at all.
+
+Settings (environment): VM_CACHE (default ~/.cache/telemetry-agent-vm: the image and the
+wheels of the dependencies), VM_ACCEL (auto | kvm | tcg), VM_MIRROR (a Debian mirror).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+BUILD = REPO / "build" / "vm-test"
+CACHE = Path(os.environ.get("VM_CACHE", Path.home() / ".cache" / "telemetry-agent-vm"))
+CHECKS = (
+    "install",
+    "ready",
+    "security",
+    "socketcan-replay",
+    "can-fd",
+    "reload",
+    "watchdog",
+    "bus-down",
+    "stop-drain",
+    "power-cut",
+)
+HOST_TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "debootstrap": "debootstrap",
+    "mkfs.ext4": "e2fsprogs",
+}
+#: The logs' buses and the DBC of each; the guest's config has the same.
+DBCS = {"can0": RAV4_PT_DBC, "can1": RAV4_ADAS_DBC, "fd0": HERE / "vm_fd.dbc"}
+SLICE_S = 2.0  # of the RAV4 log, played at full speed by the reload and stop-drain checks
+BOOT_TIMEOUT_S = 1500
+CUT_AFTER_S = (1.0, 3.0)  # the power goes this long after the guest says CUT
+
+
+class Unusable(Exception):
+    """The VM cannot run here: make vm-test fails loudly, without a report of checks."""
+
+
+def say(text: str) -> None:
+    print(f"vm-test: {text}", file=sys.stderr, flush=True)
+
+
+def host_tools() -> None:
+    if os.geteuid() != 0:
+        raise Unusable("needs root (debootstrap, chroot, mkfs.ext4 -d of a root tree)")
+    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if not shutil.which(tool)})
+    if missing:
+        say(f"installing {' '.join(missing)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        ):
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def image() -> tuple[Path, float | None]:
+    """The image's folder, and the seconds it took to build (None: it was cached)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    cached = {p.name for p in CACHE.glob("image-*")}
+    out = subprocess.run(
+        ["sh", str(HERE / "image.sh"), str(CACHE)], check=True, capture_output=True, text=True
+    )
+    folder = Path(out.stdout.strip().splitlines()[-1])
+    for old in CACHE.glob("image-*"):
+        if old != folder:
+            shutil.rmtree(old)  # of an earlier image.sh
+    built = None if folder.name in cached else time.monotonic() - started
+    return folder, built
+
+
+def wheels(into: Path) -> None:
+    """The project's wheel, built now, and its dependencies' (kept in the cache, keyed by
+    pyproject.toml): what install.sh takes offline in the guest."""
+    deps = (
+        CACHE / f"wheels-{hashlib.sha256((REPO / 'pyproject.toml').read_bytes()).hexdigest()[:16]}"
+    )
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "--quiet"]
+    if not deps.is_dir():
+        for old in CACHE.glob("wheels-*"):
+            shutil.rmtree(old)
+        partial = Path(tempfile.mkdtemp(dir=CACHE))
+        subprocess.run([*pip, "--wheel-dir", str(partial), str(REPO)], check=True)
+        partial.rename(deps)
+    into.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as source:
+        # A copy, so that the build leaves nothing in the checkout.
+        shutil.copytree(
+            REPO,
+            source,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(
+                ".git", ".venv", "build", "state", "*.egg-info", "__pycache__", ".*_cache"
+            ),
+        )
+        subprocess.run([*pip, "--no-deps", "--wheel-dir", str(into), source], check=True)
+    for wheel in deps.glob("*.whl"):
+        if not wheel.name.startswith("vehicle_telemetry_agent-"):
+            shutil.copy(wheel, into)
+
+
+def fd_log(path: Path, frames: int = 2000) -> None:
+    """CAN FD traffic for vm_fd.dbc: 64- and 48-byte frames with BRS, every 8th of the
+    64-byte ones cut to 32 bytes (its signals past byte 32 are missing, not zero)."""
+    rng = random.Random(15)
+    lines = []
+    for n in range(frames):
+        t = 1700000000.0 + n * 0.001
+        if n % 2:
+            length = 32 if n % 16 == 1 else 64
+            frame = f"100##1{rng.randbytes(length).hex().upper()}"
+        else:
+            payload = bytes([n % 4 // 2]) + rng.randbytes(47)  # mode 0 or 1
+            frame = f"18FF0010##1{payload.hex().upper()}"
+        lines.append(f"({t:.6f}) fd0 {frame}\n")
+    path.write_text("".join(lines))
+
+
+def payload(folder: Path) -> dict[str, Any]:
+    """What the guest needs, and the logs the host decodes to compare; returns meta.json."""
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "dbc").mkdir(parents=True)
+    for name in ("deploy", "dbc"):
+        shutil.copytree(REPO / name, folder / "src" / name)
+    for dbc in DBCS.values():
+        shutil.copy(dbc, folder / "dbc" / dbc.name)
+    shutil.copy(HERE / "guest.py", folder)
+    wheels(folder / "wheels")
+    # The RAV4 log's two buses that have DBCs (can128 and can129 echo them).
+    lines = [
+        line
+        for line in RAV4_LOG.read_text().splitlines(keepends=True)
+        if line.split(" ", 2)[1:2] in (["can0"], ["can1"])
+    ]
+    (folder / "rav4.log").write_text("".join(lines))
+    first = float(lines[0][1 : lines[0].index(")")])
+    (folder / "slice.log").write_text(
+        "".join(line for line in lines if float(line[1 : line.index(")")]) < first + SLICE_S)
+    )
+    fd_log(folder / "fd.log")
+    meta = {
+        "rav4_frames": len(lines),
+        "slice_frames_known": len(decode(folder / "slice.log")),
+    }
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+def decode(log: Path) -> list[dict[str, Any]]:
+    """`telemetry-agent decode` of a payload log, with each bus's DBC."""
+    dbcs = [f"--dbc={bus}={path}" for bus, path in DBCS.items()]
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "decode", str(log), *dbcs],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def compare(expected: list[dict[str, Any]], received_path: Path) -> dict[str, int]:
+    """Frame by frame, per bus and ID in the order each was sent; times aside (the VM's
+    kernel stamped them) and the vehicle, which decode does not know."""
+    if not received_path.exists():
+        return {
+            "frames_expected": len(expected),
+            "frames_received": 0,
+            "missing": len(expected),
+            "extra": 0,
+            "differing": 0,
+        }
+    with gzip.open(received_path, "rt") as records:
+        received = [json.loads(line) for line in records]
+
+    def by_frame_id(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[str]]:
+        frames = defaultdict(list)
+        for record in records:
+            rest = {k: v for k, v in record.items() if k not in ("t", "vehicle")}
+            frames[record["bus"], record["id"]].append(json.dumps(rest, sort_keys=True))
+        return frames
+
+    sent, got = by_frame_id(expected), by_frame_id(received)
+    missing = extra = differing = 0
+    for key in sent.keys() | got.keys():
+        ours, theirs = sent.get(key, []), got.get(key, [])
+        differing += sum(a != b for a, b in zip(ours, theirs, strict=False))
+        missing += max(0, len(ours) - len(theirs))
+        extra += max(0, len(theirs) - len(ours))
+    return {
+        "frames_expected": len(expected),
+        "frames_received": len(received),
+        "missing": missing,
+        "extra": extra,
+        "differing": differing,
+    }
+
+
+def accelerator(kernel: Path) -> list[str]:
+    """KVM where it boots a stock kernel, else qemu's TCG. Some hosts have a /dev/kvm that
+    cannot (nested PVM): the probe boots the kernel to its 'no root' panic, which a real KVM
+    reaches in a second or two."""
+    choice = os.environ.get("VM_ACCEL", "auto")
+    if choice == "auto":
+        choice = "tcg"
+        if os.access("/dev/kvm", os.W_OK):
+            with tempfile.TemporaryDirectory() as tmp:
+                console = Path(tmp) / "console"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    subprocess.run(
+                        [
+                            "qemu-system-x86_64",
+                            "-accel",
+                            "kvm",
+                            "-cpu",
+                            "host",
+                            "-m",
+                            "256",
+                            "-display",
+                            "none",
+                            "-nodefaults",
+                            "-no-reboot",
+                            "-serial",
+                            f"file:{console}",
+                            "-kernel",
+                            str(kernel),
+                            "-append",
+                            "console=ttyS0 panic=-1",
+                        ],
+                        capture_output=True,
+                        timeout=8,
+                        check=False,
+                    )
+                if console.exists() and b"Kernel panic" in console.read_bytes():
+                    choice = "kvm"
+        say(f"accelerator: {choice}")
+    if choice == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    if choice == "tcg":
+        return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    raise Unusable(f"VM_ACCEL: auto, kvm or tcg, not {choice}")
+
+
+class Boot:
+    """One boot of the VM on the run's disk; the guest's lines as they come."""
+
+    def __init__(self, phase: str, accel: list[str], image: Path, payload: Path, out: Path) -> None:
+        self.phase = phase
+        (payload / "phase").write_text(phase)
+        self.serial = BUILD / f"{phase}.results"
+        self.console = BUILD / f"{phase}.console"
+        self.command = [
+            "qemu-system-x86_64", *accel, "-m", "1536", "-smp", "2",
+            "-display", "none", "-nodefaults", "-no-reboot",
+            "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
+            "-append", "root=/dev/vda rw console=ttyS0 panic=-1",
+            "-drive", f"file={BUILD / 'disk.qcow2'},format=qcow2,if=virtio",
+            "-serial", f"file:{self.console}", "-serial", f"file:{self.serial}",
+            "-virtfs", f"local,path={payload},mount_tag=payload,security_model=none,readonly=on",
+            "-virtfs", f"local,path={out},mount_tag=out,security_model=none",
+        ]  # fmt: skip
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+        self.begin_s: float | None = None
+        self.seconds = 0.0
+        self.cut = False
+
+    def run(self, cut: bool) -> None:
+        """Until the guest powers off, or, with `cut`, the power is pulled after it says CUT."""
+        say(f"boot: {self.phase}")
+        started = time.monotonic()
+        qemu = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        read = 0
+        pull_at: float | None = None
+        try:
+            while True:
+                exited = qemu.poll() is not None
+                read = self._take(read, started)
+                if pull_at is None and cut and any(kind == "CUT" for kind, _ in self.lines):
+                    pull_at = time.monotonic() + random.uniform(*CUT_AFTER_S)
+                if pull_at is not None and time.monotonic() >= pull_at:
+                    qemu.kill()  # SIGKILL: the guest's page cache is lost, as in a power cut
+                    qemu.wait()
+                    self._take(read, started)
+                    self.cut = True
+                    break
+                if exited:
+                    break
+                if time.monotonic() - started > BOOT_TIMEOUT_S:
+                    say(f"boot {self.phase}: no end after {BOOT_TIMEOUT_S} s: killed")
+                    break
+                time.sleep(0.1)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.wait()
+        self.seconds = time.monotonic() - started
+        if qemu.returncode not in (0, -9) and qemu.stderr is not None:
+            say(f"qemu: exit {qemu.returncode}: {qemu.stderr.read().decode().strip()[-600:]}")
+
+    def _take(self, read: int, started: float) -> int:
+        if not self.serial.exists():
+            return read
+        data = self.serial.read_bytes()
+        end = data.rfind(b"\n") + 1
+        for raw in data[read:end].decode(errors="replace").replace("\r", "").splitlines():
+            if not raw.startswith("VMTEST "):
+                continue
+            kind, _, text = raw[7:].partition(" ")
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = {"text": text}
+            self.lines.append((kind, value))
+            if kind == "BEGIN" and self.begin_s is None:
+                self.begin_s = time.monotonic() - started
+            if kind == "CHECK":
+                verdict = "ok  " if value.get("ok") else "FAIL"
+                say(f"  {verdict} {value.get('name')}: {value.get('detail', '')}"[:300])
+            if kind == "JOURNAL":
+                say("  the agent's journal:\n" + str(value))
+        return max(read, end)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [value for k, value in self.lines if k == kind]
+
+
+def power_cut(write: Boot, recover: Boot | None, mode: str) -> dict[str, Any]:
+    """What the agent said it had spooled before the cut, against what arrived after it."""
+    spooled = [line["sequence"] for line in write.of("SPOOLED") if line.get("mode") == mode]
+    part = next((p for p in (recover.of("PART") if recover else []) if p.get("mode") == mode), None)
+    why = None
+    if not write.cut:
+        why = "no power cut"
+    elif not spooled:
+        why = "the agent reported no spooled batch"
+    elif part is None:
+        why = "no report of the recovery"
+    elif "error" in part:
+        why = part["error"]
+    if why is not None or part is None:
+        return {"mode": mode, "error": str(why)}
+    last = spooled[-1]
+    arrived = set(part["received"])
+    return {
+        "mode": mode,
+        "spooled_before_cut": last,
+        "lost": sum(1 for sequence in range(1, last + 1) if sequence not in arrived),
+        "arrived": len(arrived),
+        "recovered": part["recovered"],
+        "torn_repaired": part["torn"],
+        "corrupt": part["corrupt"],
+    }
+
+
+def cut_summary(cut: dict[str, Any]) -> str:
+    if "error" in cut:
+        return f"fsync {cut['mode']}: {cut['error']}"
+    return (
+        f"fsync {cut['mode']}: {cut['lost']} of {cut['spooled_before_cut']} spooled batches "
+        f"lost, {cut['torn_repaired']} torn records repaired"
+    )
+
+
+def report(
+    boots: list[Boot], meta: dict[str, Any], out: Path, extra: dict[str, Any]
+) -> list[dict[str, Any]]:
+    found = {c["name"]: c for boot in boots for c in boot.of("CHECK")}
+    payload = BUILD / "payload"
+    comparisons = {
+        "socketcan-replay": ("rav4.log", "replay.jsonl.gz"),
+        "can-fd": ("fd.log", "fd.jsonl.gz"),
+        "stop-drain": ("slice.log", "drain.jsonl.gz"),
+    }
+    for name, (log, received) in comparisons.items():
+        if name in found:
+            figures = compare(decode(payload / log), out / received)
+            check = found[name]
+            check.update(figures)
+            clean = figures["missing"] == figures["extra"] == figures["differing"] == 0
+            if check.get("kernel_drops"):
+                clean = False
+            check["ok"] = bool(check["ok"] and clean and figures["frames_expected"] > 0)
+            check["detail"] = (
+                f"{figures['frames_received']} of {figures['frames_expected']} decoded frames "
+                f"arrived: {figures['missing']} missing, {figures['extra']} extra, "
+                f"{figures['differing']} differing"
+            )
+            if name == "socketcan-replay":
+                check["frames_sent"] = meta["rav4_frames"]
+                check["detail"] = (
+                    f"{meta['rav4_frames']} frames played in {check.get('played_s')} s, "
+                    f"{check.get('kernel_drops', 'unknown')} dropped by the kernel; "
+                    + check["detail"]
+                )
+    cuts = [
+        power_cut(boots[i], boots[i + 1] if i + 1 < len(boots) else None, mode)
+        for i, mode in enumerate(("batch", "never"))
+        if i < len(boots)
+    ]
+    batch = cuts[0] if cuts else {"error": "no boot"}
+    found["power-cut"] = {
+        "name": "power-cut",
+        "ok": "error" not in batch
+        and batch.get("lost") == 0
+        and len(cuts) == 2
+        and "error" not in cuts[1],
+        "detail": "; ".join(cut_summary(c) for c in cuts),
+        "cuts": cuts,
+    }
+    checks = [
+        found.get(name, {"name": name, "ok": False, "detail": "never ran"}) for name in CHECKS
+    ]
+    (BUILD / "report.json").write_text(json.dumps({"checks": checks, **extra}, indent=1) + "\n")
+    return checks
+
+
+def table(checks: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+    rows = ["| check | ok | detail |", "|---|---|---|"]
+    for check in checks:
+        rows.append(
+            f"| {check['name']} | {'ok' if check['ok'] else 'FAIL'} | {check.get('detail', '')} |"
+        )
+    figures = {
+        c["name"]: {k: v for k, v in c.items() if k not in ("name", "ok", "detail")} for c in checks
+    }
+    return "\n".join(rows) + "\n\nfigures: " + json.dumps(figures) + "\nrun: " + json.dumps(extra)
+
+
+def main() -> int:
+    started = time.monotonic()
+    try:
+        host_tools()
+        folder, built = image()
+    except (Unusable, subprocess.CalledProcessError) as error:
+        say(f"cannot run: {error}")
+        return 2
+    say(f"image: {folder} ({f'built in {built:.0f} s' if built else 'cached'})")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    meta = payload(BUILD / "payload")
+    out = BUILD / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    disk = BUILD / "disk.qcow2"
+    disk.unlink(missing_ok=True)
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            str(folder / "rootfs.img"),
+            str(disk),
+        ],
+        check=True,
+    )
+    accel = accelerator(folder / "vmlinuz")
+    prepared = time.monotonic() - started
+    boots = []
+    for phase, cut in (("checks", True), ("recover-batch", True), ("recover-never", False)):
+        boot = Boot(phase, accel, folder, BUILD / "payload", out)
+        boot.run(cut)
+        boots.append(boot)
+        if cut and not boot.cut:
+            break
+    disk.unlink(missing_ok=True)
+    extra = {
+        "accelerator": accel[1],
+        "image_built_s": round(built, 1) if built else None,
+        "prepare_s": round(prepared, 1),
+        "boots": [
+            {
+                "phase": b.phase,
+                "to_checks_s": round(b.begin_s or 0, 1),
+                "seconds": round(b.seconds, 1),
+            }
+            for b in boots
+        ],
+        "total_s": round(time.monotonic() - started, 1),
+    }
+    checks = report(boots, meta, out, extra)
+    print(table(checks, extra))
+    failed = [c["name"] for c in checks if not c["ok"]]
+    if failed:
+        say(f"FAILED: {', '.join(failed)} (consoles and results in {BUILD})")
+        return 1
+    say(f"all {len(checks)} checks passed in {extra['total_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
