@@ -40,8 +40,10 @@ python-can's 70 to 110 us were measured on slower boards, where every figure her
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import select
+import signal
 import socket
 import statistics
 import struct
@@ -58,9 +60,12 @@ from agent.frames import FrameBatch
 from agent.memory import keep_freed_memory
 from agent.sources.socketcan import (
     CAN_EFF_FLAG,
+    CAN_RAW_FD_FRAMES,
     SO_TIMESTAMPNS_OLD,
+    SOL_CAN_RAW,
     FrameSlab,
     SocketCanSource,
+    open_can_socket,
     size_receive_buffer,
 )
 from bench.common import REPO, table
@@ -87,9 +92,15 @@ def datagrams(kind: str, n: int) -> list[bytes]:
     return out
 
 
-def write(fd: int, kind: str, n: int, rate: int) -> None:
-    """The writer process: waits for a byte on stdin, then sends `n` frames to `fd`."""
-    sock = socket.socket(fileno=fd)
+def write(target: str, kind: str, n: int, rate: int) -> None:
+    """The writer process: waits for a byte on stdin, then sends `n` frames to `target`,
+    a socketpair's end by its descriptor or `can:INTERFACE`, a CAN_RAW socket of its own."""
+    if target.startswith("can:"):
+        sock = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
+        sock.setsockopt(SOL_CAN_RAW, CAN_RAW_FD_FRAMES, 1)
+        sock.bind((target.removeprefix("can:"),))
+    else:
+        sock = socket.socket(fileno=int(target))
     frames = datagrams(kind, n)
     sys.stdin.buffer.read(1)
     send = sock.send
@@ -109,9 +120,24 @@ def write(fd: int, kind: str, n: int, rate: int) -> None:
 
 
 class Writer:
-    """A writer process on one end of a fresh socketpair; `reader` is the other end."""
+    """A writer process on one end of a fresh socketpair; `reader` is the other end. With
+    an `interface` (a kernel with SocketCAN), the reader is the agent's CAN_RAW socket on
+    it instead, and the writer sends on a CAN_RAW socket of its own."""
 
-    def __init__(self, kind: str, n: int, rate: int, tuned: bool = True) -> None:
+    def __init__(
+        self,
+        kind: str,
+        n: int,
+        rate: int,
+        tuned: bool = True,
+        interface: str | None = None,
+        agent_socket: bool = True,
+    ) -> None:
+        if interface is not None:
+            opener = open_can_socket if agent_socket else python_can_socket
+            self.reader = opener(interface)
+            self._start(f"can:{interface}", kind, n, rate, [])
+            return
         self.reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # AF_UNIX charges queued datagrams to the writer; the reader's buffer size matters
         # only as the agent reads it back (how long it lets frames gather).
@@ -122,14 +148,16 @@ class Writer:
         # The receive times the kernel gives python-can's path and ours.
         self.reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
         writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-        args = ["write", str(writer.fileno()), kind, str(n), str(rate)]
+        self._start(str(writer.fileno()), kind, n, rate, [writer.fileno()])
+        writer.close()
+
+    def _start(self, target: str, kind: str, n: int, rate: int, fds: list[int]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.socketcan", *args],
+            [sys.executable, "-m", "bench.socketcan", "write", target, kind, str(n), str(rate)],
             cwd=REPO,
             stdin=subprocess.PIPE,
-            pass_fds=[writer.fileno()],
+            pass_fds=fds,
         )
-        writer.close()
         time.sleep(0.3)  # the writer has built its frames
 
     def go(self) -> None:
@@ -142,6 +170,17 @@ class Writer:
         self.process.stdin.close()
         self.process.wait(30)
         self.reader.close()
+
+
+def python_can_socket(interface: str) -> socket.socket:
+    """A CAN_RAW socket as python-can's SocketcanBus sets it up for `capture_message` (the
+    old SO_TIMESTAMPNS, which it asserts), with the agent's receive buffer."""
+    sock = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
+    size_receive_buffer(sock)
+    sock.setsockopt(SOL_CAN_RAW, CAN_RAW_FD_FRAMES, 1)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
+    sock.bind((interface,))
+    return sock
 
 
 def _ours(writer: Writer, n: int, recvmmsg: bool = True) -> float:
@@ -233,11 +272,20 @@ READERS: dict[str, Callable[[Writer, int], float]] = {
 }
 
 
-def cpu_per_frame(reader: str, kind: str, n: int, rate: int, repeats: int) -> float:
+def cpu_per_frame(
+    reader: str, kind: str, n: int, rate: int, repeats: int, interface: str | None = None
+) -> float:
     """The least CPU per frame of `repeats` runs, in microseconds."""
     best = float("inf")
     for _ in range(repeats):
-        writer = Writer(kind, n, rate, tuned=reader != "ours 208 KiB")
+        writer = Writer(
+            kind,
+            n,
+            rate,
+            tuned=reader != "ours 208 KiB",
+            interface=interface,
+            agent_socket=reader.startswith("ours"),
+        )
         try:
             best = min(best, READERS[reader](writer, n))
         finally:
@@ -328,8 +376,61 @@ def run() -> str:
     return readers + "\n\n" + wake_up_table()
 
 
+def run_on_interface(interface: str, n: int) -> str:
+    """Ours and python-can's path on a real CAN_RAW socket of `interface` (a vcan: frames
+    cross the kernel's CAN core as from a controller) against the same on the socketpair,
+    on this machine: what a real socket costs beside the socketpair that `run` measures."""
+    keep_freed_memory()
+    # A frame lost on the way would leave a reader waiting for ever: fail loudly instead.
+    signal.alarm(600)
+    rows: list[list[object]] = []
+    for traffic, rate in (("flood", 0), (f"{PACED_RATE // 1000}k/s", PACED_RATE)):
+        for kind in ("classic", "fd"):
+            us = {
+                (name, where): cpu_per_frame(name, kind, n, rate, 2, interface if where else None)
+                for name in ("ours", "capture")
+                for where in (True, False)
+            }
+            rows.append(
+                [
+                    f"{kind} ({'64' if kind == 'fd' else '8'} B)",
+                    traffic,
+                    f"{n:,}",
+                    f"{us['ours', True]:.2f}",
+                    f"{us['ours', False]:.2f}",
+                    f"{us['capture', True]:.2f}",
+                    f"{us['capture', False]:.2f}",
+                    f"{us['capture', True] / us['ours', True]:.1f}",
+                ]
+            )
+    signal.alarm(0)
+    return table(
+        [
+            "frames",
+            "traffic",
+            "count",
+            f"ours on {interface} us/frame",
+            "ours on the socketpair us/frame",
+            f"python-can capture_message on {interface} us/frame",
+            "python-can capture_message on the socketpair us/frame",
+            "x capture",
+        ],
+        rows,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.socketcan", description=__doc__)
+    parser.add_argument(
+        "--interface", help="compare on this CAN interface (a vcan) with the socketpair"
+    )
+    parser.add_argument("--frames", type=int, default=PACED_FRAMES, help="with --interface")
+    args = parser.parse_args()
+    print(run_on_interface(args.interface, args.frames) if args.interface else run())
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["write"]:
-        write(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        write(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
-        print(run())
+        main()
