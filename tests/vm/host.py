@@ -151,6 +151,8 @@ def payload(folder: Path) -> dict[str, Any]:
     (folder / "dbc").mkdir(parents=True)
     for name in ("deploy", "dbc"):
         shutil.copytree(REPO / name, folder / "src" / name)
+    # The reader's benchmark runs in the guest too, on a real CAN_RAW socket.
+    shutil.copytree(REPO / "bench", folder / "bench", ignore=shutil.ignore_patterns("__pycache__"))
     for dbc in DBCS.values():
         shutil.copy(dbc, folder / "dbc" / dbc.name)
     shutil.copy(HERE / "guest.py", folder)
@@ -295,6 +297,8 @@ class Boot:
     def run(self, cut: bool) -> None:
         """Until the guest powers off, or, with `cut`, the power is pulled after it says CUT."""
         say(f"boot: {self.phase}")
+        for stale in (self.serial, self.console):  # of an earlier run
+            stale.unlink(missing_ok=True)
         started = time.monotonic()
         qemu = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         read = 0
@@ -344,6 +348,8 @@ class Boot:
             if kind == "CHECK":
                 verdict = "ok  " if value.get("ok") else "FAIL"
                 say(f"  {verdict} {value.get('name')}: {value.get('detail', '')}"[:300])
+            if kind == "TABLE":
+                say(f"  {value['name']}:\n{value['text']}")
             if kind == "JOURNAL":
                 say("  the agent's journal:\n" + str(value))
         return max(read, end)
@@ -451,7 +457,16 @@ def table(checks: list[dict[str, Any]], extra: dict[str, Any]) -> str:
     figures = {
         c["name"]: {k: v for k, v in c.items() if k not in ("name", "ok", "detail")} for c in checks
     }
-    return "\n".join(rows) + "\n\nfigures: " + json.dumps(figures) + "\nrun: " + json.dumps(extra)
+    tables = "".join(f"\n\n{name}:\n{text}" for name, text in extra["tables"].items())
+    run = {k: v for k, v in extra.items() if k != "tables"}
+    return (
+        "\n".join(rows)
+        + tables
+        + "\n\nfigures: "
+        + json.dumps(figures)
+        + "\nrun: "
+        + json.dumps(run)
+    )
 
 
 def main() -> int:
@@ -508,6 +523,7 @@ def main() -> int:
             for b in boots
         ],
         "total_s": round(time.monotonic() - started, 1),
+        "tables": {t["name"]: t["text"] for boot in boots for t in boot.of("TABLE")},
     }
     checks = report(boots, meta, out, extra)
     print(table(checks, extra))
