@@ -195,6 +195,7 @@ class Spool:
         self.disk_bytes = 0
         self.memory_bytes = 0
         self.dropped: Counter[str] = Counter()  # batches dropped unsent, by reason
+        self.last_spooled = 0  # of this run: the spool_last_sequence gauge
         self._writing: list[Entry] = []  # written, waiting for their fsync
         self._segments: OrderedDict[int, Segment] = OrderedDict()
         self._current: Segment | None = None
@@ -229,6 +230,13 @@ class Spool:
                     partial.unlink()
         acked_through = self._load_state()
         recovery, schema_ids = self._recover(acked_through)
+        if self.config.fsync == "batch" and self._segments:
+            # The last run may have been killed between a write and its fsync, or have run
+            # with another fsync mode: what the uplink sees must be on the disk.
+            try:
+                _fsync_all([s.fd for s in self._segments.values()], None)
+            except OSError as error:
+                self._disk_error("fsync", error)
         self._load_schemas(schema_ids)
         if not self.stream_id:
             self.stream_id = uuid.uuid4().hex
@@ -432,6 +440,7 @@ class Spool:
             self._dirty.set()
         else:
             self._publish([entry])
+            self._spooled([entry])
         self._trim_memory()
         self._update_gauges()
 
@@ -612,9 +621,15 @@ class Spool:
         for entry in entries:
             if not entry.done:
                 self.pending[entry.sequence] = entry
-        if entries:
-            self.metrics.spool_last_sequence.set(max(entry.sequence for entry in entries))
         self._notify()
+
+    def _spooled(self, entries: list[Entry]) -> None:
+        """Raise spool_last_sequence to the newest of `entries` that are on disk (and, with
+        fsync = "batch", were in an fsync that succeeded: the caller knows)."""
+        sequences = [e.sequence for e in entries if not e.done and e.segment is not None]
+        if sequences and max(sequences) > self.last_spooled:
+            self.last_spooled = max(sequences)
+            self.metrics.spool_last_sequence.set(self.last_spooled)
 
     # -- the uplink's side --
 
@@ -708,6 +723,7 @@ class Spool:
             count = len(self._writing)
             segments, self._unsynced = list(self._unsynced), set()
             folder, self._folder_unsynced = self._folder_unsynced, False
+            synced = set(segments)
             if self.config.fsync != "never" and (segments or folder):
                 started = time.perf_counter()
                 try:
@@ -716,7 +732,11 @@ class Spool:
                     )
                 except OSError as error:
                     self._disk_error("fsync", error)
+                    synced.clear()
                 self.metrics.spool_fsync.observe(time.perf_counter() - started)
+            # Not those written meanwhile (held batches that a recovered disk took): their
+            # segment waits for the next fsync.
+            self._spooled([e for e in self._writing[:count] if e.segment in synced])
             self._publish(self._writing[:count])
             del self._writing[:count]
             self._delete_emptied()
