@@ -381,7 +381,12 @@ def run_on_interface(interface: str, n: int) -> str:
     cross the kernel's CAN core as from a controller) against the same on the socketpair,
     on this machine: what a real socket costs beside the socketpair that `run` measures."""
     keep_freed_memory()
+
+    def too_long(signum: int, frame: object) -> None:
+        raise TimeoutError(f"no end after 600 s: a frame lost on {interface}?")
+
     # A frame lost on the way would leave a reader waiting for ever: fail loudly instead.
+    signal.signal(signal.SIGALRM, too_long)
     signal.alarm(600)
     rows: list[list[object]] = []
     for traffic, rate in (("flood", 0), (f"{PACED_RATE // 1000}k/s", PACED_RATE)):

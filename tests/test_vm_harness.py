@@ -99,8 +99,21 @@ def test_compare_counts_frames_missing_extra_and_differing(tmp_path: Path) -> No
         "missing": 1,
         "extra": 1,
         "differing": 1,
+        "reordered": 0,
     }
     assert host.compare(expected, tmp_path / "never-written.jsonl.gz")["missing"] == 4
+    # All there, but two frames of one ID swapped.
+    with gzip.open(path, "wt") as out:
+        for r in (expected[1], expected[0], *expected[2:]):
+            out.write(json.dumps(r) + "\n")
+    assert host.compare(expected, path) == {
+        "frames_expected": 4,
+        "frames_received": 4,
+        "missing": 0,
+        "extra": 0,
+        "differing": 0,
+        "reordered": 1,
+    }
 
 
 def boot_with(tmp_path: Path, phase: str, lines: list[tuple[str, dict[str, Any]]]) -> host.Boot:
@@ -132,12 +145,20 @@ def test_a_power_cut_counts_the_spooled_batches_that_never_arrived(tmp_path: Pat
         "recovered": 6,
         "torn_repaired": 1,
         "corrupt": 0,
+        "cut_after_s": None,
     }
     short = boot_with(tmp_path, "recover", [("PART", {**recovered, "received": [1, 2, 5]})])
     assert host.power_cut(write, short, "batch")["lost"] == 3
     assert "error" in host.power_cut(write, None, "batch")
     uncut = boot_with(tmp_path, "checks", [("SPOOLED", {"mode": "batch", "sequence": 3})])
     assert host.power_cut(uncut, complete, "batch") == {"mode": "batch", "error": "no power cut"}
+    # A gauge that never moved proves nothing.
+    idle = boot_with(
+        tmp_path, "checks", [("SPOOLED", {"mode": "batch", "sequence": 0}), ("CUT", {})]
+    )
+    assert "error" in host.power_cut(idle, complete, "batch")
+    failed = boot_with(tmp_path, "checks", [("PART", {"mode": "batch", "error": "canplayer"})])
+    assert host.power_cut(failed, complete, "batch") == {"mode": "batch", "error": "canplayer"}
 
 
 def test_the_image_script_is_valid_sh() -> None:

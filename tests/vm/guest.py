@@ -131,12 +131,13 @@ def active() -> bool:
 
 
 def metrics() -> dict[str, float]:
-    """Every sample by its name and labels, as Prometheus writes them."""
+    """Every sample by its name and labels, as Prometheus writes them; Failed when the agent
+    does not answer (a dead agent must not read as an empty spool)."""
     try:
         with urllib.request.urlopen(METRICS, timeout=5) as response:
             text = response.read().decode()
-    except OSError:
-        return {}
+    except OSError as error:
+        raise Failed(f"no metrics at {METRICS}: {error}") from None
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -209,6 +210,8 @@ class Receiver:
     def settle(self, timeout: float = 180) -> None:
         """Until the spool is empty and no batch came for three seconds."""
         wait_for("the spool emptied", lambda: metric("spool_batches") == 0, timeout)
+        if not active():
+            raise Failed("the agent is not running")
         last = (-1, time.monotonic())
 
         def quiet() -> bool:
@@ -287,8 +290,7 @@ def ready() -> Figures:
     state = show("ActiveState", "SubState", "Type", "StatusText")
     if state["ActiveState"] != "active" or state["Type"] != "notify":
         raise Failed(f"after start: {state}")
-    if not metrics():
-        raise Failed(f"no metrics at {METRICS}")
+    metrics()
     return {"detail": f"active via READY=1: {state['StatusText']}", "ready_s": round(seconds, 1)}
 
 
@@ -309,6 +311,8 @@ def socketcan_replay() -> Figures:
     frames0, cpu0, dropped0 = received(), cpu_seconds(pid), dropped()
     played = canplayer("rav4.log", timeout=600)
     receiver.settle()
+    if main_pid() != pid:
+        raise Failed("the agent restarted during the replay")
     frames, cpu = received() - frames0, cpu_seconds(pid) - cpu0
     taken = receiver.stop()
     figures = {
@@ -320,8 +324,6 @@ def socketcan_replay() -> Figures:
         "agent_cpu_s": round(cpu, 2),
         "agent_cpu_us_per_frame": round(cpu / max(frames, 1) * 1e6, 1),
     }
-    if main_pid() != pid:
-        raise Failed("the agent restarted during the replay", **figures)
     return {**figures, **reader_benchmark(figures)}
 
 
@@ -383,8 +385,9 @@ def reload() -> Figures:
         lambda: metric("collect_values_total", rule="vm-reload") > 0,
         30,
     )
-    # An invalid file: systemctl reload fails and the agent is not even told.
-    write_config("bogus_key = 1\n" + config(rules=speed_rule("vm-reload")))
+    # An invalid file (with another rule, which must not run): systemctl reload fails and
+    # the agent is not even told.
+    write_config("bogus_key = 1\n" + config(rules=speed_rule("vm-invalid")))
     refused = run("systemctl", "reload", UNIT, timeout=120)
     if refused.returncode == 0:
         raise Failed("systemctl reload accepted an invalid config")
@@ -399,6 +402,8 @@ def reload() -> Figures:
         lambda: metric("collect_values_total", rule="vm-reload") > kept,
         30,
     )
+    if metric("collect_values_total", rule="vm-invalid"):
+        raise Failed("the invalid file's rule runs")
     if main_pid() != pid or not active():
         raise Failed("the agent restarted or stopped")
     write_config(config())
@@ -410,15 +415,15 @@ def reload() -> Figures:
     }
 
 
+DROPINS = Path(f"/run/systemd/system/{UNIT}.d")
 WATCHDOG_S = 10  # the drop-in's, instead of the unit's 30
 ABORT_S = 2
 
 
 @check("watchdog")
 def watchdog() -> Figures:
-    dropin = Path(f"/run/systemd/system/{UNIT}.d")
-    dropin.mkdir(parents=True, exist_ok=True)
-    (dropin / "vm-test-watchdog.conf").write_text(
+    DROPINS.mkdir(parents=True, exist_ok=True)
+    (DROPINS / "vm-test-watchdog.conf").write_text(
         f"[Service]\nWatchdogSec={WATCHDOG_S}s\nTimeoutAbortSec={ABORT_S}s\n"
     )
     must("systemctl", "daemon-reload")
@@ -427,7 +432,7 @@ def watchdog() -> Figures:
     os.kill(pid, signal.SIGSTOP)
     killed = wait_for("the watchdog killed the agent", lambda: main_pid() != pid, 60)
     back = wait_for("the agent is back", lambda: active() and main_pid() not in (0, pid), 90)
-    shutil.rmtree(dropin)
+    shutil.rmtree(DROPINS)
     must("systemctl", "daemon-reload")
     after = int(show("NRestarts")["NRestarts"])
     # WatchdogSec, then TimeoutAbortSec for SIGABRT to turn SIGKILL; a few seconds of slack
@@ -546,8 +551,11 @@ def power_cut_write(mode: str) -> None:
     started = time.monotonic()
     cut = False
     while time.monotonic() - started < 120:
-        emit("SPOOLED", {"mode": mode, "sequence": int(metric("spool_last_sequence"))})
-        if not cut and time.monotonic() - started > 10:
+        if player.poll() is not None:
+            raise Failed(f"canplayer ended with {player.returncode}")
+        sequence = int(metric("spool_last_sequence"))
+        emit("SPOOLED", {"mode": mode, "sequence": sequence})
+        if not cut and time.monotonic() - started > 10 and sequence > 0:
             emit("CUT", {"mode": mode})
             cut = True
         time.sleep(0.2)
@@ -559,26 +567,46 @@ def power_cut_recover(mode: str) -> None:
     for interface in BUSES.values():
         run("ip", "link", "add", "dev", interface, "type", "vcan")
         run("ip", "link", "set", interface, "mtu", "72", "up")
+    receiver = Receiver(f"cut-{mode}")
+    start_agent()
+    samples = metrics()
+    receiver.settle()
+    taken = receiver.stop()
+    emit(
+        "PART",
+        {
+            "name": "power-cut",
+            "mode": mode,
+            "received": sorted({int(b["sequence"]) for b in taken}),
+            "recovered": int(samples.get("spool_recovered_batches_total", 0)),
+            "torn": int(samples.get('spool_damaged_records_total{kind="torn"}', 0)),
+            "corrupt": int(samples.get('spool_damaged_records_total{kind="corrupt"}', 0)),
+        },
+    )
+
+
+def restore() -> None:
+    """After a failed check, what the next one starts from: the agent running the checks'
+    config, the buses up, the broker running, no drop-in."""
+    shutil.rmtree(DROPINS, ignore_errors=True)
+    run("systemctl", "daemon-reload")
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(main_pid(), signal.SIGCONT)
+    for interface in BUSES.values():
+        run("ip", "link", "set", interface, "up")
+    write_config(config())
+    run("systemctl", "start", "mosquitto")
+    run("systemctl", "restart", UNIT, timeout=120)
+
+
+def power_cut(mode: str, step: Callable[[str], None]) -> None:
+    """A step of the power cut; its failure is the power-cut check's, reported as such."""
     try:
-        receiver = Receiver(f"cut-{mode}")
-        start_agent()
-        samples = metrics()
-        receiver.settle()
-        taken = receiver.stop()
-        emit(
-            "PART",
-            {
-                "name": "power-cut",
-                "mode": mode,
-                "received": sorted({int(b["sequence"]) for b in taken}),
-                "recovered": int(samples.get("spool_recovered_batches_total", 0)),
-                "torn": int(samples.get('spool_damaged_records_total{kind="torn"}', 0)),
-                "corrupt": int(samples.get('spool_damaged_records_total{kind="corrupt"}', 0)),
-            },
-        )
+        step(mode)
     except Exception as error:
         emit("PART", {"name": "power-cut", "mode": mode, "error": repr(error)})
-        emit("JOURNAL", journal())
+        with contextlib.suppress(Exception):
+            emit("JOURNAL", journal())
 
 
 def main() -> int:
@@ -593,20 +621,20 @@ def main() -> int:
                 figures = {"ok": True, **function()}
             except Failed as error:
                 figures = {**error.figures, "ok": False, "detail": str(error)}
-                emit("JOURNAL", journal())
             except Exception:
                 figures = {"ok": False, "detail": traceback.format_exc()}
-                emit("JOURNAL", journal())
             emit(
                 "CHECK", {"name": name, **figures, "seconds": round(time.monotonic() - started, 1)}
             )
-        power_cut_write("batch")
+            if not figures["ok"]:
+                emit("JOURNAL", journal())
+                restore()
+        power_cut("batch", power_cut_write)
     elif phase == "recover-batch":
-        power_cut_recover("batch")
-        power_cut_write("never")
+        power_cut("batch", power_cut_recover)
+        power_cut("never", power_cut_write)
     elif phase == "recover-never":
-        power_cut_recover("never")
-    emit("END", {"phase": phase})
+        power_cut("never", power_cut_recover)
     os.sync()
     return 0
 

@@ -25,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench.common import table
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
+from tests.services import agent_command
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -88,12 +90,12 @@ def image() -> tuple[Path, float | None]:
     started = time.monotonic()
     cached = {p.name for p in CACHE.glob("image-*")}
     out = subprocess.run(
-        ["sh", str(HERE / "image.sh"), str(CACHE)], check=True, capture_output=True, text=True
+        ["sh", str(HERE / "image.sh"), str(CACHE)], check=True, stdout=subprocess.PIPE, text=True
     )
     folder = Path(out.stdout.strip().splitlines()[-1])
-    for old in CACHE.glob("image-*"):
+    for old in [*CACHE.glob("image-*"), *CACHE.glob("build.*")]:
         if old != folder:
-            shutil.rmtree(old)  # of an earlier image.sh
+            shutil.rmtree(old)  # of an earlier image.sh, or of a build that was killed
     built = None if folder.name in cached else time.monotonic() - started
     return folder, built
 
@@ -105,12 +107,6 @@ def wheels(into: Path) -> None:
         CACHE / f"wheels-{hashlib.sha256((REPO / 'pyproject.toml').read_bytes()).hexdigest()[:16]}"
     )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "--quiet"]
-    if not deps.is_dir():
-        for old in CACHE.glob("wheels-*"):
-            shutil.rmtree(old)
-        partial = Path(tempfile.mkdtemp(dir=CACHE))
-        subprocess.run([*pip, "--wheel-dir", str(partial), str(REPO)], check=True)
-        partial.rename(deps)
     into.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as source:
         # A copy, so that the build leaves nothing in the checkout.
@@ -122,6 +118,12 @@ def wheels(into: Path) -> None:
                 ".git", ".venv", "build", "state", "*.egg-info", "__pycache__", ".*_cache"
             ),
         )
+        if not deps.is_dir():
+            for old in CACHE.glob("wheels-*"):
+                shutil.rmtree(old)
+            partial = Path(tempfile.mkdtemp(dir=CACHE))
+            subprocess.run([*pip, "--wheel-dir", str(partial), source], check=True)
+            partial.rename(deps)
         subprocess.run([*pip, "--no-deps", "--wheel-dir", str(into), source], check=True)
     for wheel in deps.glob("*.whl"):
         if not wheel.name.startswith("vehicle_telemetry_agent-"):
@@ -181,7 +183,7 @@ def decode(log: Path) -> list[dict[str, Any]]:
     """`telemetry-agent decode` of a payload log, with each bus's DBC."""
     dbcs = [f"--dbc={bus}={path}" for bus, path in DBCS.items()]
     out = subprocess.run(
-        [sys.executable, "-m", "agent", "decode", str(log), *dbcs],
+        agent_command("decode", log, *dbcs),
         check=True,
         capture_output=True,
         text=True,
@@ -190,18 +192,14 @@ def decode(log: Path) -> list[dict[str, Any]]:
 
 
 def compare(expected: list[dict[str, Any]], received_path: Path) -> dict[str, int]:
-    """Frame by frame, per bus and ID in the order each was sent; times aside (the VM's
-    kernel stamped them) and the vehicle, which decode does not know."""
-    if not received_path.exists():
-        return {
-            "frames_expected": len(expected),
-            "frames_received": 0,
-            "missing": len(expected),
-            "extra": 0,
-            "differing": 0,
-        }
-    with gzip.open(received_path, "rt") as records:
-        received = [json.loads(line) for line in records]
+    """Frame by frame, per bus and ID, times aside (the VM's kernel stamped them) and the
+    vehicle (decode does not know it). A frame with other values counts as differing (not
+    as one missing and one extra); an ID whose frames all came, in another order, as
+    reordered."""
+    received = []
+    if received_path.exists():
+        with gzip.open(received_path, "rt") as records:
+            received = [json.loads(line) for line in records]
 
     def by_frame_id(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[str]]:
         frames = defaultdict(list)
@@ -211,19 +209,17 @@ def compare(expected: list[dict[str, Any]], received_path: Path) -> dict[str, in
         return frames
 
     sent, got = by_frame_id(expected), by_frame_id(received)
-    missing = extra = differing = 0
+    counts = {"missing": 0, "extra": 0, "differing": 0, "reordered": 0}
     for key in sent.keys() | got.keys():
         ours, theirs = sent.get(key, []), got.get(key, [])
-        differing += sum(a != b for a, b in zip(ours, theirs, strict=False))
-        missing += max(0, len(ours) - len(theirs))
-        extra += max(0, len(theirs) - len(ours))
-    return {
-        "frames_expected": len(expected),
-        "frames_received": len(received),
-        "missing": missing,
-        "extra": extra,
-        "differing": differing,
-    }
+        missing = sum((Counter(ours) - Counter(theirs)).values())
+        extra = sum((Counter(theirs) - Counter(ours)).values())
+        differing = min(missing, extra)
+        counts["differing"] += differing
+        counts["missing"] += missing - differing
+        counts["extra"] += extra - differing
+        counts["reordered"] += not missing and not extra and ours != theirs
+    return {"frames_expected": len(expected), "frames_received": len(received), **counts}
 
 
 def accelerator(kernel: Path) -> list[str]:
@@ -279,6 +275,7 @@ class Boot:
         (payload / "phase").write_text(phase)
         self.serial = BUILD / f"{phase}.results"
         self.console = BUILD / f"{phase}.console"
+        self.errors = BUILD / f"{phase}.qemu-errors"
         self.command = [
             "qemu-system-x86_64", *accel, "-m", "1536", "-smp", "2",
             "-display", "none", "-nodefaults", "-no-reboot",
@@ -293,6 +290,7 @@ class Boot:
         self.begin_s: float | None = None
         self.seconds = 0.0
         self.cut = False
+        self.cut_after_s: float | None = None  # after the guest's CUT line
 
     def run(self, cut: bool) -> None:
         """Until the guest powers off, or, with `cut`, the power is pulled after it says CUT."""
@@ -300,7 +298,8 @@ class Boot:
         for stale in (self.serial, self.console):  # of an earlier run
             stale.unlink(missing_ok=True)
         started = time.monotonic()
-        qemu = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with self.errors.open("wb") as errors:
+            qemu = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=errors)
         read = 0
         pull_at: float | None = None
         try:
@@ -308,7 +307,8 @@ class Boot:
                 exited = qemu.poll() is not None
                 read = self._take(read, started)
                 if pull_at is None and cut and any(kind == "CUT" for kind, _ in self.lines):
-                    pull_at = time.monotonic() + random.uniform(*CUT_AFTER_S)
+                    self.cut_after_s = round(random.uniform(*CUT_AFTER_S), 2)
+                    pull_at = time.monotonic() + self.cut_after_s
                 if pull_at is not None and time.monotonic() >= pull_at:
                     qemu.kill()  # SIGKILL: the guest's page cache is lost, as in a power cut
                     qemu.wait()
@@ -326,8 +326,8 @@ class Boot:
                 qemu.kill()
                 qemu.wait()
         self.seconds = time.monotonic() - started
-        if qemu.returncode not in (0, -9) and qemu.stderr is not None:
-            say(f"qemu: exit {qemu.returncode}: {qemu.stderr.read().decode().strip()[-600:]}")
+        if qemu.returncode not in (0, -9):
+            say(f"qemu: exit {qemu.returncode}: {self.errors.read_text().strip()[-600:]}")
 
     def _take(self, read: int, started: float) -> int:
         if not self.serial.exists():
@@ -361,11 +361,14 @@ class Boot:
 def power_cut(write: Boot, recover: Boot | None, mode: str) -> dict[str, Any]:
     """What the agent said it had spooled before the cut, against what arrived after it."""
     spooled = [line["sequence"] for line in write.of("SPOOLED") if line.get("mode") == mode]
+    failed = next((p for p in write.of("PART") if p.get("mode") == mode), None)
     part = next((p for p in (recover.of("PART") if recover else []) if p.get("mode") == mode), None)
     why = None
-    if not write.cut:
+    if failed is not None:
+        why = failed.get("error")
+    elif not write.cut:
         why = "no power cut"
-    elif not spooled:
+    elif not spooled or spooled[-1] == 0:
         why = "the agent reported no spooled batch"
     elif part is None:
         why = "no report of the recovery"
@@ -383,6 +386,7 @@ def power_cut(write: Boot, recover: Boot | None, mode: str) -> dict[str, Any]:
         "recovered": part["recovered"],
         "torn_repaired": part["torn"],
         "corrupt": part["corrupt"],
+        "cut_after_s": write.cut_after_s,
     }
 
 
@@ -410,15 +414,16 @@ def report(
             figures = compare(decode(payload / log), out / received)
             check = found[name]
             check.update(figures)
-            clean = figures["missing"] == figures["extra"] == figures["differing"] == 0
-            if check.get("kernel_drops"):
-                clean = False
-            check["ok"] = bool(check["ok"] and clean and figures["frames_expected"] > 0)
-            check["detail"] = (
+            wrong = ("missing", "extra", "differing", "reordered", "kernel_drops")
+            clean = not any(check.get(key) for key in wrong)
+            comparison = (
                 f"{figures['frames_received']} of {figures['frames_expected']} decoded frames "
                 f"arrived: {figures['missing']} missing, {figures['extra']} extra, "
-                f"{figures['differing']} differing"
+                f"{figures['differing']} differing, {figures['reordered']} IDs reordered"
             )
+            # A failure in the guest says why first.
+            check["detail"] = comparison if check["ok"] else f"{check['detail']}; {comparison}"
+            check["ok"] = bool(check["ok"] and clean and figures["frames_expected"] > 0)
             if name == "socketcan-replay":
                 check["frames_sent"] = meta["rav4_frames"]
                 check["detail"] = (
@@ -431,11 +436,14 @@ def report(
         for i, mode in enumerate(("batch", "never"))
         if i < len(boots)
     ]
-    batch = cuts[0] if cuts else {"error": "no boot"}
+    batch: dict[str, Any] = cuts[0] if cuts else {"error": "no boot"}
     found["power-cut"] = {
         "name": "power-cut",
+        # Something spooled, recovered, and nothing of it lost; the cut with fsync "never"
+        # is reported, whatever it lost.
         "ok": "error" not in batch
         and batch.get("lost") == 0
+        and batch.get("recovered", 0) > 0
         and len(cuts) == 2
         and "error" not in cuts[1],
         "detail": "; ".join(cut_summary(c) for c in cuts),
@@ -448,68 +456,59 @@ def report(
     return checks
 
 
-def table(checks: list[dict[str, Any]], extra: dict[str, Any]) -> str:
-    rows = ["| check | ok | detail |", "|---|---|---|"]
-    for check in checks:
-        rows.append(
-            f"| {check['name']} | {'ok' if check['ok'] else 'FAIL'} | {check.get('detail', '')} |"
-        )
+def summary(checks: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+    rows = [[c["name"], "ok" if c["ok"] else "FAIL", c.get("detail", "")] for c in checks]
     figures = {
         c["name"]: {k: v for k, v in c.items() if k not in ("name", "ok", "detail")} for c in checks
     }
     tables = "".join(f"\n\n{name}:\n{text}" for name, text in extra["tables"].items())
     run = {k: v for k, v in extra.items() if k != "tables"}
     return (
-        "\n".join(rows)
+        table(["check", "ok", "detail"], rows)
         + tables
-        + "\n\nfigures: "
-        + json.dumps(figures)
-        + "\nrun: "
-        + json.dumps(run)
+        + f"\n\nfigures: {json.dumps(figures)}\nrun: {json.dumps(run)}"
     )
+
+
+def prepare() -> tuple[Path, float | None, dict[str, Any], list[str]]:
+    """The image, the payload, the run's disk and the accelerator; Unusable if any fails."""
+    try:
+        host_tools()
+        folder, built = image()
+        say(f"image: {folder} ({f'built in {built:.0f} s' if built else 'cached'})")
+        BUILD.mkdir(parents=True, exist_ok=True)
+        meta = payload(BUILD / "payload")
+        out = BUILD / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        disk = BUILD / "disk.qcow2"
+        disk.unlink(missing_ok=True)
+        base = str(folder / "rootfs.img")
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, str(disk)],
+            check=True,
+        )
+        return folder, built, meta, accelerator(folder / "vmlinuz")
+    except (subprocess.CalledProcessError, OSError) as error:
+        raise Unusable(str(error)) from error
 
 
 def main() -> int:
     started = time.monotonic()
     try:
-        host_tools()
-        folder, built = image()
-    except (Unusable, subprocess.CalledProcessError) as error:
+        folder, built, meta, accel = prepare()
+    except Unusable as error:
         say(f"cannot run: {error}")
         return 2
-    say(f"image: {folder} ({f'built in {built:.0f} s' if built else 'cached'})")
-    BUILD.mkdir(parents=True, exist_ok=True)
-    meta = payload(BUILD / "payload")
-    out = BUILD / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    disk = BUILD / "disk.qcow2"
-    disk.unlink(missing_ok=True)
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            str(folder / "rootfs.img"),
-            str(disk),
-        ],
-        check=True,
-    )
-    accel = accelerator(folder / "vmlinuz")
     prepared = time.monotonic() - started
     boots = []
     for phase, cut in (("checks", True), ("recover-batch", True), ("recover-never", False)):
-        boot = Boot(phase, accel, folder, BUILD / "payload", out)
+        boot = Boot(phase, accel, folder, BUILD / "payload", BUILD / "out")
         boot.run(cut)
         boots.append(boot)
         if cut and not boot.cut:
             break
-    disk.unlink(missing_ok=True)
+    (BUILD / "disk.qcow2").unlink(missing_ok=True)
     extra = {
         "accelerator": accel[1],
         "image_built_s": round(built, 1) if built else None,
@@ -525,8 +524,8 @@ def main() -> int:
         "total_s": round(time.monotonic() - started, 1),
         "tables": {t["name"]: t["text"] for boot in boots for t in boot.of("TABLE")},
     }
-    checks = report(boots, meta, out, extra)
-    print(table(checks, extra))
+    checks = report(boots, meta, BUILD / "out", extra)
+    print(summary(checks, extra))
     failed = [c["name"] for c in checks if not c["ok"]]
     if failed:
         say(f"FAILED: {', '.join(failed)} (consoles and results in {BUILD})")

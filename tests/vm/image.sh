@@ -5,7 +5,7 @@
 # The agent is not in it: the guest installs it with deploy/install.sh at every run.
 #
 # Usage: tests/vm/image.sh CACHE_DIR   (as root). Prints the folder that holds vmlinuz,
-# initrd.img and rootfs.img: CACHE_DIR/<key>, the key a hash of this script and the mirror,
+# initrd.img and rootfs.img: CACHE_DIR/image-KEY, KEY a hash of this script and the mirror,
 # so an edit here builds a new image and an unchanged one is reused as it is.
 set -eu
 
@@ -31,7 +31,9 @@ if [ -f "$IMAGE/rootfs.img" ]; then
 fi
 
 WORK=$CACHE/build.$$
-trap 'rm -rf "$WORK"' EXIT
+# --one-file-system: a killed debootstrap may leave its mounts (/proc, /dev) in the tree.
+trap 'rm -rf --one-file-system "$WORK"' EXIT
+trap 'exit 130' INT TERM
 mkdir -p "$WORK/rootfs" "$WORK/image" "$CACHE/debs"
 R=$WORK/rootfs
 
