@@ -19,6 +19,21 @@ from tests.services import agent_command
 from tests.vm import guest, host
 
 
+def check_config(folder: Path, text: str) -> subprocess.CompletedProcess[str]:
+    """`check-config` of `text` as the guest's agent.toml, beside the guest's DBCs."""
+    (folder / "dbc").mkdir()
+    for bus, name in guest.DBCS.items():
+        shutil.copy(host.DBCS[bus], folder / "dbc" / name)
+    (folder / "agent.toml").write_text(text)
+    return subprocess.run(
+        agent_command("check-config", folder / "agent.toml"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -30,29 +45,12 @@ from tests.vm import guest, host
     ids=["checks", "stop-drain", "power-cut", "reload"],
 )
 def test_every_config_the_guest_writes_passes_check_config(tmp_path: Path, text: str) -> None:
-    (tmp_path / "dbc").mkdir()
-    for bus, name in guest.DBCS.items():
-        shutil.copy(host.DBCS[bus], tmp_path / "dbc" / name)
-    (tmp_path / "agent.toml").write_text(text)
-    checked = subprocess.run(
-        agent_command("check-config", tmp_path / "agent.toml"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    checked = check_config(tmp_path, text)
     assert checked.returncode == 0, checked.stderr
 
 
 def test_the_invalid_config_of_the_reload_check_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "agent.toml").write_text("bogus_key = 1\n" + guest.config())
-    checked = subprocess.run(
-        agent_command("check-config", tmp_path / "agent.toml"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    checked = check_config(tmp_path, guest.invalid_config())
     assert checked.returncode == 78
     assert "bogus_key" in checked.stderr
 

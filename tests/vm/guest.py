@@ -370,6 +370,11 @@ def speed_rule(name: str) -> str:
     )
 
 
+def invalid_config() -> str:
+    """A key no agent knows, and a rule that must never run."""
+    return "bogus_key = 1\n" + config(rules=speed_rule("vm-invalid"))
+
+
 @check("reload")
 def reload() -> Figures:
     pid = main_pid()
@@ -387,7 +392,7 @@ def reload() -> Figures:
     )
     # An invalid file (with another rule, which must not run): systemctl reload fails and
     # the agent is not even told.
-    write_config("bogus_key = 1\n" + config(rules=speed_rule("vm-invalid")))
+    write_config(invalid_config())
     refused = run("systemctl", "reload", UNIT, timeout=120)
     if refused.returncode == 0:
         raise Failed("systemctl reload accepted an invalid config")
