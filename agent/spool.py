@@ -195,7 +195,7 @@ class Spool:
         self.disk_bytes = 0
         self.memory_bytes = 0
         self.dropped: Counter[str] = Counter()  # batches dropped unsent, by reason
-        self.last_spooled = 0  # of this run: the spool_last_sequence gauge
+        self._last_spooled = 0  # of this run: the spool_last_sequence gauge
         self._writing: list[Entry] = []  # written, waiting for their fsync
         self._segments: OrderedDict[int, Segment] = OrderedDict()
         self._current: Segment | None = None
@@ -627,9 +627,9 @@ class Spool:
         """Raise spool_last_sequence to the newest of `entries` that are on disk (and, with
         fsync = "batch", were in an fsync that succeeded: the caller knows)."""
         sequences = [e.sequence for e in entries if not e.done and e.segment is not None]
-        if sequences and max(sequences) > self.last_spooled:
-            self.last_spooled = max(sequences)
-            self.metrics.spool_last_sequence.set(self.last_spooled)
+        if sequences and max(sequences) > self._last_spooled:
+            self._last_spooled = max(sequences)
+            self.metrics.spool_last_sequence.set(self._last_spooled)
 
     # -- the uplink's side --
 
