@@ -60,10 +60,13 @@ def _number(value: Any) -> str:
 
 def seconds_text(t_ns: npt.NDArray[np.int64]) -> list[str]:
     """Timestamps in seconds as exact decimal text: the log's own digits, not a float's."""
-    whole, fraction = np.divmod(t_ns, 1_000_000_000)
+    # Of the magnitude: divmod floors, which would write -0.1 s as -1 + 0.9.
+    whole, fraction = np.divmod(np.abs(t_ns), 1_000_000_000)
     return [
-        f"{w}.{f:09d}".rstrip("0") if f else f"{w}.0"
-        for w, f in zip(whole.tolist(), fraction.tolist(), strict=True)
+        ("-" if negative else "") + (f"{w}.{f:09d}".rstrip("0") if f else f"{w}.0")
+        for negative, w, f in zip(
+            (t_ns < 0).tolist(), whole.tolist(), fraction.tolist(), strict=True
+        )
     ]
 
 

@@ -6,8 +6,10 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
+
 from agent.decode import Decoder
-from agent.records import CsvWriter, JsonLinesWriter
+from agent.records import CsvWriter, JsonLinesWriter, seconds_text
 from tests.oracle import batch_of
 
 DBC = """VERSION ""
@@ -80,4 +82,20 @@ def test_csv_rows(tmp_path: Path) -> None:
         '0.001,can0,256,0,Engine,Gear,"Drive, forward"',
         "0.002,can0,512,1,Flow,Rate,",
         "0.004,can0,256,0,Engine,Speed,0.01",
+    ]
+
+
+def test_times_are_written_with_their_sign_and_every_digit() -> None:
+    t_ns = np.array(
+        [-100_000_000, -1_250_000_000, -1, 0, 1, 1_700_000_000_123_456_789, -5_000_000_000],
+        dtype=np.int64,
+    )
+    assert seconds_text(t_ns) == [
+        "-0.1",
+        "-1.25",
+        "-0.000000001",
+        "0.0",
+        "0.000000001",
+        "1700000000.123456789",
+        "-5.0",
     ]
