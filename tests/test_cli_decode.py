@@ -166,6 +166,16 @@ def test_an_unreadable_log_is_a_clear_error_and_the_rest_still_decodes(tmp_path:
     assert "12138 frames read" in done.stderr
 
 
+def test_a_log_forced_to_a_format_it_is_not_is_unreadable(tmp_path: Path) -> None:
+    # A binary BLF read as ASC: python-can's reader fails on its first bytes.
+    done = decode(
+        TRUCK_DIR / "truck.blf", "--log-format", "asc", "--dbc", TESLA_DBC, "--format", "none"
+    )
+    assert done.returncode == 1, done.stderr
+    assert "truck.blf: cannot read the asc log" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_garbage_lines_are_counted_and_skipped(tmp_path: Path) -> None:
     lines = TESLA_LOG.read_text().splitlines()[:100]
     lines[10] = "this is not a frame"

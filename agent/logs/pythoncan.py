@@ -67,6 +67,10 @@ class PythonCanReader(LogReader):
                     break
                 except Exception as error:  # a damaged file: keep what was read before it
                     reason = str(error).strip() or type(error).__name__
+                    if not position:  # nothing was: not a log of this format at all
+                        raise LogError(
+                            f"{self.path}: cannot read the {self.format} log: {reason}"
+                        ) from None
                     self.stats.add_malformed(
                         1, [f"after frame {position}: {reason}; reading stopped"]
                     )
