@@ -66,8 +66,10 @@ KINDS = """\
 (7.000000) can0 123#1122_C
 (8.000000) can0 456#0102 R\r
 (9.123456789) can0 000#
-
-(10.000000) can0 321#AABB T"""
+ \t
+(10.000000) can0 321#AABB T
+(11.000000) can0 321#CCDD \t \r
+(12.000000) can0 321#EEFF R\t"""
 
 
 def test_every_kind_of_line(tmp_path: Path) -> None:
@@ -89,6 +91,9 @@ def test_every_kind_of_line(tmp_path: Path) -> None:
         (8_000_000_000, 0x456, 0, b"\x01\x02"),
         (9_123_456_789, 0x000, 0, b""),
         (10_000_000_000, 0x321, 0, b"\xaa\xbb"),
+        # Blanks after the last field, as can-utils, python-can and cantools allow.
+        (11_000_000_000, 0x321, 0, b"\xcc\xdd"),
+        (12_000_000_000, 0x321, 0, b"\xee\xff"),
     ]
     assert len(frames) == len(expected)
     for row, (t_ns, can_id, flags, payload) in enumerate(expected):
@@ -265,7 +270,7 @@ ORACLE = re.compile(
     r"(?P<id>[0-9A-Fa-f]{3}|[0-9A-Fa-f]{8})#"
     r"(?:[Rr](?P<rlen>\d)?|#(?P<fd>[0-9A-Fa-f])(?P<fd_data>(?:[0-9A-Fa-f]{2})*)"
     r"|(?P<data>(?:[0-9A-Fa-f]{2})*)(?:_[0-9A-Fa-f])?)"
-    r"(?: [RT])?\r?"
+    r"(?: [RT])?[ \t\r]*"
 )
 FD_LENGTHS = {*range(9), 12, 16, 20, 24, 32, 48, 64}
 
@@ -321,7 +326,7 @@ VALID_LINE = st.builds(
     st.integers(0, 0x3FFFFFFF),
     st.binary(max_size=12),
     st.sampled_from([None, "0", "1", "3"]),
-    st.sampled_from(["", " R", " T", "\r"]),
+    st.sampled_from(["", " R", " T", "\r", " ", "\t", " R \t\r"]),
 )
 
 
@@ -360,7 +365,7 @@ def test_every_line_reads_as_the_grammar_says(
     log.write_bytes(b"\n".join(encoded) + b"\n")
     got, reader = read(log, 7, chunk_bytes=chunk_bytes)
     expected = [frame for frame in map(oracle, lines) if frame is not None]
-    blank = sum(1 for line in lines if line in ("", "\r"))
+    blank = sum(1 for line in lines if not line.strip(" \t\r"))
     assert reader.stats.malformed == len(lines) - len(expected) - blank, reader.stats.examples
     assert len(got) == len(expected)
     for row, (t_ns, bus, can_id, flags, payload) in enumerate(expected):

@@ -47,6 +47,8 @@ for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
     _HEX[_c] = 10 + _i
+_BLANK = np.zeros(256, np.bool_)
+_BLANK[[ord(" "), ord("\t"), ord("\r")]] = True
 _DIGIT = np.full(256, -1, np.int16)
 _DIGIT[ord("0") : ord("9") + 1] = np.arange(10)
 
@@ -288,8 +290,14 @@ class CandumpReader(LogReader):
         newlines = np.flatnonzero(buf == ord("\n"))
         starts = np.concatenate([[0], newlines[:-1] + 1])
         n_lines = len(newlines)
-        carriage_return = (newlines > starts) & (buf[np.maximum(newlines - 1, 0)] == ord("\r"))
-        ends = newlines - carriage_return
+        # A line ends before its carriage return and any blanks after its last field, which
+        # can-utils, python-can and cantools read past too.
+        ends = newlines
+        while True:
+            trailing = (ends > starts) & _BLANK.take(buf.take(np.maximum(ends - 1, 0)))
+            if not trailing.any():
+                break
+            ends = ends - trailing
         blank = ends == starts
         ok = ~blank & (buf[np.minimum(starts, len(buf) - 1)] == ord("("))
 
