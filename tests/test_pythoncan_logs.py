@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
@@ -155,3 +157,24 @@ def test_mf4_without_asammdf_says_what_to_install() -> None:
     )
     assert "pip install 'vehicle-telemetry-agent[mf4]'" in done.stdout, done.stderr
     assert "truck_00000001.MF4" in done.stdout
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York", "Asia/Kolkata"])
+def test_asc_times_are_utc_whatever_the_machine_s_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zone: str
+) -> None:
+    log = tmp_path / "dated.asc"
+    log.write_text(
+        "date Mon Jul 14 09:30:00.000 2025\nbase hex  timestamps absolute\n"
+        "internal events logged\n"
+        "   1.500000 1  123             Rx   d 2 01 02\n"
+    )
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        frames = FrameBatch.concat(list(open_log(log).batches()))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    started = datetime(2025, 7, 14, 9, 30, tzinfo=UTC).timestamp()
+    assert frames.t_ns.tolist() == [round((started + 1.5) * 1e9)]

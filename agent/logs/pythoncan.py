@@ -8,8 +8,10 @@ for example), or `can0` where the format has none.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -151,8 +153,29 @@ def _mf4(path: Path) -> Any:
     return _can().MF4Reader(str(path))
 
 
+@functools.cache
+def _utc_asc_reader() -> Any:
+    """python-can's ASCReader, reading the `date` and trigger lines as UTC.
+
+    python-can reads them as the machine's local time, so the same log gave other times on a
+    machine in another zone. An ASC log does not say its zone; UTC is the one that every
+    machine reads alike (and what loggers in vehicles mostly keep)."""
+
+    class UtcASCReader(_can().ASCReader):  # type: ignore[misc]
+        def _datetime_to_timestamp(self, datetime_string: str) -> float | None:
+            local = super()._datetime_to_timestamp(datetime_string)
+            if local is None:
+                return None
+            # Back to the wall-clock time the line says (the round trip is exact but in the
+            # hour a daylight-saving change repeats), then that time in UTC.
+            wall = datetime.fromtimestamp(local)
+            return float(wall.replace(tzinfo=UTC).timestamp())
+
+    return UtcASCReader
+
+
 # ASC keeps a start date: absolute timestamps then match the other formats of the same log.
-ASCReader = _reader("asc", ".asc", lambda p: _can().ASCReader(str(p), relative_timestamp=False))
+ASCReader = _reader("asc", ".asc", lambda p: _utc_asc_reader()(str(p), relative_timestamp=False))
 BLFReader = _reader("blf", ".blf", lambda p: _can().BLFReader(str(p)))
 TRCReader = _reader("trc", ".trc", lambda p: _can().TRCReader(str(p)))
 CSVReader = _reader("csv", ".csv", lambda p: _can().CSVReader(str(p)))
