@@ -13,6 +13,14 @@ import numpy.typing as npt
 MAX_PAYLOAD = 64
 
 
+def id_fits(can_id: int, extended: bool, error: bool = False) -> bool:
+    """Whether a frame can carry `can_id`: 29 bits in an extended frame, 11 in a standard one
+    (an error frame's holds its error class). Every reader counts a frame that cannot as
+    malformed and skips it: some BLF files hold standard frames with wider IDs, which no bus
+    carries and no DBC lookup would match."""
+    return 0 <= can_id < (1 << 29 if extended or error else 1 << 11)
+
+
 class FrameFlag(enum.IntFlag):
     """Bits of the `flags` column."""
 

@@ -100,9 +100,12 @@ def test_python_can_frames_with_an_impossible_id_are_counted_and_skipped() -> No
         can.Message(arbitration_id=i, is_extended_id=i > 0x7FF, data=b"\x01", check=False)
         for i in ids
     ]
+    # A standard frame past 11 bits, as some BLF files hold; an error frame's class.
+    messages.append(can.Message(arbitration_id=0x800, is_extended_id=False, check=False))
+    messages.append(can.Message(arbitration_id=0x1000, is_error_frame=True, check=False))
     batch = source._batch(messages)
-    assert batch.can_id.tolist() == [0x100, 0x18FF50E5, 0x7FF]
-    assert source.stats.malformed == 3
+    assert batch.can_id.tolist() == [0x100, 0x18FF50E5, 0x7FF, 0x1000]
+    assert source.stats.malformed == 4
 
 
 async def test_simulate_runs_for_its_duration_and_delivers_every_frame(tmp_path: Path) -> None:

@@ -178,3 +178,24 @@ def test_asc_times_are_utc_whatever_the_machine_s_zone(
         time.tzset()
     started = datetime(2025, 7, 14, 9, 30, tzinfo=UTC).timestamp()
     assert frames.t_ns.tolist() == [round((started + 1.5) * 1e9)]
+
+
+def test_a_standard_frame_past_11_bits_is_malformed_in_every_format(tmp_path: Path) -> None:
+    # Some BLF files hold such frames; candump's reader refuses "800#..." alike.
+    log = tmp_path / "wide.blf"
+    with can.BLFWriter(str(log)) as writer:
+        for can_id, extended in ((0x123, False), (0x800, False), (0x800, True)):
+            writer.on_message_received(
+                can.Message(timestamp=1.0, arbitration_id=can_id, is_extended_id=extended,
+                            data=b"\x01", check=False)
+            )  # fmt: skip
+    reader = open_log(log)
+    frames = FrameBatch.concat(list(reader.batches()))
+    assert frames.can_id.tolist() == [0x123, 0x800]
+    assert frames.flags.tolist() == [0, FrameFlag.EXTENDED]
+    assert reader.stats.malformed == 1
+    assert "ID 0x800 out of range for a standard frame" in reader.stats.examples[0]
+    candump = tmp_path / "wide.log"
+    candump.write_text("(1.000000) can0 123#01\n(1.000000) can0 800#01\n")
+    reader = open_log(candump)
+    assert [len(b) for b in reader.batches()] == [1] and reader.stats.malformed == 1

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag
+from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag, id_fits
 from agent.logs.base import DEFAULT_BATCH_FRAMES, LogError, LogReader, register
 
 #: The bus name of frames whose format records no channel.
@@ -96,8 +96,9 @@ class PythonCanReader(LogReader):
         data = msg.data or b""
         if len(data) > MAX_PAYLOAD:
             return f"{len(data)} bytes of payload"
-        if not 0 <= msg.arbitration_id < 1 << 29:
-            return f"ID 0x{msg.arbitration_id:X} out of range"
+        if not id_fits(msg.arbitration_id, msg.is_extended_id, msg.is_error_frame):
+            kind = "an extended" if msg.is_extended_id else "a standard"
+            return f"ID 0x{msg.arbitration_id:X} out of range for {kind} frame"
         channel = msg.channel
         bus = self._bus_index.get(channel)
         if bus is None:
@@ -167,7 +168,7 @@ def _utc_asc_reader() -> Any:
             if local is None:
                 return None
             # Back to the wall-clock time the line says (the round trip is exact but in the
-            # hour a daylight-saving change repeats), then that time in UTC.
+            # hours a daylight-saving change skips or repeats), then that time in UTC.
             wall = datetime.fromtimestamp(local)
             return float(wall.replace(tzinfo=UTC).timestamp())
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import can
 
-from agent.frames import FrameBatch, FrameFlag
+from agent.frames import FrameBatch, FrameFlag, id_fits
 from agent.sources.base import MAX_PENDING, Source, SourceError, hand_over, register
 
 #: The reader thread hands frames over at least this often, and at most this many at once.
@@ -85,7 +85,9 @@ class PythonCanSource(Source):
     def _batch(self, messages: list[Any]) -> FrameBatch:
         # python-can does not check what an interface hands over: an ID that no CAN frame
         # can carry is counted and skipped.
-        valid = [m for m in messages if 0 <= m.arbitration_id < 1 << 29]
+        valid = [
+            m for m in messages if id_fits(m.arbitration_id, m.is_extended_id, m.is_error_frame)
+        ]
         self.stats.malformed += len(messages) - len(valid)
         messages = valid
         batch = FrameBatch.allocate(len(messages), (self.bus.name,))
