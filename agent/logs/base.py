@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+import bz2
+import gzip
+import io
+import lzma
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import IO, ClassVar, TypeVar, cast
 
 from agent.frames import FrameBatch
 
@@ -20,6 +24,47 @@ MAX_EXAMPLES = 5
 
 class LogError(Exception):
     """A log file that cannot be read at all (missing, unreadable, not this format)."""
+
+
+def _zstd(raw: IO[bytes]) -> io.BufferedIOBase:
+    import zstandard  # the wire's compression: installed with the agent
+
+    # Across frames: pzstd and zstd --long write several into one file.
+    stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return io.BufferedReader(stream)
+
+
+#: Logs as users keep them, compressed around any format's own suffix (`drive.log.gz`,
+#: `truck.blf.zst`): each suffix's decompressing reader of the raw file.
+# LogFile closes what these open.
+COMPRESSIONS: dict[str, Callable[[IO[bytes]], io.BufferedIOBase]] = {
+    ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    ".bz2": lambda raw: bz2.BZ2File(raw),
+    ".xz": lambda raw: lzma.LZMAFile(raw),  # noqa: SIM115
+    ".zst": _zstd,
+}
+
+
+def decompression_errors() -> tuple[type[Exception], ...]:
+    """What a damaged compressed log raises while it is read."""
+    import zstandard
+
+    return (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)
+
+
+class LogFile:
+    """A log's bytes, decompressed where its name says so; `raw` is the file on disk,
+    whose position tells how much has been read."""
+
+    def __init__(self, path: Path) -> None:
+        self.raw: IO[bytes] = path.open("rb")
+        decompress = COMPRESSIONS.get(path.suffix.lower())
+        # python-can's MF4 reader takes a BufferedIOBase as a file object: each of these is.
+        self.stream = self.raw if decompress is None else cast(IO[bytes], decompress(self.raw))
+
+    def close(self) -> None:
+        self.stream.close()
+        self.raw.close()
 
 
 @dataclass
@@ -52,6 +97,8 @@ class LogReader(abc.ABC):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        #: Whether the file is compressed around the format (then read through LogFile).
+        self.compressed = self.path.suffix.lower() in COMPRESSIONS
         self.stats = LogStats()
         #: The channels a caller wants, where not all: a reader may then skip the others'
         #: frames cheaply (uncounted); it may also return them.
@@ -85,17 +132,21 @@ def formats() -> dict[str, type[LogReader]]:
 
 
 def open_log(path: str | Path, fmt: str | None = None) -> LogReader:
-    """A reader for `path`, chosen by `fmt` or else by the file's suffix."""
+    """A reader for `path`, chosen by `fmt` or else by the file's suffix (the one before a
+    compression suffix, such as `.gz`)."""
     path = Path(path)
     if fmt is not None:
         if fmt not in _READERS:
             raise LogError(f"{path}: unknown log format {fmt!r} (known: {', '.join(_READERS)})")
         return _READERS[fmt](path)
     suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS:
+        suffix = Path(path.stem).suffix.lower()
     for cls in _READERS.values():
         if suffix in cls.suffixes:
             return cls(path)
     known = ", ".join(s for cls in _READERS.values() for s in cls.suffixes)
     raise LogError(
-        f"{path}: cannot tell the log format from the suffix {suffix!r} (known: {known})"
+        f"{path}: cannot tell the log format from the suffix {suffix!r} (known: {known}, "
+        f"each also compressed: {', '.join(COMPRESSIONS)})"
     )

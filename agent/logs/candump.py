@@ -16,6 +16,7 @@ counted as malformed and dropped, and the lines around it are kept.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,14 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
 from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag
-from agent.logs.base import DEFAULT_BATCH_FRAMES, LogError, LogReader, register
+from agent.logs.base import (
+    DEFAULT_BATCH_FRAMES,
+    LogError,
+    LogFile,
+    LogReader,
+    decompression_errors,
+    register,
+)
 
 #: Bytes read at a time; about 12,000 lines of classic CAN. A chunk's columns then stay in
 #: the core's cache: 1 MiB chunks parse 10 to 20% slower, 4 MiB ones 30%.
@@ -224,17 +232,20 @@ class CandumpReader(LogReader):
         lines_before = 0
         carry = b""
         try:
-            f = self.path.open("rb")
+            f = LogFile(self.path)
             self._size = max(self.path.stat().st_size, 1)
         except OSError as error:
             raise LogError(f"{self.path}: cannot read the log: {error.strerror or error}") from None
+        damaged = decompression_errors()
 
         def read() -> bytes:
             try:
-                return f.read(self.chunk_bytes)
-            except OSError as error:
-                reason = error.strerror or error
+                block = f.stream.read(self.chunk_bytes)
+            except damaged as error:
+                reason = getattr(error, "strerror", None) or error or type(error).__name__
                 raise LogError(f"{self.path}: cannot read the log: {reason}") from None
+            self._consumed = f.raw.tell()
+            return block
 
         if self.channels is not None:
             self._wanted = _BusNames()
@@ -244,7 +255,7 @@ class CandumpReader(LogReader):
         # once and skipped to its end, so that memory stays bounded.
         longest = max(64 * self.chunk_bytes, 1 << 20)
         skipping = False
-        with f:
+        with contextlib.closing(f):
             block = read()
             while block:
                 # One block ahead, so that the last chunk is known as such (its last line
@@ -278,7 +289,6 @@ class CandumpReader(LogReader):
                     chunk += b"\n"
                 frames, lines = self._parse(chunk, lines_before)
                 lines_before += lines
-                self._consumed += len(chunk)
                 self.stats.frames += len(frames)
                 for start in range(0, len(frames), max_frames):
                     yield frames.take(slice(start, start + max_frames))

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import abc
 import functools
+import io
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import numpy as np
 
 from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag, id_fits
-from agent.logs.base import DEFAULT_BATCH_FRAMES, LogError, LogReader, register
+from agent.logs.base import DEFAULT_BATCH_FRAMES, LogError, LogFile, LogReader, register
 
 #: The bus name of frames whose format records no channel.
 DEFAULT_BUS = "can0"
@@ -27,19 +28,27 @@ DEFAULT_BUS = "can0"
 class PythonCanReader(LogReader):
     """A log read by one of python-can's readers."""
 
+    #: Whether python-can reads the format as text (else as bytes).
+    text: ClassVar[bool]
+
     @staticmethod
     @abc.abstractmethod
-    def open_reader(path: Path) -> Any:
-        """python-can's reader object for the file."""
+    def open_reader(source: Path | IO[Any]) -> Any:
+        """python-can's reader object for the file, or for a file object of its content."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
         self._buses: list[str] = []
         self._bus_index: dict[Any, int] = {}
+        self._file: LogFile | None = None
 
     def _open(self) -> Any:
         try:
-            return self.open_reader(self.path)
+            if not self.compressed:
+                return self.open_reader(self.path)
+            self._file = LogFile(self.path)
+            stream = self._file.stream
+            return self.open_reader(io.TextIOWrapper(stream, "utf-8") if self.text else stream)
         except ImportError as error:
             raise LogError(f"{self.path}: {error}") from None
         except Exception as error:  # python-can raises many kinds for a file it cannot read
@@ -54,6 +63,8 @@ class PythonCanReader(LogReader):
             stop = getattr(reader, "stop", None)
             if stop is not None:
                 stop()
+            if self._file is not None:
+                self._file.close()
 
     def _fill(self, messages: Iterator[Any], max_frames: int) -> Iterator[FrameBatch]:
         position = 0
@@ -125,17 +136,26 @@ class PythonCanReader(LogReader):
         return None
 
 
-def _reader(name: str, suffix: str, factory: Callable[[Path], Any]) -> type[PythonCanReader]:
+def _reader(
+    name: str, suffix: str, text: bool, factory: Callable[[Any], Any]
+) -> type[PythonCanReader]:
     class Reader(PythonCanReader):
         format: ClassVar[str] = name
         suffixes: ClassVar[tuple[str, ...]] = (suffix,)
 
         @staticmethod
-        def open_reader(path: Path) -> Any:
-            return factory(path)
+        def open_reader(source: Path | IO[Any]) -> Any:
+            return factory(source)
+
+    Reader.text = text
 
     Reader.__name__ = Reader.__qualname__ = f"{name.upper()}Reader"
     return register(Reader)
+
+
+def _source(source: Path | IO[Any]) -> str | IO[Any]:
+    """What python-can's readers take: a path as text, or the file object as it is."""
+    return str(source) if isinstance(source, Path) else source
 
 
 def _can() -> Any:
@@ -144,14 +164,15 @@ def _can() -> Any:
     return can
 
 
-def _mf4(path: Path) -> Any:
+def _mf4(source: Path | IO[Any]) -> Any:
     try:
         import asammdf  # noqa: F401  (python-can's MF4Reader needs it)
     except ImportError:
         raise ImportError(
             "reading MF4 needs asammdf: pip install 'vehicle-telemetry-agent[mf4]'"
         ) from None
-    return _can().MF4Reader(str(path))
+    # A file object of a compressed log is read whole into memory by python-can.
+    return _can().MF4Reader(_source(source))
 
 
 @functools.cache
@@ -176,8 +197,10 @@ def _utc_asc_reader() -> Any:
 
 
 # ASC keeps a start date: absolute timestamps then match the other formats of the same log.
-ASCReader = _reader("asc", ".asc", lambda p: _utc_asc_reader()(str(p), relative_timestamp=False))
-BLFReader = _reader("blf", ".blf", lambda p: _can().BLFReader(str(p)))
-TRCReader = _reader("trc", ".trc", lambda p: _can().TRCReader(str(p)))
-CSVReader = _reader("csv", ".csv", lambda p: _can().CSVReader(str(p)))
-MF4Reader = _reader("mf4", ".mf4", _mf4)
+ASCReader = _reader(
+    "asc", ".asc", True, lambda s: _utc_asc_reader()(_source(s), relative_timestamp=False)
+)
+BLFReader = _reader("blf", ".blf", False, lambda s: _can().BLFReader(_source(s)))
+TRCReader = _reader("trc", ".trc", True, lambda s: _can().TRCReader(_source(s)))
+CSVReader = _reader("csv", ".csv", True, lambda s: _can().CSVReader(_source(s)))
+MF4Reader = _reader("mf4", ".mf4", False, _mf4)
