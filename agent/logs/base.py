@@ -35,8 +35,7 @@ def _zstd(raw: IO[bytes]) -> io.BufferedIOBase:
 
 
 #: Logs as users keep them, compressed around any format's own suffix (`drive.log.gz`,
-#: `truck.blf.zst`): each suffix's decompressing reader of the raw file.
-# LogFile closes what these open.
+#: `truck.blf.zst`): each suffix's decompressing reader of the raw file (LogFile closes it).
 COMPRESSIONS: dict[str, Callable[[IO[bytes]], io.BufferedIOBase]] = {
     ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
     ".bz2": lambda raw: bz2.BZ2File(raw),

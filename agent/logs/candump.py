@@ -242,7 +242,7 @@ class CandumpReader(LogReader):
             try:
                 block = f.stream.read(self.chunk_bytes)
             except damaged as error:
-                reason = getattr(error, "strerror", None) or error or type(error).__name__
+                reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
                 raise LogError(f"{self.path}: cannot read the log: {reason}") from None
             self._consumed = f.raw.tell()
             return block

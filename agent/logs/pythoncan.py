@@ -49,9 +49,11 @@ class PythonCanReader(LogReader):
             self._file = LogFile(self.path)
             stream = self._file.stream
             return self.open_reader(io.TextIOWrapper(stream, "utf-8") if self.text else stream)
-        except ImportError as error:
-            raise LogError(f"{self.path}: {error}") from None
         except Exception as error:  # python-can raises many kinds for a file it cannot read
+            if self._file is not None:
+                self._file.close()
+            if isinstance(error, ImportError):
+                raise LogError(f"{self.path}: {error}") from None
             reason = str(error).strip() or type(error).__name__
             raise LogError(f"{self.path}: cannot read the {self.format} log: {reason}") from None
 
