@@ -18,6 +18,7 @@ from agent.logs import LogError, open_log
 from tests.data import TESLA_DBC, TESLA_LOG, TRUCK_DIR, TRUCK_LOG
 from tests.test_agent_sources import agent_for, received_lines
 from tests.test_cli_decode import decode
+from tests.test_pythoncan_logs import read
 
 # The fastest levels: the reading is what is tested.
 COMPRESS: dict[str, Callable[[bytes], bytes]] = {
@@ -30,9 +31,9 @@ COMPRESS: dict[str, Callable[[bytes], bytes]] = {
 # (the same decompressing file object serves them all; their readers take seconds each).
 CASES = [("truck.candump.log", suffix) for suffix in COMPRESS] + [
     ("truck.asc", ".gz"),
-    ("truck.blf", ".zst"),
+    ("truck.blf", ".bz2"),
     ("truck.trc", ".xz"),
-    ("truck_00000001.MF4", ".bz2"),
+    ("truck_00000001.MF4", ".zst"),
 ]
 
 
@@ -60,8 +61,8 @@ def same_frames(ours: FrameBatch, theirs: FrameBatch) -> bool:
 
 @pytest.mark.parametrize(("name", "suffix"), CASES)
 def test_every_format_reads_the_same_compressed(tmp_path: Path, name: str, suffix: str) -> None:
-    plain = TRUCK_DIR / name
-    assert same_frames(frames_of(compressed(tmp_path, plain, suffix)), frames_of(plain))
+    plain, _ = read(TRUCK_DIR / name)  # cached: test_pythoncan_logs reads each too
+    assert same_frames(frames_of(compressed(tmp_path, TRUCK_DIR / name, suffix)), plain)
 
 
 def test_a_multi_frame_zstd_file_reads_whole(tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ def test_a_multi_frame_zstd_file_reads_whole(tmp_path: Path) -> None:
     compressor = zstandard.ZstdCompressor()
     path = tmp_path / "truck.candump.log.zst"
     path.write_bytes(compressor.compress(data[:half]) + compressor.compress(data[half:]))
-    assert same_frames(frames_of(path, chunk_bytes=4096), frames_of(TRUCK_LOG))
+    assert same_frames(frames_of(path, chunk_bytes=4096), read(TRUCK_LOG)[0])
 
 
 def test_a_cut_compressed_log_keeps_its_frames_and_is_reported(tmp_path: Path) -> None:
@@ -83,7 +84,7 @@ def test_a_cut_compressed_log_keeps_its_frames_and_is_reported(tmp_path: Path) -
     with pytest.raises(LogError, match=r"cut\.log\.gz"):
         got.extend(reader.batches(1000))
     frames = FrameBatch.concat(got)
-    reference = frames_of(TRUCK_LOG)
+    reference, _ = read(TRUCK_LOG)
     assert 0 < len(frames) < len(reference)
     assert np.array_equal(frames.data, reference.data[: len(frames)])
 
