@@ -139,17 +139,16 @@ class PythonCanReader(LogReader):
 
 
 def _reader(
-    name: str, suffix: str, text: bool, factory: Callable[[Any], Any]
+    name: str, suffix: str, is_text: bool, factory: Callable[[Any], Any]
 ) -> type[PythonCanReader]:
     class Reader(PythonCanReader):
         format: ClassVar[str] = name
         suffixes: ClassVar[tuple[str, ...]] = (suffix,)
+        text: ClassVar[bool] = is_text
 
         @staticmethod
         def open_reader(source: Path | IO[Any]) -> Any:
             return factory(source)
-
-    Reader.text = text
 
     Reader.__name__ = Reader.__qualname__ = f"{name.upper()}Reader"
     return register(Reader)
