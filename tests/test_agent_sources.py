@@ -20,7 +20,7 @@ from agent.receiver import Receiver, accept_files
 from agent.records import JsonLinesWriter
 from agent.service import Agent
 from agent.sources.pythoncan import PythonCanSource
-from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO
+from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_EXCERPT
 from tests.services import free_port, scrape_metrics
 from tests.test_agent_end_to_end import replay_bus
 
@@ -157,18 +157,14 @@ async def test_a_metrics_scrape_matches_the_replayed_log(tmp_path: Path) -> None
     assert any(name.startswith("telemetry_agent_build_info{") for name in metrics)
 
 
-EXCERPT = REPO / "tests" / "fixtures" / "tesla-model3" / "excerpt.candump.log"
-EXCERPT_DBC = REPO / "tests" / "fixtures" / "tesla-model3" / "Model3CAN.dbc"
-
-
 async def test_replay_at_a_speed_factor_takes_the_log_time_over_the_factor(
     tmp_path: Path,
 ) -> None:
     # The excerpt spans 3.63 s; at 4 times realtime it takes about 0.9 s.
     agent = agent_for(
         tmp_path,
-        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{EXCERPT}"\npace = 4\n'
-        f'dbc = ["{EXCERPT_DBC}"]\n',
+        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{TESLA_EXCERPT}"\npace = 4\n'
+        f'dbc = ["{TESLA_DBC}"]\n',
     )
     started = time.monotonic()
     assert await agent.run() == 0
@@ -180,8 +176,8 @@ async def test_replay_at_a_speed_factor_takes_the_log_time_over_the_factor(
 async def test_a_looped_replay_follows_on_in_time(tmp_path: Path) -> None:
     agent = agent_for(
         tmp_path,
-        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{EXCERPT}"\nloop = true\n'
-        f'dbc = ["{EXCERPT_DBC}"]\n',
+        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{TESLA_EXCERPT}"\nloop = true\n'
+        f'dbc = ["{TESLA_DBC}"]\n',
     )
     running = asyncio.create_task(agent.run())
     for _ in range(200):  # bounded: three passes take well under the 20 s this allows
@@ -216,13 +212,13 @@ async def test_a_bus_can_take_another_channel_under_its_own_name(tmp_path: Path)
 
 async def test_malformed_lines_are_counted_and_skipped(tmp_path: Path) -> None:
     log = tmp_path / "damaged.log"
-    lines = EXCERPT.read_text().splitlines()
+    lines = TESLA_EXCERPT.read_text().splitlines()
     lines[10:10] = ["garbage", "(1637353676.0) vcan0 12G#00", "(x) vcan0 123#00"]
     log.write_text("\n".join(lines) + "\n")
     port = free_port()
     agent = agent_for(
         tmp_path,
-        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{log}"\ndbc = ["{EXCERPT_DBC}"]\n',
+        f'[[bus]]\nname = "vcan0"\nsource = "replay"\npath = "{log}"\ndbc = ["{TESLA_DBC}"]\n',
         f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
     )
     assert await agent.run() == 0
