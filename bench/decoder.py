@@ -18,7 +18,8 @@ import numpy as np
 
 from agent.decode import ALL_BUSES, Decoder
 from agent.frames import FrameBatch, FrameFlag
-from bench.common import DATA, LOGS, best_of, load_cantools, rate, read_all, table
+from bench.common import LOGS, best_of, load_cantools, rate, read_all, table
+from tests.data import TESLA_DBC
 
 BATCH_SIZES = (1_000, 2_000, 5_000, 10_000)
 #: cantools is slow: time it on this many frames of each set (the whole set if smaller).
@@ -29,7 +30,7 @@ ROUNDS = 7
 
 def synthetic_full_load(frames: int = 200_000, seed: int = 1) -> tuple[FrameBatch, Path]:
     """Every message of the Tesla DBC (multiplexed ones included) with random payloads."""
-    dbc = DATA / "tesla-model3" / "Model3CAN.dbc"
+    dbc = TESLA_DBC
     messages = load_cantools(dbc).messages
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(messages), frames)
