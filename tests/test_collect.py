@@ -959,13 +959,14 @@ def test_collected_values_too_large_for_one_batch_are_split(tmp_path: Path) -> N
     )
     agent = Agent(parse_config(text, "test.toml", tmp_path), status=None)
     frames = FrameBatch.concat(list(rav4_frames())).take(slice(0, 20_000))
-    assert agent.collector is not None
-    collected = agent.collector.collect("can0", frames, agent.decoders["can0"].decode(frames))
-    wires = agent._encode(collected)
+    pipeline = agent.pipeline
+    assert pipeline.collector is not None
+    collected = pipeline.collector.collect("can0", frames, pipeline.decoders["can0"].decode(frames))
+    wires = pipeline._encode(collected)
     assert len(wires) > 8 and all(len(w) <= 4096 for w in wires)
     cloud = Cloud()
     for wire in wires:
-        cloud.schemas.add(read_envelope(agent.encoder.announcement(wire.schema_id)), 1 << 20)
+        cloud.schemas.add(read_envelope(pipeline.encoder.announcement(wire.schema_id)), 1 << 20)
         batch = parse_batch(read_envelope(wire.payload), cloud.schemas)
         for capture in batch.raw:
             cloud.raw.setdefault(capture.rule, []).append(capture.frames)

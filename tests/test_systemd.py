@@ -195,7 +195,7 @@ async def test_the_watchdog_goes_quiet_when_batches_stop_being_checked(
     notifier = Notifier({"NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": "400000"})
     config = parse_config(config_text(tmp_path, "outbox"), "agent.toml", tmp_path)
     agent = Agent(config, status=None, notifier=notifier)
-    checks = agent._tick
+    checks = agent.batcher.run
 
     async def stuck_after_a_second() -> None:
         """The batch-age task as if it hung after a second (a blocked loop, a bug)."""
@@ -203,7 +203,7 @@ async def test_the_watchdog_goes_quiet_when_batches_stop_being_checked(
             await asyncio.wait_for(checks(), 1.0)
         await asyncio.Event().wait()
 
-    agent._tick = stuck_after_a_second  # type: ignore[method-assign]
+    agent.batcher.run = stuck_after_a_second  # type: ignore[method-assign]
     running = asyncio.create_task(agent.run())
     try:
         fields = await asyncio.to_thread(systemd.wait_for, "WATCHDOG", "1", 10)

@@ -60,6 +60,8 @@ class Collected:
 
     blocks: list[CollectedBlock] = field(default_factory=list)
     raw: list[RawCapture] = field(default_factory=list)
+    #: rule -> how often its trigger fired in this batch
+    firings: dict[str, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.blocks) or bool(self.raw)
@@ -280,7 +282,6 @@ class Mode(abc.ABC):
         self.rule = rule
         self.buses = frozenset(buses)
         self.references = references
-        self.firings = 0  # a trigger's, since the agent last counted them
         self.targets: dict[str, list[Target]] = {}
         for target in targets:
             self.targets.setdefault(target.bus, []).append(target)
@@ -292,6 +293,17 @@ class Mode(abc.ABC):
         out: Collected,
     ) -> None:
         """Add to `out` what the rule keeps of a bus's batch."""
+
+    def frame_ids(self, bus: str) -> frozenset[tuple[int, bool]] | None:
+        """The (ID, extended) pairs of the frames the rule reads on a bus (None: every
+        frame), for sources that filter in the kernel."""
+        return self.message_ids(bus)
+
+    def message_ids(self, bus: str) -> frozenset[tuple[int, bool]]:
+        """The (ID, extended) pairs of its targets' and its condition's messages on a bus."""
+        plans = [t.plan for t in self.targets.get(bus, ())]
+        plans += [r.plan for r in self.references.values() if r.bus == bus]
+        return frozenset((p.info.frame_id, p.info.is_extended) for p in plans)
 
     def blocks(self, batch: BusBatch) -> Iterator[tuple[Target, MessageBlock]]:
         """The decoded blocks of a bus's batch that hold the rule's signals, with the

@@ -44,6 +44,18 @@ class Collector:
         if problems:
             raise CollectError("; ".join(problems))
 
+    def frame_ids(self, bus: str) -> frozenset[tuple[int, bool]] | None:
+        """The (ID, extended) pairs of the frames the rules read on a bus. None: every frame
+        (a rule captures them all)."""
+        ids: set[tuple[int, bool]] = set()
+        for mode in self.rules:
+            if bus in mode.buses:
+                found = mode.frame_ids(bus)
+                if found is None:
+                    return None
+                ids |= found
+        return frozenset(ids)
+
     def collect(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> Collected:
         """What the rules keep of one bus's batch (and what it ends of earlier ones)."""
         out = Collected()

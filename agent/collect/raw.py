@@ -43,6 +43,14 @@ class Raw(Mode):
             for bus, targets in self.targets.items()
         }
 
+    def frame_ids(self, bus: str) -> frozenset[tuple[int, bool]] | None:
+        if self.everything:
+            return None
+        ids = self.ids.tolist()
+        # An ID the rule names is taken in either form where it fits 11 bits.
+        named = {(i, True) for i in ids} | {(i, False) for i in ids if i <= 0x7FF}
+        return self.message_ids(bus) | named
+
     def collect(self, batch: BusBatch, out: Collected) -> None:
         frames = batch.frames
         if not len(frames):

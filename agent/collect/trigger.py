@@ -89,11 +89,14 @@ class Trigger(Mode):
         last = int(frames.t_ns.max())
         self.newest[bus] = max(self.newest.get(bus, last), last)
         if bus in self.condition_buses:
-            self._evaluate(batch)
+            fired = self._evaluate(batch)
+            if fired:
+                out.firings[self.rule.name] = fired
             self.known_until = last if self.known_until is None else max(self.known_until, last)
         self._decide(out)
 
-    def _evaluate(self, batch: BusBatch) -> None:
+    def _evaluate(self, batch: BusBatch) -> int:
+        """Evaluate the condition over a batch of its bus; how often the trigger fired."""
         values = {}
         for name, reference in self.references.items():
             if reference.bus != batch.bus:
@@ -107,7 +110,7 @@ class Trigger(Mode):
                 order = np.argsort(t_ns, kind="stable")
                 values[name] = (t_ns[order], np.concatenate([f.value for f in found])[order])
         if not values:
-            return
+            return 0
         timeline = np.unique(np.concatenate([t for t, _ in values.values()]))
         held = {}
         for name in self.references:
@@ -138,12 +141,13 @@ class Trigger(Mode):
         else:
             firing = true
         self.was_true = bool(true[-1])
-        self._fire(timeline[firing])
+        return self._fire(timeline[firing])
 
-    def _fire(self, candidates: Times) -> None:
-        """Keep the candidates at least min_interval_ms apart, and add their windows."""
+    def _fire(self, candidates: Times) -> int:
+        """Keep the candidates at least min_interval_ms apart, and add their windows; how
+        many were kept."""
         if not len(candidates):
-            return
+            return 0
         gap = self.min_interval_ns
         if gap:
             kept = []
@@ -155,9 +159,8 @@ class Trigger(Mode):
                 k = int(np.searchsorted(candidates, candidates[k] + gap, side="left"))
             candidates = candidates[kept]
         if not len(candidates):
-            return
+            return 0
         self.last_fired = int(candidates[-1])
-        self.firings += len(candidates)
         starts = np.concatenate([self.starts, candidates - self.before_ns])
         ends = np.concatenate([self.ends, candidates + self.after_ns])
         order = np.argsort(starts, kind="stable")
@@ -166,6 +169,7 @@ class Trigger(Mode):
         new = np.concatenate([[True], starts[1:] > ends[:-1]])
         last = np.append(np.flatnonzero(new)[1:], len(new)) - 1
         self.starts, self.ends = starts[new], ends[last]
+        return len(candidates)
 
     def _overlaps(self, first: int, last: int) -> bool:
         """Whether a firing's window covers any time from `first` to `last`."""
