@@ -297,15 +297,16 @@ def test_rules_that_do_not_fit_the_dbcs_are_config_errors(
         assert "Traceback" not in result.stderr
 
 
-def test_the_readme_example_of_collection_rules_is_a_valid_config() -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### Collection rules") :]
-    example = section[section.index("```toml\n") + 8 : section.index("```\n", 8)]
-    config = parse_config(config_text(rest=example), "README.md", REPO)
+def test_the_documented_example_of_collection_rules_shows_every_mode() -> None:
+    page = (REPO / "docs" / "collection-rules.md").read_text()
+    start = page.index("```toml file=rules.toml\n")
+    example = page[page.index("\n", start) + 1 : page.index("```\n", start + 3)]
+    config = parse_config(example, "docs/collection-rules.md", REPO)
     assert [rule.mode for rule in config.collect] == [
         "sample",
         "change",
         "aggregate",
         "trigger",
         "raw",
+        "all",
     ]

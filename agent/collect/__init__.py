@@ -1,5 +1,5 @@
 """Edge computing: collection rules decide on the device which signals leave the vehicle,
-how often and in what form (see README, "Collection rules")."""
+how often and in what form (see docs/collection-rules.md)."""
 
 from agent.collect import aggregate, change, keep_all, raw, sample, trigger
 from agent.collect.base import Collected, CollectedBlock, RawCapture, Selection

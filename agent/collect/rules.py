@@ -1,5 +1,5 @@
 """Collection rules as the config file gives them: which signals a rule selects, and how
-they are kept (see README, "Collection rules")."""
+they are kept (see docs/collection-rules.md)."""
 
 from __future__ import annotations
 
