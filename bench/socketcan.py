@@ -68,12 +68,14 @@ from agent.sources.socketcan import (
     open_can_socket,
     size_receive_buffer,
 )
-from bench.common import REPO, table
+from bench.common import REPO, Measured, Report, table
 
 FLOOD_FRAMES = 100_000
 PACED_RATE = 5_000  # frames per second, evenly spaced as on a bus
 PACED_FRAMES = 10_000
 REPEATS = 3
+#: Issue 6's target, in microseconds of CPU per frame.
+TARGET_US = 2.0
 #: net.core.rmem_max unless raised: what a socket that asks for more is granted (doubled).
 DEFAULT_RMEM_MAX = 212_992
 
@@ -273,24 +275,27 @@ READERS: dict[str, Callable[[Writer, int], float]] = {
 
 
 def cpu_per_frame(
-    reader: str, kind: str, n: int, rate: int, repeats: int, interface: str | None = None
-) -> float:
-    """The least CPU per frame of `repeats` runs, in microseconds."""
-    best = float("inf")
+    contenders: list[tuple[str, str | None]], kind: str, n: int, rate: int, repeats: int
+) -> dict[tuple[str, str | None], float]:
+    """The least CPU per frame of `repeats` runs of each (reader, interface or None for the
+    socketpair), in microseconds. The contenders take turns within each round, so that a
+    slow spell of the machine weighs on all of them."""
+    best = dict.fromkeys(contenders, float("inf"))
     for _ in range(repeats):
-        writer = Writer(
-            kind,
-            n,
-            rate,
-            tuned=reader != "ours 208 KiB",
-            interface=interface,
-            agent_socket=reader.startswith("ours"),
-        )
-        try:
-            best = min(best, READERS[reader](writer, n))
-        finally:
-            writer.close()
-    return best / n * 1e6
+        for reader, interface in contenders:
+            writer = Writer(
+                kind,
+                n,
+                rate,
+                tuned=reader != "ours 208 KiB",
+                interface=interface,
+                agent_socket=reader.startswith("ours"),
+            )
+            try:
+                best[reader, interface] = min(best[reader, interface], READERS[reader](writer, n))
+            finally:
+                writer.close()
+    return {key: cpu / n * 1e6 for key, cpu in best.items()}
 
 
 WAKE_FRAMES = 1000
@@ -331,15 +336,18 @@ def wake_up_table() -> str:
     )
 
 
-def run() -> str:
+def run() -> Report:
     keep_freed_memory()  # as the agent's own entry point does
     rows: list[list[object]] = []
+    ours: dict[str, float] = {}
     for traffic, n, rate, repeats in (
         ("flood", FLOOD_FRAMES, 0, REPEATS),
         (f"{PACED_RATE // 1000}k/s", PACED_FRAMES, PACED_RATE, 2),
     ):
         for kind in ("classic", "fd"):
-            us = {name: cpu_per_frame(name, kind, n, rate, repeats) for name in READERS}
+            measured = cpu_per_frame([(name, None) for name in READERS], kind, n, rate, repeats)
+            us = {name: value for (name, _), value in measured.items()}
+            ours[f"{kind} {traffic}"] = us["ours"]
             rows.append(
                 [
                     f"{kind} ({'64' if kind == 'fd' else '8'} B)",
@@ -373,7 +381,15 @@ def run() -> str:
         ],
         rows,
     )
-    return readers + "\n\n" + wake_up_table()
+    over = [name for name, value in ours.items() if value >= TARGET_US]
+    verdict = Measured(
+        f"SocketCAN reader: under {TARGET_US:g} us of CPU per frame (socketpair)",
+        6,
+        ", ".join(f"{value:.2f} {name}" for name, value in ours.items()),
+        not over,
+        f"over on {', '.join(over)}" if over else "",
+    )
+    return Report(readers + "\n\n" + wake_up_table(), [verdict])
 
 
 def run_on_interface(interface: str, n: int) -> str:
@@ -391,11 +407,11 @@ def run_on_interface(interface: str, n: int) -> str:
     rows: list[list[object]] = []
     for traffic, rate in (("flood", 0), (f"{PACED_RATE // 1000}k/s", PACED_RATE)):
         for kind in ("classic", "fd"):
-            us = {
-                (name, where): cpu_per_frame(name, kind, n, rate, 2, interface if where else None)
-                for name in ("ours", "capture")
-                for where in (True, False)
-            }
+            contenders = [
+                (name, where) for name in ("ours", "capture") for where in (interface, None)
+            ]
+            measured = cpu_per_frame(contenders, kind, n, rate, 2)
+            us = {(name, where is not None): value for (name, where), value in measured.items()}
             rows.append(
                 [
                     f"{kind} ({'64' if kind == 'fd' else '8'} B)",
