@@ -1,12 +1,17 @@
 """Collection rules on the RAV4 log: what a realistic rule set costs, and how much less
 leaves the vehicle with it.
 
-The agent itself replays the log (both buses, pace "max", into a local mosquitto) with the
-rule set and without rules; its CPU time is the measure, the two taking turns. In-process,
-the log's two buses are cut into one-second batches each, as the agent cuts them, and the
-same batches go through four contenders: decoding alone, decoding and the rules, and each of
-those encoded into wire batches (what the agent does per batch before the spool). Rounds
-time every contender once, close together; the best round of each counts.
+Issue 5's target is "under 30% more CPU than decoding alone". What it names is measured
+in-process: the log's two buses are cut into one-second batches each, as the agent cuts
+them, and the same batches go through decoding alone and through decoding and the rules
+(and each of those encoded into wire batches, what the agent does per batch before the
+spool). Rounds time every contender once, close together, in CPU time; the least of each
+counts. The target is judged on decoding plus the rules against decoding alone.
+
+Beside it, the whole agent: it replays the log (both buses, pace "max", into a local
+mosquitto) with the rule set and without rules, the two taking turns; its CPU time per log
+frame is the measure. That answers another question (what the rules add to the agent's
+whole job, reading and sending included) and is reported as that, not as the target.
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ from agent.decode import bus_decoders
 from agent.frames import FrameBatch
 from agent.wire import BatchEncoder
 from bench.command import big_log
-from bench.common import LOGS, best_of, read_all, table
-from bench.pipeline import agent_config, run_measured
+from bench.common import LOGS, Measured, Report, best_of, count_frames, read_all, table
+from bench.pipeline import AGENT_SUMMARY, agent_config, run_measured
 from tests.services import broker
 
 ROUNDS = 7
 #: The agent runs: the RAV4 log this many times end to end, each variant this many times.
 AGENT_COPIES, AGENT_ROUNDS = 8, 7
 SECOND = 1_000_000_000
+#: Issue 5: the rules may add this much to the CPU of decoding alone.
+TARGET_OVER_DECODE = 0.30
 
 #: A fleet engineer's rule set for this car: a few sampled streams, deadbands with
 #: heartbeats, window statistics, and two triggers that send full detail around events.
@@ -123,13 +130,16 @@ def bus_batches(frames: FrameBatch, buses: list[str]) -> list[tuple[str, FrameBa
     return [(bus, batch) for _, bus, batch in batches]
 
 
-def agent_cpu() -> str:
-    """The agent's CPU per frame replaying the log with and without the rule set."""
+def agent_cpu() -> tuple[str, float, float]:
+    """The agent's CPU per frame replaying the log with and without the rule set: a table,
+    and the rules' cost by the medians and by the best runs."""
     log, _, _ = LOGS["rav4"]
     cpu: dict[str, list[float]] = {"no rules": [], "rules": []}
+    decoded: set[int] = set()
     with tempfile.TemporaryDirectory() as name, broker(Path(name)) as mqtt:
         folder = Path(name)
         long_log = big_log(log, AGENT_COPIES, folder)
+        frames = count_frames(long_log)
         plain = agent_config(folder, long_log, mqtt.url, '"max"')
         ruled = folder / "agent-rules.toml"
         text = plain.read_text().replace(str(folder / "state-max-batch"), str(folder / "rules"))
@@ -137,8 +147,13 @@ def agent_cpu() -> str:
         for _ in range(AGENT_ROUNDS):
             for key, config in (("no rules", plain), ("rules", ruled)):
                 command = [sys.executable, "-m", "agent", "run", "--config", str(config)]
-                cpu[key].append(run_measured(command)[1])
-    frames = 135_468 * AGENT_COPIES
+                done = run_measured(command)
+                cpu[key].append(done.cpu)
+                decoded.add(done.counts(AGENT_SUMMARY)[1])
+    if len(decoded) != 1:
+        raise RuntimeError(f"the runs decoded different frames: {decoded}")
+    median = statistics.median(cpu["rules"]) / statistics.median(cpu["no rules"]) - 1
+    least = min(cpu["rules"]) / min(cpu["no rules"]) - 1
     rows = [
         [
             f"agent, RAV4 log x{AGENT_COPIES} at pace max over MQTT, {key}",
@@ -147,19 +162,12 @@ def agent_cpu() -> str:
         ]
         for key in cpu
     ]
-    rows.append(
-        [
-            "rules against no rules",
-            f"{statistics.median(cpu['rules']) / statistics.median(cpu['no rules']) - 1:+.1%}",
-            f"{min(cpu['rules']) / min(cpu['no rules']) - 1:+.1%}",
-        ]
-    )
-    return table(
-        ["run (start-up included)", f"CPU per frame, median of {AGENT_ROUNDS}", "best"], rows
-    )
+    rows.append(["rules against no rules", f"{median:+.1%}", f"{least:+.1%}"])
+    header = ["run (start-up included)", f"CPU per log frame, median of {AGENT_ROUNDS}", "best"]
+    return table(header, rows), median, least
 
 
-def run() -> str:
+def run() -> Report:
     config = rav4_config()
     log, _, _ = LOGS["rav4"]
     frames = read_all(log)
@@ -204,6 +212,8 @@ def run() -> str:
         for name, contender in contenders.items():
             best[name] = min(best.get(name, float("inf")), best_of(1, contender))
     n = len(frames)
+    if n != count_frames(log):
+        raise RuntimeError(f"{n:,} frames read of the log's {count_frames(log):,}")
     rows = [
         [
             name,
@@ -226,7 +236,7 @@ def run() -> str:
             f"{best['decode + rules + encode'] / best['decode + encode (no rules)']:.2f}x",
         ]
     )
-    cost = table(["RAV4 log, 1 s batches per bus", "time", "per frame", "vs decode"], rows)
+    cost = table(["RAV4 log, 1 s batches per bus", "CPU", "per frame", "vs decode"], rows)
     wire = table(
         ["RAV4 log", "bytes on the wire", "per minute of driving", "per frame"],
         [
@@ -240,11 +250,21 @@ def run() -> str:
         ]
         + [["reduction", "", f"{sizes['no rules'] / sizes['rules']:.0f}x less", ""]],
     )
-    return (
-        f"{agent_cpu()}\n\nIn-process: {n:,} frames, {minutes:.2f} minutes of driving, "
-        f"{len(config.collect)} rules, {len(batches)} batches; best of {ROUNDS} rounds.\n\n"
-        f"{cost}\n\n{wire}"
+    over = best["decode + rules"] / best["decode"] - 1
+    whole, median, least = agent_cpu()
+    measured = Measured(
+        f"collection rules: under {TARGET_OVER_DECODE:.0%} more CPU than decoding alone",
+        5,
+        f"decode + rules {over:+.0%} over decode alone; the whole agent with the rules against "
+        f"without: {median:+.1%} (median), {least:+.1%} (best)",
+        over < TARGET_OVER_DECODE,
     )
+    text = (
+        f"In-process: {n:,} frames, {minutes:.2f} minutes of driving, "
+        f"{len(config.collect)} rules, {len(batches)} batches; least CPU of {ROUNDS} rounds.\n\n"
+        f"{cost}\n\nThe whole agent:\n\n{whole}\n\n{wire}"
+    )
+    return Report(text, [measured])
 
 
 if __name__ == "__main__":
