@@ -30,6 +30,7 @@ from agent.wire import (
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.codec import _deltas, _segment_sums, _unzigzag, _zigzag
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TRUCK_DBC, TRUCK_LOG
+from tests.oracle import batch_of
 from tests.services import agent_command, records
 
 
@@ -225,3 +226,25 @@ def test_the_receiver_rejects_an_oversized_batch_and_keeps_going(tmp_path: Path)
     assert receiver.accept(payload, "batch") is not None
     assert (receiver.stats.rejected, receiver.stats.batches) == (1, 1)
     assert out.getvalue().count("\n") == receiver.stats.frames > 0
+
+
+def test_a_float_signal_of_no_ieee_length_costs_only_itself(tmp_path: Path) -> None:
+    # The decoder never decodes an 8-bit float, but the schema names it: a batch with its
+    # message must still reach the cloud with the message's other signals.
+    dbc = tmp_path / "odd_float.dbc"
+    dbc.write_text(
+        'VERSION ""\n\nBU_: ECU\n\nBO_ 256 Odd: 2 ECU\n'
+        ' SG_ Narrow : 0|8@1- (1,0) [0|0] "" Vector__XXX\n'
+        ' SG_ Plain : 8|8@1+ (1,0) [0|0] "" Vector__XXX\n\n'
+        "SIG_VALTYPE_ 256 Narrow : 1;\n"
+    )
+    decoder = Decoder({ALL_BUSES: [dbc]})
+    assert any("IEEE float of 8 bits" in warning for warning in decoder.warnings)
+    frames = batch_of([(0x100, False, bytes([0x41, value])) for value in (1, 2, 3)])
+    encoder = BatchEncoder("v", "s", b"d")
+    wire = encoder.encode([decoder.decode(frames)], 1)
+    assert wire is not None
+    (block,) = received(wire, encoder).blocks
+    values = {column.name: column for column in block.signals}
+    assert values["Plain"].raw.tolist() == [1, 2, 3]
+    assert not values["Narrow"].present.any()
