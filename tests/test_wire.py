@@ -247,4 +247,5 @@ def test_a_float_signal_of_no_ieee_length_costs_only_itself(tmp_path: Path) -> N
     (block,) = received(wire, encoder).blocks
     values = {column.name: column for column in block.signals}
     assert values["Plain"].raw.tolist() == [1, 2, 3]
-    assert not values["Narrow"].present.any()
+    narrow = values["Narrow"].present
+    assert narrow is not None and not narrow.any()
