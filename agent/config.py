@@ -19,14 +19,16 @@ from urllib.parse import urlsplit
 
 from agent.collect.expression import ExpressionError, parse
 from agent.collect.rules import EDGES, MODE_KEYS, MODES, REDUCES, STATS, CollectRule
+from agent.sources import KINDS as source_kinds
+from agent.uplinks import KINDS as uplink_kinds
 
 MIB = 1024 * 1024
 #: The largest batch the agent builds: receivers refuse larger ones (four times this,
 #: uncompressed), and brokers cap messages too.
 MAX_BATCH_BYTES = 4 * MIB
 
-SOURCES = ("replay", "python-can", "simulate", "socketcan")
-UPLINKS = ("mqtt", "grpc", "file")
+SOURCES = tuple(source_kinds)
+UPLINKS = tuple(uplink_kinds)
 COMPRESSIONS = ("zstd", "none")
 WHEN_FULL = ("drop_oldest", "drop_newest")
 FSYNC_MODES = ("batch", "interval", "never")

@@ -34,9 +34,9 @@ from agent.decode import bus_decoders, default_cache_dir
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.pipeline import Pipeline, Totals
-from agent.sources import Source, SourceError, create_sources
+from agent.sources.base import Source, SourceError, create_sources
 from agent.spool import Spool
-from agent.uplinks import create_uplink
+from agent.uplinks.base import create_uplink
 from agent.uplinks.sender import Sender
 from agent.wire import BatchEncoder, dbc_hash
 

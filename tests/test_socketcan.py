@@ -34,8 +34,8 @@ from agent.config import BusConfig
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
 from agent.records import JsonLinesWriter
-from agent.sources import SourceError, create_sources
 from agent.sources import socketcan as socketcan_module
+from agent.sources.base import SourceError, create_sources
 from agent.sources.socketcan import (
     CAN_EFF_FLAG,
     CAN_ERR_BUSOFF,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import importlib
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import ClassVar, TypeVar
 
 from agent.config import BusConfig
 from agent.frames import FrameBatch
+from agent.sources import KINDS
 
 #: Batches a reader thread has handed over that wait for the event loop; beyond this the
 #: thread waits (backpressure: frames wait in the interface's buffer meanwhile).
@@ -93,8 +95,9 @@ def create_sources(buses: Sequence[BusConfig]) -> list[Source]:
     """A source per bus, in the order given."""
     made: dict[str, Source] = {}
     for kind in dict.fromkeys(bus.source for bus in buses):
-        if kind not in _SOURCES:
+        if kind not in KINDS:
             raise SourceError(f"unknown source {kind!r}")
+        importlib.import_module(KINDS[kind])  # its class registers itself
         of_kind = [bus for bus in buses if bus.source == kind]
         for bus, source in zip(of_kind, _SOURCES[kind].create_all(of_kind), strict=True):
             made[bus.name] = source

@@ -1,7 +1,13 @@
-"""Where batches go: MQTT, gRPC, or files in a folder."""
+"""Where batches go: MQTT, gRPC, or files in a folder.
 
-from agent.uplinks.base import Uplink, UplinkError, create_uplink
+The interface is in `agent.uplinks.base`. Each kind is one module of this package, imported
+only when the config names it, so that an agent sending over MQTT never loads gRPC: a new
+kind is a new module, named here.
+"""
 
-from . import file, grpc, mqtt
-
-__all__ = ["Uplink", "UplinkError", "create_uplink", "file", "grpc", "mqtt"]
+#: uplink name (the config's `uplink.kind`) -> the module whose class registers it
+KINDS = {
+    "mqtt": "agent.uplinks.mqtt",
+    "grpc": "agent.uplinks.grpc",
+    "file": "agent.uplinks.file",
+}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
+import importlib
 from typing import ClassVar, TypeVar
 
 from agent.config import UplinkConfig
+from agent.uplinks import KINDS
 from agent.wire import WireBatch
 
 
@@ -62,4 +64,5 @@ def register(cls: UplinkClass) -> UplinkClass:
 
 
 def create_uplink(config: UplinkConfig, vehicle_id: str) -> Uplink:
+    importlib.import_module(KINDS[config.kind])  # its class registers itself
     return _UPLINKS[config.kind](config, vehicle_id)
