@@ -12,7 +12,7 @@ import math
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -56,36 +56,15 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class Pace:
-    """How fast a replay or simulation runs: as fast as possible (`factor` None), or at
-    `factor` times the frames' own timing (1: realtime)."""
-
-    factor: float | None
-
-    @property
-    def is_max(self) -> bool:
-        return self.factor is None
-
-
-@dataclass(frozen=True)
 class BusConfig:
+    """A [[bus]] table: the keys of every bus, and its source's own (`settings`, declared
+    by the source's module in agent/sources/)."""
+
     name: str
     source: str
     dbc: tuple[Path, ...]
     j1939: bool = False
-    # replay
-    path: Path | None = None
-    pace: Pace = Pace(None)
-    loop: bool = False
-    channel: str | None = None  # replay: the log's channel to take ("*": all); python-can
-    # python-can
-    interface: str | None = None
-    bitrate: int | None = None
-    fd: bool = False
-    options: Mapping[str, Any] = field(default_factory=dict)
-    # simulate
-    duration_s: float | None = None
-    seed: int = 0
+    settings: Any = None
 
 
 @dataclass(frozen=True)
@@ -148,10 +127,13 @@ class Config:
 def embedded_defaults(state_dir: Path = Path("state")) -> Config:
     """What `telemetry-agent run` uses without a config: simulated traffic of the demo DBC
     into batch files under `state_dir`, metrics on 127.0.0.1:9108."""
+    from agent.sources.base import source_class
+
+    simulated = source_class("simulate").Settings()
     return Config(
         vehicle_id="demo-1",
         state_dir=state_dir,
-        buses=(BusConfig(name="can0", source="simulate", dbc=(demo_dbc(),), pace=Pace(1.0)),),
+        buses=(BusConfig(name="can0", source="simulate", dbc=(demo_dbc(),), settings=simulated),),
         uplink=UplinkConfig(kind="file", url=str(state_dir / "outbox")),
     )
 
@@ -159,7 +141,7 @@ def embedded_defaults(state_dir: Path = Path("state")) -> Config:
 T = TypeVar("T")
 
 
-class _Checker:
+class Checker:
     """Reads typed values out of a TOML table, collecting problems instead of raising."""
 
     def __init__(self, base: Path) -> None:
@@ -203,11 +185,11 @@ class _Checker:
         return path if path.is_absolute() else self.base / path
 
 
-def _positive(value: float) -> str | None:
+def positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}; got {value!r}"
 
@@ -224,47 +206,30 @@ def _listen(value: str) -> str | None:
 
 
 _BUS_KEYS = {"name", "source", "dbc", "j1939"}
-_SOURCE_KEYS = {
-    "replay": {"path", "pace", "loop", "channel"},
-    "python-can": {"interface", "channel", "bitrate", "fd", "options"},
-    "simulate": {"pace", "duration_s", "seed"},
-    "socketcan": {"channel", "fd"},
-}
 
 
-def _pace(check: _Checker, data: Mapping[str, Any], where: str, default: Pace) -> Pace:
-    if "pace" not in data:
-        return default
-    value = data["pace"]
-    if value == "max":
-        return Pace(None)
-    if value == "realtime":
-        return Pace(1.0)
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return Pace(float(value))
-    check.problems.append(
-        f'{where}.pace: expected "max", "realtime" or a speed factor above 0, got {value!r}'
-    )
-    return default
+def _bus(check: Checker, data: Any, where: str) -> BusConfig | None:
+    from agent.sources.base import settings_keys, source_class
 
-
-def _bus(check: _Checker, data: Any, where: str) -> BusConfig | None:
     if not isinstance(data, dict):
         check.problems.append(f"{where}: expected a table")
         return None
-    source = check.get(data, where, "source", str, "", _one_of(SOURCES))
+    source = check.get(data, where, "source", str, "", one_of(SOURCES))
     if "source" not in data:
         check.problems.append(f"{where}.source: missing (one of {', '.join(SOURCES)})")
-    known = _BUS_KEYS | _SOURCE_KEYS.get(source, set())
+    settings_type = source_class(source).Settings if source in SOURCES else None
+    own = settings_keys(settings_type) if settings_type else set()
     for key in data:
-        if key not in known:
-            other = [s for s, keys in _SOURCE_KEYS.items() if key in keys]
-            if other and source:
-                check.problems.append(
-                    f"{where}.{key}: does not apply to source {source!r} (only to {other[0]!r})"
-                )
-            elif not other:
-                check.problems.append(f"{where}.{key}: unknown key")
+        if key in _BUS_KEYS or key in own:
+            continue
+        # Only a key that no source knows is unknown; the others name where they apply.
+        other = [s for s in SOURCES if key in settings_keys(source_class(s).Settings)]
+        if other and source:
+            check.problems.append(
+                f"{where}.{key}: does not apply to source {source!r} (only to {other[0]!r})"
+            )
+        elif not other:
+            check.problems.append(f"{where}.{key}: unknown key")
     name = check.get(data, where, "name", str, "")
     if not name:
         check.problems.append(f"{where}.name: missing")
@@ -280,62 +245,19 @@ def _bus(check: _Checker, data: Any, where: str) -> BusConfig | None:
         dbcs.append(path)
     if "dbc" not in data:
         check.problems.append(f"{where}.dbc: missing (a list of DBC files)")
-    bus = BusConfig(
+    return BusConfig(
         name=name,
         source=source,
         dbc=tuple(dbcs),
         j1939=check.get(data, where, "j1939", bool, False),
-        channel=check.get(data, where, "channel", str, "") or None,
+        settings=settings_type.parse(check, data, where) if settings_type else None,
     )
-    if source == "replay":
-        log = check.get(data, where, "path", str, "")
-        replayed = check.path(log) if log else None
-        if replayed is None:
-            check.problems.append(f"{where}.path: missing (the log to replay)")
-        elif not replayed.is_file():
-            check.problems.append(f"{where}.path: no such file {replayed}")
-        return _replace(
-            bus,
-            path=replayed,
-            pace=_pace(check, data, where, Pace(None)),
-            loop=check.get(data, where, "loop", bool, False),
-        )
-    if source == "python-can":
-        interface = check.get(data, where, "interface", str, "")
-        if not interface:
-            check.problems.append(f"{where}.interface: missing (a python-can interface name)")
-        bitrate = check.get(data, where, "bitrate", int, 0, _positive)
-        return _replace(
-            bus,
-            interface=interface,
-            bitrate=bitrate or None,
-            fd=check.get(data, where, "fd", bool, False),
-            options=check.get(data, where, "options", dict, {}),
-        )
-    if source == "socketcan":
-        # The interface is the bus's name unless `channel` names another (as in replay).
-        return _replace(bus, fd=check.get(data, where, "fd", bool, True))
-    if source == "simulate":
-        duration = check.get(data, where, "duration_s", (int, float), 0.0, _positive)
-        return _replace(
-            bus,
-            pace=_pace(check, data, where, Pace(1.0)),
-            duration_s=float(duration) or None,
-            seed=check.get(
-                data, where, "seed", int, 0, lambda v: None if v >= 0 else "must be 0 or more"
-            ),
-        )
-    return bus
-
-
-def _replace(bus: BusConfig, **changes: Any) -> BusConfig:
-    return replace(bus, **changes)
 
 
 _RULE_KEYS = {"name", "mode", "signals", "messages", "buses"}
 
 
-def _names(check: _Checker, data: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
+def _names(check: Checker, data: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
     value = data.get(key, [])
     if isinstance(value, str):
         value = [value]
@@ -345,14 +267,14 @@ def _names(check: _Checker, data: Mapping[str, Any], where: str, key: str) -> tu
     return tuple(value)
 
 
-def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> CollectRule | None:
+def _collect(check: Checker, data: Any, where: str, buses: set[str]) -> CollectRule | None:
     if not isinstance(data, dict):
         check.problems.append(f"{where}: expected a table")
         return None
     name = check.get(data, where, "name", str, "")
     if not name:
         check.problems.append(f"{where}.name: missing")
-    mode = check.get(data, where, "mode", str, "", _one_of(MODES))
+    mode = check.get(data, where, "mode", str, "", one_of(MODES))
     if "mode" not in data:
         check.problems.append(f"{where}.mode: missing (one of {', '.join(MODES)})")
     for key in data:
@@ -386,7 +308,7 @@ def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> Collect
         rule = replace(
             rule,
             period_ms=check.get(data, at, "period_ms", int, 1000, _duration(1, DAY_MS)),
-            reduce=check.get(data, at, "reduce", str, "last", _one_of(REDUCES)),
+            reduce=check.get(data, at, "reduce", str, "last", one_of(REDUCES)),
         )
     elif mode == "change":
         if "deadband" in data and "deadband_rel" in data:
@@ -432,7 +354,7 @@ def _collect(check: _Checker, data: Any, where: str, buses: set[str]) -> Collect
             before_ms=check.get(data, at, "before_ms", int, 1000, _duration(0, CAPTURE_MS)),
             after_ms=check.get(data, at, "after_ms", int, 1000, _duration(0, CAPTURE_MS)),
             min_interval_ms=check.get(data, at, "min_interval_ms", int, 0, _duration(0, DAY_MS)),
-            edge=check.get(data, at, "edge", str, "rising", _one_of(EDGES)),
+            edge=check.get(data, at, "edge", str, "rising", one_of(EDGES)),
         )
         if rule.before_ms == rule.after_ms == 0:
             check.problems.append(
@@ -473,7 +395,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(source, [f"not valid TOML: {error}"]) from None
-    check = _Checker(base)
+    check = Checker(base)
     check.table(
         data,
         "",
@@ -511,7 +433,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
 
     batch = _section(check, data, "batch", {"max_age_ms", "max_bytes", "compression"})
     batch_config = BatchConfig(
-        max_age_ms=check.get(batch, "batch", "max_age_ms", int, 1000, _positive),
+        max_age_ms=check.get(batch, "batch", "max_age_ms", int, 1000, positive),
         max_bytes=check.get(
             batch,
             "batch",
@@ -522,7 +444,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
                 None if 4096 <= v <= MAX_BATCH_BYTES else f"must be 4096 to {MAX_BATCH_BYTES}"
             ),
         ),
-        compression=check.get(batch, "batch", "compression", str, "zstd", _one_of(COMPRESSIONS)),
+        compression=check.get(batch, "batch", "compression", str, "zstd", one_of(COMPRESSIONS)),
     )
 
     uplink = _section(
@@ -542,7 +464,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "drain_timeout_s",
         },
     )
-    kind = check.get(uplink, "uplink", "kind", str, "file", _one_of(UPLINKS))
+    kind = check.get(uplink, "uplink", "kind", str, "file", one_of(UPLINKS))
     url = check.get(uplink, "uplink", "url", str, "")
     if not url:
         url = "outbox" if kind == "file" else ""
@@ -569,13 +491,13 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         status_topic=check.get(uplink, "uplink", "status_topic", str, UplinkConfig.status_topic),
         schema_topic=check.get(uplink, "uplink", "schema_topic", str, UplinkConfig.schema_topic),
         tls=tls,
-        keepalive_s=check.get(uplink, "uplink", "keepalive_s", int, 30, _positive),
+        keepalive_s=check.get(uplink, "uplink", "keepalive_s", int, 30, positive),
         ack_timeout_s=float(
-            check.get(uplink, "uplink", "ack_timeout_s", (int, float), 10.0, _positive)
+            check.get(uplink, "uplink", "ack_timeout_s", (int, float), 10.0, positive)
         ),
-        window=check.get(uplink, "uplink", "window", int, 8, _positive),
+        window=check.get(uplink, "uplink", "window", int, 8, positive),
         drain_timeout_s=float(
-            check.get(uplink, "uplink", "drain_timeout_s", (int, float), 30.0, _positive)
+            check.get(uplink, "uplink", "drain_timeout_s", (int, float), 30.0, positive)
         ),
     )
     for key in ("topic", "status_topic", "schema_topic"):
@@ -613,11 +535,11 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             ),
         ),
         when_full=check.get(
-            spool, "spool", "when_full", str, SpoolConfig.when_full, _one_of(WHEN_FULL)
+            spool, "spool", "when_full", str, SpoolConfig.when_full, one_of(WHEN_FULL)
         ),
-        fsync=check.get(spool, "spool", "fsync", str, SpoolConfig.fsync, _one_of(FSYNC_MODES)),
+        fsync=check.get(spool, "spool", "fsync", str, SpoolConfig.fsync, one_of(FSYNC_MODES)),
         fsync_interval_ms=check.get(
-            spool, "spool", "fsync_interval_ms", int, SpoolConfig.fsync_interval_ms, _positive
+            spool, "spool", "fsync_interval_ms", int, SpoolConfig.fsync_interval_ms, positive
         ),
         memory_bytes=check.get(
             spool,
@@ -647,8 +569,8 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             if any(r.name == rule.name for r in rules):
                 check.problems.append(f"collect[{k}].name: {rule.name!r} is used by another rule")
             rules.append(rule)
-    status = check.get(data, "", "status_interval_s", (int, float), 5.0, _positive)
-    log_level = check.get(data, "", "log_level", str, "info", _one_of(LOG_LEVELS))
+    status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
+    log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
     if check.problems:
         raise ConfigError(source, check.problems)
     return Config(
@@ -688,7 +610,7 @@ def split_url(url: str, schemes: Mapping[str, int]) -> tuple[str, int, bool]:
 
 
 def _section(
-    check: _Checker, data: Mapping[str, Any], key: str, known: set[str], where: str | None = None
+    check: Checker, data: Mapping[str, Any], key: str, known: set[str], where: str | None = None
 ) -> Mapping[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, dict):
@@ -711,16 +633,19 @@ def restart_changes(running: Config, loaded: Config) -> list[str]:
             continue
         if key == "buses" and len(old) == len(new):
             for k, (a, b) in enumerate(zip(old, new, strict=True)):
-                changed += [f"bus[{k}].{f}" for f in _fields(a) if getattr(a, f) != getattr(b, f)]
+                changed += [f"bus[{k}].{f}" for f in _changed(a, b) if f != "settings"]
+                if a.source == b.source:
+                    changed += [f"bus[{k}].{f}" for f in _changed(a.settings, b.settings)]
         elif key in ("spool", "metrics"):
-            changed += [f"{key}.{f}" for f in _fields(old) if getattr(old, f) != getattr(new, f)]
+            changed += [f"{key}.{f}" for f in _changed(old, new)]
         else:
             changed.append("bus" if key == "buses" else key)
     return changed
 
 
-def _fields(section: object) -> list[str]:
-    return [f.name for f in fields(section)]  # type: ignore[arg-type]
+def _changed(old: Any, new: Any) -> list[str]:
+    """The fields of two settings of one kind whose values differ."""
+    return [f.name for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
 
 
 def rules_key(rules: tuple[CollectRule, ...]) -> list[object]:

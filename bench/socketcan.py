@@ -64,6 +64,7 @@ from agent.sources.socketcan import (
     SO_TIMESTAMPNS_OLD,
     SOL_CAN_RAW,
     FrameSlab,
+    SocketCanSettings,
     SocketCanSource,
     open_can_socket,
     size_receive_buffer,
@@ -187,7 +188,8 @@ def python_can_socket(interface: str) -> socket.socket:
 
 def _ours(writer: Writer, n: int, recvmmsg: bool = True) -> float:
     async def read() -> float:
-        source = SocketCanSource(BusConfig(name="can0", source="socketcan", dbc=()))
+        bus = BusConfig(name="can0", source="socketcan", dbc=(), settings=SocketCanSettings())
+        source = SocketCanSource(bus)
         source.open_socket = lambda: writer.reader
         if not recvmmsg:
             source._slab.recvmmsg = None  # as where libc lacks it

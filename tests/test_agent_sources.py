@@ -19,7 +19,7 @@ from agent.logs import open_log
 from agent.receiver import Receiver, accept_files
 from agent.records import JsonLinesWriter
 from agent.service import Agent
-from agent.sources.pythoncan import PythonCanSource
+from agent.sources.pythoncan import PythonCanSettings, PythonCanSource
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_EXCERPT
 from tests.services import free_port, scrape_metrics
 from tests.test_agent_end_to_end import replay_bus
@@ -94,7 +94,8 @@ async def test_python_can_virtual_frames_arrive_decoded(tmp_path: Path) -> None:
 
 def test_python_can_frames_with_an_impossible_id_are_counted_and_skipped() -> None:
     # python-can does not check what an interface hands over; a frame batch holds 29 bits.
-    source = PythonCanSource(BusConfig(name="can0", source="python-can", dbc=()))
+    settings = PythonCanSettings(interface="virtual")
+    source = PythonCanSource(BusConfig(name="can0", source="python-can", dbc=(), settings=settings))
     ids = [0x100, 1 << 29, 0x18FF50E5, 1 << 40, -1, 0x7FF]
     messages = [
         can.Message(arbitration_id=i, is_extended_id=i > 0x7FF, data=b"\x01", check=False)

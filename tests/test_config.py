@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, Pace, load_config, parse_config
+from agent.config import ConfigError, load_config, parse_config
 from agent.exits import EX_CONFIG
+from agent.sources.pacing import Pace
+from agent.sources.replay import ReplaySettings
 from tests.data import RAV4_LOG, RAV4_PT_DBC, REPO
 from tests.services import agent_command
 
@@ -39,7 +41,8 @@ def test_the_contract_example_parses_with_its_defaults() -> None:
     assert config.vehicle_id == "v1"
     assert config.state_dir == Path("/etc/agent/state")  # relative to the config's folder
     bus = config.buses[0]
-    assert (bus.source, bus.path, bus.pace, bus.loop) == ("replay", RAV4_LOG, Pace(10.0), True)
+    assert bus.source == "replay"
+    assert bus.settings == ReplaySettings(path=RAV4_LOG, pace=Pace(10.0), loop=True)
     assert config.batch.max_age_ms == 1000 and config.batch.max_bytes == 120_000
     assert config.batch.compression == "zstd"
     assert config.uplink.topic == "vehicles/{vehicle_id}/telemetry"

@@ -48,6 +48,7 @@ from agent.config import (
 )
 from agent.exits import EX_CONFIG
 from agent.metrics import Metrics
+from agent.sources.base import settings_keys, source_class
 from tests.data import REPO
 from tests.services import Broker, broker, make_certificates
 
@@ -293,8 +294,8 @@ def ends_by_itself(words: list[str], folder: Path) -> bool:
         return False
     config = load_config(folder / words[words.index("--config") + 1])
     return all(
-        (bus.source == "replay" and not bus.loop)
-        or (bus.source == "simulate" and bus.duration_s is not None)
+        (bus.source == "replay" and not bus.settings.loop)
+        or (bus.source == "simulate" and bus.settings.duration_s is not None)
         for bus in config.buses
     )
 
@@ -522,7 +523,7 @@ def known_keys() -> dict[Scope, set[str]]:
         ("collect", None): set(agent_config._RULE_KEYS),
     }
     for source in agent_config.SOURCES:
-        keys[("bus", source)] = set(agent_config._SOURCE_KEYS[source])
+        keys[("bus", source)] = settings_keys(source_class(source).Settings)
     for mode in MODES:
         if MODE_KEYS[mode]:
             keys[("collect", mode)] = set(MODE_KEYS[mode])

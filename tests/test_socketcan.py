@@ -49,6 +49,7 @@ from agent.sources.socketcan import (
     SO_TIMESTAMPNS_NEW,
     SO_TIMESTAMPNS_OLD,
     FrameSlab,
+    SocketCanSettings,
     SocketCanSource,
     enable_timestamps,
     gather_limit,
@@ -170,9 +171,12 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     writer.close()
 
 
+def bus_config(name: str, settings: SocketCanSettings | None = None) -> BusConfig:
+    return BusConfig(name, "socketcan", (), settings=settings or SocketCanSettings())
+
+
 def source_on(sock: socket.socket | None = None, name: str = "can0") -> SocketCanSource:
-    # fd: the config's default for this source (BusConfig's own is for python-can).
-    source = SocketCanSource(BusConfig(name=name, source="socketcan", dbc=(), fd=True))
+    source = SocketCanSource(bus_config(name))
     if sock is not None:
         source.open_socket = lambda: sock
     return source
@@ -993,8 +997,8 @@ async def test_the_real_opener_on_a_missing_interface(caplog: pytest.LogCaptureF
 def test_the_interface_is_the_channel_else_the_bus_name() -> None:
     (named, other) = create_sources(
         [
-            BusConfig(name="can0", source="socketcan", dbc=()),
-            BusConfig(name="powertrain", source="socketcan", dbc=(), channel="can1"),
+            bus_config("can0"),
+            bus_config("powertrain", SocketCanSettings(channel="can1")),
         ]
     )
     assert isinstance(named, SocketCanSource) and named.interface == "can0"

@@ -6,11 +6,11 @@ import abc
 import asyncio
 import importlib
 import threading
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self, TypeVar
 
-from agent.config import BusConfig
+from agent.config import BusConfig, Checker
 from agent.frames import FrameBatch
 from agent.sources import KINDS
 
@@ -56,11 +56,28 @@ class SourceStats:
     outages: int = 0  # times the interface was missing, went away or went down
 
 
+@dataclass(frozen=True)
+class SourceSettings:
+    """A source's own keys of a [[bus]] table: a frozen dataclass declared beside the
+    source, whose fields are the keys with their defaults, and whose `parse` reads them.
+    None of them changes on a reload: a bus's settings take a restart."""
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
+        """The settings in a [[bus]] table, with every problem added to `check`."""
+        return cls()
+
+
+def settings_keys(settings: type[SourceSettings]) -> set[str]:
+    return {f.name for f in fields(settings)}
+
+
 class Source(abc.ABC):
     """Produces the frames of one configured bus as batches, until it ends (a replay
     without loop) or is cancelled. Blocking reads happen in a thread, never in the loop."""
 
     kind: ClassVar[str]
+    Settings: ClassVar[type[SourceSettings]]
 
     def __init__(self, bus: BusConfig) -> None:
         self.bus = bus
@@ -91,14 +108,19 @@ def register(cls: SourceClass) -> SourceClass:
     return cls
 
 
+def source_class(kind: str) -> type[Source]:
+    """The source of a kind, its module imported on first use."""
+    if kind not in KINDS:
+        raise SourceError(f"unknown source {kind!r}")
+    importlib.import_module(KINDS[kind])  # its class registers itself
+    return _SOURCES[kind]
+
+
 def create_sources(buses: Sequence[BusConfig]) -> list[Source]:
     """A source per bus, in the order given."""
     made: dict[str, Source] = {}
     for kind in dict.fromkeys(bus.source for bus in buses):
-        if kind not in KINDS:
-            raise SourceError(f"unknown source {kind!r}")
-        importlib.import_module(KINDS[kind])  # its class registers itself
         of_kind = [bus for bus in buses if bus.source == kind]
-        for bus, source in zip(of_kind, _SOURCES[kind].create_all(of_kind), strict=True):
+        for bus, source in zip(of_kind, source_class(kind).create_all(of_kind), strict=True):
             made[bus.name] = source
     return [made[bus.name] for bus in buses]

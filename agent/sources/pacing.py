@@ -4,16 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from agent.config import Pace
+from agent.config import Checker
 from agent.frames import FrameBatch
 
 #: A paced source wakes this often at most: frames due in between go out together (a
 #: batch spans a second or so, and each wake-up costs the whole pipeline a pass).
 TICK_S = 0.1
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast a replay or simulation runs: as fast as possible (`factor` None), or at
+    `factor` times the frames' own timing (1: realtime)."""
+
+    factor: float | None
+
+    @property
+    def is_max(self) -> bool:
+        return self.factor is None
+
+
+def parse_pace(check: Checker, data: Mapping[str, Any], where: str, default: Pace) -> Pace:
+    """The `pace` key of a [[bus]] table: "max", "realtime" or a speed factor."""
+    if "pace" not in data:
+        return default
+    value = data["pace"]
+    if value == "max":
+        return Pace(None)
+    if value == "realtime":
+        return Pace(1.0)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return Pace(float(value))
+    check.problems.append(
+        f'{where}.pace: expected "max", "realtime" or a speed factor above 0, got {value!r}'
+    )
+    return default
 
 
 async def paced(batches: AsyncIterator[FrameBatch], pace: Pace) -> AsyncIterator[FrameBatch]:

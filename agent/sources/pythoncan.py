@@ -6,39 +6,76 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import can
 
+from agent.config import BusConfig, Checker, positive
 from agent.frames import FrameBatch, FrameFlag, id_fits
-from agent.sources.base import MAX_PENDING, Source, SourceError, hand_over, register
+from agent.sources.base import (
+    MAX_PENDING,
+    Source,
+    SourceError,
+    SourceSettings,
+    hand_over,
+    register,
+)
 
 #: The reader thread hands frames over at least this often, and at most this many at once.
 FLUSH_S = 0.05
 FLUSH_FRAMES = 2_000
 
 
+@dataclass(frozen=True)
+class PythonCanSettings(SourceSettings):
+    interface: str = ""  # python-can's interface name; required
+    channel: str | None = None
+    bitrate: int | None = None
+    fd: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)  # more arguments of can.Bus
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> PythonCanSettings:
+        interface = check.get(data, where, "interface", str, "")
+        if not interface:
+            check.problems.append(f"{where}.interface: missing (a python-can interface name)")
+        return cls(
+            interface=interface,
+            channel=check.get(data, where, "channel", str, "") or None,
+            bitrate=check.get(data, where, "bitrate", int, 0, positive) or None,
+            fd=check.get(data, where, "fd", bool, False),
+            options=check.get(data, where, "options", dict, {}),
+        )
+
+
 @register
 class PythonCanSource(Source):
     kind = "python-can"
+    Settings = PythonCanSettings
+
+    def __init__(self, bus: BusConfig) -> None:
+        super().__init__(bus)
+        self.settings: PythonCanSettings = bus.settings
 
     async def batches(self) -> AsyncIterator[FrameBatch]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[FrameBatch | BaseException] = asyncio.Queue(MAX_PENDING)
         stop = threading.Event()
         try:
+            settings = self.settings
             bus = can.Bus(
-                interface=self.bus.interface,
-                channel=self.bus.channel,
-                bitrate=self.bus.bitrate,
-                fd=self.bus.fd,
-                **dict(self.bus.options),
+                interface=settings.interface,
+                channel=settings.channel,
+                bitrate=settings.bitrate,
+                fd=settings.fd,
+                **dict(settings.options),
             )
         except Exception as error:  # python-can raises many kinds for a bad interface
             raise SourceError(
                 f"bus {self.bus.name}: cannot open python-can interface "
-                f"{self.bus.interface!r}: {error}"
+                f"{self.settings.interface!r}: {error}"
             ) from None
         reader = threading.Thread(
             target=self._read,

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from agent.config import BusConfig, Pace
+from agent.config import BusConfig, Checker
 from agent.frames import FrameBatch
 from agent.logs import LogError, open_log
-from agent.sources.base import Source, SourceError, SourceStats, register
-from agent.sources.pacing import paced
+from agent.sources.base import Source, SourceError, SourceSettings, SourceStats, register
+from agent.sources.pacing import Pace, paced, parse_pace
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,29 @@ def _next(batches: Iterator[FrameBatch]) -> FrameBatch | None:
         raise SourceError(str(error)) from None
 
 
+@dataclass(frozen=True)
+class ReplaySettings(SourceSettings):
+    path: Path = Path()  # the log; required
+    pace: Pace = Pace(None)
+    loop: bool = False
+    channel: str | None = None  # the log's channel to take ("*": all); default: the bus's name
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> ReplaySettings:
+        log = check.get(data, where, "path", str, "")
+        path = check.path(log) if log else Path()
+        if not log:
+            check.problems.append(f"{where}.path: missing (the log to replay)")
+        elif not path.is_file():
+            check.problems.append(f"{where}.path: no such file {path}")
+        return cls(
+            path=path,
+            pace=parse_pace(check, data, where, cls.pace),
+            loop=check.get(data, where, "loop", bool, False),
+            channel=check.get(data, where, "channel", str, "") or None,
+        )
+
+
 @register
 class ReplaySource(Source):
     """Replays `path`. The bus takes the log's frames of the channel with its own name
@@ -121,11 +145,15 @@ class ReplaySource(Source):
     the log's own names). With `loop`, the log starts over, its times shifted to follow on."""
 
     kind = "replay"
+    Settings = ReplaySettings
 
     def __init__(self, bus: BusConfig, feed: LogFeed | None = None) -> None:
         super().__init__(bus)
-        assert bus.path is not None  # the config requires it
-        self.feed = feed if feed is not None else LogFeed(bus.path, bus.pace, bus.loop)
+        self.settings: ReplaySettings = bus.settings
+        settings = self.settings
+        self.feed = (
+            feed if feed is not None else LogFeed(settings.path, settings.pace, settings.loop)
+        )
         # The log's malformed lines are counted once, on the first bus that replays it.
         if feed is not None:
             self.stats = SourceStats()
@@ -135,10 +163,11 @@ class ReplaySource(Source):
 
     @classmethod
     def create_all(cls, buses: Sequence[BusConfig]) -> list[Source]:
-        feeds: dict[tuple[Path | None, Pace, bool], LogFeed] = {}
+        feeds: dict[tuple[Path, Pace, bool], LogFeed] = {}
         sources: list[Source] = []
         for bus in buses:
-            key = (bus.path, bus.pace, bus.loop)
+            settings: ReplaySettings = bus.settings
+            key = (settings.path, settings.pace, settings.loop)
             shared = feeds.get(key)
             source = cls(bus, shared)
             feeds.setdefault(key, source.feed)
@@ -147,7 +176,7 @@ class ReplaySource(Source):
 
     @property
     def channel(self) -> str:
-        return self.bus.channel if self.bus.channel is not None else self.bus.name
+        return self.settings.channel if self.settings.channel is not None else self.bus.name
 
     async def batches(self) -> AsyncIterator[FrameBatch]:
         self.feed.start()

@@ -10,35 +10,59 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.config import BusConfig
+from agent.config import BusConfig, Checker, positive
 from agent.decode import MessagePlan, SignalInfo, default_cache_dir, load_dbc
 from agent.decode.plan import WORDS
 from agent.frames import FrameBatch, FrameFlag
-from agent.sources.base import Source, register
+from agent.sources.base import Source, SourceSettings, register
+from agent.sources.pacing import Pace, parse_pace
 
 DEFAULT_CYCLE_MS = 100
 #: Simulated time per batch: frames of this much bus time are generated together.
 STEP_NS = 50_000_000
 
 
+@dataclass(frozen=True)
+class SimulateSettings(SourceSettings):
+    pace: Pace = Pace(1.0)
+    duration_s: float | None = None  # None: until stopped
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> SimulateSettings:
+        duration = check.get(data, where, "duration_s", (int, float), 0.0, positive)
+        seed = check.get(
+            data, where, "seed", int, 0, lambda v: None if v >= 0 else "must be 0 or more"
+        )
+        return cls(
+            pace=parse_pace(check, data, where, cls.pace),
+            duration_s=float(duration) or None,
+            seed=seed,
+        )
+
+
 @register
 class SimulateSource(Source):
     kind = "simulate"
+    Settings = SimulateSettings
 
     def __init__(self, bus: BusConfig) -> None:
         super().__init__(bus)
+        self.settings: SimulateSettings = bus.settings
         self.plans = [
             plan
             for path in self.bus.dbc
             for plan in load_dbc(path, cache_dir=default_cache_dir()).plans
             if plan.signals
         ]
-        rng = np.random.default_rng(self.bus.seed)
+        rng = np.random.default_rng(self.settings.seed)
         # Per signal: a period of 5 to 60 s and a phase, so the waveforms differ.
         self.waves = {
             id(plan): (
@@ -49,11 +73,11 @@ class SimulateSource(Source):
         }
 
     async def batches(self) -> AsyncIterator[FrameBatch]:
-        factor = self.bus.pace.factor
+        factor = self.settings.pace.factor
         start_wall = time.monotonic()
         epoch = time.time_ns()
         step = 0
-        end_ns = None if self.bus.duration_s is None else int(self.bus.duration_s * 1e9)
+        end_ns = None if self.settings.duration_s is None else int(self.settings.duration_s * 1e9)
         while end_ns is None or step * STEP_NS < end_ns:
             t0, t1 = step * STEP_NS, (step + 1) * STEP_NS
             if end_ns is not None:

@@ -61,7 +61,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, cast
@@ -69,12 +69,13 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from agent.config import BusConfig
+from agent.config import BusConfig, Checker
 from agent.frames import MAX_PAYLOAD, FrameBatch, FrameFlag
 from agent.sources.base import (
     MAX_PENDING,
     Source,
     SourceError,
+    SourceSettings,
     SourceStats,
     hand_over,
     register,
@@ -682,17 +683,32 @@ class SocketCanStats(SourceStats):
     error_frames: int = 0  # error frames the controller reported (passed on, not decoded)
 
 
+@dataclass(frozen=True)
+class SocketCanSettings(SourceSettings):
+    channel: str | None = None  # the interface, where it is not the bus's name
+    fd: bool = True  # take CAN FD frames too
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> SocketCanSettings:
+        return cls(
+            channel=check.get(data, where, "channel", str, "") or None,
+            fd=check.get(data, where, "fd", bool, True),
+        )
+
+
 @register
 class SocketCanSource(Source):
     """A SocketCAN interface (`channel`, else the bus's name) read by our own reader."""
 
     kind = "socketcan"
+    Settings = SocketCanSettings
     stats: SocketCanStats
 
     def __init__(self, bus: BusConfig) -> None:
         super().__init__(bus)
+        self.settings: SocketCanSettings = bus.settings
         self.stats = SocketCanStats()
-        self.interface = bus.channel or bus.name
+        self.interface = self.settings.channel or bus.name
         #: Opens the bus's socket (tests hand the reader one end of a socketpair). It is
         #: called in the reader thread, again after an outage; OSError means: retry later.
         self.open_socket: Callable[[], socket.socket] = self._open_can_socket
@@ -709,7 +725,7 @@ class SocketCanSource(Source):
         self._dropped_before = 0  # by the sockets of earlier outages
 
     def _open_can_socket(self) -> socket.socket:
-        return open_can_socket(self.interface, fd=self.bus.fd, frame_ids=self.frame_ids)
+        return open_can_socket(self.interface, fd=self.settings.fd, frame_ids=self.frame_ids)
 
     async def batches(self) -> AsyncIterator[FrameBatch]:
         loop = asyncio.get_running_loop()
