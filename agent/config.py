@@ -85,14 +85,13 @@ class TlsConfig:
 class UplinkConfig:
     kind: str = "file"
     url: str = "outbox"
-    topic: str = "vehicles/{vehicle_id}/telemetry"
-    status_topic: str = "vehicles/{vehicle_id}/status"
-    schema_topic: str = "vehicles/{vehicle_id}/schema"
     tls: TlsConfig | None = None
     keepalive_s: int = 30
     ack_timeout_s: float = 10.0
     window: int = 8  # batches sent but not yet acknowledged
     drain_timeout_s: float = 30.0  # at the end of a replay: how long to wait for acks
+    #: the uplink's own keys, as its module declares them (agent/uplinks/)
+    settings: Any = None
 
 
 @dataclass(frozen=True)
@@ -447,23 +446,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         compression=check.get(batch, "batch", "compression", str, "zstd", one_of(COMPRESSIONS)),
     )
 
-    uplink = _section(
-        check,
-        data,
-        "uplink",
-        {
-            "kind",
-            "url",
-            "topic",
-            "status_topic",
-            "schema_topic",
-            "tls",
-            "keepalive_s",
-            "ack_timeout_s",
-            "window",
-            "drain_timeout_s",
-        },
-    )
+    uplink, uplink_settings = _uplink_section(check, data)
     kind = check.get(uplink, "uplink", "kind", str, "file", one_of(UPLINKS))
     url = check.get(uplink, "uplink", "url", str, "")
     if not url:
@@ -487,9 +470,6 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     uplink_config = UplinkConfig(
         kind=kind,
         url=url,
-        topic=check.get(uplink, "uplink", "topic", str, UplinkConfig.topic),
-        status_topic=check.get(uplink, "uplink", "status_topic", str, UplinkConfig.status_topic),
-        schema_topic=check.get(uplink, "uplink", "schema_topic", str, UplinkConfig.schema_topic),
         tls=tls,
         keepalive_s=check.get(uplink, "uplink", "keepalive_s", int, 30, positive),
         ack_timeout_s=float(
@@ -499,13 +479,8 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         drain_timeout_s=float(
             check.get(uplink, "uplink", "drain_timeout_s", (int, float), 30.0, positive)
         ),
+        settings=uplink_settings,
     )
-    for key in ("topic", "status_topic", "schema_topic"):
-        template = getattr(uplink_config, key)
-        try:
-            template.format(vehicle_id="v")
-        except (KeyError, IndexError, ValueError, AttributeError):
-            check.problems.append(f"uplink.{key}: only {{vehicle_id}} may be substituted")
     if kind in URL_SCHEMES and url:
         schemes = URL_SCHEMES[kind]
         address = url if "://" in url or kind != "grpc" else f"grpc://{url}"
@@ -607,6 +582,42 @@ def split_url(url: str, schemes: Mapping[str, int]) -> tuple[str, int, bool]:
         choices = " or ".join(f"{s}://HOST[:PORT]" for s in schemes)
         raise ValueError(f"expected {choices}, got {url!r}")
     return parts.hostname, port or schemes[parts.scheme], parts.scheme.endswith("s")
+
+
+_UPLINK_KEYS = {
+    "kind",
+    "url",
+    "tls",
+    "keepalive_s",
+    "ack_timeout_s",
+    "window",
+    "drain_timeout_s",
+}
+
+
+def _uplink_section(check: Checker, data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
+    """The [uplink] table, and its uplink's own settings (None for an unknown kind)."""
+    from agent.uplinks.base import settings_keys, uplink_class
+
+    uplink = data.get("uplink", {})
+    if not isinstance(uplink, dict):
+        check.problems.append("uplink: expected a table")
+        return {}, None
+    kind = uplink.get("kind", "file")
+    settings_type = uplink_class(kind).Settings if kind in UPLINKS else None
+    own = settings_keys(settings_type) if settings_type else set()
+    for key in uplink:
+        if key in _UPLINK_KEYS or key in own:
+            continue
+        # Only a key that no uplink knows is unknown; the others name where they apply.
+        other = [u for u in UPLINKS if key in settings_keys(uplink_class(u).Settings)]
+        if other and kind in UPLINKS:
+            check.problems.append(
+                f"uplink.{key}: does not apply to uplink {kind!r} (only to {other[0]!r})"
+            )
+        elif not other:
+            check.problems.append(f"uplink.{key}: unknown key")
+    return uplink, settings_type.parse(check, uplink, "uplink") if settings_type else None
 
 
 def _section(

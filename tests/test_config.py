@@ -11,6 +11,7 @@ from agent.config import ConfigError, load_config, parse_config
 from agent.exits import EX_CONFIG
 from agent.sources.pacing import Pace
 from agent.sources.replay import ReplaySettings
+from agent.uplinks.mqtt import MqttSettings
 from tests.data import RAV4_LOG, RAV4_PT_DBC, REPO
 from tests.services import agent_command
 
@@ -29,6 +30,12 @@ def problems(text: str) -> list[str]:
     return raised.value.problems
 
 
+def test_an_uplink_key_of_another_kind_is_named_as_such() -> None:
+    found = problems(config_text("", '[uplink]\nkind = "file"\ntopic = "t"\nwindows = 2\n'))
+    assert "uplink.topic: does not apply to uplink 'file' (only to 'mqtt')" in found
+    assert "uplink.windows: unknown key" in found
+
+
 def test_the_contract_example_parses_with_its_defaults() -> None:
     config = parse_config(
         config_text(
@@ -45,7 +52,7 @@ def test_the_contract_example_parses_with_its_defaults() -> None:
     assert bus.settings == ReplaySettings(path=RAV4_LOG, pace=Pace(10.0), loop=True)
     assert config.batch.max_age_ms == 1000 and config.batch.max_bytes == 120_000
     assert config.batch.compression == "zstd"
-    assert config.uplink.topic == "vehicles/{vehicle_id}/telemetry"
+    assert config.uplink.settings == MqttSettings(topic="vehicles/{vehicle_id}/telemetry")
     assert config.metrics.listen == "127.0.0.1:9108"
 
 

@@ -49,6 +49,8 @@ from agent.config import (
 from agent.exits import EX_CONFIG
 from agent.metrics import Metrics
 from agent.sources.base import settings_keys, source_class
+from agent.uplinks.base import settings_keys as uplink_settings_keys
+from agent.uplinks.base import uplink_class
 from tests.data import REPO
 from tests.services import Broker, broker, make_certificates
 
@@ -504,9 +506,10 @@ def scope_of(heading: str) -> Scope:
     if code is None:
         return ("", None)
     name = code.group(1)
-    kind = re.fullmatch(r'(source|mode) = "([^"]+)"', name)
+    kind = re.fullmatch(r'(source|mode|kind) = "([^"]+)"', name)
     if kind:
-        return ("bus" if kind.group(1) == "source" else "collect", kind.group(2))
+        section = {"source": "bus", "mode": "collect", "kind": "uplink"}[kind.group(1)]
+        return (section, kind.group(2))
     return (name.strip("[]"), None)
 
 
@@ -516,7 +519,7 @@ def known_keys() -> dict[Scope, set[str]]:
         ("", None): {f.name for f in fields(Config)} - sections,
         ("bus", None): set(agent_config._BUS_KEYS),
         ("batch", None): {f.name for f in fields(BatchConfig)},
-        ("uplink", None): {f.name for f in fields(UplinkConfig)} - {"tls"},
+        ("uplink", None): {f.name for f in fields(UplinkConfig)} - {"tls", "settings"},
         ("uplink.tls", None): {f.name for f in fields(TlsConfig)},
         ("spool", None): {f.name for f in fields(SpoolConfig)},
         ("metrics", None): {f.name for f in fields(MetricsConfig)},
@@ -524,6 +527,10 @@ def known_keys() -> dict[Scope, set[str]]:
     }
     for source in agent_config.SOURCES:
         keys[("bus", source)] = settings_keys(source_class(source).Settings)
+    for kind in agent_config.UPLINKS:
+        own = uplink_settings_keys(uplink_class(kind).Settings)
+        if own:
+            keys[("uplink", kind)] = own
     for mode in MODES:
         if MODE_KEYS[mode]:
             keys[("collect", mode)] = set(MODE_KEYS[mode])
@@ -571,6 +578,8 @@ def config_with(scope: Scope, line: str) -> Config:
         selection = 'messages = ["Climate"]\n' if mode == "raw" else 'signals = ["*"]\n'
         rule = f'[[collect]]\nname = "r"\nmode = "{mode}"\n{selection}'
         text += SIMULATE_BUS + rule + RULE_LINES.get(mode, "") + line
+    elif section == "uplink" and kind:
+        text += SIMULATE_BUS + f'[uplink]\nkind = "{kind}"\nurl = "{kind}://127.0.0.1"\n' + line
     else:
         text += SIMULATE_BUS + f"[{section}]\n" + line
     return parse_config(text, "docs", REPO)

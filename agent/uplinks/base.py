@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import abc
 import importlib
-from typing import ClassVar, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self, TypeVar
 
-from agent.config import UplinkConfig
+from agent.config import Checker, UplinkConfig
 from agent.uplinks import KINDS
 from agent.wire import WireBatch
 
@@ -15,12 +17,29 @@ class UplinkError(Exception):
     """The link failed (refused, dropped, timed out): the sender reconnects and re-sends."""
 
 
+@dataclass(frozen=True)
+class UplinkSettings:
+    """An uplink's own keys of the [uplink] table: a frozen dataclass declared beside the
+    uplink, whose fields are the keys with their defaults, and whose `parse` reads them.
+    A reload applies them all: a changed [uplink] replaces the uplink."""
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
+        """The settings in the [uplink] table, with every problem added to `check`."""
+        return cls()
+
+
+def settings_keys(settings: type[UplinkSettings]) -> set[str]:
+    return {f.name for f in fields(settings)}
+
+
 class Uplink(abc.ABC):
     """Carries wire batches to the cloud. `send` returns once the cloud acknowledged the
     batch; up to `config.window` sends run at once. An uplink that loses its connection
     raises UplinkError from `send` or `connect`; the sender takes care of the retries."""
 
     kind: ClassVar[str]
+    Settings: ClassVar[type[UplinkSettings]] = UplinkSettings
 
     def __init__(self, config: UplinkConfig, vehicle_id: str) -> None:
         self.config = config
@@ -63,6 +82,11 @@ def register(cls: UplinkClass) -> UplinkClass:
     return cls
 
 
+def uplink_class(kind: str) -> type[Uplink]:
+    """The uplink of a kind, its module imported on first use."""
+    importlib.import_module(KINDS[kind])  # its class registers itself
+    return _UPLINKS[kind]
+
+
 def create_uplink(config: UplinkConfig, vehicle_id: str) -> Uplink:
-    importlib.import_module(KINDS[config.kind])  # its class registers itself
-    return _UPLINKS[config.kind](config, vehicle_id)
+    return uplink_class(config.kind)(config, vehicle_id)

@@ -15,29 +15,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
 from aiomqtt import ProtocolVersion, Will
 
-from agent.config import URL_SCHEMES, UplinkConfig, split_url
-from agent.uplinks.base import Uplink, UplinkError, register
+from agent.config import URL_SCHEMES, Checker, UplinkConfig, split_url
+from agent.uplinks.base import Uplink, UplinkError, UplinkSettings, register
 from agent.uplinks.tls import client_context
 from agent.wire import WireBatch
+
+
+@dataclass(frozen=True)
+class MqttSettings(UplinkSettings):
+    topic: str = "vehicles/{vehicle_id}/telemetry"  # the batches
+    status_topic: str = "vehicles/{vehicle_id}/status"  # online/offline, retained
+    schema_topic: str = "vehicles/{vehicle_id}/schema"  # the schemas, retained, by ID
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> MqttSettings:
+        settings = cls(
+            **{
+                key: check.get(data, where, key, str, getattr(cls, key))
+                for key in ("topic", "status_topic", "schema_topic")
+            }
+        )
+        for key in ("topic", "status_topic", "schema_topic"):
+            try:
+                getattr(settings, key).format(vehicle_id="v")
+            except (KeyError, IndexError, ValueError, AttributeError):
+                check.problems.append(f"{where}.{key}: only {{vehicle_id}} may be substituted")
+        return settings
 
 
 @register
 class MqttUplink(Uplink):
     kind = "mqtt"
+    Settings = MqttSettings
 
     def __init__(self, config: UplinkConfig, vehicle_id: str) -> None:
         super().__init__(config, vehicle_id)
         self.host, self.port, use_tls = split_url(config.url, URL_SCHEMES["mqtt"])
         use_tls = use_tls or config.tls is not None
         self.tls: ssl.SSLContext | None = client_context(config.tls) if use_tls else None
-        self.topic = config.topic.format(vehicle_id=vehicle_id)
-        self.status_topic = config.status_topic.format(vehicle_id=vehicle_id)
-        self.schema_topic = config.schema_topic.format(vehicle_id=vehicle_id)
+        settings: MqttSettings = config.settings
+        self.topic = settings.topic.format(vehicle_id=vehicle_id)
+        self.status_topic = settings.status_topic.format(vehicle_id=vehicle_id)
+        self.schema_topic = settings.schema_topic.format(vehicle_id=vehicle_id)
         self._client: aiomqtt.Client | None = None
         # Resolved with the reason when the connection is lost; see _watch.
         self._lost: asyncio.Future[str] | None = None
