@@ -8,19 +8,19 @@ are relative to the config file's folder.
 
 from __future__ import annotations
 
-import math
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from agent.collect.expression import ExpressionError, parse
-from agent.collect.rules import EDGES, MODE_KEYS, MODES, REDUCES, STATS, CollectRule
 from agent.sources import KINDS as source_kinds
 from agent.uplinks import KINDS as uplink_kinds
+
+if TYPE_CHECKING:
+    from agent.collect.rules import CollectRule
 
 MIB = 1024 * 1024
 #: The largest batch the agent builds: receivers refuse larger ones (four times this,
@@ -253,141 +253,6 @@ def _bus(check: Checker, data: Any, where: str) -> BusConfig | None:
     )
 
 
-_RULE_KEYS = {"name", "mode", "signals", "messages", "buses"}
-
-
-def _names(check: Checker, data: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
-    value = data.get(key, [])
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        check.problems.append(f"{where}.{key}: expected a list of names, got {value!r}")
-        return ()
-    return tuple(value)
-
-
-def _collect(check: Checker, data: Any, where: str, buses: set[str]) -> CollectRule | None:
-    if not isinstance(data, dict):
-        check.problems.append(f"{where}: expected a table")
-        return None
-    name = check.get(data, where, "name", str, "")
-    if not name:
-        check.problems.append(f"{where}.name: missing")
-    mode = check.get(data, where, "mode", str, "", one_of(MODES))
-    if "mode" not in data:
-        check.problems.append(f"{where}.mode: missing (one of {', '.join(MODES)})")
-    for key in data:
-        if key in _RULE_KEYS or key in MODE_KEYS.get(mode, ()):
-            continue
-        other = [m for m, keys in MODE_KEYS.items() if key in keys]
-        if other and mode:
-            check.problems.append(f"{where}.{key}: does not apply to mode {mode!r}")
-        elif not other:
-            check.problems.append(f"{where}.{key}: unknown key")
-    signals = _names(check, data, where, "signals")
-    if mode == "raw" and signals:
-        check.problems.append(f"{where}.signals: mode raw takes whole frames: use messages or ids")
-    elif mode and mode != "raw" and not signals:
-        check.problems.append(f'{where}.signals: missing (names or globs such as "*")')
-    rule_buses = _names(check, data, where, "buses")
-    for bus in rule_buses:
-        if bus not in buses:
-            check.problems.append(f"{where}.buses: no [[bus]] is named {bus!r}")
-    rule = CollectRule(
-        name=name,
-        mode=mode,
-        signals=signals,
-        messages=_names(check, data, where, "messages"),
-        buses=rule_buses,
-    )
-    at = where
-    if mode == "sample":
-        if "period_ms" not in data:
-            check.problems.append(f"{at}.period_ms: missing")
-        rule = replace(
-            rule,
-            period_ms=check.get(data, at, "period_ms", int, 1000, _duration(1, DAY_MS)),
-            reduce=check.get(data, at, "reduce", str, "last", one_of(REDUCES)),
-        )
-    elif mode == "change":
-        if "deadband" in data and "deadband_rel" in data:
-            check.problems.append(f"{at}: deadband and deadband_rel exclude each other")
-        rule = replace(
-            rule,
-            deadband=float(check.get(data, at, "deadband", (int, float), 0.0, _band)),
-            deadband_rel=float(check.get(data, at, "deadband_rel", (int, float), 0.0, _band)),
-            heartbeat_ms=check.get(data, at, "heartbeat_ms", int, 0, _duration(0, DAY_MS)),
-        )
-    elif mode == "aggregate":
-        if "window_ms" not in data:
-            check.problems.append(f"{at}.window_ms: missing")
-        stats = data.get("stats", list(STATS))
-        if (
-            not isinstance(stats, list)
-            or not stats
-            or any(s not in STATS for s in stats)
-            or len(set(stats)) != len(stats)
-        ):
-            check.problems.append(
-                f"{at}.stats: expected a list of distinct {', '.join(STATS)}; got {stats!r}"
-            )
-            stats = list(STATS)
-        rule = replace(
-            rule,
-            window_ms=check.get(data, at, "window_ms", int, 1000, _duration(1, DAY_MS)),
-            stats=tuple(stats),
-        )
-    elif mode == "trigger":
-        text = check.get(data, at, "when", str, "")
-        expression = None
-        if not text:
-            check.problems.append(f'{at}.when: missing (a condition such as "SPEED > 60")')
-        else:
-            try:
-                expression = parse(text)
-            except ExpressionError as error:
-                check.problems.append(f"{at}.when: rule {name!r}: {error}")
-        rule = replace(
-            rule,
-            when=expression,
-            before_ms=check.get(data, at, "before_ms", int, 1000, _duration(0, CAPTURE_MS)),
-            after_ms=check.get(data, at, "after_ms", int, 1000, _duration(0, CAPTURE_MS)),
-            min_interval_ms=check.get(data, at, "min_interval_ms", int, 0, _duration(0, DAY_MS)),
-            edge=check.get(data, at, "edge", str, "rising", one_of(EDGES)),
-        )
-        if rule.before_ms == rule.after_ms == 0:
-            check.problems.append(
-                f"{at}: before_ms and after_ms are both 0: a capture would hold only the "
-                "values at the instants it fires"
-            )
-    elif mode == "raw":
-        ids = data.get("ids", [])
-        if not isinstance(ids, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 29 for i in ids
-        ):
-            check.problems.append(f"{at}.ids: expected a list of frame IDs, got {ids!r}")
-            ids = []
-        rule = replace(rule, ids=tuple(ids))
-    return rule
-
-
-#: The longest period, window, heartbeat or interval a rule may have.
-DAY_MS = 86_400_000
-#: The longest capture before or after a firing: what comes before is held in memory.
-CAPTURE_MS = 600_000
-
-
-def _duration(low: int, high: int) -> Callable[[int], str | None]:
-    def check(value: int) -> str | None:
-        return None if low <= value <= high else f"must be {low} to {high:,} ms"
-
-    return check
-
-
-def _band(value: float) -> str | None:
-    return None if 0 <= value < math.inf else "must be a number of 0 or more"
-
-
 def parse_config(text: str, source: str, base: Path) -> Config:
     """A config from TOML text; ConfigError with every problem found."""
     try:
@@ -533,17 +398,13 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     metrics_config = MetricsConfig(
         listen=check.get(metrics, "metrics", "listen", str, "127.0.0.1:9108", _listen)
     )
-    rules: list[CollectRule] = []
+    rules: tuple[CollectRule, ...] = ()
     rule_tables = data.get("collect", [])
-    if not isinstance(rule_tables, list):
-        check.problems.append("collect: expected [[collect]] tables")
-        rule_tables = []
-    for k, table in enumerate(rule_tables):
-        rule = _collect(check, table, f"collect[{k}]", {b.name for b in buses})
-        if rule is not None:
-            if any(r.name == rule.name for r in rules):
-                check.problems.append(f"collect[{k}].name: {rule.name!r} is used by another rule")
-            rules.append(rule)
+    if rule_tables:
+        # Only a config with rules loads their condition language, and numpy with it.
+        from agent.collect.rules import parse_rules
+
+        rules = parse_rules(check, rule_tables, {bus.name for bus in buses})
     status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
     log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
     if check.problems:
@@ -556,7 +417,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         uplink=uplink_config,
         spool=spool_config,
         metrics=metrics_config,
-        collect=tuple(rules),
+        collect=rules,
         status_interval_s=float(status),
         log_level=log_level,
         source=source,
@@ -657,11 +518,6 @@ def restart_changes(running: Config, loaded: Config) -> list[str]:
 def _changed(old: Any, new: Any) -> list[str]:
     """The fields of two settings of one kind whose values differ."""
     return [f.name for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
-
-
-def rules_key(rules: tuple[CollectRule, ...]) -> list[object]:
-    """The rules in a comparable form (a parsed condition compares by its text)."""
-    return [(replace(r, when=None), r.when.text if r.when else None) for r in rules]
 
 
 def load_config(path: str | Path) -> Config:

@@ -22,14 +22,8 @@ from typing import TextIO
 
 from agent.batcher import TICK_S, Batcher
 from agent.collect import CollectError, Collector
-from agent.config import (
-    RESTART_KEYS,
-    Config,
-    ConfigError,
-    load_config,
-    restart_changes,
-    rules_key,
-)
+from agent.collect.rules import rules_key
+from agent.config import RESTART_KEYS, Config, ConfigError, load_config, restart_changes
 from agent.decode import bus_decoders, default_cache_dir
 from agent.metrics import Metrics
 from agent.notify import Notifier

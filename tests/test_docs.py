@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from agent import config as agent_config
-from agent.collect.rules import MODE_KEYS, MODES
+from agent.collect.rules import MODE_KEYS, MODES, RULE_KEYS, rules_key
 from agent.commands import build_parser
 from agent.config import (
     RESTART_KEYS,
@@ -44,7 +44,6 @@ from agent.config import (
     UplinkConfig,
     load_config,
     parse_config,
-    rules_key,
 )
 from agent.exits import EX_CONFIG
 from agent.metrics import Metrics
@@ -523,7 +522,7 @@ def known_keys() -> dict[Scope, set[str]]:
         ("uplink.tls", None): {f.name for f in fields(TlsConfig)},
         ("spool", None): {f.name for f in fields(SpoolConfig)},
         ("metrics", None): {f.name for f in fields(MetricsConfig)},
-        ("collect", None): set(agent_config._RULE_KEYS),
+        ("collect", None): set(RULE_KEYS),
     }
     for source in agent_config.SOURCES:
         keys[("bus", source)] = settings_keys(source_class(source).Settings)
