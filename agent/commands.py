@@ -255,7 +255,7 @@ def run_check_config(args: argparse.Namespace) -> int:
 def run_receive(args: argparse.Namespace) -> int:
     import asyncio
 
-    from agent import receiver
+    from agent.cloud import receiver
     from agent.config import TlsConfig
 
     _log_to_stderr()

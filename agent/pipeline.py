@@ -15,7 +15,8 @@ from agent.decode import DecodedBatch, Decoder
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.spool import Spool
-from agent.wire import BatchEncoder, WireBatch
+from agent.wire.encoder import BatchEncoder
+from agent.wire.envelope import WireBatch
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from agent.sources.base import Source, SourceError, create_sources
 from agent.spool import Spool
 from agent.uplinks.base import create_uplink
 from agent.uplinks.sender import Sender
-from agent.wire import BatchEncoder, dbc_hash
+from agent.wire.encoder import BatchEncoder, dbc_hash
 
 log = logging.getLogger(__name__)
 

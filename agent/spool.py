@@ -38,7 +38,7 @@ from pathlib import Path
 from agent.config import SpoolConfig
 from agent.durable import fsync_folder, write_atomically
 from agent.metrics import Metrics
-from agent.wire import WireBatch, WireError, read_envelope, wire_batch
+from agent.wire.envelope import WireBatch, WireError, read_envelope, wire_batch
 
 log = logging.getLogger(__name__)
 

@@ -286,7 +286,8 @@ def send(log: str, url: str, kind: str) -> Counts:
 def check(log: str) -> str:
     """Our receiver's reading of the protobuf batches against the frames and values that
     cantools decoded: the baseline sends what the agent's contract says."""
-    from agent.wire import SchemaStore, parse_batch, read_envelope
+    from agent.cloud.parser import SchemaStore, parse_batch
+    from agent.wire.envelope import read_envelope
 
     known, _ = load_messages()
     expected = []

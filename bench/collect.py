@@ -26,7 +26,7 @@ from agent.collect import Collector
 from agent.config import Config, parse_config
 from agent.decode import bus_decoders
 from agent.frames import FrameBatch
-from agent.wire import BatchEncoder
+from agent.wire.encoder import BatchEncoder
 from bench.command import big_log
 from bench.common import LOGS, Measured, Report, best_of, count_frames, read_all, table
 from bench.pipeline import AGENT_SUMMARY, agent_config, run_measured

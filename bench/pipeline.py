@@ -41,7 +41,7 @@ import numpy as np
 from agent.decode import ALL_BUSES, Decoder
 from agent.frames import FrameBatch
 from agent.logs import open_log
-from agent.wire import BatchEncoder
+from agent.wire.encoder import BatchEncoder
 from bench.command import big_log
 from bench.common import LOGS, Measured, Report, count_frames, table
 from tests.data import REPO

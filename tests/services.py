@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.spool import RECORD, SEGMENT_HEADER, SEGMENT_SUFFIX, scan_segment
-from agent.wire import WireError, read_envelope
+from agent.wire.envelope import WireError, read_envelope
 from tests.data import REPO
 
 

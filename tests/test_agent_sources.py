@@ -12,11 +12,11 @@ from pathlib import Path
 import can
 import numpy as np
 
+from agent.cloud.receiver import Receiver, accept_files
 from agent.config import BusConfig, parse_config
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import open_log
-from agent.receiver import Receiver, accept_files
 from agent.records import JsonLinesWriter
 from agent.service import Agent
 from agent.sources.pythoncan import PythonCanSettings, PythonCanSource

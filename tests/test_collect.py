@@ -18,23 +18,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.cloud.parser import ReceivedBatch, SchemaStore, parse_batch
+from agent.cloud.receiver import Receiver, accept_files
 from agent.collect import Collected, Collector
 from agent.collect.trigger import RING_SLACK_NS, Trigger
 from agent.config import Config, parse_config
 from agent.decode import ALL_BUSES, Decoder, bus_decoders
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import open_log
-from agent.receiver import Receiver, accept_files
 from agent.service import Agent
-from agent.wire import (
-    BatchEncoder,
-    ReceivedBatch,
-    SchemaStore,
-    WireError,
-    parse_batch,
-    read_envelope,
-)
 from agent.wire import telemetry_pb2 as pb
+from agent.wire.encoder import BatchEncoder
+from agent.wire.envelope import WireError, read_envelope
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
 from tests.services import ReceiverProcess, broker, records, run_agent
 

@@ -18,8 +18,8 @@ from typing import IO, Any
 import pytest
 
 from agent import spool as spool_module
+from agent.cloud.receiver import Receiver, accept_files
 from agent.config import load_config
-from agent.receiver import Receiver, accept_files
 from agent.service import Agent
 from agent.spool import RECORD, scan_segment
 from tests.data import RAV4_LOG

@@ -19,7 +19,8 @@ from agent.decode import ALL_BUSES, DecodedBatch, Decoder
 from agent.logs import open_log
 from agent.metrics import Metrics
 from agent.spool import RECORD, SEGMENT_HEADER, Spool, SpoolError
-from agent.wire import BatchEncoder, WireBatch
+from agent.wire.encoder import BatchEncoder
+from agent.wire.envelope import WireBatch
 from tests.data import TRUCK_DBC, TRUCK_LOG
 
 Batch = tuple[WireBatch, bytes]  # a batch and its schema announcement

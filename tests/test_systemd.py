@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.cloud.receiver import Receiver, accept_files
 from agent.config import parse_config, restart_changes
 from agent.notify import Notifier
-from agent.receiver import Receiver, accept_files
 from agent.service import Agent
 from tests.data import REPO
 from tests.services import agent_command

@@ -13,22 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.cloud.parser import ReceivedBatch, SchemaStore, UnknownSchema, parse_batch
 from agent.collect import Collector, CollectRule
 from agent.decode import ALL_BUSES, Decoder
 from agent.logs import open_log
 from agent.records import JsonLinesWriter
-from agent.wire import (
-    BatchEncoder,
-    ReceivedBatch,
-    SchemaStore,
-    UnknownSchema,
-    WireBatch,
-    WireError,
-    parse_batch,
-    read_envelope,
-)
 from agent.wire import telemetry_pb2 as pb
-from agent.wire.codec import _deltas, _segment_sums, _unzigzag, _zigzag
+from agent.wire.columns import deltas, segment_sums, unzigzag, zigzag
+from agent.wire.encoder import BatchEncoder
+from agent.wire.envelope import WireBatch, WireError, read_envelope
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TRUCK_DBC, TRUCK_LOG
 from tests.oracle import batch_of
 from tests.services import agent_command, records
@@ -79,10 +72,10 @@ def test_delta_encodings_undo_exactly(columns: list[list[int]]) -> None:
     starts = (np.cumsum(lengths) - lengths)[lengths > 0].astype(np.intp)
     if not len(values):
         return
-    once = _zigzag(_deltas(values, starts))
-    twice = _zigzag(_deltas(_deltas(values, starts), starts))
-    assert (_segment_sums(_unzigzag(once), starts) == values).all()
-    assert (_segment_sums(_segment_sums(_unzigzag(twice), starts), starts) == values).all()
+    once = zigzag(deltas(values, starts))
+    twice = zigzag(deltas(deltas(values, starts), starts))
+    assert (segment_sums(unzigzag(once), starts) == values).all()
+    assert (segment_sums(segment_sums(unzigzag(twice), starts), starts) == values).all()
 
 
 def a_batch() -> tuple[bytes, bytes]:
@@ -202,7 +195,7 @@ def test_the_committed_protobuf_module_is_what_make_proto_makes(tmp_path: Path) 
 
 
 def test_the_receiver_remembers_every_sequence_in_little_memory() -> None:
-    from agent.receiver import _Seen
+    from agent.cloud.receiver import _Seen
 
     seen = _Seen()
     order = np.random.default_rng(9).permutation(np.arange(1, 5001))
@@ -216,7 +209,7 @@ def test_the_receiver_remembers_every_sequence_in_little_memory() -> None:
 
 
 def test_the_receiver_rejects_an_oversized_batch_and_keeps_going(tmp_path: Path) -> None:
-    from agent.receiver import MAX_BATCH_BYTES, Receiver
+    from agent.cloud.receiver import MAX_BATCH_BYTES, Receiver
 
     payload, announcement = a_batch()
     out = io.StringIO()

@@ -1,7 +1,8 @@
 """docs/wire-format.md is enough to read the agent's batches.
 
 `Consumer` below is written from that page and proto/telemetry.proto alone: it uses the
-generated protobuf module, numpy, hashlib and zstandard, and nothing of agent/wire/codec.py.
+generated protobuf module, numpy, hashlib and zstandard, and nothing of the agent's parser
+(agent/cloud/parser.py).
 It reads batches the agent really makes (the agent run on the RAV4 log, and the encoder fed
 the Tesla, J1939 and float-signal decodes), and every value it reads must be the agent's own
 receiver's and decoder's: rows, timestamps, frame IDs, presence, raw and physical values,
@@ -22,12 +23,13 @@ import numpy.typing as npt
 import pytest
 import zstandard
 
+from agent.cloud.parser import ReceivedBatch, ReceivedBlock, SchemaStore, parse_batch
 from agent.decode import ALL_BUSES, DecodedBatch, Decoder, MessageBlock
 from agent.frames import FrameBatch
 from agent.logs import open_log
-from agent.wire import BatchEncoder, ReceivedBatch, SchemaStore, parse_batch, read_envelope
 from agent.wire import telemetry_pb2 as pb
-from agent.wire.codec import ReceivedBlock
+from agent.wire.encoder import BatchEncoder
+from agent.wire.envelope import read_envelope
 from tests.data import (
     CONFORMANCE_DIR,
     RAV4_ADAS_DBC,

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 from agent.config import Checker, UplinkConfig
 from agent.uplinks import KINDS
-from agent.wire import WireBatch
+from agent.wire.envelope import WireBatch
 
 
 class UplinkError(Exception):

@@ -7,15 +7,8 @@ from pathlib import Path
 
 from agent.durable import write_atomically
 from agent.uplinks.base import Uplink, UplinkError, register
-from agent.wire import WireBatch
-
-SUFFIX = ".batch"
-SCHEMA_SUFFIX = ".schema"
-
-
-def batch_file_name(stream_id: str, sequence: int) -> str:
-    """Names sort in sending order within a stream."""
-    return f"{stream_id}-{sequence:012d}{SUFFIX}"
+from agent.wire.envelope import WireBatch
+from agent.wire.transport import SCHEMA_SUFFIX, batch_file_name
 
 
 @register

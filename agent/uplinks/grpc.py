@@ -14,28 +14,9 @@ from grpc import aio
 
 from agent.config import URL_SCHEMES, UplinkConfig, split_url
 from agent.uplinks.base import Uplink, UplinkError, register
-from agent.wire import WireBatch
 from agent.wire import telemetry_pb2 as pb
-
-STREAM_METHOD = "/telemetry.v1.Telemetry/Stream"
-
-
-def channel_options(keepalive_s: int) -> list[tuple[str, int]]:
-    """The keepalive of both ends: a PING after `keepalive_s` without reading anything, and
-    the link given up when its ack has not come `keepalive_s` later (10 s at most), so a
-    half-open link is noticed within twice the keepalive, as over MQTT."""
-    ping_timeout_ms = min(keepalive_s, 10) * 1000
-    return [
-        ("grpc.keepalive_time_ms", keepalive_s * 1000),
-        ("grpc.keepalive_timeout_ms", ping_timeout_ms),
-        # What bounds a keepalive PING's wait for its ack in grpcio 1.85 (chttp2): the HTTP/2
-        # ping timeout, one minute by default; keepalive_timeout_ms alone does not (measured
-        # through a stalled proxy: with both at 2 s and this unset, nothing noticed in 20 s).
-        ("grpc.http2.ping_timeout_ms", ping_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ]
+from agent.wire.envelope import WireBatch
+from agent.wire.transport import STREAM_METHOD, channel_options
 
 
 @register

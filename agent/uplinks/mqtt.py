@@ -23,9 +23,9 @@ import aiomqtt
 from aiomqtt import ProtocolVersion, Will
 
 from agent.config import URL_SCHEMES, Checker, UplinkConfig, split_url
+from agent.tls import client_context
 from agent.uplinks.base import Uplink, UplinkError, UplinkSettings, register
-from agent.uplinks.tls import client_context
-from agent.wire import WireBatch
+from agent.wire.envelope import WireBatch
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import time
 from agent.metrics import Metrics
 from agent.spool import Entry, Spool
 from agent.uplinks.base import Uplink, UplinkError
-from agent.wire import WireBatch
+from agent.wire.envelope import WireBatch
 
 log = logging.getLogger(__name__)
 

@@ -1,35 +1,3 @@
-"""The wire: protobuf batches with a compressed columnar body (`proto/telemetry.proto`)."""
-
-from agent.wire.codec import (
-    FORMAT,
-    BatchEncoder,
-    ReceivedBatch,
-    ReceivedBlock,
-    ReceivedRaw,
-    SchemaStore,
-    Section,
-    UnknownSchema,
-    WireBatch,
-    WireError,
-    dbc_hash,
-    parse_batch,
-    read_envelope,
-    wire_batch,
-)
-
-__all__ = [
-    "FORMAT",
-    "BatchEncoder",
-    "ReceivedBatch",
-    "ReceivedBlock",
-    "ReceivedRaw",
-    "SchemaStore",
-    "Section",
-    "UnknownSchema",
-    "WireBatch",
-    "WireError",
-    "dbc_hash",
-    "parse_batch",
-    "read_envelope",
-    "wire_batch",
-]
+"""The wire: protobuf batches with a compressed columnar body (`proto/telemetry.proto`,
+docs/wire-format.md). What both ends share is here: the envelope, the columns' encodings and
+how batches travel; the device's encoder is `encoder`, the cloud's parser `agent.cloud`."""

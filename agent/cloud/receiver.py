@@ -28,13 +28,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import config
+from agent.cloud.parser import SchemaStore, UnknownSchema, parse_batch
 from agent.config import URL_SCHEMES, TlsConfig, split_url
 from agent.records import JsonLinesWriter
-from agent.uplinks.file import SCHEMA_SUFFIX, SUFFIX
-from agent.uplinks.grpc import channel_options
-from agent.uplinks.tls import client_context
-from agent.wire import SchemaStore, UnknownSchema, WireError, parse_batch, read_envelope
+from agent.tls import client_context
 from agent.wire import telemetry_pb2 as pb
+from agent.wire.envelope import WireError, read_envelope
+from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX, channel_options
 
 log = logging.getLogger(__name__)
 

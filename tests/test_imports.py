@@ -1,0 +1,53 @@
+"""Each entry point loads what it uses and nothing more: a gateway reading SocketCAN never
+imports python-can, the cloud's receiver none of the device's stages, and the config file
+alone not numpy. Each check runs in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.data import REPO
+
+
+def loaded(code: str) -> set[str]:
+    """The modules a fresh interpreter has after running `code`."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_the_config_file_alone_loads_no_numpy_and_no_transport() -> None:
+    modules = loaded("import agent.config")
+    assert not {"numpy", "can", "grpc", "aiomqtt"} & modules
+
+
+def test_a_socketcan_bus_over_mqtt_loads_neither_python_can_nor_grpc() -> None:
+    modules = loaded(
+        "from pathlib import Path\n"
+        "from agent.config import parse_config\n"
+        "from agent.sources.base import create_sources\n"
+        "from agent.uplinks.base import create_uplink\n"
+        "config = parse_config(\n"
+        '    \'vehicle_id = "v"\\n[[bus]]\\nname = "can0"\\nsource = "socketcan"\\n\'\n'
+        '    \'dbc = ["dbc/demo.dbc"]\\n[uplink]\\nkind = "mqtt"\\nurl = "mqtt://127.0.0.1"\\n\',\n'
+        "    'agent.toml', Path('.'))\n"
+        "create_sources(config.buses)\n"
+        "create_uplink(config.uplink, config.vehicle_id)\n"
+    )
+    assert {"agent.sources.socketcan", "agent.uplinks.mqtt"} <= modules
+    assert not {"can", "grpc", "agent.sources.pythoncan", "agent.uplinks.grpc"} & modules
+
+
+def test_the_receiver_loads_nothing_of_the_device_side() -> None:
+    modules = loaded("import agent.cloud.receiver")
+    device = {
+        m
+        for m in modules
+        if m.startswith(("agent.sources.", "agent.uplinks.", "agent.collect", "agent.wire.encoder"))
+        or m in {"agent.spool", "agent.service", "agent.batcher", "agent.pipeline", "can"}
+    }
+    assert device == set()
