@@ -58,17 +58,10 @@ from can.interfaces.socketcan.socketcan import capture_message
 from agent.config import BusConfig
 from agent.frames import FrameBatch
 from agent.memory import keep_freed_memory
-from agent.sources.socketcan import (
-    CAN_EFF_FLAG,
-    CAN_RAW_FD_FRAMES,
-    SO_TIMESTAMPNS_OLD,
-    SOL_CAN_RAW,
-    FrameSlab,
-    SocketCanSettings,
-    SocketCanSource,
-    open_can_socket,
-    size_receive_buffer,
-)
+from agent.socketcan.abi import CAN_EFF_FLAG, CAN_RAW_FD_FRAMES, SO_TIMESTAMPNS_OLD, SOL_CAN_RAW
+from agent.socketcan.slab import FrameSlab
+from agent.socketcan.sockets import open_can_socket, size_receive_buffer
+from agent.sources.socketcan import SocketCanSettings, SocketCanSource
 from bench.common import REPO, Measured, Report, table
 
 FLOOD_FRAMES = 100_000

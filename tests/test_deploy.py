@@ -22,7 +22,8 @@ import pytest
 
 from agent.config import MetricsConfig
 from agent.metrics import Metrics
-from agent.sources.socketcan import FLUSH_S, FRAME_CHARGE, MAX_BUS_RATE, RECEIVE_BUFFER
+from agent.socketcan.sockets import FRAME_CHARGE, MAX_BUS_RATE, RECEIVE_BUFFER
+from agent.sources.socketcan import FLUSH_S
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -34,29 +34,32 @@ from agent.config import BusConfig
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
 from agent.records import JsonLinesWriter
-from agent.sources import socketcan as socketcan_module
-from agent.sources.base import SourceError, create_sources
-from agent.sources.socketcan import (
+from agent.socketcan import recvmmsg as recvmmsg_module
+from agent.socketcan import slab as slab_module
+from agent.socketcan.abi import (
+    ANCILLARY_SIZE,
     CAN_EFF_FLAG,
     CAN_ERR_BUSOFF,
     CAN_ERR_FLAG,
     CAN_RTR_FLAG,
-    FLUSH_S,
-    FRAME_CHARGE,
-    MAX_BUS_RATE,
-    MAX_FILTERS,
     SO_RXQ_OVFL,
     SO_TIMESTAMPNS_NEW,
     SO_TIMESTAMPNS_OLD,
-    FrameSlab,
-    SocketCanSettings,
-    SocketCanSource,
+)
+from agent.socketcan.ancillary import receive_times
+from agent.socketcan.slab import FrameSlab
+from agent.socketcan.sockets import (
+    FRAME_CHARGE,
+    MAX_BUS_RATE,
+    MAX_FILTERS,
     enable_timestamps,
     gather_limit,
     kernel_filters,
     open_can_socket,
-    receive_times,
 )
+from agent.sources import socketcan as source_module
+from agent.sources.base import SourceError, create_sources
+from agent.sources.socketcan import FLUSH_S, SocketCanSettings, SocketCanSource
 from tests.test_agent_sources import DEMO_DBC, agent_for, received_lines
 
 FD_LENGTHS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64)
@@ -411,9 +414,7 @@ def test_datagrams_of_a_wrong_size_or_length_are_malformed(
 # recvmmsg: many frames a system call
 
 
-needs_recvmmsg = pytest.mark.skipif(
-    socketcan_module.RECVMMSG is None, reason="libc has no recvmmsg"
-)
+needs_recvmmsg = pytest.mark.skipif(recvmmsg_module.RECVMMSG is None, reason="libc has no recvmmsg")
 
 
 @needs_recvmmsg
@@ -429,7 +430,7 @@ def test_recvmmsg_drains_the_queue_in_one_call_as_recvmsg_into_would() -> None:
                 writer.send(datagram)
             slab = FrameSlab(capacity=1024)
             calls: list[int] = []
-            libc = socketcan_module.RECVMMSG
+            libc = recvmmsg_module.RECVMMSG
             assert libc is not None
 
             def counted(
@@ -439,7 +440,7 @@ def test_recvmmsg_drains_the_queue_in_one_call_as_recvmsg_into_would() -> None:
                 flags: int,
                 timeout: None,
                 calls: list[int] = calls,
-                libc: socketcan_module.RecvMMsg = libc,
+                libc: recvmmsg_module.RecvMMsg = libc,
             ) -> int:
                 calls.append(room)
                 return libc(fd, at, room, flags, timeout)
@@ -478,12 +479,12 @@ class FakeKernel:
         got = 0
         while self.results and got < room:
             data, control = self.results.pop(0)
-            record = socketcan_module._MMsgHdr.from_address(
-                at + got * ctypes.sizeof(socketcan_module._MMsgHdr)
+            record = recvmmsg_module.MMsgHdr.from_address(
+                at + got * ctypes.sizeof(recvmmsg_module.MMsgHdr)
             )
             header = record.msg_hdr
-            iov = socketcan_module._IoVec.from_address(header.msg_iov)
-            assert iov.iov_len == 72 and header.msg_controllen == socketcan_module.ANCILLARY_SIZE
+            iov = recvmmsg_module.IoVec.from_address(header.msg_iov)
+            assert iov.iov_len == 72 and header.msg_controllen == ANCILLARY_SIZE
             ctypes.memmove(iov.iov_base, data, min(len(data), 72))
             ctypes.memmove(header.msg_control, control, len(control))
             header.msg_controllen = len(control)
@@ -544,7 +545,7 @@ async def test_without_recvmmsg_the_source_reads_with_recvmsg_into(
     pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reader, writer = pair
-    monkeypatch.setattr(socketcan_module, "RECVMMSG", None)
+    monkeypatch.setattr(slab_module, "RECVMMSG", None)
     source = source_on(reader)
     assert source._slab.recvmmsg is None
     frames = random_frames(3000, seed=12)
@@ -562,7 +563,7 @@ async def test_recvmmsg_reports_a_downed_interface_by_errno(
     pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reader, writer = pair
-    libc = socketcan_module.RECVMMSG
+    libc = recvmmsg_module.RECVMMSG
     assert libc is not None
     failures = [errno.ENETDOWN, errno.EINTR]
 
@@ -572,7 +573,7 @@ async def test_recvmmsg_reports_a_downed_interface_by_errno(
             return -1
         return libc(fd, at, room, flags, timeout)
 
-    monkeypatch.setattr(socketcan_module, "RECVMMSG", goes_down)
+    monkeypatch.setattr(slab_module, "RECVMMSG", goes_down)
     source = source_on(reader)
     frames = random_frames(20, seed=4)
     for frame in frames:
@@ -709,7 +710,7 @@ async def test_paced_frames_are_drained_once_a_batch_and_handed_over_in_time(
     reader, writer = pair
     reader.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS_OLD, 1)
     # As with a receive buffer that lasts longer than a batch (AF_UNIX has none to fill).
-    monkeypatch.setattr(socketcan_module, "gather_limit", lambda sock: 1.0)
+    monkeypatch.setattr(source_module, "gather_limit", lambda sock: 1.0)
     frames = random_frames(2000, seed=12)
     source = source_on(reader)
     drains = record_drains(source)
@@ -736,7 +737,7 @@ async def test_the_reader_lets_frames_wait_no_longer_than_the_buffer_lasts(
 ) -> None:
     reader, writer = pair
     limit, decoding_s = 0.1, 0.09
-    monkeypatch.setattr(socketcan_module, "gather_limit", lambda sock: limit)
+    monkeypatch.setattr(source_module, "gather_limit", lambda sock: limit)
     frames = random_frames(1000, seed=14)
     source = source_on(reader)
     drains = record_drains(source)
@@ -766,7 +767,7 @@ async def test_bursts_further_apart_than_a_batch_make_a_batch_each(
     # After a burst the reader sleeps, finds the queue empty, and waits: the next burst
     # starts a batch of its own, due FLUSH_S after it came, not at once.
     reader, writer = pair
-    monkeypatch.setattr(socketcan_module, "gather_limit", lambda sock: 1.0)
+    monkeypatch.setattr(source_module, "gather_limit", lambda sock: 1.0)
     frames = random_frames(100, seed=15)
     source = source_on(reader)
     datagrams = [f.kernel_bytes() for f in frames]
