@@ -256,6 +256,7 @@ def run_receive(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.cloud import receiver
+    from agent.cloud.sinks.jsonl import JsonLinesSink
     from agent.config import TlsConfig
 
     _log_to_stderr()
@@ -272,12 +273,12 @@ def run_receive(args: argparse.Namespace) -> int:
         batches = None
         if args.batches:
             batches = stack.enter_context(open(args.batches, "w", encoding="utf-8"))
-        sink = receiver.Receiver(out, batches)
+        receiving = receiver.Receiver(JsonLinesSink(out), batches)
         if args.dir:
-            work = receiver.receive_dir(sink, Path(args.dir), args.idle_exit)
+            work = receiver.receive_dir(receiving, Path(args.dir), args.idle_exit)
         elif args.mqtt:
             work = receiver.receive_mqtt(
-                sink,
+                receiving,
                 args.mqtt,
                 (args.topic, args.schema_topic),
                 args.share,
@@ -286,7 +287,7 @@ def run_receive(args: argparse.Namespace) -> int:
                 args.session,
             )
         else:
-            work = receiver.receive_grpc(sink, args.grpc_listen, tls, args.idle_exit)
+            work = receiver.receive_grpc(receiving, args.grpc_listen, tls, args.idle_exit)
         try:
             asyncio.run(work)
         except ValueError as error:  # a malformed URL
@@ -298,8 +299,8 @@ def run_receive(args: argparse.Namespace) -> int:
             print(f"telemetry-agent receive: {error}", file=sys.stderr)
             return 1
         finally:
-            sink.finish()
-            print(sink.stats.summary(), file=sys.stderr)
+            receiving.finish()
+            print(receiving.stats.summary(), file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,7 @@ import can
 import numpy as np
 
 from agent.cloud.receiver import Receiver, accept_files
+from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.config import BusConfig, parse_config
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
@@ -31,7 +32,7 @@ def received_lines(outbox: Path) -> list[str]:
     """The records of the batch files in `outbox`, as the receiver writes them, without
     "vehicle"."""
     out = io.StringIO()
-    receiver = Receiver(out)
+    receiver = Receiver(JsonLinesSink(out))
     accept_files(receiver, outbox, set())
     assert receiver.stats.rejected == 0
     return sorted(line.replace(', "vehicle": "v1"', "") for line in out.getvalue().splitlines())

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from agent.cloud.parser import ReceivedBatch, SchemaStore, parse_batch
 from agent.cloud.receiver import Receiver, accept_files
+from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.collect import Collected, Collector
 from agent.collect.trigger import RING_SLACK_NS, Trigger
 from agent.config import Config, parse_config
@@ -853,7 +854,7 @@ async def test_the_agent_counts_what_each_rule_kept_and_each_firing(tmp_path: Pa
     agent = Agent(parse_config(text, "test.toml", tmp_path), status=None)
     assert await agent.run() == 0
     out = io.StringIO()
-    receiver = Receiver(out)
+    receiver = Receiver(JsonLinesSink(out))
     accept_files(receiver, tmp_path / "outbox", set())
     assert receiver.stats.rejected == 0
     kept: dict[str, int] = {}

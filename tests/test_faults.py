@@ -19,6 +19,7 @@ import pytest
 
 from agent import spool as spool_module
 from agent.cloud.receiver import Receiver, accept_files
+from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.config import load_config
 from agent.service import Agent
 from agent.spool import RECORD, scan_segment
@@ -390,7 +391,7 @@ async def test_failing_spool_writes_do_not_stop_the_agent(
     assert "writing to disk again" in caplog.text
     receiver_out = tmp_path / "received.jsonl"
     with open(receiver_out, "w") as out:
-        accept_files(Receiver(out), outbox, set())
+        accept_files(Receiver(JsonLinesSink(out)), outbox, set())
     assert canonical(records(receiver_out)) == canonical(decoded(tmp_path, "rav4"))
 
 

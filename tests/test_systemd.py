@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.cloud.receiver import Receiver, accept_files
+from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.config import parse_config, restart_changes
 from agent.notify import Notifier
 from agent.service import Agent
@@ -105,7 +106,7 @@ def config_text(folder: Path, outbox: str, extra: str = "") -> str:
 
 def received(outbox: Path) -> list[dict[str, object]]:
     out = io.StringIO()
-    accept_files(Receiver(out), outbox, set())
+    accept_files(Receiver(JsonLinesSink(out)), outbox, set())
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 

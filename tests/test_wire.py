@@ -210,10 +210,11 @@ def test_the_receiver_remembers_every_sequence_in_little_memory() -> None:
 
 def test_the_receiver_rejects_an_oversized_batch_and_keeps_going(tmp_path: Path) -> None:
     from agent.cloud.receiver import MAX_BATCH_BYTES, Receiver
+    from agent.cloud.sinks.jsonl import JsonLinesSink
 
     payload, announcement = a_batch()
     out = io.StringIO()
-    receiver = Receiver(out)
+    receiver = Receiver(JsonLinesSink(out))
     assert receiver.accept(b"\0" * (MAX_BATCH_BYTES + 1), "big") is None
     assert receiver.accept(announcement, "schema") is not None
     assert receiver.accept(payload, "batch") is not None

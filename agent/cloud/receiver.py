@@ -29,8 +29,8 @@ from paho.mqtt.properties import Properties
 
 from agent import config
 from agent.cloud.parser import SchemaStore, UnknownSchema, parse_batch
+from agent.cloud.sinks.base import Sink
 from agent.config import URL_SCHEMES, TlsConfig, split_url
-from agent.records import JsonLinesWriter
 from agent.tls import client_context
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.envelope import WireError, read_envelope
@@ -93,12 +93,12 @@ class ReceiverStats:
 
 
 class Receiver:
-    """Writes each batch's records to `out` and, where given, one line per batch taken to
+    """Hands each batch taken to `sink` and, where given, writes one line per batch taken to
     `batches` in arrival order (stream, sequence, frames; duplicates marked), for audits
     of what arrived."""
 
-    def __init__(self, out: TextIO, batches: TextIO | None = None) -> None:
-        self.out = out
+    def __init__(self, sink: Sink, batches: TextIO | None = None) -> None:
+        self.sink = sink
         self.batches = batches
         self.stats = ReceiverStats()
         self.schemas = SchemaStore()
@@ -159,8 +159,7 @@ class Receiver:
         seen.add(batch.sequence)
         self.stats.batches += 1
         self.stats.frames += received.frames
-        JsonLinesWriter(self.out, vehicle=received.vehicle_id).write(received.blocks, received.raw)
-        self.out.flush()
+        self.sink.write(received)
         self._log_batch(batch, duplicate=False)
         return True
 
@@ -174,12 +173,13 @@ class Receiver:
         self.batches.flush()
 
     def finish(self) -> None:
-        """Count what still waits for a schema as rejected."""
+        """Count what still waits for a schema as rejected, and close the sink."""
         for batch, origin in self._waiting.values():
             self._reject(
                 origin, f"batch {batch.sequence}: schema {batch.schema_id.hex()[:16]} never came"
             )
         self._waiting.clear()
+        self.sink.close()
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_batch
