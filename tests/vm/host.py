@@ -155,6 +155,10 @@ def payload(folder: Path) -> dict[str, Any]:
         shutil.copytree(REPO / name, folder / "src" / name)
     # The reader's benchmark runs in the guest too, on a real CAN_RAW socket.
     shutil.copytree(REPO / "bench", folder / "bench", ignore=shutil.ignore_patterns("__pycache__"))
+    # bench.common names the test data through tests.data: its module, without the logs.
+    (folder / "tests" / "data").mkdir(parents=True)
+    for module in ("__init__.py", "data/__init__.py"):
+        shutil.copy(REPO / "tests" / module, folder / "tests" / module)
     for dbc in DBCS.values():
         shutil.copy(dbc, folder / "dbc" / dbc.name)
     shutil.copy(HERE / "guest.py", folder)
