@@ -54,6 +54,9 @@ STATE_FILE = "state.json"
 SEGMENT_SHARE = 8
 SEGMENT_MIN_BYTES = 16 * 1024
 SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+#: A full spool drops batches for as long as the link is down: say so at once, then at most
+#: this often, with the running count, so the journal shows it without a line per batch.
+DROP_WARNING_INTERVAL_S = 60.0
 #: With `fsync = "batch"`, fsync at most this often: an fsync costs a few hundred
 #: microseconds of CPU, more than the bytes it carries (measured: 240 to 340 us for 5 kB to
 #: 500 kB), so at full speed (hundreds of batches a second) the batches closed within this
@@ -195,6 +198,7 @@ class Spool:
         self.disk_bytes = 0
         self.memory_bytes = 0
         self.dropped: Counter[str] = Counter()  # batches dropped unsent, by reason
+        self._drop_warned: dict[str, float] = {}  # reason -> when it was last logged
         self._last_spooled = 0  # of this run: the spool_last_sequence gauge
         self._writing: list[Entry] = []  # written, waiting for their fsync
         self._segments: OrderedDict[int, Segment] = OrderedDict()
@@ -592,6 +596,16 @@ class Spool:
     def _drop(self, entry: Entry, reason: str) -> None:
         self.dropped[reason] += 1
         self.metrics.spool_dropped.labels(reason).inc()
+        now = time.monotonic()
+        if now - self._drop_warned.get(reason, -DROP_WARNING_INTERVAL_S) >= DROP_WARNING_INTERVAL_S:
+            self._drop_warned[reason] = now
+            log.warning(
+                "spool %s: dropping batches unsent (%s, when_full = %s): %d so far",
+                self.folder,
+                reason.replace("_", " "),
+                self.config.when_full,
+                self.dropped[reason],
+            )
         self.pending.pop(entry.sequence, None)
         self._finish(entry)
 

@@ -205,7 +205,7 @@ async def test_a_spool_of_another_format_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("when_full", ["drop_oldest", "drop_newest"])
 async def test_the_disk_budget_drops_batches_and_counts_them(
-    tmp_path: Path, when_full: str
+    tmp_path: Path, when_full: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = SpoolConfig(max_bytes=200_000, when_full=when_full)
     opened = Opened(tmp_path, config)
@@ -227,6 +227,11 @@ async def test_the_disk_budget_drops_batches_and_counts_them(
     kept = list(opened.spool.pending)
     dropped = sample(opened.metrics, "spool_dropped_batches_total", reason="spool_full")
     assert dropped == 200 - len(kept) > 100
+    # Said in the log once, not once per batch dropped.
+    warnings = [r.getMessage() for r in caplog.records if "dropping batches" in r.getMessage()]
+    assert warnings == [
+        f"spool {tmp_path}: dropping batches unsent (spool full, when_full = {when_full}): 1 so far"
+    ]
     if when_full == "drop_oldest":
         assert kept == list(range(201 - len(kept), 201))  # the newest
     else:
