@@ -60,6 +60,8 @@ WARM_UP_S, WINDOW_S = 5.0, 20.0
 TARGET_RATE, TARGET_RATIO, TARGET_SHARE, TARGET_RSS_MB, TARGET_WIRE = 500_000, 20, 0.03, 150, 5
 #: Issue 4's target: what the spool may cost, with fsync = "batch".
 TARGET_SPOOL = 0.10
+#: Issue 17's "no slower": runs of one agent move by this much here between rounds.
+NOISE = 0.03
 
 #: The last commit before the spool (the pipeline as issue 3 left it), and the commit that
 #: finished the spool (its fsync at most ten times a second) with the same reader, decoder
@@ -67,6 +69,10 @@ TARGET_SPOOL = 0.10
 #: differs from that one by two gauges.
 BEFORE_SPOOL = "0d0ec89c532eb51c448ea3b1cb7aa1b4dda2046e"
 SPOOL_BUILT = "4cfadcc"
+#: The last commit before issue 17 split the agent into a batcher, a pipeline and a
+#: supervisor, and each component's config into its own module: behaviour unchanged, so
+#: today's agent must be no slower than it.
+BEFORE_SPLIT = "4ebc260"
 #: The summary lines on stderr: the agent's status line, and each baseline's.
 AGENT_SUMMARY = re.compile(r"([\d,]+) frames \([^)]*\), ([\d,]+) decoded")
 BASELINE_SUMMARY = re.compile(r"(\d+) frames, (\d+) decoded")
@@ -85,6 +91,9 @@ VARIANTS = (
     Variant('today, spool with fsync = "never"', "never"),
     Variant(f'{SPOOL_BUILT}, spool with fsync = "batch"', "batch", SPOOL_BUILT),
     Variant(f"{BEFORE_SPOOL[:7]}, before the spool (in-memory queue)", None, BEFORE_SPOOL),
+    Variant(
+        f'{BEFORE_SPLIT}, before the split into stages, fsync = "batch"', "batch", BEFORE_SPLIT
+    ),
 )
 
 
@@ -335,11 +344,17 @@ def run() -> Report:
     # The spool's cost: the longest runs' CPU, whose start-up is alike within each pair and a
     # small share; medians and best of the rounds, as single runs move by 10% and more here.
     longest = COPIES[-1]
+    present = {v.commit: v for v in variants}
     pairs = [(variants[0], variants[1], "what fsync costs (today's agent)")]
-    if len(variants) == len(VARIANTS):
-        pairs.append((variants[2], variants[3], "what the spool costs (issue 4)"))
+    if SPOOL_BUILT in present and BEFORE_SPOOL in present:
+        pairs.append(
+            (present[SPOOL_BUILT], present[BEFORE_SPOOL], "what the spool costs (issue 4)")
+        )
+    if BEFORE_SPLIT in present:
+        pairs.append((variants[0], present[BEFORE_SPLIT], "what the split costs (issue 17)"))
     compared: list[list[object]] = []
     spool_cost: tuple[float, float] | None = None
+    split_cost: tuple[float, float] | None = None
     for first, second, what in pairs:
         cpu = [[r.cpu for r in runs[v.name][longest]] for v in (first, second)]
         median = statistics.median(cpu[0]) / statistics.median(cpu[1]) - 1
@@ -347,9 +362,11 @@ def run() -> Report:
         compared.append(
             [f"{first.name} against {second.name}", what, f"{median:+.1%}", f"{least:+.1%}"]
         )
-        if first is variants[2]:
+        if first.commit == SPOOL_BUILT:
             spool_cost = (median, least)
-    out += f"\n\nThe spool's cost, CPU of the RAV4 log x{longest} runs ({ROUNDS} rounds):\n\n"
+        elif second.commit == BEFORE_SPLIT:
+            split_cost = (median, least)
+    out += f"\n\nAgents compared, CPU of the RAV4 log x{longest} runs ({ROUNDS} rounds):\n\n"
     out += table(["agents", "measures", "CPU, medians", "CPU, best rounds"], compared) + "\n\n"
     out += table(
         ["run", "share of one core", "peak RSS"],
@@ -410,6 +427,17 @@ def run() -> Report:
                 f"{median:+.1%} CPU (medians), {least:+.1%} (best rounds): {SPOOL_BUILT} "
                 f"against {BEFORE_SPOOL[:7]}",
                 max(median, least) < TARGET_SPOOL,
+            )
+        )
+    if split_cost is not None:
+        median, least = split_cost
+        measured.append(
+            Measured(
+                "one job per module: the agent no slower than before the split",
+                17,
+                f"{median:+.1%} CPU (medians), {least:+.1%} (best rounds): today against "
+                f"{BEFORE_SPLIT}",
+                max(median, least) <= NOISE,
             )
         )
     return Report(out, measured)
