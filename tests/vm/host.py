@@ -57,7 +57,7 @@ HOST_TOOLS = {
 }
 #: The logs' buses and the DBC of each; the guest's config has the same.
 DBCS = {"can0": RAV4_PT_DBC, "can1": RAV4_ADAS_DBC, "fd0": HERE / "vm_fd.dbc"}
-SLICE_S = 2.0  # of the RAV4 log, played at full speed by the reload and stop-drain checks
+SLICE_S = 2.0  # of the RAV4 log, played by the reload and stop-drain checks
 BOOT_TIMEOUT_S = 1500
 CUT_AFTER_S = (1.0, 3.0)  # the power goes this long after the guest says CUT
 
