@@ -20,7 +20,12 @@ from agent.diagnostics.pids import PIDS, dbc_text
 from agent.diagnostics.poller import Poller
 from agent.diagnostics.settings import DiagnosticsConfig, PollGroup, request_id
 from agent.diagnostics.streams import answers_dbc
-from agent.diagnostics.transport import CanIsoTpTransport
+from agent.diagnostics.transport import (
+    CanIsoTpTransport,
+    TransportError,
+    kernel_isotp,
+    open_transport,
+)
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.service import Agent
@@ -376,7 +381,16 @@ async def test_the_agent_sends_the_answers_as_records(
     )
     agent = Agent(parse_config(text, "test.toml", tmp_path), status=None)
     running = asyncio.create_task(agent.run())
-    await until(lambda: counter(agent.metrics, "diagnostics_answers") >= 6)
+
+    def decoded() -> float:
+        labels = {"bus": "can0.diagnostics"}
+        value = agent.metrics.registry.get_sample_value(
+            "telemetry_agent_frames_decoded_total", labels
+        )
+        return value or 0.0
+
+    # Three PIDs twice, and the DTC.
+    await until(lambda: decoded() >= 7)
     agent.stop()
     assert await running == 0
     lines = [json.loads(line) for line in received_lines(tmp_path / "outbox")]
@@ -386,3 +400,21 @@ async def test_the_agent_sends_the_answers_as_records(
     dtc = next(r["signals"] for r in answers if r["message"] == "StoredDTC")
     assert dtc == {"ECU": 0x7E8, "System": 0, "Code": 0x0301}
     assert counter(agent.metrics, "diagnostics_timeouts") >= 1
+
+
+def test_a_socketcan_bus_uses_the_kernels_iso_tp_or_falls_back_to_can_isotp() -> None:
+    """This machine's kernel has no CAN: no CAN_ISOTP socket, so can-isotp over python-can's
+    socketcan, which cannot open the interface either: a clear error, naming it."""
+    import socket
+
+    try:
+        socket.socket(socket.AF_CAN, socket.SOCK_DGRAM, socket.CAN_ISOTP).close()
+    except OSError:
+        pass
+    else:
+        pytest.skip("this kernel has ISO-TP sockets: make vm-test covers them")
+    text = config_text('[[bus]]\nname = "can9"\nsource = "socketcan"\ndbc = []\n', 'bus = "can9"\n')
+    config = parse_config(text, "t.toml", REPO)
+    assert kernel_isotp(config.diagnostics[0], "can9") is None
+    with pytest.raises(TransportError, match="cannot open 'socketcan'"):
+        open_transport(config.diagnostics[0], config.buses[0])

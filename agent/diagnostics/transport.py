@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-import queue
 import socket
 import struct
 from collections.abc import Mapping
@@ -145,9 +144,6 @@ class KernelIsoTpTransport(Transport):
         except OSError:
             self.close()
             raise
-        self.answers: dict[int, queue.SimpleQueue[bytes]] = {
-            e: queue.SimpleQueue() for e in self.sockets
-        }
 
     def send(self, ecu: int, payload: bytes) -> None:
         self.sockets[ecu].send(payload)
