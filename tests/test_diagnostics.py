@@ -418,3 +418,40 @@ def test_a_socketcan_bus_uses_the_kernels_iso_tp_or_falls_back_to_can_isotp() ->
     assert kernel_isotp(config.diagnostics[0], "can9") is None
     with pytest.raises(TransportError, match="cannot open 'socketcan'"):
         open_transport(config.diagnostics[0], config.buses[0])
+
+
+# -- the page --
+
+
+def _number(value: float) -> str:
+    return f"{value:.10g}"
+
+
+def pid_rows() -> list[list[str]]:
+    """The rows of docs/diagnostics.md's PID table, from the agent's table."""
+    rows = []
+    for pid in PIDS.values():
+        for f in pid.fields:
+            letters = "ABCD"[f.byte : f.byte + f.bits // 8] if f.bits >= 8 else "ABCD"[f.byte]
+            raw = " ".join(letters) if len(letters) > 1 else letters
+            if f.bits == 1:
+                raw = f"bit {f.bit} of {letters}"
+            elif f.bits < 8:
+                raw = f"bits {f.bit}-{f.bit + f.bits - 1} of {letters}"
+            formula = raw if f.scale == 1 else f"{raw} * {_number(f.scale)}"
+            if f.offset:
+                formula += f" {'-' if f.offset < 0 else '+'} {_number(abs(f.offset))}"
+            if f.signed:
+                formula += " (signed)"
+            rows.append(
+                [f"`{pid.pid:02X}`", f"`{pid.name}`", f"`{f.name}`", f.unit or "-", formula]
+            )
+    return rows
+
+
+def test_the_pages_pid_table_is_the_agents() -> None:
+    from tests.test_docs import tables
+
+    page = REPO / "docs" / "diagnostics.md"
+    ((_, rows),) = tables(page, ["PID", "message", "signal", "unit", "formula"])
+    assert rows == pid_rows()
