@@ -1,6 +1,7 @@
 """A simulated ECU on python-can's virtual bus: answers OBD-II service 01 PIDs (with the
 supported-PID bitmaps), the VIN (09 02), DTCs (03, 07, 0A) and UDS ReadDTCInformation by
-status mask (19 02) over can-isotp, physically and functionally addressed, 11- or 29-bit.
+status mask (19 02) with snapshots (19 04), over can-isotp, physically and functionally
+addressed, 11- or 29-bit.
 
 It can be slow (`delay_s`), answer the PIDs of a request in reverse order and send a stale
 copy of its previous answer first (`out_of_order`), refuse services (a negative response,
@@ -34,6 +35,8 @@ class EcuAnswers:
     vin: str | None = None
     dtcs: Mapping[int, list[bytes]] = field(default_factory=dict)  # service -> 2-byte codes
     uds_dtcs: list[tuple[int, int]] = field(default_factory=list)  # (DTC, status)
+    #: DTC -> its snapshot records: (record number, [(DID, data)])
+    snapshots: Mapping[int, list[tuple[int, list[tuple[int, bytes]]]]] = field(default_factory=dict)
     refuses: frozenset[int] = frozenset()  # services answered with 0x7F ... 0x11
     delay_s: float = 0.0
     out_of_order: bool = False
@@ -160,6 +163,16 @@ class SimulatedEcu:
                 if status & mask
             )
             return bytes([0x59, 0x02, 0xFF]) + records
+        if service == 0x19 and len(request) == 6 and request[1] == 0x04:
+            dtc = int.from_bytes(request[2:5], "big")
+            status = dict(a.uds_dtcs).get(dtc)
+            if status is None:
+                return bytes([0x7F, 0x19, 0x31])  # requestOutOfRange
+            body = b"".join(
+                bytes([number, len(values)]) + b"".join(d.to_bytes(2, "big") + v for d, v in values)
+                for number, values in a.snapshots.get(dtc, [])
+            )
+            return bytes([0x59, 0x04]) + request[2:5] + bytes([status]) + body
         return bytes([0x7F, service, 0x11])
 
 

@@ -104,7 +104,8 @@ def test_the_keys_of_a_table_are_checked() -> None:
     text = config_text(
         bus_table("c"),
         'bus = "can1"\necus = [0x7E0]\npoll = [{pids = [0x0C, 0x02], interval_s = 0}]\n'
-        'dtcs = ["cleared"]\naddressing = "broadcast"\nspeed = 1\n',
+        'dtcs = ["cleared"]\naddressing = "broadcast"\nspeed = 1\n'
+        "uds_snapshot_dids = [{did = 0xF40C, bytes = 9}, {did = 1}, {did = 2, bytes = 1}]\n",
     )
     assert problems(text) == [
         "diagnostics[0].speed: unknown key",
@@ -113,6 +114,9 @@ def test_the_keys_of_a_table_are_checked() -> None:
         "(docs/diagnostics.md lists them)",
         "diagnostics[0].poll[0].interval_s: must be greater than 0",
         "diagnostics[0].dtcs[0]: must be one of stored, pending, permanent",
+        "diagnostics[0].uds_snapshot_dids[0].bytes: must be 1 to 4",
+        "diagnostics[0].uds_snapshot_dids[1].bytes: missing",
+        "diagnostics[0].uds_snapshot_dids: needs uds_dtc_status_mask",
         "diagnostics[0].addressing: must be one of functional, physical; got 'broadcast'",
         "diagnostics[0].bus: no [[bus]] is named 'can1'",
     ]
@@ -123,10 +127,12 @@ def test_a_valid_table_reads_into_its_settings() -> None:
         bus_table("c"),
         'bus = "can0"\nextended = true\necus = [0x18DAF110, 0x18DAF118]\n'
         "poll = [{pids = [0x0C, 0x0D], interval_s = 0.5}]\nvin = true\n"
-        'dtcs = ["stored", "permanent"]\nuds_dtc_status_mask = 0x08\n',
+        'dtcs = ["stored", "permanent"]\nuds_dtc_status_mask = 0x08\n'
+        "uds_snapshot_dids = [{did = 0xF40C, bytes = 2}]\n",
     )
     (table,) = parse_config(text, "test.toml", REPO).diagnostics
     assert table.poll == (PollGroup((0x0C, 0x0D), 0.5),)
+    assert table.uds_snapshot_dids == ((0xF40C, 2),)
     assert table.functional_id == 0x18DB33F1
     assert [request_id(e, True) for e in table.responders] == [0x18DA10F1, 0x18DA18F1]
     assert request_id(0x7E9, False) == 0x7E1
@@ -307,6 +313,12 @@ async def test_physical_addressing_with_29_bit_ids_and_uds_dtcs(
             pids={0x0C: b"\x0b\xb8"},
             vin=VIN,
             uds_dtcs=[(0x123456, 0x09), (0xABCDEF, 0x10)],
+            snapshots={
+                0x123456: [
+                    (1, [(0xF40C, b"\x1a\xf8"), (0xF40D, b"\x58")]),
+                    (2, [(0xF40C, b"\x0f\xa0"), (0xF40D, b"\x00")]),
+                ]
+            },
             dtcs={0x0A: [b"\x03\x00"]},
         )
     )
@@ -318,6 +330,7 @@ async def test_physical_addressing_with_29_bit_ids_and_uds_dtcs(
         vin=True,
         dtcs=("permanent",),
         uds_dtc_status_mask=0x08,
+        uds_snapshot_dids=((0xF40C, 2), (0xF40D, 1)),
         timeout_s=0.6,
         max_requests_per_s=50,
     )
@@ -339,6 +352,12 @@ async def test_physical_addressing_with_29_bit_ids_and_uds_dtcs(
     (uds,) = collected.of("UdsDTC", 0x18DAF110)[:1]
     assert uds["DTC"] == 0x123456 and uds["Status"] == 0x09  # 0x10 is not in the mask
     assert len([r for r in collected.records if r[0] == "UdsDTC"]) == 1
+    snapshots = [
+        (s["RecordNumber"], s["DID"], s["Value"])
+        for s in collected.of("UdsDTCSnapshot", 0x18DAF110)
+    ]
+    assert snapshots == [(1, 0xF40C, 6904), (1, 0xF40D, 88), (2, 0xF40C, 4000), (2, 0xF40D, 0)]
+    assert {s["DTC"] for s in collected.of("UdsDTCSnapshot", 0x18DAF110)} == {0x123456}
     assert collected.of("PermanentDTC", 0x18DAF110)[0]["Code"] == 0x0300
     # The VIN is 20 bytes: a multi-frame answer, with the agent's flow control.
     assert collected.of("VehicleIdentificationNumber", 0x18DAF110)

@@ -139,6 +139,7 @@ VIN_ID = 0x0902
 DTC_IDS = {"stored": 0x0300, "pending": 0x0700, "permanent": 0x0A00}
 DTC_SERVICES = {"stored": 0x03, "pending": 0x07, "permanent": 0x0A}
 UDS_DTC_ID = 0x1902
+UDS_SNAPSHOT_ID = 0x1904
 VIN_LENGTH = 17
 #: The first letter of a J2012 DTC, from its two top bits.
 DTC_SYSTEMS = {0: "P", 1: "C", 2: "B", 3: "U"}
@@ -189,6 +190,13 @@ def dbc_text() -> str:
         Field("WarningIndicator", 3, 1, bit=7),
     ]
     parts.append(_message(UDS_DTC_ID, "UdsDTC", 4, uds))
+    snapshot = [
+        _wide("DTC", 24),
+        Field("RecordNumber", 3, 8),
+        Field("DID", 4, 16, bit=7, big_endian=True),
+        Field("Value", 6, 32, bit=7, big_endian=True),
+    ]
+    parts.append(_message(UDS_SNAPSHOT_ID, "UdsDTCSnapshot", 10, snapshot))
     for frame_id in DTC_IDS.values():
         parts.append(f"VAL_ {frame_id | 0x80000000} System {letters} ;\n")
     return "".join(parts)

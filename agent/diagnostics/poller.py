@@ -17,8 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from udsoncan.common.DidCodec import DidCodec
+from udsoncan.Response import Response
+from udsoncan.services.ReadDTCInformation import ReadDTCInformation
 
 from agent.config import BusConfig
 from agent.diagnostics.pids import (
@@ -29,6 +33,7 @@ from agent.diagnostics.pids import (
     PIDS,
     SUPPORTED_RANGES,
     UDS_DTC_ID,
+    UDS_SNAPSHOT_ID,
     VIN_ID,
     VIN_LENGTH,
     pid_frame_id,
@@ -248,9 +253,6 @@ class Poller:
 
     async def _uds_dtcs(self) -> None:
         """UDS ReadDTCInformation by status mask (0x19 0x02), read with udsoncan."""
-        from udsoncan.Response import Response
-        from udsoncan.services.ReadDTCInformation import ReadDTCInformation
-
         request = ReadDTCInformation.make_request(
             subfunction=ReadDTCInformation.Subfunction.reportDTCByStatusMask,
             status_mask=self.config.uds_dtc_status_mask,
@@ -270,11 +272,55 @@ class Poller:
                 log.warning("bus %s: ECU 0x%X: bad DTC answer: %s", self.bus.name, ecu, error)
                 self.unexpected.inc()
                 continue
-            for dtc in getattr(response.service_data, "dtcs", []):
+            dtcs = getattr(response.service_data, "dtcs", [])
+            for dtc in dtcs:
                 status = dtc.status.get_byte_as_int()
                 body = dtc.id.to_bytes(3, "big") + bytes([status])
                 records.append(Answer(UDS_DTC_ID, ecu, body))
+            if self.config.uds_snapshot_dids:
+                for dtc in dtcs:
+                    records += await self._snapshots(ecu, dtc.id)
         self._emit(records)
+
+    async def _snapshots(self, ecu: int, dtc: int) -> list[Answer]:
+        """The snapshots (freeze frames) of a DTC (0x19 0x04, every record), asked of the
+        ECU that reported it; a record per data identifier."""
+        subfunction = ReadDTCInformation.Subfunction.reportDTCSnapshotRecordByDTCNumber
+        request = ReadDTCInformation.make_request(
+            subfunction=subfunction, dtc=dtc, snapshot_record_number=0xFF
+        ).get_payload()
+        answers = await self._ask(request, [ecu], _service_matcher(0x19, 0x04), physical=True)
+        if ecu not in answers:
+            return []
+        response = Response.from_payload(answers[ecu])
+        codecs: dict[int | str, Any] = {
+            did: _DidValue(size) for did, size in self.config.uds_snapshot_dids
+        }
+        try:
+            ReadDTCInformation.interpret_response(
+                response,
+                subfunction=subfunction,
+                dtc_snapshot_did_size=2,
+                didconfig=codecs,
+                tolerate_zero_padding=True,
+            )
+        except Exception as error:  # an unknown DID, a bad length: udsoncan says which
+            log.warning(
+                "bus %s: ECU 0x%X: snapshot of DTC 0x%06X: %s", self.bus.name, ecu, dtc, error
+            )
+            self.unexpected.inc()
+            return []
+        records = []
+        for found in getattr(response.service_data, "dtcs", []):
+            for snapshot in found.snapshots:
+                body = (
+                    found.id.to_bytes(3, "big")
+                    + bytes([snapshot.record_number])
+                    + snapshot.did.to_bytes(2, "big")
+                    + int(snapshot.data).to_bytes(4, "big")
+                )
+                records.append(Answer(UDS_SNAPSHOT_ID, ecu, body))
+        return records
 
     # -- asking --
 
@@ -306,17 +352,21 @@ class Poller:
         return kept
 
     async def _ask(
-        self, request: bytes, ecus: list[int], matches: Callable[[bytes], bool]
+        self,
+        request: bytes,
+        ecus: list[int],
+        matches: Callable[[bytes], bool],
+        physical: bool = False,
     ) -> dict[int, bytes]:
-        """`request` to `ecus` (functionally: once to all; physically: to each in turn);
-        each ECU's positive answer."""
+        """`request` to `ecus` (functionally: once to all; physically, or where `physical`:
+        to each in turn); each ECU's positive answer."""
         if not ecus:
             return {}
         transport = self._transport
         assert transport is not None
         loop = asyncio.get_running_loop()
         answers: dict[int, bytes] = {}
-        if self.config.addressing == "functional" and len(request) <= 7:
+        if self.config.addressing == "functional" and not physical and len(request) <= 7:
             await self._pace()
             stale = await asyncio.gather(
                 *(loop.run_in_executor(self._threads, transport.discard, e) for e in ecus)
@@ -396,6 +446,20 @@ class Poller:
             )
             frames.data[row, ECU_BYTES:length] = np.frombuffer(record.data, np.uint8)
         self.deliver(self.stream, frames)
+
+
+class _DidValue(DidCodec):
+    """A snapshot's data identifier read as one unsigned big-endian number (udsoncan's
+    DID codec interface): its meaning is the ECU maker's, the agent sends it raw."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def decode(self, payload: bytes) -> Any:
+        return int.from_bytes(payload[: self.size], "big")
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def _pid_values(data: bytes) -> dict[int, bytes]:

@@ -40,10 +40,14 @@ DIAGNOSTICS_KEYS = {
     "dtcs",
     "dtc_interval_s",
     "uds_dtc_status_mask",
+    "uds_snapshot_dids",
     "timeout_s",
     "max_requests_per_s",
 }
 POLL_KEYS = {"pids", "interval_s"}
+SNAPSHOT_KEYS = {"did", "bytes"}
+#: The widest snapshot value the answers' DBC holds.
+MAX_SNAPSHOT_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class DiagnosticsConfig:
     dtcs: tuple[str, ...] = ()
     dtc_interval_s: float = 60.0
     uds_dtc_status_mask: int = 0  # 0: no UDS ReadDTCInformation
+    #: the data identifiers of the snapshots (0x19 0x04) to read, with their sizes in bytes;
+    #: none: no snapshots
+    uds_snapshot_dids: tuple[tuple[int, int], ...] = ()
     timeout_s: float = 1.0
     max_requests_per_s: float = 10.0
 
@@ -182,6 +189,32 @@ def _table(check: Checker, data: Mapping[str, Any], where: str) -> DiagnosticsCo
         0,
         lambda v: None if 0 <= v <= 0xFF else "must be 0 to 0xFF",
     )
+    dids: list[tuple[int, int]] = []
+    for n, item in enumerate(check.get(data, where, "uds_snapshot_dids", list, [])):
+        at = f"{where}.uds_snapshot_dids[{n}]"
+        if not isinstance(item, dict):
+            check.problems.append(f"{at}: expected a table {{did = 0xF40C, bytes = 2}}")
+            continue
+        check.table(item, at, SNAPSHOT_KEYS)
+        did = check.get(
+            item, at, "did", int, -1, lambda v: None if 0 <= v <= 0xFFFF else "must be 0 to 0xFFFF"
+        )
+        size = check.get(
+            item,
+            at,
+            "bytes",
+            int,
+            0,
+            lambda v: (
+                None if 1 <= v <= MAX_SNAPSHOT_BYTES else f"must be 1 to {MAX_SNAPSHOT_BYTES}"
+            ),
+        )
+        for key in SNAPSHOT_KEYS - set(item):
+            check.problems.append(f"{at}.{key}: missing")
+        if did >= 0 and size:
+            dids.append((did, size))
+    if dids and not mask:
+        check.problems.append(f"{where}.uds_snapshot_dids: needs uds_dtc_status_mask")
     addressing = check.get(data, where, "addressing", str, "functional", one_of(ADDRESSING))
     return DiagnosticsConfig(
         bus=check.get(data, where, "bus", str, ""),
@@ -196,6 +229,7 @@ def _table(check: Checker, data: Mapping[str, Any], where: str) -> DiagnosticsCo
             check.get(data, where, "dtc_interval_s", (int, float), 60.0, positive)
         ),
         uds_dtc_status_mask=mask,
+        uds_snapshot_dids=tuple(dids),
         timeout_s=float(check.get(data, where, "timeout_s", (int, float), 1.0, positive)),
         max_requests_per_s=float(
             check.get(data, where, "max_requests_per_s", (int, float), 10.0, positive)
