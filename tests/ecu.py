@@ -61,6 +61,7 @@ class SimulatedEcu:
     def __init__(self, channel: str, answers: EcuAnswers) -> None:
         self.answers = answers
         self.requests: list[bytes] = []  # every request it received, in order
+        self.request_times: list[float] = []  # when each came (time.monotonic)
         self.bus = can.Bus(interface="virtual", channel=channel)
         self.notifier = can.Notifier(self.bus, [self._functional], timeout=0.05)
         mode = (
@@ -121,6 +122,7 @@ class SimulatedEcu:
             if request is None:
                 return
             self.requests.append(request)
+            self.request_times.append(time.monotonic())
             answer = self.answer(request)
             if answer is None or self.answers.silent:
                 continue

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import BusConfig, ConfigError, parse_config
+from agent.config import BusConfig, ConfigError, parse_config, restart_changes
 from agent.decode import Decoder
 from agent.diagnostics.pids import PIDS, dbc_text
 from agent.diagnostics.poller import Poller
@@ -363,6 +363,37 @@ async def test_physical_addressing_with_29_bit_ids_and_uds_dtcs(
     assert collected.of("VehicleIdentificationNumber", 0x18DAF110)
     assert counter(metrics, "diagnostics_timeouts") == 0
     assert all(len(r) <= 7 for r in ecu.requests)
+
+
+async def test_requests_keep_to_the_rate_limit(
+    tmp_path: Path, channel: str, ecus: Callable[[EcuAnswers], SimulatedEcu]
+) -> None:
+    """Three groups due every 10 ms, and still at most 10 requests a second."""
+    ecu = ecus(EcuAnswers(0x7E8, pids=PID_DATA))
+    config = DiagnosticsConfig(
+        bus="can0",
+        discover=False,
+        poll=tuple(PollGroup((pid,), 0.01) for pid in (0x0C, 0x0D, 0x05)),
+        max_requests_per_s=10,
+    )
+    collected = Collected(tmp_path)
+    poller = Poller(config, bus_config(channel), Metrics(), collected)
+    running = asyncio.create_task(poller.run())
+    try:
+        await until(lambda: len(ecu.request_times) >= 8)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    gaps = np.diff(ecu.request_times)
+    assert gaps.min() >= 0.09, gaps
+    # Each group had its turn.
+    assert {r[1] for r in ecu.requests} == {0x0C, 0x0D, 0x05}
+
+
+def test_a_reload_does_not_change_what_is_asked() -> None:
+    old = parse_config(config_text(bus_table("c"), 'bus = "can0"\n'), "t.toml", REPO)
+    new = parse_config(config_text(bus_table("c"), 'bus = "can0"\nvin = true\n'), "t.toml", REPO)
+    assert restart_changes(old, new) == ["diagnostics"]
 
 
 def test_seven_pids_in_one_request_get_a_negative_answer(

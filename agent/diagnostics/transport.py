@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 #: Unused bytes of a frame the agent sends (ISO 15765-4 pads to 8 bytes).
 PADDING = 0xCC
 _CAN_EFF_FLAG = 0x80000000
+#: linux/can/isotp.h: SOL_CAN_BASE + CAN_ISOTP, CAN_ISOTP_OPTS, CAN_ISOTP_TX_PADDING; the
+#: options are struct can_isotp_options (flags, frame_txtime, ext_address, txpad_content,
+#: rxpad_content, rx_ext_address).
+_SOL_CAN_ISOTP = 106
+_CAN_ISOTP_OPTS = 1
+_CAN_ISOTP_TX_PADDING = 0x004
 
 
 class TransportError(Exception):
@@ -138,6 +144,9 @@ class KernelIsoTpTransport(Transport):
             for ecu in self.responders:
                 sock = socket.socket(socket.AF_CAN, socket.SOCK_DGRAM, socket.CAN_ISOTP)
                 self.sockets[ecu] = sock
+                # ISO 15765-4 wants every frame 8 bytes long; the kernel pads only if asked.
+                options = struct.pack("=IIBBBB", _CAN_ISOTP_TX_PADDING, 0, 0, PADDING, 0, 0)
+                sock.setsockopt(_SOL_CAN_ISOTP, _CAN_ISOTP_OPTS, options)
                 sock.bind((interface, ecu | flag, request_id(ecu, self.extended) | flag))
             self.raw = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
             self.raw.bind((interface,))
