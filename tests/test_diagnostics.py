@@ -390,6 +390,20 @@ async def test_requests_keep_to_the_rate_limit(
     assert {r[1] for r in ecu.requests} == {0x0C, 0x0D, 0x05}
 
 
+async def test_an_interface_that_cannot_send_ends_only_the_asking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def cannot_open(config: DiagnosticsConfig, bus: BusConfig) -> CanIsoTpTransport:
+        raise TransportError("cannot open 'pcan': the channel is in use")
+
+    config = DiagnosticsConfig(bus="can0", poll=(PollGroup((0x0C,), 0.1),))
+    metrics = Metrics()
+    poller = Poller(config, bus_config("c"), metrics, Collected(tmp_path), open=cannot_open)
+    await asyncio.wait_for(poller.run(), 5)
+    assert "bus can0: diagnostics cannot transmit: cannot open 'pcan'" in caplog.text
+    assert counter(metrics, "diagnostics_requests") == 0
+
+
 def test_a_reload_does_not_change_what_is_asked() -> None:
     old = parse_config(config_text(bus_table("c"), 'bus = "can0"\n'), "t.toml", REPO)
     new = parse_config(config_text(bus_table("c"), 'bus = "can0"\nvin = true\n'), "t.toml", REPO)
