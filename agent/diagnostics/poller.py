@@ -15,8 +15,8 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,9 +66,8 @@ class Answer:
 
 @dataclass
 class _Job:
-    name: str
     interval_s: float
-    run: Callable[[], object]
+    run: Callable[[], Awaitable[None]]
     due: float = 0.0
 
 
@@ -77,7 +76,6 @@ class _Ecu:
     response_id: int
     supported: set[int] | None = None  # service 01 PIDs, once discovered
     vin: str | None = None
-    silent: set[int] = field(default_factory=set)  # PIDs a warning was logged for
 
 
 class Poller:
@@ -139,15 +137,15 @@ class Poller:
         config = self.config
         jobs: list[_Job] = []
         if config.discover:
-            jobs.append(_Job("discover", REDISCOVER_S, self._discover))
+            jobs.append(_Job(REDISCOVER_S, self._discover))
         if config.vin:
-            jobs.append(_Job("vin", config.dtc_interval_s, self._vin))
+            jobs.append(_Job(config.dtc_interval_s, self._vin))
         for kind in config.dtcs:
-            jobs.append(_Job(kind, config.dtc_interval_s, functools.partial(self._dtcs, kind)))
+            jobs.append(_Job(config.dtc_interval_s, functools.partial(self._dtcs, kind)))
         if config.uds_dtc_status_mask:
-            jobs.append(_Job("uds-dtcs", config.dtc_interval_s, self._uds_dtcs))
+            jobs.append(_Job(config.dtc_interval_s, self._uds_dtcs))
         for group in config.poll:
-            jobs.append(_Job("pids", group.interval_s, functools.partial(self._pids, group.pids)))
+            jobs.append(_Job(group.interval_s, functools.partial(self._pids, group.pids)))
         return jobs
 
     async def _schedule(self, jobs: list[_Job]) -> None:
@@ -160,9 +158,7 @@ class Poller:
         while True:
             job = min(jobs, key=lambda j: j.due)
             await asyncio.sleep(max(0.0, job.due - time.monotonic()))
-            result = job.run()
-            if asyncio.iscoroutine(result):
-                await result
+            await job.run()
             # A job that falls behind runs again an interval after it ran, not in a burst.
             job.due = max(job.due + job.interval_s, time.monotonic())
 
