@@ -403,18 +403,21 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     metrics_config = MetricsConfig(
         listen=check.get(metrics, "metrics", "listen", str, "127.0.0.1:9108", _listen)
     )
+    diagnostics: tuple[DiagnosticsConfig, ...] = ()
+    streams = {bus.name for bus in buses}
+    if "diagnostics" in data:
+        from agent.diagnostics.settings import parse_diagnostics, stream_name
+
+        diagnostics = parse_diagnostics(check, data["diagnostics"], buses)
+        # Rules may select the answers of the ECUs too.
+        streams |= {stream_name(table.bus) for table in diagnostics}
     rules: tuple[CollectRule, ...] = ()
     rule_tables = data.get("collect", [])
     if rule_tables:
         # Only a config with rules loads their condition language, and numpy with it.
         from agent.collect.rules import parse_rules
 
-        rules = parse_rules(check, rule_tables, {bus.name for bus in buses})
-    diagnostics: tuple[DiagnosticsConfig, ...] = ()
-    if "diagnostics" in data:
-        from agent.diagnostics.settings import parse_diagnostics
-
-        diagnostics = parse_diagnostics(check, data["diagnostics"], buses)
+        rules = parse_rules(check, rule_tables, streams)
     status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
     log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
     if check.problems:

@@ -430,8 +430,16 @@ def test_seven_pids_in_one_request_get_a_negative_answer(
 # -- the whole agent --
 
 
+#: A collection rule that keeps only the engine speed of the answers.
+ENGINE_SPEED_RULE = (
+    '[[collect]]\nname = "obd"\nmode = "all"\nsignals = ["EngineSpeed.*"]\n'
+    'buses = ["can0.diagnostics"]\n'
+)
+
+
+@pytest.mark.parametrize("rules", ["", ENGINE_SPEED_RULE], ids=["every-answer", "a-rule"])
 async def test_the_agent_sends_the_answers_as_records(
-    tmp_path: Path, channel: str, ecus: Callable[[EcuAnswers], SimulatedEcu]
+    tmp_path: Path, channel: str, ecus: Callable[[EcuAnswers], SimulatedEcu], rules: str
 ) -> None:
     ecus(EcuAnswers(0x7E8, pids=PID_DATA, dtcs={0x03: [b"\x03\x01"]}))
     ecus(EcuAnswers(0x7E9, pids={0x0D: bytes([5])}, silent=True))
@@ -442,6 +450,7 @@ async def test_the_agent_sends_the_answers_as_records(
         '[batch]\nmax_age_ms = 100\n[metrics]\nlisten = ""\n'
         '[[diagnostics]]\nbus = "can0"\necus = [0x7E8, 0x7E9]\ntimeout_s = 0.5\n'
         'poll = [{pids = [0x0C, 0x0D, 0x05], interval_s = 0.2}]\ndtcs = ["stored"]\n'
+        f"{rules}"
     )
     agent = Agent(parse_config(text, "test.toml", tmp_path), status=None)
     running = asyncio.create_task(agent.run())
@@ -461,8 +470,12 @@ async def test_the_agent_sends_the_answers_as_records(
     answers = [r for r in lines if r["bus"] == "can0.diagnostics"]
     speeds = [r["signals"] for r in answers if r["message"] == "EngineSpeed"]
     assert speeds and speeds[0] == {"ECU": 0x7E8, "EngineSpeed": 1726.0}
-    dtc = next(r["signals"] for r in answers if r["message"] == "StoredDTC")
-    assert dtc == {"ECU": 0x7E8, "System": 0, "Code": 0x0301}
+    if rules:
+        assert {r["message"] for r in answers} == {"EngineSpeed"}
+        assert {r["rule"] for r in answers} == {"obd"}
+    else:
+        dtc = next(r["signals"] for r in answers if r["message"] == "StoredDTC")
+        assert dtc == {"ECU": 0x7E8, "System": 0, "Code": 0x0301}
     assert counter(agent.metrics, "diagnostics_timeouts") >= 1
 
 

@@ -38,8 +38,7 @@ from agent.diagnostics.pids import (
     VIN_LENGTH,
     pid_frame_id,
 )
-from agent.diagnostics.settings import MAX_PIDS_PER_REQUEST, DiagnosticsConfig
-from agent.diagnostics.streams import stream_name
+from agent.diagnostics.settings import MAX_PIDS_PER_REQUEST, DiagnosticsConfig, stream_name
 from agent.diagnostics.transport import Transport, open_transport
 from agent.frames import FrameBatch, FrameFlag
 from agent.metrics import Metrics

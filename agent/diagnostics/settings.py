@@ -50,6 +50,14 @@ SNAPSHOT_KEYS = {"did", "bytes"}
 MAX_SNAPSHOT_BYTES = 4
 
 
+STREAM_SUFFIX = ".diagnostics"
+
+
+def stream_name(bus: str) -> str:
+    """The name of a bus's diagnostics stream, as records and metrics show it."""
+    return bus + STREAM_SUFFIX
+
+
 @dataclass(frozen=True)
 class PollGroup:
     """PIDs of service 01 asked together, every `interval_s`."""

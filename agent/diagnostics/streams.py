@@ -9,13 +9,7 @@ from pathlib import Path
 
 from agent.config import Config
 from agent.diagnostics.pids import dbc_text
-
-STREAM_SUFFIX = ".diagnostics"
-
-
-def stream_name(bus: str) -> str:
-    """The name of a bus's diagnostics stream, as records and metrics show it."""
-    return bus + STREAM_SUFFIX
+from agent.diagnostics.settings import stream_name
 
 
 @dataclass(frozen=True)
@@ -27,9 +21,9 @@ class AnswerStream:
     j1939: bool = False
 
 
-def answers_dbc(state_dir: Path) -> Path:
-    """The DBC of the answers, in `state_dir` (written when it differs)."""
-    path = state_dir / "diagnostics" / "answers.dbc"
+def answers_dbc(folder: Path) -> Path:
+    """The DBC of the answers, in `folder` (written when it differs)."""
+    path = folder / "answers.dbc"
     text = dbc_text()
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,8 +33,10 @@ def answers_dbc(state_dir: Path) -> Path:
     return path
 
 
-def diagnostics_streams(config: Config) -> list[AnswerStream]:
+def diagnostics_streams(config: Config, folder: Path | None = None) -> list[AnswerStream]:
+    """The streams of the buses that are asked, their DBC written into `folder` (by
+    default `state_dir/diagnostics/`)."""
     if not config.diagnostics:
         return []
-    dbc = answers_dbc(config.state_dir)
+    dbc = answers_dbc(folder or config.state_dir / "diagnostics")
     return [AnswerStream(stream_name(table.bus), (dbc,)) for table in config.diagnostics]
