@@ -3,9 +3,10 @@ supported-PID bitmaps), the VIN (09 02), DTCs (03, 07, 0A) and UDS ReadDTCInform
 status mask (19 02) with snapshots (19 04), over can-isotp, physically and functionally
 addressed, 11- or 29-bit.
 
-It can be slow (`delay_s`), answer the PIDs of a request in reverse order and send a stale
-copy of its previous answer first (`out_of_order`), refuse services (a negative response,
-0x7F), or never answer (`silent`). As real ECUs do, it refuses a request for seven PIDs.
+It can be slow (`delay_s`), say "response pending" first (`pending_s`), answer the PIDs of
+a request in reverse order and send a stale copy of its previous answer first
+(`out_of_order`), refuse services (a negative response, 0x7F), or never answer (`silent`).
+As real ECUs do, it refuses a request for seven PIDs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class EcuAnswers:
     snapshots: Mapping[int, list[tuple[int, list[tuple[int, bytes]]]]] = field(default_factory=dict)
     refuses: frozenset[int] = frozenset()  # services answered with 0x7F ... 0x11
     delay_s: float = 0.0
+    #: first says "response pending" (0x78), then answers this much later
+    pending_s: float = 0.0
     out_of_order: bool = False
     silent: bool = False
 
@@ -128,6 +131,9 @@ class SimulatedEcu:
                 continue
             if self.answers.delay_s:
                 time.sleep(self.answers.delay_s)
+            if self.answers.pending_s:
+                self.stack.send(bytes([0x7F, request[0], 0x78]))
+                time.sleep(self.answers.pending_s)
             if self.answers.out_of_order and self._last is not None:
                 self.stack.send(self._last)
             self.stack.send(answer)

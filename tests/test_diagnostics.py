@@ -365,6 +365,35 @@ async def test_physical_addressing_with_29_bit_ids_and_uds_dtcs(
     assert all(len(r) <= 7 for r in ecu.requests)
 
 
+async def test_functional_29_bit_and_an_ecu_that_asks_for_more_time(
+    tmp_path: Path, channel: str, ecus: Callable[[EcuAnswers], SimulatedEcu]
+) -> None:
+    """0x18DB33F1 to all; one ECU says "response pending" and answers after timeout_s."""
+    ecus(EcuAnswers(0x18DAF110, extended=True, pids={0x0C: b"\x0b\xb8"}))
+    ecus(EcuAnswers(0x18DAF118, extended=True, pids={0x0C: b"\x07\xd0"}, pending_s=0.8))
+    config = DiagnosticsConfig(
+        bus="can0",
+        extended=True,
+        ecus=(0x18DAF110, 0x18DAF118),
+        poll=(PollGroup((0x0C,), 0.2),),
+        timeout_s=0.5,
+        max_requests_per_s=50,
+    )
+    metrics = Metrics()
+    collected = Collected(tmp_path)
+    poller = Poller(config, bus_config(channel), metrics, collected)
+    running = asyncio.create_task(poller.run())
+    try:
+        await until(lambda: len(collected.of("EngineSpeed", 0x18DAF118)) >= 2)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert collected.of("EngineSpeed", 0x18DAF110)[0]["EngineSpeed"] == 750.0
+    assert collected.of("EngineSpeed", 0x18DAF118)[0]["EngineSpeed"] == 500.0
+    assert counter(metrics, "diagnostics_timeouts") == 0
+    assert counter(metrics, "diagnostics_negative_answers") == 0
+
+
 async def test_requests_keep_to_the_rate_limit(
     tmp_path: Path, channel: str, ecus: Callable[[EcuAnswers], SimulatedEcu]
 ) -> None:
