@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.config import BusConfig, ConfigError, parse_config, restart_changes
 from agent.decode import Decoder
 from agent.diagnostics.pids import PIDS, dbc_text
-from agent.diagnostics.poller import Poller
+from agent.diagnostics.poller import Poller, pid_matcher, read_pids
 from agent.diagnostics.settings import DiagnosticsConfig, PollGroup, request_id
 from agent.diagnostics.streams import answers_dbc
 from agent.diagnostics.transport import (
@@ -437,6 +439,23 @@ def test_a_reload_does_not_change_what_is_asked() -> None:
     old = parse_config(config_text(bus_table("c"), 'bus = "can0"\n'), "t.toml", REPO)
     new = parse_config(config_text(bus_table("c"), 'bus = "can0"\nvin = true\n'), "t.toml", REPO)
     assert restart_changes(old, new) == ["diagnostics"]
+
+
+@given(st.binary(max_size=80))
+def test_any_answer_is_read_without_error(data: bytes) -> None:
+    """Garbage from an ECU: read as far as it makes sense, never raising."""
+    values = read_pids(bytes([0x41]) + data)
+    assert all(pid in PIDS or pid % 0x20 == 0 for pid in values)
+    assert all(len(v) == (PIDS[p].size if p in PIDS else 4) for p, v in values.items())
+    assert pid_matcher({0x0C})(data) in (True, False)
+
+
+def test_pids_are_read_by_number_in_any_order() -> None:
+    answer = bytes([0x41, 0x0D, 88, 0x0C, 0x1A, 0xF8, 0x05, 132])
+    assert read_pids(answer) == {0x0D: b"X", 0x0C: b"\x1a\xf8", 0x05: bytes([132])}
+    # A PID whose size is not known ends the reading: what follows cannot be placed.
+    assert read_pids(bytes([0x41, 0x0D, 88, 0x02, 1, 2, 0x0C, 0x1A, 0xF8])) == {0x0D: b"X"}
+    assert read_pids(bytes([0x41, 0x0C, 0x1A])) == {}  # cut short
 
 
 def test_seven_pids_in_one_request_get_a_negative_answer(

@@ -171,10 +171,10 @@ class Poller:
         found: dict[int, set[int]] = {ecu: set() for ecu in self.ecus}
         asking = list(found)
         for base in SUPPORTED_RANGES:
-            answers = await self._ask(bytes([0x01, base]), asking, _pid_matcher({base}))
+            answers = await self._ask(bytes([0x01, base]), asking, pid_matcher({base}))
             asking = []
             for ecu, data in answers.items():
-                bitmap = _pid_values(data).get(base)
+                bitmap = read_pids(data).get(base)
                 if bitmap is None or len(bitmap) < 4:
                     continue
                 bits = int.from_bytes(bitmap[:4], "big")
@@ -202,9 +202,9 @@ class Poller:
         for start in range(0, len(wanted), MAX_PIDS_PER_REQUEST):
             chunk = wanted[start : start + MAX_PIDS_PER_REQUEST]
             expected = [e for e in self._expected() if self._supports(e, chunk)]
-            answers = await self._ask(bytes([0x01, *chunk]), expected, _pid_matcher(set(chunk)))
+            answers = await self._ask(bytes([0x01, *chunk]), expected, pid_matcher(set(chunk)))
             for ecu, data in answers.items():
-                for pid, value in _pid_values(data).items():
+                for pid, value in read_pids(data).items():
                     if pid in chunk:
                         records.append(Answer(pid_frame_id(pid), ecu, value))
         self._emit(records)
@@ -457,7 +457,7 @@ class _DidValue(DidCodec):
         return self.size
 
 
-def _pid_values(data: bytes) -> dict[int, bytes]:
+def read_pids(data: bytes) -> dict[int, bytes]:
     """A service 01 answer (41 PID data PID data ...) as {PID: data}, read by PID number;
     a PID the table does not know ends the reading, as its size is not known."""
     values: dict[int, bytes] = {}
@@ -472,9 +472,9 @@ def _pid_values(data: bytes) -> dict[int, bytes]:
     return values
 
 
-def _pid_matcher(pids: set[int]) -> Callable[[bytes], bool]:
+def pid_matcher(pids: set[int]) -> Callable[[bytes], bool]:
     def matches(data: bytes) -> bool:
-        return len(data) > 1 and data[0] == 0x41 and bool(pids & set(_pid_values(data)))
+        return len(data) > 1 and data[0] == 0x41 and bool(pids & set(read_pids(data)))
 
     return matches
 
