@@ -223,8 +223,11 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_check_config(args: argparse.Namespace) -> int:
+    import tempfile
+
     from agent.collect import CollectError, Collector
     from agent.config import ConfigError, load_config
+    from agent.diagnostics.streams import diagnostics_streams
 
     try:
         config = load_config(args.config)
@@ -241,7 +244,12 @@ def run_check_config(args: argparse.Namespace) -> int:
                 problems.append(f"bus {bus.name}: {error}")
     if not problems and config.collect:
         try:
-            Collector(config.collect, bus_decoders(config.buses, default_cache_dir()))
+            decoders = bus_decoders(config.buses, default_cache_dir())
+            with tempfile.TemporaryDirectory() as folder:
+                # Rules may select the ECUs' answers: their DBC, written aside.
+                streams = diagnostics_streams(config, Path(folder))
+                decoders.update(bus_decoders(streams, default_cache_dir()))
+            Collector(config.collect, decoders)
         except CollectError as error:
             problems.append(str(error))
     for problem in problems:

@@ -21,6 +21,7 @@ from agent.uplinks import KINDS as uplink_kinds
 
 if TYPE_CHECKING:
     from agent.collect.rules import CollectRule
+    from agent.diagnostics.settings import DiagnosticsConfig
 
 MIB = 1024 * 1024
 #: The largest batch the agent builds: receivers refuse larger ones (four times this,
@@ -65,6 +66,7 @@ class BusConfig:
     dbc: tuple[Path, ...]
     j1939: bool = False
     settings: Any = None
+    listen_only: bool = False  # the agent never transmits on it
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Config:
     spool: SpoolConfig = SpoolConfig()
     metrics: MetricsConfig = MetricsConfig()
     collect: tuple[CollectRule, ...] = ()  # none: every decoded signal is sent
+    diagnostics: tuple[DiagnosticsConfig, ...] = ()  # none: the agent never transmits
     status_interval_s: float = 5.0
     log_level: str = "info"
     source: str = "<embedded defaults>"
@@ -204,7 +207,7 @@ def _listen(value: str) -> str | None:
     return None
 
 
-_BUS_KEYS = {"name", "source", "dbc", "j1939"}
+_BUS_KEYS = {"name", "source", "dbc", "j1939", "listen_only"}
 
 
 def _bus(check: Checker, data: Any, where: str) -> BusConfig | None:
@@ -250,6 +253,7 @@ def _bus(check: Checker, data: Any, where: str) -> BusConfig | None:
         dbc=tuple(dbcs),
         j1939=check.get(data, where, "j1939", bool, False),
         settings=settings_type.parse(check, data, where) if settings_type else None,
+        listen_only=check.get(data, where, "listen_only", bool, False),
     )
 
 
@@ -272,6 +276,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "spool",
             "metrics",
             "collect",
+            "diagnostics",
             "status_interval_s",
             "log_level",
         },
@@ -398,13 +403,21 @@ def parse_config(text: str, source: str, base: Path) -> Config:
     metrics_config = MetricsConfig(
         listen=check.get(metrics, "metrics", "listen", str, "127.0.0.1:9108", _listen)
     )
+    diagnostics: tuple[DiagnosticsConfig, ...] = ()
+    streams = {bus.name for bus in buses}
+    if "diagnostics" in data:
+        from agent.diagnostics.settings import parse_diagnostics, stream_name
+
+        diagnostics = parse_diagnostics(check, data["diagnostics"], buses)
+        # Rules may select the answers of the ECUs too.
+        streams |= {stream_name(table.bus) for table in diagnostics}
     rules: tuple[CollectRule, ...] = ()
     rule_tables = data.get("collect", [])
     if rule_tables:
         # Only a config with rules loads their condition language, and numpy with it.
         from agent.collect.rules import parse_rules
 
-        rules = parse_rules(check, rule_tables, {bus.name for bus in buses})
+        rules = parse_rules(check, rule_tables, streams)
     status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
     log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
     if check.problems:
@@ -418,6 +431,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         spool=spool_config,
         metrics=metrics_config,
         collect=rules,
+        diagnostics=diagnostics,
         status_interval_s=float(status),
         log_level=log_level,
         source=source,
@@ -493,7 +507,7 @@ def _section(
 
 
 #: What a reload (SIGHUP) cannot change in a running agent: new values wait for a restart.
-RESTART_KEYS = ("vehicle_id", "state_dir", "buses", "spool", "metrics")
+RESTART_KEYS = ("vehicle_id", "state_dir", "buses", "spool", "metrics", "diagnostics")
 
 
 def restart_changes(running: Config, loaded: Config) -> list[str]:

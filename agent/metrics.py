@@ -58,6 +58,25 @@ class Metrics:
         self.collect_triggers = counter(
             "collect_triggers", "Times a trigger rule's condition fired.", ("rule",)
         )
+        self.diagnostics_requests = counter(
+            "diagnostics_requests", "Diagnostic requests sent to a bus's ECUs.", ("bus",)
+        )
+        self.diagnostics_answers = counter(
+            "diagnostics_answers", "Positive answers of ECUs to the agent's requests.", ("bus",)
+        )
+        self.diagnostics_negative = counter(
+            "diagnostics_negative_answers",
+            "Negative answers (0x7F) of ECUs: a service or request they refuse.",
+            ("bus",),
+        )
+        self.diagnostics_timeouts = counter(
+            "diagnostics_timeouts", "Answers an ECU owed and did not give in time.", ("bus",)
+        )
+        self.diagnostics_unexpected = counter(
+            "diagnostics_unexpected_answers",
+            "Answers to no request outstanding (late ones, to an earlier request), dropped.",
+            ("bus",),
+        )
         self.batches_built = counter("batches_built", "Wire batches built.")
         self.batch_body_bytes = counter(
             "batch_body_bytes", "Bytes of batch bodies before compression."

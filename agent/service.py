@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from agent.batcher import TICK_S, Batcher
 from agent.collect import CollectError, Collector
 from agent.collect.rules import rules_key
 from agent.config import RESTART_KEYS, Config, ConfigError, load_config, restart_changes
 from agent.decode import bus_decoders, default_cache_dir
+from agent.diagnostics.streams import diagnostics_streams
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.pipeline import Pipeline, Totals
@@ -33,6 +34,9 @@ from agent.spool import Spool
 from agent.uplinks.base import create_uplink
 from agent.uplinks.sender import Sender
 from agent.wire.encoder import BatchEncoder, dbc_hash
+
+if TYPE_CHECKING:
+    from agent.diagnostics.poller import Poller
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +69,18 @@ class Agent:
         self.metrics = Metrics()
         set_log_level(config.log_level)
         decoders = bus_decoders(config.buses, default_cache_dir())
+        # Each bus with a [[diagnostics]] table gets a stream of the ECUs' answers.
+        answers = diagnostics_streams(config)
+        decoders.update(bus_decoders(answers, default_cache_dir()))
         for name, decoder in decoders.items():
             for warning in decoder.warnings:
                 log.warning("bus %s: %s", name, warning)
         self.spool = Spool(config.state_dir / "spool", config.spool, self.metrics)
         self.spool.open()
         self.stream_id = self.spool.stream_id
-        digest = dbc_hash([(bus.name, bus.dbc) for bus in config.buses])
+        digest = dbc_hash(
+            [(bus.name, bus.dbc) for bus in config.buses] + [(s.name, s.dbc) for s in answers]
+        )
         encoder = BatchEncoder(
             config.vehicle_id, self.stream_id, digest, compression=config.batch.compression
         )
@@ -80,7 +89,9 @@ class Agent:
             decoders, collector, encoder, config.batch, self.spool, self.metrics
         )
         self.batcher = Batcher(
-            [bus.name for bus in config.buses], config.batch, self.pipeline.close
+            [bus.name for bus in config.buses] + [s.name for s in answers],
+            config.batch,
+            self.pipeline.close,
         )
         self.sources: list[Source] = create_sources(config.buses)
         self._filter_sources()
@@ -136,9 +147,13 @@ class Agent:
             asyncio.create_task(self._read(source), name=f"bus-{source.bus.name}")
             for source in self.sources
         ]
+        asking = [
+            asyncio.create_task(poller.run(), name=f"diagnostics-{poller.bus.name}")
+            for poller in self._pollers()
+        ]
         try:
             ending = await self._until_end(buses, {spool, sender, batching})
-            delivered = await self._wind_down(ending, [*buses, batching])
+            delivered = await self._wind_down(ending, [*asking, *buses, batching])
         finally:
             tasks = [batching, report, sender, spool, watchdog]
             if self._reloading is not None:
@@ -166,6 +181,16 @@ class Agent:
             if not stopped:
                 return 1
         return 1 if self.failed_buses else 0
+
+    def _pollers(self) -> list[Poller]:
+        """A poller per [[diagnostics]] table: the only parts of the agent that transmit."""
+        from agent.diagnostics.poller import Poller
+
+        buses = {bus.name: bus for bus in self.config.buses}
+        return [
+            Poller(table, buses[table.bus], self.metrics, self.batcher.add)
+            for table in self.config.diagnostics
+        ]
 
     async def _until_end(
         self, buses: list[asyncio.Task[None]], stages: set[asyncio.Task[None]]

@@ -45,6 +45,7 @@ from agent.config import (
     load_config,
     parse_config,
 )
+from agent.diagnostics.settings import DIAGNOSTICS_KEYS
 from agent.exits import EX_CONFIG
 from agent.metrics import Metrics
 from agent.sources.base import settings_keys, source_class
@@ -513,7 +514,16 @@ def scope_of(heading: str) -> Scope:
 
 
 def known_keys() -> dict[Scope, set[str]]:
-    sections = {"buses", "batch", "uplink", "spool", "metrics", "collect", "source"}
+    sections = {
+        "buses",
+        "batch",
+        "uplink",
+        "spool",
+        "metrics",
+        "collect",
+        "source",
+        "diagnostics",
+    }
     keys: dict[Scope, set[str]] = {
         ("", None): {f.name for f in fields(Config)} - sections,
         ("bus", None): set(agent_config._BUS_KEYS),
@@ -523,6 +533,7 @@ def known_keys() -> dict[Scope, set[str]]:
         ("spool", None): {f.name for f in fields(SpoolConfig)},
         ("metrics", None): {f.name for f in fields(MetricsConfig)},
         ("collect", None): set(RULE_KEYS),
+        ("diagnostics", None): set(DIAGNOSTICS_KEYS),
     }
     for source in agent_config.SOURCES:
         keys[("bus", source)] = settings_keys(source_class(source).Settings)
@@ -577,6 +588,9 @@ def config_with(scope: Scope, line: str) -> Config:
         selection = 'messages = ["Climate"]\n' if mode == "raw" else 'signals = ["*"]\n'
         rule = f'[[collect]]\nname = "r"\nmode = "{mode}"\n{selection}'
         text += SIMULATE_BUS + rule + RULE_LINES.get(mode, "") + line
+    elif section == "diagnostics":
+        bus = SIMULATE_BUS.replace("simulate", "python-can") + SOURCE_LINES["python-can"]
+        text += bus + '[[diagnostics]]\nbus = "can0"\n' + line
     elif section == "uplink" and kind:
         text += SIMULATE_BUS + f'[uplink]\nkind = "{kind}"\nurl = "{kind}://127.0.0.1"\n' + line
     else:

@@ -1,0 +1,211 @@
+"""ISO-TP (ISO 15765-2) to the ECUs of one bus: the kernel's CAN_ISOTP sockets where the bus
+is a SocketCAN interface and the kernel has them, else `can-isotp` over a python-can bus.
+
+One small interface: a request goes to one ECU (physical addressing) or to all of them in
+one single frame (functional addressing: every OBD-II request fits one, and ISO 15765-4
+says the answers come back physically, with flow control on each ECU's own request ID);
+answers are read per ECU. The calls block: the poller runs them in threads.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from agent.config import BusConfig
+from agent.diagnostics.settings import DiagnosticsConfig, request_id
+
+log = logging.getLogger(__name__)
+
+#: Unused bytes of a frame the agent sends (ISO 15765-4 pads to 8 bytes).
+PADDING = 0xCC
+_CAN_EFF_FLAG = 0x80000000
+#: linux/can/isotp.h: SOL_CAN_BASE + CAN_ISOTP, CAN_ISOTP_OPTS, CAN_ISOTP_TX_PADDING; the
+#: options are struct can_isotp_options (flags, frame_txtime, ext_address, txpad_content,
+#: rxpad_content, rx_ext_address).
+_SOL_CAN_ISOTP = 106
+_CAN_ISOTP_OPTS = 1
+_CAN_ISOTP_TX_PADDING = 0x004
+
+
+class TransportError(Exception):
+    """An interface that cannot be opened for transmitting."""
+
+
+class Transport(abc.ABC):
+    """ISO-TP to the ECUs answering on `responders` (their response IDs)."""
+
+    def __init__(self, config: DiagnosticsConfig) -> None:
+        self.config = config
+        self.extended = config.extended
+        self.responders = config.responders
+
+    @abc.abstractmethod
+    def send(self, ecu: int, payload: bytes) -> None:
+        """A request to the ECU answering on `ecu`, physically addressed."""
+
+    @abc.abstractmethod
+    def broadcast(self, payload: bytes) -> None:
+        """A request of up to 7 bytes to every ECU, in one functionally addressed frame."""
+
+    @abc.abstractmethod
+    def receive(self, ecu: int, timeout: float) -> bytes | None:
+        """The next whole answer of an ECU, or None after `timeout` seconds."""
+
+    def discard(self, ecu: int) -> int:
+        """Drop the answers of an ECU not read yet (late answers to an earlier request);
+        how many."""
+        dropped = 0
+        while self.receive(ecu, 0) is not None:
+            dropped += 1
+        return dropped
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def single_frame(self, payload: bytes) -> bytes:
+        if len(payload) > 7:
+            raise ValueError(f"a single frame carries up to 7 bytes, not {len(payload)}")
+        return bytes([len(payload), *payload]).ljust(8, bytes([PADDING]))
+
+
+class CanIsoTpTransport(Transport):
+    """`can-isotp` stacks (one per ECU) over a python-can bus of the agent's own."""
+
+    def __init__(self, config: DiagnosticsConfig, bus_args: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        import can
+        import isotp
+
+        self._can = can
+        try:
+            self.bus = can.Bus(**bus_args)
+        except Exception as error:  # python-can raises many kinds for a bad interface
+            raise TransportError(f"cannot open {bus_args.get('interface')!r}: {error}") from None
+        self.notifier = can.Notifier(self.bus, [], timeout=0.05)
+        mode = (
+            isotp.AddressingMode.Normal_29bits
+            if self.extended
+            else isotp.AddressingMode.Normal_11bits
+        )
+        params = {
+            "tx_padding": PADDING,
+            "blocking_send": False,
+            # Answers come as fast as the ECU sends them: ask for no separation time.
+            "stmin": 0,
+            "blocksize": 0,
+        }
+        self.stacks: dict[int, Any] = {}
+        for ecu in self.responders:
+            address = isotp.Address(mode, txid=request_id(ecu, self.extended), rxid=ecu)
+            stack = isotp.NotifierBasedCanStack(
+                self.bus, self.notifier, address=address, params=params
+            )
+            stack.start()
+            self.stacks[ecu] = stack
+
+    def send(self, ecu: int, payload: bytes) -> None:
+        self.stacks[ecu].send(payload)
+
+    def broadcast(self, payload: bytes) -> None:
+        message = self._can.Message(
+            arbitration_id=self.config.functional_id,
+            is_extended_id=self.extended,
+            data=self.single_frame(payload),
+        )
+        self.bus.send(message)
+
+    def receive(self, ecu: int, timeout: float) -> bytes | None:
+        data = self.stacks[ecu].recv(block=timeout > 0, timeout=timeout or None)
+        return None if data is None else bytes(data)
+
+    def close(self) -> None:
+        for stack in self.stacks.values():
+            with contextlib.suppress(Exception):
+                stack.stop()
+        self.notifier.stop()
+        with contextlib.suppress(Exception):
+            self.bus.shutdown()
+
+
+class KernelIsoTpTransport(Transport):
+    """The kernel's CAN_ISOTP sockets (one per ECU) and a CAN_RAW one for broadcasts."""
+
+    def __init__(self, config: DiagnosticsConfig, interface: str) -> None:
+        super().__init__(config)
+        flag = _CAN_EFF_FLAG if self.extended else 0
+        self.sockets: dict[int, socket.socket] = {}
+        try:
+            for ecu in self.responders:
+                sock = socket.socket(socket.AF_CAN, socket.SOCK_DGRAM, socket.CAN_ISOTP)
+                self.sockets[ecu] = sock
+                # ISO 15765-4 wants every frame 8 bytes long; the kernel pads only if asked.
+                options = struct.pack("=IIBBBB", _CAN_ISOTP_TX_PADDING, 0, 0, PADDING, 0, 0)
+                sock.setsockopt(_SOL_CAN_ISOTP, _CAN_ISOTP_OPTS, options)
+                sock.bind((interface, ecu | flag, request_id(ecu, self.extended) | flag))
+            self.raw = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
+            self.raw.bind((interface,))
+        except OSError:
+            self.close()
+            raise
+
+    def send(self, ecu: int, payload: bytes) -> None:
+        self.sockets[ecu].send(payload)
+
+    def broadcast(self, payload: bytes) -> None:
+        flag = _CAN_EFF_FLAG if self.extended else 0
+        frame = struct.pack(
+            "=IB3x8s", self.config.functional_id | flag, 8, self.single_frame(payload)
+        )
+        self.raw.send(frame)
+
+    def receive(self, ecu: int, timeout: float) -> bytes | None:
+        sock = self.sockets[ecu]
+        sock.settimeout(timeout if timeout > 0 else 0.0)
+        try:
+            return sock.recv(4096)
+        except (TimeoutError, BlockingIOError):
+            return None
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+        raw = getattr(self, "raw", None)
+        if raw is not None:
+            raw.close()
+
+
+def kernel_isotp(config: DiagnosticsConfig, interface: str) -> Transport | None:
+    """The kernel's ISO-TP sockets on `interface`, or None where the kernel has no
+    CAN_ISOTP (or no CAN at all): the caller falls back to can-isotp."""
+    if not hasattr(socket, "CAN_ISOTP"):
+        return None
+    try:
+        return KernelIsoTpTransport(config, interface)
+    except OSError as error:
+        log.info("bus %s: no kernel ISO-TP (%s): using can-isotp", config.bus, error.strerror)
+        return None
+
+
+def open_transport(config: DiagnosticsConfig, bus: BusConfig) -> Transport:
+    """The transport to the ECUs of a bus: the kernel's where it has one."""
+    settings = bus.settings
+    if bus.source == "socketcan":
+        interface = settings.channel or bus.name
+        transport = kernel_isotp(config, interface)
+        if transport is not None:
+            return transport
+        return CanIsoTpTransport(config, {"interface": "socketcan", "channel": interface})
+    args: dict[str, Any] = {
+        "interface": settings.interface,
+        "channel": settings.channel,
+        "bitrate": settings.bitrate,
+        "fd": settings.fd,
+        **dict(settings.options),
+    }
+    return CanIsoTpTransport(config, args)
