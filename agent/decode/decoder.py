@@ -225,6 +225,14 @@ class Decoder:
         """The messages this decoder knows on `bus`."""
         return list(self._plans_of(bus).values())
 
+    def message_of(self, bus: str, can_id: int) -> MessagePlan | None:
+        """The message of a 29-bit ID on `bus` (by PGN on a J1939 bus), for what arrives
+        other than in a frame batch: reassembled transfers."""
+        key = can_id
+        if self.is_j1939(bus):
+            key = int(j1939_pgn(np.array([can_id], np.int64))[0])
+        return self._plans_of(bus).get(_EXTENDED_KEY | key)
+
     def _plans_of(self, bus: str) -> dict[int, MessagePlan]:
         plans = self._bus_plans.get(bus)
         if plans is None:
