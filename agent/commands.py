@@ -128,7 +128,7 @@ def run_decode(args: argparse.Namespace) -> int:
                     totals.error_frames += result.error_frames
                     totals.remote_frames += result.remote_frames
                     totals.signals += result.signals
-                    groups = listener.listen(batch) if listener is not None else []
+                    groups = listener.listen(batch, result) if listener is not None else []
                     if writer is not None:
                         writer.write(result.blocks, after=groups)
                     progress.show(Path(log).name, reader.progress(), totals, started)

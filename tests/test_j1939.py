@@ -4,6 +4,7 @@ protocol's corners (connections, holds, aborts, timeouts, garbage) on frames bui
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -18,11 +19,10 @@ import pytest
 
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
-from agent.j1939 import J1939Listener, Reassembler
-from agent.j1939.transport import transport_rows
+from agent.j1939 import GroupBlock, J1939Listener, Reassembler, Transfer
 from agent.logs import open_log
 from agent.records import JsonLinesWriter
-from tests.data import TESLA_LOG, TRUCK_DBC, TRUCK_LOG
+from tests.data import TESLA_DBC, TESLA_LOG, TRUCK_DBC, TRUCK_LOG
 from tests.oracle import load_cantools
 
 _LINE = re.compile(r"\((\d+)\.(\d+)\) (\S+) ([0-9A-F]{8})#([0-9A-F]*)")
@@ -123,8 +123,12 @@ def test_engine_configuration_transfers_decode_as_cantools_decodes_them() -> Non
     reference = [r for r in reference_transfers(TRUCK_LOG) if r[2] == 0xFEE3]
     assert len(reference) == 25
     ec1 = load_cantools(TRUCK_DBC).get_message_by_name("EC1")
-    listener = J1939Listener(Decoder({"*": [TRUCK_DBC]}, ["*"]))
-    blocks = [b for batch in open_log(TRUCK_LOG).batches() for b in listener.listen(batch)]
+    listener = J1939Listener(truck_decoder())
+    blocks = [
+        b
+        for batch in open_log(TRUCK_LOG).batches()
+        for b in listener.listen(batch, listener.decoder.decode(batch))
+    ]
     decoded = [b for b in blocks if b.message.name == "EC1"]
     assert len(decoded) == 25
     for block, (_, _, _, payload) in zip(decoded, reference, strict=True):
@@ -135,6 +139,22 @@ def test_engine_configuration_transfers_decode_as_cantools_decodes_them() -> Non
 
 # Frames built here: (milliseconds, 29-bit ID, payload).
 Frame = tuple[int, int, bytes]
+
+
+@functools.cache
+def truck_decoder() -> Decoder:
+    return Decoder({"*": [TRUCK_DBC]}, ["*"])
+
+
+def feed(reassembler: Reassembler, frames: Sequence[Frame]) -> list[Transfer]:
+    """What the frames complete, given the TP frames that the decoder finds."""
+    batch = batch_of(frames)
+    return reassembler.feed(batch, truck_decoder().decode(batch).transport)
+
+
+def listen(listener: J1939Listener, frames: Sequence[Frame]) -> list[GroupBlock]:
+    batch = batch_of(frames)
+    return listener.listen(batch, listener.decoder.decode(batch))
 
 
 def batch_of(frames: Sequence[Frame], bus: str = "can0") -> FrameBatch:
@@ -196,10 +216,10 @@ def test_rts_cts_with_hold_and_retransmission_completes_on_the_acknowledgement()
     ]
     reassembler = Reassembler()
     # Split across batches: sessions outlive a batch.
-    assert reassembler.feed(batch_of(frames[:5])) == []
-    assert reassembler.feed(batch_of(frames[5:])) == []
+    assert feed(reassembler, (frames[:5])) == []
+    assert feed(reassembler, (frames[5:])) == []
     ack = tp_cm(1060, b, a, [0x13, *size, 5, 0xFF, *pgn_bytes(pgn)])
-    (done,) = reassembler.feed(batch_of([ack]))
+    (done,) = feed(reassembler, ([ack]))
     assert (done.source, done.destination, done.pgn, done.data) == (a, b, pgn, payload)
     assert (done.t_ns, done.row) == (1060 * 1_000_000, 0)
     assert reassembler.counts.transfers == 1
@@ -214,7 +234,7 @@ def test_hold_past_t4_times_out() -> None:
         tp_cm(10 + 1051, 2, 1, [0x11, 3, 1, 0xFF, 0xFF, *pgn_bytes(pgn)]),
     ]
     reassembler = Reassembler()
-    assert reassembler.feed(batch_of(frames)) == []
+    assert feed(reassembler, (frames)) == []
     assert reassembler.counts.timed_out == 1
 
 
@@ -229,7 +249,7 @@ def test_abort_from_either_side_ends_the_connection() -> None:
             tp_dt(20, 1, 2, 2, b"1234567"),  # after the abort: data of no transfer
         ]
         reassembler = Reassembler()
-        assert reassembler.feed(batch_of(frames)) == []
+        assert feed(reassembler, (frames)) == []
         assert reassembler.counts.aborted == 1
         assert reassembler.counts.bad_frames == 1
 
@@ -238,14 +258,14 @@ def test_bam_gap_past_t1_times_out_and_a_new_bam_replaces_an_unfinished_one() ->
     payload = bytes(range(20))
     reassembler = Reassembler()
     late = bam(0, 0x17, 0xFEEC, payload, gap=751)
-    assert reassembler.feed(batch_of(late)) == []
+    assert feed(reassembler, (late)) == []
     assert reassembler.counts.timed_out == 1
     # A batch that ends past a session's deadline ends the session too.
-    reassembler.feed(batch_of(bam(10_000, 0x17, 0xFEEC, payload)[:2]))
-    reassembler.feed(batch_of([(12_000, 0x18F00400, bytes(8))]))
+    feed(reassembler, (bam(10_000, 0x17, 0xFEEC, payload)[:2]))
+    feed(reassembler, ([(12_000, 0x18F00400, bytes(8))]))
     assert reassembler.counts.timed_out == 2
     restarted = bam(20_000, 0x17, 0xFEEC, payload)
-    (done,) = reassembler.feed(batch_of(restarted[:2] + bam(20_200, 0x17, 0xFEEC, payload)))
+    (done,) = feed(reassembler, (restarted[:2] + bam(20_200, 0x17, 0xFEEC, payload)))
     assert done.data == payload
     assert reassembler.counts.aborted == 1
 
@@ -253,7 +273,7 @@ def test_bam_gap_past_t1_times_out_and_a_new_bam_replaces_an_unfinished_one() ->
 def test_interleaved_broadcasts_from_two_sources() -> None:
     one, two = bytes(range(10)), bytes(range(100, 130))
     frames = sorted(bam(0, 0x00, 0xFEE3, one, gap=40) + bam(5, 0x03, 0xFECA, two, gap=30))
-    done = Reassembler().feed(batch_of(frames))
+    done = feed(Reassembler(), frames)
     assert {(t.source, t.pgn, t.data) for t in done} == {(0, 0xFEE3, one), (3, 0xFECA, two)}
 
 
@@ -272,27 +292,34 @@ def test_interleaved_broadcasts_from_two_sources() -> None:
 )
 def test_protocol_garbage_is_counted_and_skipped(frames: list[Frame]) -> None:
     reassembler = Reassembler()
-    assert reassembler.feed(batch_of(frames)) == []
+    assert feed(reassembler, (frames)) == []
     assert reassembler.counts.bad_frames == 1
-    (done,) = reassembler.feed(batch_of(bam(5000, 1, 0xFECA, bytes(10))))
+    (done,) = feed(reassembler, (bam(5000, 1, 0xFECA, bytes(10))))
     assert done.data == bytes(10)
 
 
-def test_a_log_without_transport_traffic_holds_no_transport_rows() -> None:
+def test_the_decoder_finds_transport_and_dm_frames_on_j1939_buses_alone() -> None:
+    tesla = Decoder({"*": [TESLA_DBC]})
     for batch in open_log(TESLA_LOG).batches():
-        assert transport_rows(batch) is None
-    truck = next(iter(open_log(TRUCK_LOG).batches(100_000)))
-    rows = transport_rows(truck)
-    assert rows is not None
-    assert set(((truck.can_id[rows] >> 16) & 0xFF).tolist()) == {0xEB, 0xEC}
+        decoded = tesla.decode(batch)
+        assert len(decoded.transport) == len(decoded.diagnostic) == 0
+    truck = FrameBatch.concat(list(open_log(TRUCK_LOG).batches()))
+    for decoder, expected in ((truck_decoder(), True), (Decoder({"*": [TRUCK_DBC]}), False)):
+        decoded = decoder.decode(truck)
+        pf = (truck.can_id >> 16) & 0xFF
+        tp = np.flatnonzero((pf == 0xEB) | (pf == 0xEC))
+        assert np.array_equal(decoded.transport, tp) == expected
+        # Counted as unknown, as before they had codes of their own.
+        assert decoded.unknown == (16_009 if expected else len(truck))
+    assert len(truck_decoder().decode(truck).transport) == 152 + 531
 
 
 def test_text_fields_come_out_as_text() -> None:
     vin = b"1FUJGLDR5CLBP8834*"
     ecu = b"PN-123*SN-456*CHASSIS*ENGINE*ACME*"
     frames = bam(0, 0x00, 0xFEEC, vin) + bam(2000, 0x00, 0xFDC5, ecu + b"\xff\xff")
-    listener = J1939Listener(Decoder({"*": [TRUCK_DBC]}, ["*"]))
-    vi, ecuid = listener.listen(batch_of(frames))
+    listener = J1939Listener(truck_decoder())
+    vi, ecuid = listen(listener, frames)
     assert [c.physical().tolist() for c in vi.signals] == [["1FUJGLDR5CLBP8834"]]
     assert {c.name: c.physical().tolist()[0] for c in ecuid.signals} == {
         "ECU_Part_Number": "PN-123",
@@ -311,9 +338,14 @@ def test_text_fields_come_out_as_text() -> None:
 def test_single_frame_dm1_and_a_dm2_without_faults() -> None:
     one_fault = bytes([0x44, 0x00, 0x64, 0x00, 0x03, 0x85, 0xFF, 0xFF])  # SPN 100 FMI 3
     no_fault = bytes([0x00, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF])
-    frames = [(0, 0x18FECA00, one_fault), (5, 0x18FECB03, no_fault), (9, 0x18FECA00, b"\x44")]
-    listener = J1939Listener(Decoder({"*": [TRUCK_DBC]}, ["*"]))
-    dm1, dm2 = listener.listen(batch_of(frames))
+    frames = [
+        (0, 0x18FECA00, one_fault),
+        (3, 0x18EFCA00, one_fault),  # PS 0xCA as a destination address: not a DM1
+        (5, 0x18FECB03, no_fault),
+        (9, 0x18FECA00, b"\x44"),  # too short for the lamps
+    ]
+    listener = J1939Listener(truck_decoder())
+    dm1, dm2 = listen(listener, frames)
     values = {c.name: c.physical().tolist()[0] for c in dm1.signals}
     assert values["SPN"] == 100 and values["FMI"] == 3
     assert values["occurrence_count"] == 5 and values["SPN_conversion_method"] == 1

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from agent.decode import Decoder
+from agent.decode import DecodedBatch, Decoder
 from agent.frames import FrameBatch
-from agent.j1939.faults import FAULTS_SOURCE, decode_faults, dm_frames, dm_rows
+from agent.j1939.faults import FAULTS_SOURCE, decode_faults, dm_frames
 from agent.j1939.groups import GroupBlock, decode_transfer
 from agent.j1939.transport import Reassembler, Transfer, TransportCounts
 
@@ -18,7 +18,8 @@ __all__ = ["GroupBlock", "J1939Listener", "Reassembler", "Transfer", "TransportC
 
 class J1939Listener:
     """The records of a J1939 bus that a frame decoder does not give: each transfer's
-    parameter group (through the decoder's DBCs) and each DM1/DM2 fault."""
+    parameter group (through the decoder's DBCs) and each DM1/DM2 fault. Only buses that
+    the decoder reads as J1939 have transport and DM frames."""
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
@@ -37,17 +38,16 @@ class J1939Listener:
             f"{self.faults} DM1/DM2 fault records"
         )
 
-    def listen(self, batch: FrameBatch) -> list[GroupBlock]:
-        """The records that the frames of `batch` complete, in frame order; each record's
-        rows are the row of the frame that completed it."""
-        transfers = self.reassembler.feed(batch)
-        rows = dm_rows(batch)
-        if len(rows):
-            transfers = sorted([*transfers, *dm_frames(batch, rows)], key=lambda t: t.row)
+    def listen(self, batch: FrameBatch, decoded: DecodedBatch) -> list[GroupBlock]:
+        """The records that the frames of `batch` (which the decoder made `decoded` of)
+        complete, in frame order; each record's rows are the row of the frame that
+        completed it."""
+        transfers = self.reassembler.feed(batch, decoded.transport)
+        if len(decoded.diagnostic):
+            singles = dm_frames(batch, decoded.diagnostic)
+            transfers = sorted([*transfers, *singles], key=lambda t: t.row)
         blocks: list[GroupBlock] = []
         for transfer in transfers:
-            if not self.decoder.is_j1939(transfer.bus):
-                continue
             block = decode_faults(transfer) or decode_transfer(self.decoder, transfer)
             if block is None:
                 continue

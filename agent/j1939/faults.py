@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.decode import MessageInfo, SignalColumn, SignalInfo
-from agent.frames import FrameBatch, FrameFlag
+from agent.frames import FrameBatch
 from agent.j1939.groups import GroupBlock
 from agent.j1939.transport import Transfer
 
@@ -58,25 +58,10 @@ FIELDS = (
 )
 _LAMP_FIELDS = 2 * len(LAMPS)
 
-# A single-frame DM1 or DM2: PF 0xFE, PS 0xCA or 0xCB, data page 0; found in one pass.
-_DM_KEY = np.uint32(DM1 >> 1)
-_DM_MASK = np.uint32(0x1FFFF >> 1)
-_NOT_DATA = np.uint8(FrameFlag.REMOTE | FrameFlag.ERROR)
-_EXTENDED = np.uint8(FrameFlag.EXTENDED)
-
-
-def dm_rows(batch: FrameBatch) -> npt.NDArray[np.intp]:
-    """The rows of DM1 and DM2 frames in `batch`."""
-    key = batch.can_id >> np.uint32(9)
-    key &= _DM_MASK
-    rows = np.flatnonzero(key == _DM_KEY)
-    if len(rows):
-        rows = rows[(batch.flags[rows] & (_NOT_DATA | _EXTENDED)) == _EXTENDED]
-    return rows
-
 
 def dm_frames(batch: FrameBatch, rows: npt.NDArray[np.intp]) -> list[Transfer]:
-    """DM frames as transfers of one frame, so that both decode alike."""
+    """DM frames (at `rows`, as the decoder finds them: `DecodedBatch.diagnostic`) as
+    transfers of one frame, so that both decode alike."""
     return [
         Transfer(
             int(batch.t_ns[row]),

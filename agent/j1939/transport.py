@@ -8,10 +8,11 @@ which paces it with clear-to-send frames and confirms it with an end-of-message
 acknowledgement. Each (source, destination) pair on a bus holds at most one transfer at a
 time, so that pair is the session's key.
 
-Most buses carry no transport traffic at all, so a batch costs one vectorised pass over its
-IDs to find the TP frames; only those few are walked one by one. Sessions live across
-batches, and time is the frames' own: a timeout is judged when the next frame of a session
-arrives, or when a batch ends past a session's deadline.
+Most buses carry no transport traffic at all. The decoder's lookup of every frame's PGN finds
+the TP frames as it finds the others (`DecodedBatch.transport`), so a bus without them pays
+nothing more; only the TP frames are walked one by one. Sessions live across batches, and
+time is the frames' own: a timeout is judged when the next frame of a session arrives, or
+when a batch ends past a session's deadline.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from agent.frames import FrameBatch, FrameFlag
+from agent.frames import FrameBatch
 
 #: PGNs of the transport frames: connection management and data transfer.
 TP_CM = 0xEC00
@@ -39,13 +40,6 @@ PACKET = 7
 # (CTS of 0 packets) waiting for the next CTS.
 _MS = 1_000_000
 T1, T2, T3, T4 = 750 * _MS, 1250 * _MS, 1250 * _MS, 1050 * _MS
-
-# The PF byte of both TP PGNs (0xEB, 0xEC), found in one pass: adding 0x15 to PF takes
-# them, and only them, to 0x00 and 0x01 (IDs have 29 bits, so the sum cannot overflow).
-_PF_SHIFTED = np.uint32(0x15 << 16)
-_PF_EVEN = np.uint32(0xFE << 16)
-_NOT_DATA = np.uint8(FrameFlag.REMOTE | FrameFlag.ERROR)
-_EXTENDED = np.uint8(FrameFlag.EXTENDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,18 +90,6 @@ class _Session:
         return len(self.received) == self.packets
 
 
-def transport_rows(batch: FrameBatch) -> npt.NDArray[np.intp] | None:
-    """The rows of TP.CM and TP.DT frames in `batch`, or None where it holds none: one
-    vectorised pass over the IDs, which is all a bus without transport traffic pays."""
-    shifted = batch.can_id + _PF_SHIFTED
-    shifted &= _PF_EVEN
-    if len(shifted) == 0 or shifted.min() != 0:
-        return None
-    rows = np.flatnonzero(shifted == 0)
-    rows = rows[(batch.flags[rows] & (_NOT_DATA | _EXTENDED)) == _EXTENDED]
-    return rows if len(rows) else None
-
-
 class Reassembler:
     """Reassembles the transfers of the buses of the batches it is fed, batch by batch."""
 
@@ -117,10 +99,10 @@ class Reassembler:
         self._sessions: dict[tuple[str, int, int], _Session] = {}
         self._row = 0  # the batch row of the frame being read
 
-    def feed(self, batch: FrameBatch) -> list[Transfer]:
-        """The transfers that the frames of `batch` complete, in frame order."""
-        rows = transport_rows(batch)
-        if rows is None:
+    def feed(self, batch: FrameBatch, rows: npt.NDArray[np.intp]) -> list[Transfer]:
+        """The transfers that the TP frames of `batch` at `rows` (ascending, as the
+        decoder finds them: `DecodedBatch.transport`) complete, in frame order."""
+        if not len(rows):
             if self._sessions and len(batch):
                 self._expire(int(batch.t_ns[-1]))
             return []
