@@ -355,3 +355,22 @@ def test_single_frame_dm1_and_a_dm2_without_faults() -> None:
         c.name for c in dm2.signals[:8]
     ]
     assert listener.faults == 1
+
+
+def test_a_dbc_message_at_a_pgn_that_j1939_defines_is_left_out_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    dbc = tmp_path / "dm1.dbc"
+    # DM1 as some DBCs give it: the lamps and the first fault's SPN bytes, one frame.
+    dbc.write_text(
+        'VERSION ""\n\nBS_:\n\nBU_:\n\n'
+        "BO_ 2566834688 DM1: 8 Vector__XXX\n"
+        ' SG_ Lamps : 0|16@1+ (1,0) [0|65535] "" Vector__XXX\n\n'
+    )
+    j1939, plain = Decoder({"*": [dbc]}, ["*"]), Decoder({"*": [dbc]})
+    frame = batch_of([(0, 0x18FECA00, bytes([0x44, 0, 0x64, 0, 3, 5, 0xFF, 0xFF]))])
+    decoded = j1939.decode(frame)
+    assert any("message DM1 has PGN 0xFECA" in w for w in j1939.warnings)
+    assert decoded.decoded == 0 and decoded.diagnostic.tolist() == [0]
+    # On a bus not read as J1939 the DBC's message is decoded as it was.
+    assert plain.decode(frame).decoded == 1 and not plain.warnings
