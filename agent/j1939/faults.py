@@ -57,6 +57,8 @@ FIELDS = (
     _field("SPN_conversion_method", 1),
 )
 _LAMP_FIELDS = 2 * len(LAMPS)
+#: Where a fault is sent as it appears and clears: which of the two this record is.
+ACTIVE = _field("active", 1, {0: "cleared", 1: "appeared"})
 
 
 def dm_frames(batch: FrameBatch, rows: npt.NDArray[np.intp]) -> list[Transfer]:
@@ -77,12 +79,13 @@ def dm_frames(batch: FrameBatch, rows: npt.NDArray[np.intp]) -> list[Transfer]:
     ]
 
 
-def decode_faults(transfer: Transfer) -> GroupBlock | None:
-    """A DM1 or DM2 as one record per fault (one with the lamps alone where it lists none),
-    or None for any other group or a message too short for its lamps."""
-    name = NAMES.get(transfer.pgn)
-    data = transfer.data
-    if name is None or len(data) < 2:
+Fault = tuple[int, int, int, int]  # SPN, FMI, occurrence count, conversion method
+
+
+def read_dm(data: bytes) -> tuple[list[int], list[Fault]] | None:
+    """The lamp fields (status, then flash, in FIELDS' order) and the faults of a DM1 or
+    DM2 payload; None where it is too short for the lamps."""
+    if len(data) < 2:
         return None
     status, flash = data[0], data[1]
     lamps = [(status >> shift) & 3 for shift in (6, 4, 2, 0)]
@@ -95,6 +98,17 @@ def decode_faults(transfer: Transfer) -> GroupBlock | None:
         if spn == 0 and fmi == 0:
             continue  # the placeholder of a message without faults
         faults.append((spn, fmi, code[3] & 0x7F, code[3] >> 7))
+    return lamps, faults
+
+
+def decode_faults(transfer: Transfer) -> GroupBlock | None:
+    """A DM1 or DM2 as one record per fault (one with the lamps alone where it lists none),
+    or None for any other group or a message too short for its lamps."""
+    name = NAMES.get(transfer.pgn)
+    read = read_dm(transfer.data) if name is not None else None
+    if name is None or read is None:
+        return None
+    lamps, faults = read
     rows = len(faults) or 1
     values = np.zeros((len(FIELDS), rows), np.uint64)
     values[:_LAMP_FIELDS] = np.array(lamps, np.uint64)[:, None]
@@ -110,7 +124,7 @@ def decode_faults(transfer: Transfer) -> GroupBlock | None:
     ]
     return GroupBlock(
         transfer.bus,
-        MessageInfo(name, transfer.can_id, True, len(data), FAULTS_SOURCE),
+        MessageInfo(name, transfer.can_id, True, len(transfer.data), FAULTS_SOURCE),
         np.full(rows, transfer.t_ns, np.int64),
         np.full(rows, transfer.can_id, np.uint32),
         columns,
