@@ -374,3 +374,38 @@ def test_a_dbc_message_at_a_pgn_that_j1939_defines_is_left_out_with_a_warning(
     assert decoded.decoded == 0 and decoded.diagnostic.tolist() == [0]
     # On a bus not read as J1939 the DBC's message is decoded as it was.
     assert plain.decode(frame).decoded == 1 and not plain.warnings
+
+
+def test_long_groups_decode_as_cantools_decodes_them(tmp_path: Path) -> None:
+    """Motorola, signed, scaled and multiplexed signals past byte 8, and one past the
+    payload's end, in a transfer of 20 bytes."""
+    dbc = tmp_path / "long.dbc"
+    dbc.write_text(
+        'VERSION ""\n\nBS_:\n\nBU_:\n\n'
+        "BO_ 2566848512 LONG: 21 Vector__XXX\n"
+        ' SG_ Mux M : 0|8@1+ (1,0) [0|255] "" Vector__XXX\n'
+        ' SG_ Scaled m1 : 72|16@1+ (0.5,-10) [0|0] "" Vector__XXX\n'
+        ' SG_ Signed m2 : 72|16@1- (1,0) [0|0] "" Vector__XXX\n'
+        ' SG_ Moto : 103|20@0+ (1,0) [0|0] "" Vector__XXX\n'
+        ' SG_ Tail : 144|8@1+ (1,0) [0|0] "" Vector__XXX\n'
+        ' SG_ Past : 152|16@1+ (1,0) [0|0] "" Vector__XXX\n\n'
+    )
+    message = load_cantools(dbc).get_message_by_name("LONG")
+    listener = J1939Listener(Decoder({"*": [dbc]}, ["*"]))
+    for mux in (1, 2, 3):
+        payload = bytes([mux]) + bytes(range(200, 219))
+        (block,) = listen(listener, bam(0, 0x21, 0xFF00, payload))
+        got = {
+            c.name: c.physical().tolist()[0]
+            for c in block.signals
+            if c.present is None or c.present[0]
+        }
+        if mux == 3:  # selects no signal: cantools refuses the frame, ours leaves both out
+            expected = message.decode(
+                bytes([1]) + payload[1:], decode_choices=False, allow_truncated=True
+            )
+            del expected["Scaled"]
+            expected["Mux"] = 3
+        else:
+            expected = message.decode(payload, decode_choices=False, allow_truncated=True)
+        assert got == expected
