@@ -4,6 +4,7 @@ protocol's corners (connections, holds, aborts, timeouts, garbage) on frames bui
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -409,3 +410,15 @@ def test_long_groups_decode_as_cantools_decodes_them(tmp_path: Path) -> None:
         else:
             expected = message.decode(payload, decode_choices=False, allow_truncated=True)
         assert got == expected
+
+
+def test_transport_frames_only_on_the_buses_read_as_j1939() -> None:
+    frames = bam(0, 0x00, 0xFEEC, b"1FUJGLDR5CLBP8834*")
+    both = batch_of(frames + frames)
+    both = dataclasses.replace(both, buses=("can0", "can1"))
+    both.bus[len(frames) :] = 1
+    decoder = Decoder({"*": [TRUCK_DBC]}, ["can1"])
+    decoded = decoder.decode(both)
+    assert decoded.transport.tolist() == list(range(len(frames), 2 * len(frames)))
+    (vin,) = J1939Listener(decoder).listen(both, decoded)
+    assert (vin.bus, vin.signals[0].physical().tolist()) == ("can1", ["1FUJGLDR5CLBP8834"])
