@@ -24,9 +24,8 @@ import numpy.typing as npt
 
 from agent.frames import FrameBatch
 
-#: PGNs of the transport frames: connection management and data transfer.
+#: The PGN of connection management; the other TP frames (0xEB00) carry the data.
 TP_CM = 0xEC00
-TP_DT = 0xEB00
 GLOBAL = 0xFF
 #: Control bytes of TP.CM.
 RTS, CTS, END_OF_MSG_ACK, BAM, ABORT = 16, 17, 19, 32, 255
