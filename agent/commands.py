@@ -102,6 +102,12 @@ def run_decode(args: argparse.Namespace) -> int:
     for warning in decoder.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
+    # J1939 buses: transfers reassembled and DM1/DM2 faults decoded, each after its last frame.
+    listener = None
+    if args.j1939:
+        from agent.j1939 import J1939Listener
+
+        listener = J1939Listener(decoder)
     totals = DecodeTotals()
     progress = Progress(sys.stderr)
     failed = False
@@ -122,8 +128,9 @@ def run_decode(args: argparse.Namespace) -> int:
                     totals.error_frames += result.error_frames
                     totals.remote_frames += result.remote_frames
                     totals.signals += result.signals
+                    groups = listener.listen(batch, result) if listener is not None else []
                     if writer is not None:
-                        writer.write(result.blocks)
+                        writer.write(result.blocks, after=groups)
                     progress.show(Path(log).name, reader.progress(), totals, started)
             except LogError as error:
                 progress.clear()
@@ -135,6 +142,8 @@ def run_decode(args: argparse.Namespace) -> int:
             for example in reader.stats.examples:
                 print(f"warning: {log}: malformed {example}", file=sys.stderr)
         out.flush()
+    if listener is not None:
+        print(listener.summary(), file=sys.stderr)
     print(totals.summary(time.perf_counter() - started), file=sys.stderr)
     return 1 if failed else 0
 

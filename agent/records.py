@@ -52,6 +52,8 @@ class Block(Protocol):
 
 
 def _number(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a text signal (J1939 identification)
     if isinstance(value, float):
         # JSON has no NaN or infinity; null keeps every line valid JSON.
         return repr(value) if math.isfinite(value) else "null"
@@ -116,12 +118,18 @@ class RecordWriter(abc.ABC):
         self.choices = choices
         self.vehicle = vehicle
 
-    def write(self, blocks: Sequence[Block], raw: Sequence[Captured] = ()) -> None:
+    def write(
+        self, blocks: Sequence[Block], raw: Sequence[Captured] = (), after: Sequence[Block] = ()
+    ) -> None:
         """The frames of a batch's blocks (and raw frames), in the batch's frame order
-        (`rows`)."""
+        (`rows`); then, each after the frame of its row, records that several frames made
+        (J1939 transfers and their faults), several a row."""
         lines: dict[int, str] = {}
         for block in blocks:
             lines.update(zip(block.rows.tolist(), self.block_lines(block), strict=True))
+        for block in after:
+            for row, line in zip(block.rows.tolist(), self.block_lines(block), strict=True):
+                lines[row] = lines.get(row, "") + line
         for capture in raw:
             lines.update(zip(capture.rows.tolist(), self.raw_lines(capture), strict=True))
         self.out.write("".join(lines[row] for row in sorted(lines)))

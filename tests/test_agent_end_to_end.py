@@ -26,6 +26,7 @@ from tests.services import (
     records,
     run_agent,
 )
+from tests.test_j1939 import reference_transfers
 
 
 def replay_bus(name: str, log: Path, dbc: Path, extra: str = "") -> str:
@@ -70,7 +71,19 @@ def decoded(folder: Path, case: str) -> list[dict[str, object]]:
         capture_output=True,
         timeout=120,
     )
-    return records(out)
+    found = records(out)
+    if case == "truck":
+        # `decode` writes the J1939 transfers too (docs/j1939.md); the agent sends them
+        # only through a rule of mode faults, which this config has not.
+        transfers = {
+            (float(t), source, pgn) for t, source, pgn, _ in reference_transfers(TRUCK_LOG)
+        }
+        found = [
+            r
+            for r in found
+            if (r["t"], int(str(r["id"])) & 0xFF, int(str(r["id"])) >> 8 & 0x3FFFF) not in transfers
+        ]
+    return found
 
 
 def check_delivered(

@@ -1,7 +1,7 @@
 """Edge computing: collection rules decide on the device which signals leave the vehicle,
 how often and in what form (see docs/collection-rules.md)."""
 
-from agent.collect import aggregate, change, keep_all, raw, sample, trigger
+from agent.collect import aggregate, change, faults, keep_all, raw, sample, trigger
 from agent.collect.base import Collected, CollectedBlock, RawCapture, Selection
 from agent.collect.collector import CollectError, Collector
 from agent.collect.rules import CollectRule
@@ -17,6 +17,7 @@ __all__ = [
     "Selection",
     "aggregate",
     "change",
+    "faults",
     "keep_all",
     "raw",
     "sample",

@@ -184,6 +184,7 @@ class BusBatch:
     def __init__(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> None:
         self.bus = bus
         self.frames = frames
+        self.decoded = decoded
         # A bus that replays several channels of a log has a block per channel and
         # message; `block.bus` names the channel.
         self._blocks: dict[int, list[MessageBlock]] = {}

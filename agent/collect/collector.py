@@ -77,6 +77,13 @@ def _targets(
     rule: CollectRule, buses: Sequence[str], decoders: Mapping[str, Decoder]
 ) -> list[Target]:
     targets: list[Target] = []
+    if rule.mode == "faults":
+        if not any(decoders[bus].is_j1939(bus) for bus in buses):
+            raise CollectError(
+                f"mode faults reads J1939 DM1/DM2 messages: no bus of {', '.join(buses)} "
+                "is J1939 (j1939 = true)"
+            )
+        return targets  # DM1/DM2 of its J1939 buses, no DBC message
     if rule.mode == "raw" and not rule.messages:
         return targets  # the frames of its IDs, or all
     # A pattern with a dot names Message.Signal; without, the signal's own name.

@@ -11,7 +11,7 @@ from typing import Any
 from agent.collect.expression import Expression, ExpressionError, parse
 from agent.config import Checker, one_of
 
-MODES = ("all", "sample", "change", "aggregate", "trigger", "raw")
+MODES = ("all", "sample", "change", "aggregate", "trigger", "raw", "faults")
 REDUCES = ("last", "first", "mean", "min", "max")
 STATS = ("min", "max", "mean", "count", "stddev")
 EDGES = ("rising", "always")
@@ -24,6 +24,7 @@ MODE_KEYS: dict[str, frozenset[str]] = {
     "aggregate": frozenset({"window_ms", "stats"}),
     "trigger": frozenset({"when", "before_ms", "after_ms", "min_interval_ms", "edge"}),
     "raw": frozenset({"ids"}),
+    "faults": frozenset(),
 }
 
 
@@ -102,7 +103,9 @@ def _rule(check: Checker, data: Any, where: str, buses: set[str]) -> CollectRule
     signals = _names(check, data, where, "signals")
     if mode == "raw" and signals:
         check.problems.append(f"{where}.signals: mode raw takes whole frames: use messages or ids")
-    elif mode and mode != "raw" and not signals:
+    elif mode == "faults" and signals:
+        check.problems.append(f"{where}.signals: mode faults sends DM1/DM2 faults, not signals")
+    elif mode and mode not in ("raw", "faults") and not signals:
         check.problems.append(f'{where}.signals: missing (names or globs such as "*")')
     rule_buses = _names(check, data, where, "buses")
     for bus in rule_buses:

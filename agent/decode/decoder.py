@@ -59,6 +59,10 @@ class DecodedBatch:
     error_frames: int
     remote_frames: int
     signals: int = 0  # signal values decoded (present in their frames)
+    # On J1939 buses, the rows of transport frames and of DM1/DM2 frames (counted as
+    # unknown: no DBC decodes them), ascending.
+    transport: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    diagnostic: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
     blocks: list[MessageBlock] = field(default_factory=list)
     # What the blocks are views of, for consumers that work on all of them at once: the
     # batch's row of each decoded frame, block after block; each block's bit fields,
@@ -68,8 +72,15 @@ class DecodedBatch:
     present: npt.NDArray[np.bool_] | None = None
 
 
-# A frame's code sorts it: what kept it from being decoded, or its message.
-_UNKNOWN, _ERROR_FRAME, _REMOTE_FRAME, _FIRST_MESSAGE = 0, 1, 2, 3
+# A frame's code sorts it: what kept it from being decoded, or its message. On J1939 buses
+# the transport protocol's frames and the DM1/DM2 diagnostic messages have codes of their
+# own, so that the one lookup that finds every frame's message also finds them: a bus
+# without them pays nothing to learn so.
+_UNKNOWN, _ERROR_FRAME, _REMOTE_FRAME, _TRANSPORT, _DIAGNOSTIC, _FIRST_MESSAGE = range(6)
+#: J1939-21's TP.CM and TP.DT (PDU1, at every destination), J1939-73's DM1 and DM2.
+TRANSPORT_PGNS = (0xEC00, 0xEB00)
+DIAGNOSTIC_PGNS = (0xFECA, 0xFECB)
+_NOT_DBC_PGNS = frozenset(TRANSPORT_PGNS + DIAGNOSTIC_PGNS)
 _NOT_STANDARD = np.uint8(FrameFlag.EXTENDED | FrameFlag.REMOTE | FrameFlag.ERROR)
 _REMOTE = np.uint8(FrameFlag.REMOTE)
 #: Block sets remembered per bus table: the same messages recur batch after batch.
@@ -115,6 +126,11 @@ class _Lookup:
         pdu1 = (keys[on_j1939] & 0xFF00) < 0xF000
         destinations = np.where(pdu1[:, None], np.arange(256)[None, :], 0)
         self.pgns[base[:, None] + destinations] = code[on_j1939][:, None]
+        for slot in range(int(is_j1939.sum())):
+            for pgn in TRANSPORT_PGNS:
+                self.pgns[slot * _PGN_SPACE + pgn : slot * _PGN_SPACE + pgn + 256] = _TRANSPORT
+            for pgn in DIAGNOSTIC_PGNS:
+                self.pgns[slot * _PGN_SPACE + pgn] = _DIAGNOSTIC
         # Other 29-bit IDs are sparse: sorted keys, found by binary search.
         searched = extended & ~on_j1939
         self.extended_keys = (bus_of[searched] << 32) | keys[searched]
@@ -225,6 +241,14 @@ class Decoder:
         """The messages this decoder knows on `bus`."""
         return list(self._plans_of(bus).values())
 
+    def message_of(self, bus: str, can_id: int) -> MessagePlan | None:
+        """The message of a 29-bit ID on `bus` (by PGN on a J1939 bus), for what arrives
+        other than in a frame batch: reassembled transfers."""
+        key = can_id
+        if self.is_j1939(bus):
+            key = int(j1939_pgn(np.array([can_id], np.int64))[0])
+        return self._plans_of(bus).get(_EXTENDED_KEY | key)
+
     def _plans_of(self, bus: str) -> dict[int, MessagePlan]:
         plans = self._bus_plans.get(bus)
         if plans is None:
@@ -233,6 +257,13 @@ class Decoder:
             for db in [*self._dbcs.get(bus, []), *self._dbcs.get(ALL_BUSES, [])]:
                 for plan in db.plans:
                     key = _message_key(plan, j1939)
+                    if j1939 and key & ~_EXTENDED_KEY in _NOT_DBC_PGNS and plan.info.is_extended:
+                        self.warnings.append(
+                            f"bus {bus}: {plan.info.dbc} message {plan.info.name} has PGN "
+                            f"0x{key & ~_EXTENDED_KEY:X}, which J1939 defines: decoded by its "
+                            "rules (transfers reassembled, one record per fault), not the DBC's"
+                        )
+                        continue
                     other = plans.setdefault(key, plan)
                     if other is not plan:
                         self.warnings.append(
@@ -270,9 +301,13 @@ class Decoder:
                 order = np.argsort(rank.take(code), kind="stable")
             else:
                 order = np.argsort(code, kind="stable")
-        unknown, error, remote = counts[:_FIRST_MESSAGE].tolist()
-        first = unknown + error + remote
-        result = DecodedBatch(n, n - first, unknown, error, remote)
+        unknown, error, remote, transport, diagnostic = counts[:_FIRST_MESSAGE].tolist()
+        first = unknown + error + remote + transport + diagnostic
+        result = DecodedBatch(n, n - first, unknown + transport + diagnostic, error, remote)
+        if transport or diagnostic:
+            at = unknown + error + remote
+            result.transport = order[at : at + transport]
+            result.diagnostic = order[at + transport : first]
         if first == n:
             return result
 

@@ -69,6 +69,17 @@ class SignalInfo:
         return -(-(self.first_network_bit + self.length) // 8)
 
     @property
+    def is_text(self) -> bool:
+        """Longer than a number and on byte boundaries: J1939's text parameters (VIN, ECU
+        and software identification) are given so, as fields of up to 200 characters."""
+        return (
+            self.length > 64
+            and self.byte_order == "little_endian"
+            and self.start % 8 == 0
+            and self.length % 8 == 0
+        )
+
+    @property
     def identity(self) -> bool:
         return self.scale == 1 and self.offset == 0
 
@@ -196,6 +207,10 @@ class MessagePlan:
         length = signal.length
         first = signal.first_network_bit
         last = first + length - 1  # bit numbers in payload order, as for `first`
+        if signal.is_text:
+            # Text is carried by J1939 transfers, decoded apart from frames (agent.j1939).
+            self.never[index] = True
+            return
         if not 1 <= length <= 64:
             self._refuse(index, f"{length} bits long")
             return
