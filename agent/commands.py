@@ -317,6 +317,12 @@ def _receiver_sink(args: argparse.Namespace, out: TextIO) -> Sink:
         from agent.cloud.sinks.postgres import PostgresSink
 
         return PostgresSink(args.postgres, args.postgres_schema)
+    if args.parquet:
+        from agent.cloud.sinks.parquet import ParquetSink
+
+        return ParquetSink(
+            Path(args.parquet), int(args.parquet_roll_mb * 1024 * 1024), args.parquet_roll_s
+        )
     from agent.cloud.sinks.jsonl import JsonLinesSink
 
     return JsonLinesSink(out)
@@ -415,6 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="telemetry",
         metavar="NAME",
         help="the PostgreSQL schema of the tables, created where missing (default telemetry)",
+    )
+    receive.add_argument(
+        "--parquet", metavar="DIR", help="write a Parquet lake into DIR instead (docs/sinks.md)"
+    )
+    receive.add_argument(
+        "--parquet-roll-mb",
+        type=float,
+        default=64,
+        metavar="MB",
+        help="close a partition's file once its rows take this much memory (default 64)",
+    )
+    receive.add_argument(
+        "--parquet-roll-s",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="close a partition's file once it is this old, as batches come (default 300)",
     )
     receive.add_argument(
         "--batches",

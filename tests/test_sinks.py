@@ -17,16 +17,22 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
+import duckdb
 import grpc
 import paho.mqtt.client as paho
 import psycopg
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.cloud.receiver import Receiver, accept_files
+from agent.cloud.receiver import Receiver
 from agent.cloud.sinks.jsonl import JsonLinesSink
+from agent.cloud.sinks.parquet import ParquetSink
 from agent.wire import telemetry_pb2 as pb
-from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX
+from agent.wire.envelope import read_envelope
+from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX, batch_file_name
 from tests.data import REPO
 from tests.services import ReceiverProcess, broker, free_port, persistent_settings, run_agent
 
@@ -55,9 +61,15 @@ def outbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sent(outbox: Path) -> Counter[Value]:
     """Every signal value of the outbox, as the JSON Lines sink writes them."""
+    return values_of(outbox, batch_files(outbox))
+
+
+def values_of(outbox: Path, files: list[Path]) -> Counter[Value]:
+    """The signal values of these batch files, as the JSON Lines sink writes them."""
     out = io.StringIO()
     receiver = Receiver(JsonLinesSink(out))
-    accept_files(receiver, outbox, set())
+    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *files]:
+        receiver.accept(path.read_bytes(), str(path))
     receiver.finish()
     values: Counter[Value] = Counter()
     for line in out.getvalue().splitlines():
@@ -204,6 +216,13 @@ def test_a_receiver_killed_mid_write_has_every_batch_it_acknowledged(
     receiver = receive(
         "--grpc-listen", f"127.0.0.1:{port}", "--postgres-schema", schema, output=tmp_path / "r"
     )
+    acknowledged = send_until_killed(receiver, port, outbox)
+    assert acknowledged <= ledger(schema)  # what the agent may delete from its spool
+
+
+def send_until_killed(receiver: ReceiverProcess, port: int, outbox: Path) -> set[tuple[str, int]]:
+    """The outbox sent over gRPC as an agent sends it, the receiver SIGKILLed once it
+    acknowledged a third; the batches it acknowledged."""
     receiver.wait_ready("listening for gRPC")
     schemas = sorted(outbox.glob(f"*{SCHEMA_SUFFIX}"))
     payloads = [p.read_bytes() for p in [*schemas, *batch_files(outbox)]]
@@ -225,4 +244,72 @@ def test_a_receiver_killed_mid_write_has_every_batch_it_acknowledged(
                     receiver.process.send_signal(signal.SIGKILL)
     receiver.process.wait(10)
     assert len(acknowledged) >= len(payloads) // 3
-    assert acknowledged <= ledger(schema)  # what the agent may delete from its spool
+    return acknowledged
+
+
+def lake_values(lake: Path) -> Counter[Value]:
+    """The lake's signal values, read by DuckDB."""
+    relation = duckdb.sql(
+        f"SELECT * FROM read_parquet('{lake}/**/*.parquet', hive_partitioning = true, "
+        "union_by_name = true)"
+    )
+    assert relation is not None
+    table = relation.arrow()
+    if isinstance(table, pa.RecordBatchReader):
+        table = table.read_all()
+    messages = table.column("message").to_pylist()
+    times = table.column("time").cast(pa.int64()).to_pylist()
+    values: Counter[Value] = Counter()
+    for name in table.column_names:
+        if name in {"time", "bus", "can_id", "rule", "vehicle", "message", "date"}:
+            continue
+        for message, t_us, value in zip(
+            messages, times, table.column(name).to_pylist(), strict=True
+        ):
+            if value is not None:
+                values[(message, name, t_us, float(value))] += 1
+    return values
+
+
+def test_the_parquet_lake_reads_back_in_duckdb_as_sent(
+    outbox: Path, sent: Counter[Value], tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    # A batch at a time, as they come over a link, with files rolled at 20 kB.
+    receiver = Receiver(ParquetSink(lake, roll_bytes=20_000))
+    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]:
+        receiver.accept(path.read_bytes(), str(path))
+        receiver.flush()
+    receiver.finish()
+    assert receiver.stats.rejected == 0
+    files = list(lake.rglob("*.parquet"))
+    assert len(files) > 2 * len({k[0] for k in sent})  # rolled by size
+    assert not list((lake / "_journal").rglob("*.arrow"))  # all closed at the end
+    assert lake_values(lake) == sent
+    dataset = pads.dataset(lake, format="parquet", partitioning="hive")
+    frames = sum(read_envelope(p.read_bytes()).frames for p in batch_files(outbox))
+    assert dataset.count_rows() == frames
+    schema = pq.read_schema(files[0])
+    assert schema.field("time").type == pa.timestamp("us", tz="UTC")
+
+
+def test_a_parquet_receiver_killed_mid_write_recovers_what_it_acknowledged(
+    outbox: Path, tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    port = free_port()
+    receiver = ReceiverProcess(
+        tmp_path / "r", "--grpc-listen", f"127.0.0.1:{port}", "--parquet", lake
+    )
+    acknowledged = send_until_killed(receiver, port, outbox)
+    assert not list(lake.rglob("*.parquet"))  # none rolled: all of it in the journal
+    # The next start takes the journal back, and closes it into files as it stops.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ReceiverProcess(
+        tmp_path / "r2", "--dir", empty, "--parquet", lake, "--idle-exit", "0.2"
+    ).finish()
+    names = {batch_file_name(stream, sequence) for stream, sequence in acknowledged}
+    files = [path for path in batch_files(outbox) if path.name in names]
+    assert len(files) == len(acknowledged)
+    assert not values_of(outbox, files) - lake_values(lake)  # every acknowledged value

@@ -429,22 +429,29 @@ class _Telemetry:
     ) -> AsyncIterator[pb.Ack]:
         peer = context.peer()
         acks: asyncio.Queue[pb.Ack] = asyncio.Queue()
+        unanswered = 0  # data batches of this stream not yet written or refused
 
         def done(envelope: pb.Batch | None) -> None:
+            nonlocal unanswered
+            unanswered -= 1
             # A batch that was refused is not acknowledged: the agent keeps it.
             if envelope is not None:
                 acks.put_nowait(pb.Ack(stream_id=envelope.stream_id, sequence=envelope.sequence))
 
         async def read() -> None:
-            # Announcements need no ack: the stream delivers them in order.
+            nonlocal unanswered
             async for payload in request_iterator:
-                self.receiver.accept(payload, f"grpc {peer}", done)
+                unanswered += 1
+                envelope = self.receiver.accept(payload, f"grpc {peer}", done)
+                if envelope is not None and envelope.schema:
+                    unanswered -= 1  # announcements need no ack: the stream keeps order
 
         reading = asyncio.ensure_future(read())
         try:
-            while not reading.done() or not acks.empty():
+            # Once the agent stops sending, the acks of what is still being written follow.
+            while not reading.done() or not acks.empty() or (unanswered and self.receiver.pending):
                 ack = asyncio.ensure_future(acks.get())
-                await asyncio.wait({ack, reading}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({ack, reading}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
                 if ack.done():
                     yield ack.result()
                 else:
