@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench soak run proto broker postgres systemd-tools install-service vm-test clean
+.PHONY: install test lint bench soak run proto broker postgres systemd-tools install-service vm-test fleet-bench clean
 
 install: $(STAMP)
 
@@ -66,6 +66,12 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# A fleet (FLEET_VEHICLES simulated vehicles, 25 per process, at real time) through one
+# mosquitto into two receivers of a share group writing to PostgreSQL (bench/fleet.py).
+FLEET_VEHICLES ?= 100
+fleet-bench: install broker postgres
+	$(BIN)/python -m bench.fleet --vehicles $(FLEET_VEHICLES)
 
 # Replayed traffic for SOAK_SECONDS with the broker and the agent killed at random moments:
 # frames sent, received, lost, and the drops the agent counted (see bench/soak.py).
