@@ -98,7 +98,11 @@ def stored(schema: str) -> Counter[Value]:
 
 
 def ledger(schema: str) -> set[tuple[str, int]]:
+    """The batches in the ledger; none before the receiver made its tables."""
     with psycopg.connect(PG_URL) as connection:
+        made = connection.execute("SELECT to_regclass(%s)", (f"{schema}.batches",)).fetchone()
+        if made is None or made[0] is None:
+            return set()
         rows = connection.execute(f"SELECT stream_id, sequence FROM {schema}.batches").fetchall()
     return {(str(s), int(n)) for s, n in rows}
 
@@ -144,6 +148,32 @@ def test_a_batch_delivered_twice_is_written_once(
         ).fetchone()
     assert versions == [(1,)]
     assert latest is not None and latest[0] == latest[1] == len({k[:2] for k in sent})
+
+
+def test_a_receiver_whose_database_session_ends_writes_again_over_a_new_one(
+    outbox: Path, sent: Counter[Value], schema: str, tmp_path: Path
+) -> None:
+    files = [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    half = len(files) // 2
+    for path in files[:half]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    receiver = receive("--dir", folder, "--postgres-schema", schema, output=tmp_path / "r")
+    wait_for(lambda: len(ledger(schema)) == half - 1, "the first half written")
+    with psycopg.connect(PG_URL, autocommit=True) as connection:
+        ended = connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"telemetry-agent receive {schema}",),
+        ).fetchall()
+    assert ended == [(True,)]
+    for path in files[half:]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    wait_for(lambda: len(ledger(schema)) == len(files) - 1, "the second half written")
+    receiver.process.send_signal(signal.SIGINT)
+    summary = receiver.finish()
+    assert "the sink failed" in summary
+    assert stored(schema) == sent
 
 
 def publish(port: int, outbox: Path, progress: threading.Event, at: int) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from agent.cloud.parser import ReceivedBatch
 from agent.cloud.sinks.base import Sink
@@ -96,7 +97,7 @@ _PG_EPOCH_US = 946_684_800_000_000
 SeriesKey = tuple[str, str, str, str, str]  # vehicle, bus, message, signal, rule
 
 
-def migrate(connection: psycopg.Connection[tuple[object, ...]], schema: str) -> int:
+def migrate(connection: psycopg.Connection[TupleRow], schema: str) -> int:
     """Bring `schema` to the last version, once across receivers that start together; the
     version it is at."""
     s = sql.Identifier(schema)
@@ -113,7 +114,7 @@ def migrate(connection: psycopg.Connection[tuple[object, ...]], schema: str) -> 
         row = connection.execute(
             sql.SQL("SELECT coalesce(max(version), 0) FROM {}.schema_migrations").format(s)
         ).fetchone()
-        current = int(row[0]) if row else 0  # type: ignore[call-overload]
+        current = int(row[0]) if row else 0
         for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
             connection.execute(sql.SQL(script).format(s=s))
             connection.execute(
@@ -129,8 +130,9 @@ class PostgresSink(Sink):
     were new, then the latest values. Committed means durable (synchronous_commit)."""
 
     def __init__(self, url: str, schema: str = DEFAULT_SCHEMA) -> None:
+        self.url = url
         self.schema = schema
-        self.connection = psycopg.connect(url, autocommit=True)
+        self.connection = self._connect()
         migrate(self.connection, schema)
         self._series: dict[SeriesKey, int] = {}
         s = sql.Identifier(schema)
@@ -163,7 +165,16 @@ class PostgresSink(Sink):
             "AS k(vehicle, bus, message, signal, rule) USING (vehicle, bus, message, signal, rule)"
         ).format(s=s)
 
+    def _connect(self) -> psycopg.Connection[TupleRow]:
+        return psycopg.connect(
+            self.url, autocommit=True, application_name=f"telemetry-agent receive {self.schema}"
+        )
+
     def write(self, batches: Sequence[ReceivedBatch]) -> list[ReceivedBatch]:
+        if self.connection.broken or self.connection.closed:
+            # The database restarted, or ended this session: the receiver writes the same
+            # group again over a new one.
+            self.connection = self._connect()
         # Sorted, so two receivers claiming overlapping batches lock them in one order.
         batches = sorted(batches, key=lambda b: (b.stream_id, b.sequence))
         self._learn_series(batches)
@@ -245,7 +256,7 @@ class PostgresSink(Sink):
 
     def _write_latest(
         self,
-        cursor: psycopg.Cursor[tuple[object, ...]],
+        cursor: psycopg.Cursor[TupleRow],
         series: npt.NDArray[np.int32],
         time_us: npt.NDArray[np.int64],
         value: npt.NDArray[np.float64],
@@ -259,7 +270,7 @@ class PostgresSink(Sink):
         )
 
     def _write_raw(
-        self, cursor: psycopg.Cursor[tuple[object, ...]], batches: Sequence[ReceivedBatch]
+        self, cursor: psycopg.Cursor[TupleRow], batches: Sequence[ReceivedBatch]
     ) -> None:
         captures = [(b.vehicle_id, raw) for b in batches for raw in b.raw if len(raw.frames)]
         if not captures:
