@@ -254,9 +254,12 @@ class Receiver:
 
     def finish(self) -> None:
         """Write what is queued, count what still waits for a schema as rejected, and close
-        the sink."""
+        the sink. A sink that cannot write them (its database away) leaves them
+        unacknowledged: the agent or the broker sends them again."""
         try:
             self.flush()
+        except Exception as error:
+            log.error("%d batches not written, left unacknowledged: %s", self.pending, error)
         finally:
             for batch, origin, _ in self._waiting.values():
                 self._reject(
