@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=300,
         metavar="SECONDS",
-        help="close a partition's file once it is this old, as batches come (default 300)",
+        help="close a partition's file once it is this old (default 300)",
     )
     receive.add_argument(
         "--batches",

@@ -323,6 +323,23 @@ def test_the_parquet_lake_reads_back_in_duckdb_as_sent(
     assert schema.field("time").type == pa.timestamp("us", tz="UTC")
 
 
+def test_a_quiet_receiver_closes_its_parquet_files_by_age(outbox: Path, tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    receiver = ReceiverProcess(
+        tmp_path / "r", "--dir", outbox, "--parquet", lake, "--parquet-roll-s", "1"
+    )
+
+    def closed() -> bool:
+        journal = list((lake / "_journal").rglob("*.arrow"))
+        return bool(list(lake.rglob("*.parquet"))) and not journal
+
+    try:
+        wait_for(closed, "the files closed by age while no batch comes", 20)
+    finally:
+        receiver.process.send_signal(signal.SIGINT)
+        receiver.finish()
+
+
 def test_a_parquet_receiver_killed_mid_write_recovers_what_it_acknowledged(
     outbox: Path, tmp_path: Path
 ) -> None:

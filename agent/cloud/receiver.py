@@ -98,6 +98,9 @@ class ReceiverStats:
 #: announcements are the caller's to acknowledge.
 Done = Callable[[pb.Batch | None], None]
 
+#: How often a receiver with nothing to write hands its sink an empty group.
+IDLE_WRITE_S = 1.0
+
 #: Batches written in one `Sink.write` at most (one transaction, for PostgreSQL).
 MAX_GROUP = 512
 
@@ -219,9 +222,16 @@ class Receiver:
     async def write_pending(self) -> None:
         """The writer: the batches that queued up while the sink wrote the last group go to
         it as the next group, in a thread, so batches keep arriving meanwhile. A sink that
-        fails (its database away) gets the same group again a second later."""
+        fails (its database away) gets the same group again a second later. When nothing
+        comes, the sink gets an empty group every `IDLE_WRITE_S`."""
         while True:
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), IDLE_WRITE_S)
+            except TimeoutError:
+                # Nothing came: an empty group lets the sink close what has grown old.
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.sink.write, [])
+                continue
             self._wake.clear()
             while self._pending:
                 group = self._group()

@@ -18,7 +18,8 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def write(self, batches: Sequence[ReceivedBatch]) -> list[ReceivedBatch]:
         """Keep these batches' records; the batches it already had (from an earlier
-        delivery, or another receiver), which it did not write again."""
+        delivery, or another receiver), which it did not write again. An empty group comes
+        about once a second while no batch does, for a sink to close what has grown old."""
 
     def close(self) -> None:
         """Finish what is open (the receiver stops)."""

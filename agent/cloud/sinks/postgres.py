@@ -171,6 +171,8 @@ class PostgresSink(Sink):
         )
 
     def write(self, batches: Sequence[ReceivedBatch]) -> list[ReceivedBatch]:
+        if not batches:
+            return []
         if self.connection.broken or self.connection.closed:
             # The database restarted, or ended this session: the receiver writes the same
             # group again over a new one.
