@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench soak run proto broker systemd-tools install-service vm-test clean
+.PHONY: install test lint bench soak run proto broker postgres systemd-tools install-service vm-test fleet-bench clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install broker systemd-tools
+test: install broker postgres systemd-tools
 	$(BIN)/python -m pytest -q
 	$(MAKE) lint
 
@@ -23,6 +23,23 @@ broker:
 	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+
+# tests/test_sinks.py writes into the PostgreSQL on 127.0.0.1:5432 (trust auth, database
+# `test`, a schema per test): install and start it where missing.
+postgres:
+	@pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		command -v pg_ctlcluster >/dev/null || { $$SUDO apt-get update -qq && \
+			$$SUDO apt-get install -y -qq postgresql >/dev/null; }; \
+		version=$$(ls /etc/postgresql | sort -n | tail -1); \
+		hba=/etc/postgresql/$$version/main/pg_hba.conf; \
+		$$SUDO grep -q '^host all all 127.0.0.1/32 trust' $$hba || \
+			$$SUDO sed -i '1i host all all 127.0.0.1/32 trust' $$hba; \
+		$$SUDO pg_ctlcluster $$version main start 2>/dev/null || \
+			$$SUDO pg_ctlcluster $$version main reload; \
+		for _ in 1 2 3 4 5 6 7 8 9 10; do pg_isready -q -h 127.0.0.1 && break; sleep 1; done; }
+	@psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" \
+		| grep -q 1 || createdb -h 127.0.0.1 -U postgres test
 
 # tests/test_deploy.py checks the unit with `systemd-analyze verify`: install it where missing.
 systemd-tools:
@@ -49,6 +66,12 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# A fleet (FLEET_VEHICLES simulated vehicles, 25 per process, at real time) through one
+# mosquitto into two receivers of a share group writing to PostgreSQL (bench/fleet.py).
+FLEET_VEHICLES ?= 100
+fleet-bench: install broker postgres
+	$(BIN)/python -m bench.fleet --vehicles $(FLEET_VEHICLES)
 
 # Replayed traffic for SOAK_SECONDS with the broker and the agent killed at random moments:
 # frames sent, received, lost, and the drops the agent counted (see bench/soak.py).

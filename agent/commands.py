@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from agent import __version__
 from agent.decode import (
@@ -27,6 +27,9 @@ from agent.exits import EX_CONFIG, EX_IOERR
 from agent.logs import LogError, formats, open_log
 from agent.memory import keep_freed_memory
 from agent.records import WRITERS
+
+if TYPE_CHECKING:
+    from agent.cloud.sinks.base import Sink
 
 _BUS_NAME = re.compile(r"[A-Za-z0-9_.*-]+")
 
@@ -273,7 +276,6 @@ def run_receive(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.cloud import receiver
-    from agent.cloud.sinks.jsonl import JsonLinesSink
     from agent.config import TlsConfig
 
     _log_to_stderr()
@@ -290,7 +292,12 @@ def run_receive(args: argparse.Namespace) -> int:
         batches = None
         if args.batches:
             batches = stack.enter_context(open(args.batches, "w", encoding="utf-8"))
-        receiving = receiver.Receiver(JsonLinesSink(out), batches)
+        try:
+            sink = _receiver_sink(args, out)
+        except Exception as error:  # the database or the folder refused
+            print(f"telemetry-agent receive: {error}", file=sys.stderr)
+            return 1
+        receiving = receiver.Receiver(sink, batches)
         if args.dir:
             work = receiver.receive_dir(receiving, Path(args.dir), args.idle_exit)
         elif args.mqtt:
@@ -319,6 +326,23 @@ def run_receive(args: argparse.Namespace) -> int:
             receiving.finish()
             print(receiving.stats.summary(), file=sys.stderr)
     return 0
+
+
+def _receiver_sink(args: argparse.Namespace, out: TextIO) -> Sink:
+    """The sink the options choose; each is imported only when chosen."""
+    if args.postgres:
+        from agent.cloud.sinks.postgres import PostgresSink
+
+        return PostgresSink(args.postgres, args.postgres_schema)
+    if args.parquet:
+        from agent.cloud.sinks.parquet import ParquetSink
+
+        return ParquetSink(
+            Path(args.parquet), int(args.parquet_roll_mb * 1024 * 1024), args.parquet_roll_s
+        )
+    from agent.cloud.sinks.jsonl import JsonLinesSink
+
+    return JsonLinesSink(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,6 +428,34 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--cert-file", metavar="PATH", help="TLS: this side's certificate")
     receive.add_argument("--key-file", metavar="PATH", help="TLS: this side's private key")
     receive.add_argument("--output", metavar="PATH", help="write records here (default: stdout)")
+    receive.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="write into PostgreSQL instead (postgresql://USER@HOST/DB; docs/sinks.md)",
+    )
+    receive.add_argument(
+        "--postgres-schema",
+        default="telemetry",
+        metavar="NAME",
+        help="the PostgreSQL schema of the tables, created where missing (default telemetry)",
+    )
+    receive.add_argument(
+        "--parquet", metavar="DIR", help="write a Parquet lake into DIR instead (docs/sinks.md)"
+    )
+    receive.add_argument(
+        "--parquet-roll-mb",
+        type=float,
+        default=64,
+        metavar="MB",
+        help="close a partition's file once its rows take this much memory (default 64)",
+    )
+    receive.add_argument(
+        "--parquet-roll-s",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="close a partition's file once it is this old (default 300)",
+    )
     receive.add_argument(
         "--batches",
         metavar="PATH",

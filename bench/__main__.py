@@ -24,6 +24,7 @@ ELSEWHERE = (
         "`sudo make vm-test`",
     ),
     ("soak: no frame lost with the broker and the agent killed at random", 4, "`make soak`"),
+    ("fleet: 100 vehicles into PostgreSQL, p99 under 5 s", 20, "`make fleet-bench`"),
 )
 
 SECTIONS: tuple[tuple[str, Callable[[], Report]], ...] = (

@@ -856,6 +856,7 @@ async def test_the_agent_counts_what_each_rule_kept_and_each_firing(tmp_path: Pa
     out = io.StringIO()
     receiver = Receiver(JsonLinesSink(out))
     accept_files(receiver, tmp_path / "outbox", set())
+    receiver.flush()
     assert receiver.stats.rejected == 0
     kept: dict[str, int] = {}
     for line in out.getvalue().splitlines():

@@ -391,7 +391,9 @@ async def test_failing_spool_writes_do_not_stop_the_agent(
     assert "writing to disk again" in caplog.text
     receiver_out = tmp_path / "received.jsonl"
     with open(receiver_out, "w") as out:
-        accept_files(Receiver(JsonLinesSink(out)), outbox, set())
+        receiver = Receiver(JsonLinesSink(out))
+        accept_files(receiver, outbox, set())
+        receiver.flush()
     assert canonical(records(receiver_out)) == canonical(decoded(tmp_path, "rav4"))
 
 

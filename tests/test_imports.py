@@ -51,3 +51,14 @@ def test_the_receiver_loads_nothing_of_the_device_side() -> None:
         or m in {"agent.spool", "agent.service", "agent.batcher", "agent.pipeline", "can"}
     }
     assert device == set()
+
+
+def test_the_receiver_loads_a_sink_library_only_when_its_sink_is_chosen() -> None:
+    # The gateway's install has no `cloud` extra: JSON Lines must not need it.
+    modules = loaded(
+        "from agent.commands import build_parser, _receiver_sink\n"
+        "import io\n"
+        "_receiver_sink(build_parser().parse_args(['receive', '--dir', '.']), io.StringIO())\n"
+    )
+    assert "agent.cloud.sinks.jsonl" in modules
+    assert not {"psycopg", "pyarrow", "duckdb"} & modules

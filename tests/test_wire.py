@@ -218,6 +218,7 @@ def test_the_receiver_rejects_an_oversized_batch_and_keeps_going(tmp_path: Path)
     assert receiver.accept(b"\0" * (MAX_BATCH_BYTES + 1), "big") is None
     assert receiver.accept(announcement, "schema") is not None
     assert receiver.accept(payload, "batch") is not None
+    receiver.flush()
     assert (receiver.stats.rejected, receiver.stats.batches) == (1, 1)
     assert out.getvalue().count("\n") == receiver.stats.frames > 0
 

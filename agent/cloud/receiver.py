@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -28,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import config
-from agent.cloud.parser import SchemaStore, UnknownSchema, parse_batch
+from agent.cloud.parser import ReceivedBatch, SchemaStore, UnknownSchema, parse_batch
 from agent.cloud.sinks.base import Sink
 from agent.config import URL_SCHEMES, TlsConfig, split_url
 from agent.tls import client_context
@@ -92,10 +93,30 @@ class ReceiverStats:
         )
 
 
+#: Called once the receiver is done with a batch: with its envelope once the sink has it
+#: durably (written now, or before), with None when it is refused for good. Schema
+#: announcements are the caller's to acknowledge.
+Done = Callable[[pb.Batch | None], None]
+
+#: How often a receiver with nothing to write hands its sink an empty group.
+IDLE_WRITE_S = 1.0
+
+#: Batches written in one `Sink.write` at most (one transaction, for PostgreSQL).
+MAX_GROUP = 512
+
+
+@dataclass
+class _Pending:
+    envelope: pb.Batch
+    batch: ReceivedBatch
+    done: list[Done]
+
+
 class Receiver:
-    """Hands each batch taken to `sink` and, where given, writes one line per batch taken to
-    `batches` in arrival order (stream, sequence, frames; duplicates marked), for audits
-    of what arrived."""
+    """Hands the batches it takes to `sink`, in groups, from a writer task (`write_pending`)
+    and calls each batch's `Done` once `sink.write` returned; where given, writes one line
+    per batch taken to `batches` as it is written (stream, sequence, frames; duplicates
+    marked), for audits of what arrived."""
 
     def __init__(self, sink: Sink, batches: TextIO | None = None) -> None:
         self.sink = sink
@@ -103,65 +124,134 @@ class Receiver:
         self.stats = ReceiverStats()
         self.schemas = SchemaStore()
         self._seen: dict[str, _Seen] = {}
-        self._waiting: OrderedDict[tuple[str, int], tuple[pb.Batch, str]] = OrderedDict()
+        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._waiting: OrderedDict[tuple[str, int], tuple[pb.Batch, str, Done | None]] = (
+            OrderedDict()
+        )
+        self._wake = asyncio.Event()
         self.last_batch = time.monotonic()
 
-    def accept(self, payload: bytes, origin: str) -> pb.Batch | None:
-        """Take a batch or a schema announcement: write a batch's records unless it is a
-        duplicate, or hold it until its schema comes. Its envelope once taken (written, a
+    def accept(self, payload: bytes, origin: str, done: Done | None = None) -> pb.Batch | None:
+        """Take a batch or a schema announcement: queue a batch for the sink unless it is a
+        duplicate, or hold it until its schema comes. Its envelope once taken (queued, a
         duplicate, or an announcement); None when rejected or held."""
         self.last_batch = time.monotonic()
         if len(payload) > MAX_BATCH_BYTES:
-            self._reject(origin, f"{len(payload)} bytes exceed {MAX_BATCH_BYTES}")
+            self._reject(origin, f"{len(payload)} bytes exceed {MAX_BATCH_BYTES}", done)
             return None
         try:
             batch = read_envelope(payload)
         except WireError as error:
-            self._reject(origin, str(error))
+            self._reject(origin, str(error), done)
             return None
         if batch.schema:
             try:
                 schema_id = self.schemas.add(batch, MAX_BODY_BYTES)
             except WireError as error:
-                self._reject(origin, str(error))
+                self._reject(origin, str(error), None)
                 return None
             self.stats.schemas += 1
-            for key, (waiting, where) in list(self._waiting.items()):
+            for key, (waiting, where, waiting_done) in list(self._waiting.items()):
                 if waiting.schema_id == schema_id:
                     del self._waiting[key]
-                    self._data(waiting, where)
+                    self._data(waiting, where, waiting_done)
             return batch
-        return batch if self._data(batch, origin) else None
+        return batch if self._data(batch, origin, done) else None
 
-    def _reject(self, origin: str, reason: str) -> None:
+    def _reject(self, origin: str, reason: str, done: Done | None) -> None:
         self.stats.rejected += 1
         log.error("%s: rejected: %s", origin, reason)
+        if done is not None:
+            done(None)
 
-    def _data(self, batch: pb.Batch, origin: str) -> bool:
+    def _data(self, batch: pb.Batch, origin: str, done: Done | None) -> bool:
         seen = self._seen.setdefault(batch.stream_id, _Seen())
+        key = (batch.stream_id, batch.sequence)
         if batch.sequence in seen:
             self.stats.duplicates += 1
             self._log_batch(batch, duplicate=True)
+            if done is not None:
+                done(batch)
+            return True
+        pending = self._pending.get(key)
+        if pending is not None:
+            # Acknowledged with the first delivery, once that is written: not before.
+            self.stats.duplicates += 1
+            self._log_batch(batch, duplicate=True)
+            if done is not None:
+                pending.done.append(done)
             return True
         try:
             received = parse_batch(batch, self.schemas, max_body_bytes=MAX_BODY_BYTES)
         except UnknownSchema:
-            # Held, not taken: the caller does not acknowledge it, so a gRPC agent keeps
-            # it and sends it again (with its schema, after reconnecting).
-            self._waiting[(batch.stream_id, batch.sequence)] = (batch, origin)
+            # Held, not taken: not acknowledged until written, so a gRPC agent keeps it
+            # and sends it again (with its schema, after reconnecting).
+            self._waiting[key] = (batch, origin, done)
             if len(self._waiting) > MAX_WAITING:
-                _, (oldest, where) = self._waiting.popitem(last=False)
-                self._reject(where, f"batch {oldest.sequence}: its schema never came")
+                _, (oldest, where, oldest_done) = self._waiting.popitem(last=False)
+                self._reject(where, f"batch {oldest.sequence}: its schema never came", oldest_done)
             return False
         except WireError as error:
-            self._reject(origin, str(error))
+            self._reject(origin, str(error), done)
             return False
-        seen.add(batch.sequence)
-        self.stats.batches += 1
-        self.stats.frames += received.frames
-        self.sink.write(received)
-        self._log_batch(batch, duplicate=False)
+        self._pending[key] = _Pending(batch, received, [done] if done is not None else [])
+        self._wake.set()
         return True
+
+    def _group(self) -> list[_Pending]:
+        return list(itertools.islice(self._pending.values(), MAX_GROUP))
+
+    def _written(self, group: list[_Pending], already: list[ReceivedBatch]) -> None:
+        """Count and acknowledge a group the sink has; `already` it had before."""
+        before = {(b.stream_id, b.sequence) for b in already}
+        for pending in group:
+            envelope = pending.envelope
+            key = (envelope.stream_id, envelope.sequence)
+            del self._pending[key]
+            self._seen.setdefault(envelope.stream_id, _Seen()).add(envelope.sequence)
+            if key in before:
+                self.stats.duplicates += 1
+                self._log_batch(envelope, duplicate=True)
+            else:
+                self.stats.batches += 1
+                self.stats.frames += pending.batch.frames
+                self._log_batch(envelope, duplicate=False)
+            for done in pending.done:
+                done(envelope)
+
+    async def write_pending(self) -> None:
+        """The writer: the batches that queued up while the sink wrote the last group go to
+        it as the next group, in a thread, so batches keep arriving meanwhile. A sink that
+        fails (its database away) gets the same group again a second later. When nothing
+        comes, the sink gets an empty group every `IDLE_WRITE_S`."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), IDLE_WRITE_S)
+            except TimeoutError:
+                # Nothing came: an empty group lets the sink close what has grown old.
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.sink.write, [])
+                continue
+            self._wake.clear()
+            while self._pending:
+                group = self._group()
+                try:
+                    already = await asyncio.to_thread(self.sink.write, [p.batch for p in group])
+                except Exception as error:
+                    log.error("the sink failed: %s; writing again in 1 s", error)
+                    await asyncio.sleep(1)
+                    continue
+                self._written(group, already)
+
+    def flush(self) -> None:
+        """Write what is still queued, here and now (the receiver stops)."""
+        while self._pending:
+            group = self._group()
+            self._written(group, self.sink.write([p.batch for p in group]))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     def _log_batch(self, batch: pb.Batch, duplicate: bool) -> None:
         if self.batches is None:
@@ -173,24 +263,34 @@ class Receiver:
         self.batches.flush()
 
     def finish(self) -> None:
-        """Count what still waits for a schema as rejected, and close the sink."""
-        for batch, origin in self._waiting.values():
-            self._reject(
-                origin, f"batch {batch.sequence}: schema {batch.schema_id.hex()[:16]} never came"
-            )
-        self._waiting.clear()
-        self.sink.close()
+        """Write what is queued, count what still waits for a schema as rejected, and close
+        the sink. A sink that cannot write them (its database away) leaves them
+        unacknowledged: the agent or the broker sends them again."""
+        try:
+            self.flush()
+        except Exception as error:
+            log.error("%d batches not written, left unacknowledged: %s", self.pending, error)
+        finally:
+            for batch, origin, _ in self._waiting.values():
+                self._reject(
+                    origin,
+                    f"batch {batch.sequence}: schema {batch.schema_id.hex()[:16]} never came",
+                    None,
+                )
+            self._waiting.clear()
+            self.sink.close()
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_batch
 
 
 async def _until_idle(receiver: Receiver, idle_exit: float | None) -> None:
-    """Returns once no batch came for `idle_exit` seconds (never, when None)."""
+    """Returns once no batch came for `idle_exit` seconds and all are written (never, when
+    None)."""
     if idle_exit is None:
         await asyncio.Event().wait()
     assert idle_exit is not None
-    while receiver.idle_for() < idle_exit:
+    while receiver.idle_for() < idle_exit or receiver.pending:
         await asyncio.sleep(min(0.1, idle_exit))
 
 
@@ -224,7 +324,7 @@ async def receive_dir(receiver: Receiver, folder: Path, idle_exit: float | None)
             accept_files(receiver, folder, done)
             await asyncio.sleep(0.1)
 
-    await _race(poll(), _until_idle(receiver, idle_exit))
+    await _race(poll(), receiver.write_pending(), _until_idle(receiver, idle_exit))
 
 
 async def receive_mqtt(
@@ -239,28 +339,37 @@ async def receive_mqtt(
     """Batches from `topics[0]` (shared by the group `share`, where given), and schema
     announcements from `topics[1]` (never shared: every receiver needs every schema).
     With `session`, the client id: the broker keeps the subscription, and the batches that
-    come while the receiver is away, for its next connection."""
+    come while the receiver is away, for its next connection.
+
+    A batch is acknowledged (PUBACK) only once the sink has it, so the broker sends again
+    what a receiver killed mid-write had not written. The announcements come over a
+    connection of their own: batches waiting for their schema, unacknowledged, could
+    otherwise fill the broker's window of unacknowledged messages and keep it out."""
     host, port, use_tls = split_url(url, URL_SCHEMES["mqtt"])
     use_tls = use_tls or tls is not None
     topic, schema_topic = topics
     subscription = f"$share/{share}/{topic}" if share else topic
+    schemas_subscribed = asyncio.Event()
+    name = f"telemetry-receiver-{uuid.uuid4().hex[:12]}"
 
-    async def listen() -> None:
+    def client(identifier: str, properties: Properties | None, clean: bool) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            host,
+            port,
+            identifier=identifier,
+            protocol=ProtocolVersion.V5,
+            clean_start=clean,
+            properties=properties,
+            tls_context=client_context(tls) if use_tls else None,
+        )
+
+    async def listen_schemas() -> None:
         while True:
             try:
-                async with aiomqtt.Client(
-                    host,
-                    port,
-                    identifier=session or f"telemetry-receiver-{uuid.uuid4().hex[:12]}",
-                    protocol=ProtocolVersion.V5,
-                    clean_start=session is None,
-                    properties=_session_properties() if session else None,
-                    tls_context=client_context(tls) if use_tls else None,
-                ) as client:
-                    await client.subscribe(schema_topic, qos=1)
-                    await client.subscribe(subscription, qos=1)
-                    log.info("subscribed to %s and %s on %s", subscription, schema_topic, url)
-                    async for message in client.messages:
+                async with client(f"{name}-schemas", None, True) as schemas:
+                    await schemas.subscribe(schema_topic, qos=1)
+                    schemas_subscribed.set()
+                    async for message in schemas.messages:
                         payload = message.payload
                         if isinstance(payload, bytes | bytearray):
                             receiver.accept(bytes(payload), f"{url} {message.topic}")
@@ -268,13 +377,58 @@ async def receive_mqtt(
                 log.warning("%s: %s; reconnecting in 1 s", url, error)
                 await asyncio.sleep(1)
 
-    await _race(listen(), _until_idle(receiver, idle_exit))
+    async def listen_batches() -> None:
+        await schemas_subscribed.wait()
+        while True:
+            batches = client(session or name, _batch_properties(session), session is None)
+            # Before connecting: a session's queued batches come right after CONNACK.
+            batches._client.manual_ack_set(True)
+            try:
+                async with batches:
+                    await batches.subscribe(subscription, qos=1)
+                    log.info("subscribed to %s and %s on %s", subscription, schema_topic, url)
+                    async for message in batches.messages:
+                        payload = message.payload
+                        done = _puback(batches, message)
+                        if isinstance(payload, bytes | bytearray):
+                            receiver.accept(bytes(payload), f"{url} {message.topic}", done)
+                        else:
+                            done(None)
+            except aiomqtt.MqttError as error:
+                log.warning("%s: %s; reconnecting in 1 s", url, error)
+                await asyncio.sleep(1)
+
+    await _race(
+        listen_schemas(),
+        listen_batches(),
+        receiver.write_pending(),
+        _until_idle(receiver, idle_exit),
+    )
 
 
-def _session_properties() -> Properties:
+#: Unacknowledged batches the broker may send a receiver at once (MQTT 5 Receive
+#: Maximum): the groups the sink writes in one go come from this window.
+RECEIVE_MAXIMUM = 1000
+
+
+def _batch_properties(session: str | None) -> Properties:
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    properties.SessionExpiryInterval = SESSION_EXPIRY_S
+    properties.ReceiveMaximum = RECEIVE_MAXIMUM
+    if session:
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
     return properties
+
+
+def _puback(client: aiomqtt.Client, message: aiomqtt.Message) -> Done:
+    """The PUBACK of one message, on the connection it came over (on a later one its
+    message id means nothing: the broker sends it again there instead)."""
+    paho = client._client
+
+    def done(_: pb.Batch | None) -> None:
+        if message.qos > 0:
+            paho.ack(message.mid, message.qos)
+
+    return done
 
 
 class _Telemetry:
@@ -287,12 +441,37 @@ class _Telemetry:
         self, request_iterator: AsyncIterator[bytes], context: aio.ServicerContext[bytes, pb.Ack]
     ) -> AsyncIterator[pb.Ack]:
         peer = context.peer()
-        async for payload in request_iterator:
-            envelope = self.receiver.accept(payload, f"grpc {peer}")
-            # A batch that was not taken is not acknowledged: the agent keeps it.
-            # Announcements need no ack: the stream delivers them in order.
-            if envelope is not None and not envelope.schema:
-                yield pb.Ack(stream_id=envelope.stream_id, sequence=envelope.sequence)
+        acks: asyncio.Queue[pb.Ack] = asyncio.Queue()
+        unanswered = 0  # data batches of this stream not yet written or refused
+
+        def done(envelope: pb.Batch | None) -> None:
+            nonlocal unanswered
+            unanswered -= 1
+            # A batch that was refused is not acknowledged: the agent keeps it.
+            if envelope is not None:
+                acks.put_nowait(pb.Ack(stream_id=envelope.stream_id, sequence=envelope.sequence))
+
+        async def read() -> None:
+            nonlocal unanswered
+            async for payload in request_iterator:
+                unanswered += 1
+                envelope = self.receiver.accept(payload, f"grpc {peer}", done)
+                if envelope is not None and envelope.schema:
+                    unanswered -= 1  # announcements need no ack: the stream keeps order
+
+        reading = asyncio.ensure_future(read())
+        try:
+            # Once the agent stops sending, the acks of what is still being written follow.
+            while not reading.done() or not acks.empty() or (unanswered and self.receiver.pending):
+                ack = asyncio.ensure_future(acks.get())
+                await asyncio.wait({ack, reading}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+                if ack.done():
+                    yield ack.result()
+                else:
+                    ack.cancel()
+            reading.result()
+        finally:
+            reading.cancel()
 
 
 def grpc_server(receiver: Receiver, listen: str, tls: TlsConfig | None = None) -> aio.Server:
@@ -332,7 +511,7 @@ async def receive_grpc(
     await server.start()
     log.info("listening for gRPC batches on %s", listen)
     try:
-        await _until_idle(receiver, idle_exit)
+        await _race(receiver.write_pending(), _until_idle(receiver, idle_exit))
     finally:
         await server.stop(grace=1)
 

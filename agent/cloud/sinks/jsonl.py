@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TextIO
 
 from agent.cloud.parser import ReceivedBatch
@@ -13,6 +14,8 @@ class JsonLinesSink(Sink):
     def __init__(self, out: TextIO) -> None:
         self.out = out
 
-    def write(self, batch: ReceivedBatch) -> None:
-        JsonLinesWriter(self.out, vehicle=batch.vehicle_id).write(batch.blocks, batch.raw)
+    def write(self, batches: Sequence[ReceivedBatch]) -> list[ReceivedBatch]:
+        for batch in batches:
+            JsonLinesWriter(self.out, vehicle=batch.vehicle_id).write(batch.blocks, batch.raw)
         self.out.flush()
+        return []

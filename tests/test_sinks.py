@@ -1,0 +1,362 @@
+"""The receiver's sinks against the real things: PostgreSQL on 127.0.0.1:5432 (`make
+postgres` starts it; each test has a schema of its own), mosquitto with MQTT 5 shared
+subscriptions, receivers killed with SIGKILL mid-stream. What arrives is compared with
+what the agent sent: the batches of one agent run, taken once into JSON Lines as the
+reference."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import grpc
+import paho.mqtt.client as paho
+import psycopg
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.cloud.receiver import Receiver
+from agent.cloud.sinks.jsonl import JsonLinesSink
+from agent.cloud.sinks.parquet import ParquetSink
+from agent.wire import telemetry_pb2 as pb
+from agent.wire.envelope import read_envelope
+from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX, batch_file_name
+from tests.data import REPO
+from tests.services import ReceiverProcess, broker, free_port, persistent_settings, run_agent
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEMO_DBC = REPO / "dbc" / "demo.dbc"
+
+Value = tuple[str, str, int, float]  # message, signal, time in us, value
+
+
+@pytest.fixture(scope="module")
+def outbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The batch files of a minute of simulated traffic, a batch every quarter second."""
+    folder = tmp_path_factory.mktemp("agent")
+    config = folder / "agent.toml"
+    config.write_text(
+        f'vehicle_id = "sink-test"\nstate_dir = "{folder}"\n'
+        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = 60\n'
+        f'dbc = ["{DEMO_DBC}"]\n[batch]\nmax_age_ms = 250\n'
+        f'[uplink]\nkind = "file"\nurl = "{folder / "outbox"}"\n[metrics]\nlisten = ""\n'
+    )
+    result = run_agent(config)
+    assert result.returncode == 0, result.stderr
+    return folder / "outbox"
+
+
+@pytest.fixture(scope="module")
+def sent(outbox: Path) -> Counter[Value]:
+    """Every signal value of the outbox, as the JSON Lines sink writes them."""
+    return values_of(outbox, batch_files(outbox))
+
+
+def values_of(outbox: Path, files: list[Path]) -> Counter[Value]:
+    """The signal values of these batch files, as the JSON Lines sink writes them."""
+    out = io.StringIO()
+    receiver = Receiver(JsonLinesSink(out))
+    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *files]:
+        receiver.accept(path.read_bytes(), str(path))
+    receiver.finish()
+    values: Counter[Value] = Counter()
+    for line in out.getvalue().splitlines():
+        record = json.loads(line, parse_float=Decimal)
+        t_us = int(record["t"] * 1_000_000)
+        for name, value in record["signals"].items():
+            values[(record["message"], name, t_us, float(value))] += 1
+    return values
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(PG_URL, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+def stored(schema: str) -> Counter[Value]:
+    with psycopg.connect(PG_URL) as connection:
+        rows = connection.execute(
+            "SELECT message, signal, (extract(epoch FROM time) * 1000000)::bigint, value "
+            f"FROM {schema}.signals"
+        ).fetchall()
+    return Counter((str(m), str(s), int(t), float(v)) for m, s, t, v in rows)
+
+
+def ledger(schema: str) -> set[tuple[str, int]]:
+    """The batches in the ledger; none before the receiver made its tables."""
+    with psycopg.connect(PG_URL) as connection:
+        made = connection.execute("SELECT to_regclass(%s)", (f"{schema}.batches",)).fetchone()
+        if made is None or made[0] is None:
+            return set()
+        rows = connection.execute(f"SELECT stream_id, sequence FROM {schema}.batches").fetchall()
+    return {(str(s), int(n)) for s, n in rows}
+
+
+def batch_files(outbox: Path) -> list[Path]:
+    return sorted(outbox.glob(f"*{SUFFIX}"))
+
+
+def wait_for(check: object, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def receive(*args: str | Path, output: Path) -> ReceiverProcess:
+    return ReceiverProcess(output, *args, "--postgres", PG_URL)
+
+
+def test_a_batch_delivered_twice_is_written_once(
+    outbox: Path, sent: Counter[Value], schema: str, tmp_path: Path
+) -> None:
+    # Two receivers on the same batches at once (as two of a share group would be, after a
+    # redelivery), then a third over all of them again.
+    together = [
+        receive("--dir", outbox, "--postgres-schema", schema, "--idle-exit", "1", output=out)
+        for out in (tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    ]
+    summaries = [r.finish() for r in together]
+    again = receive(
+        "--dir", outbox, "--postgres-schema", schema, "--idle-exit", "1", output=tmp_path / "c"
+    ).finish()
+    assert stored(schema) == sent
+    written = sum(int(s.split(" batches received")[0].split()[-1]) for s in summaries)
+    assert written == len(batch_files(outbox)), summaries
+    assert f"0 batches received, {len(batch_files(outbox))} duplicates dropped" in again
+    with psycopg.connect(PG_URL) as connection:
+        versions = connection.execute(f"SELECT version FROM {schema}.schema_migrations").fetchall()
+        latest = connection.execute(
+            f"SELECT count(*), count(DISTINCT (message, signal)) FROM {schema}.latest_values"
+        ).fetchone()
+    assert versions == [(1,)]
+    assert latest is not None and latest[0] == latest[1] == len({k[:2] for k in sent})
+
+
+def test_a_receiver_whose_database_session_ends_writes_again_over_a_new_one(
+    outbox: Path, sent: Counter[Value], schema: str, tmp_path: Path
+) -> None:
+    files = [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    half = len(files) // 2
+    for path in files[:half]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    receiver = receive("--dir", folder, "--postgres-schema", schema, output=tmp_path / "r")
+    wait_for(lambda: len(ledger(schema)) == half - 1, "the first half written")
+    with psycopg.connect(PG_URL, autocommit=True) as connection:
+        ended = connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"telemetry-agent receive {schema}",),
+        ).fetchall()
+    assert ended == [(True,)]
+    for path in files[half:]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    wait_for(lambda: len(ledger(schema)) == len(files) - 1, "the second half written")
+    receiver.process.send_signal(signal.SIGINT)
+    summary = receiver.finish()
+    assert "the sink failed" in summary
+    assert stored(schema) == sent
+
+
+def publish(port: int, outbox: Path, progress: threading.Event, at: int) -> None:
+    """Publish the outbox as the agent does (QoS 1, the schema retained), each batch once
+    the broker acknowledged the one before; `progress` is set after `at` batches."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for path in sorted(outbox.glob(f"*{SCHEMA_SUFFIX}")):
+            topic = f"vehicles/sink-test/schema/{path.name.removesuffix(SCHEMA_SUFFIX)}"
+            client.publish(topic, path.read_bytes(), qos=1, retain=True).wait_for_publish(10)
+        for k, path in enumerate(batch_files(outbox)):
+            info = client.publish("vehicles/sink-test/telemetry", path.read_bytes(), qos=1)
+            info.wait_for_publish(10)
+            if k == at:
+                progress.set()
+            time.sleep(0.01)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_two_receivers_of_a_share_group_one_killed_write_every_batch_once(
+    outbox: Path, sent: Counter[Value], schema: str, tmp_path: Path
+) -> None:
+    with broker(tmp_path, persistent_settings(tmp_path)) as mqtt:
+
+        def start(k: int) -> ReceiverProcess:
+            receiver = receive(
+                "--mqtt",
+                mqtt.url,
+                "--share",
+                "ingest",
+                "--session",
+                f"receiver-{k}",
+                "--postgres-schema",
+                schema,
+                output=tmp_path / f"r{k}-{time.monotonic_ns()}.out",
+            )
+            receiver.wait_ready("subscribed to")
+            return receiver
+
+        receivers = [start(0), start(1)]
+        progress = threading.Event()
+        count = len(batch_files(outbox))
+        publisher = threading.Thread(target=publish, args=(mqtt.port, outbox, progress, count // 3))
+        publisher.start()
+        try:
+            assert progress.wait(60)
+            # Mid-stream and mid-write: it has written some, and has more in hand.
+            receivers[0].process.send_signal(signal.SIGKILL)
+            receivers[0].process.wait(10)
+            written_before = len(ledger(schema))
+            receivers[0] = start(0)
+        finally:
+            publisher.join(120)
+        wait_for(lambda: len(ledger(schema)) == count, "every batch in the ledger", 60)
+        for receiver in receivers:
+            receiver.process.send_signal(signal.SIGINT)
+        summaries = [receiver.finish() for receiver in receivers]
+    assert 0 < written_before < count
+    assert stored(schema) == sent, summaries  # every value, once
+
+
+def test_a_receiver_killed_mid_write_has_every_batch_it_acknowledged(
+    outbox: Path, schema: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    receiver = receive(
+        "--grpc-listen", f"127.0.0.1:{port}", "--postgres-schema", schema, output=tmp_path / "r"
+    )
+    acknowledged = send_until_killed(receiver, port, outbox)
+    assert acknowledged <= ledger(schema)  # what the agent may delete from its spool
+
+
+def send_until_killed(receiver: ReceiverProcess, port: int, outbox: Path) -> set[tuple[str, int]]:
+    """The outbox sent over gRPC as an agent sends it, the receiver SIGKILLed once it
+    acknowledged a third; the batches it acknowledged."""
+    receiver.wait_ready("listening for gRPC")
+    schemas = sorted(outbox.glob(f"*{SCHEMA_SUFFIX}"))
+    payloads = [p.read_bytes() for p in [*schemas, *batch_files(outbox)]]
+
+    def requests() -> Iterator[bytes]:
+        yield from payloads
+
+    acknowledged: set[tuple[str, int]] = set()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = channel.stream_stream(
+            "/telemetry.v1.Telemetry/Stream",
+            request_serializer=None,
+            response_deserializer=pb.Ack.FromString,
+        )
+        with pytest.raises(grpc.RpcError):
+            for ack in stream(requests()):
+                acknowledged.add((ack.stream_id, ack.sequence))
+                if len(acknowledged) == len(payloads) // 3:
+                    receiver.process.send_signal(signal.SIGKILL)
+    receiver.process.wait(10)
+    assert len(acknowledged) >= len(payloads) // 3
+    return acknowledged
+
+
+def lake_values(lake: Path) -> Counter[Value]:
+    """The lake's signal values, read by DuckDB."""
+    relation = duckdb.sql(
+        f"SELECT * FROM read_parquet('{lake}/**/*.parquet', hive_partitioning = true, "
+        "union_by_name = true)"
+    )
+    assert relation is not None
+    table = relation.arrow()
+    if isinstance(table, pa.RecordBatchReader):
+        table = table.read_all()
+    messages = table.column("message").to_pylist()
+    times = table.column("time").cast(pa.int64()).to_pylist()
+    values: Counter[Value] = Counter()
+    for name in table.column_names:
+        if name in {"time", "bus", "can_id", "rule", "vehicle", "message", "date"}:
+            continue
+        for message, t_us, value in zip(
+            messages, times, table.column(name).to_pylist(), strict=True
+        ):
+            if value is not None:
+                values[(message, name, t_us, float(value))] += 1
+    return values
+
+
+def test_the_parquet_lake_reads_back_in_duckdb_as_sent(
+    outbox: Path, sent: Counter[Value], tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    # A batch at a time, as they come over a link, with files rolled at 20 kB.
+    receiver = Receiver(ParquetSink(lake, roll_bytes=20_000))
+    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]:
+        receiver.accept(path.read_bytes(), str(path))
+        receiver.flush()
+    receiver.finish()
+    assert receiver.stats.rejected == 0
+    files = list(lake.rglob("*.parquet"))
+    assert len(files) > 2 * len({k[0] for k in sent})  # rolled by size
+    assert not list((lake / "_journal").rglob("*.arrow"))  # all closed at the end
+    assert lake_values(lake) == sent
+    dataset = pads.dataset(lake, format="parquet", partitioning="hive")
+    frames = sum(read_envelope(p.read_bytes()).frames for p in batch_files(outbox))
+    assert dataset.count_rows() == frames
+    schema = pq.read_schema(files[0])
+    assert schema.field("time").type == pa.timestamp("us", tz="UTC")
+
+
+def test_a_quiet_receiver_closes_its_parquet_files_by_age(outbox: Path, tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    receiver = ReceiverProcess(
+        tmp_path / "r", "--dir", outbox, "--parquet", lake, "--parquet-roll-s", "1"
+    )
+
+    def closed() -> bool:
+        journal = list((lake / "_journal").rglob("*.arrow"))
+        return bool(list(lake.rglob("*.parquet"))) and not journal
+
+    try:
+        wait_for(closed, "the files closed by age while no batch comes", 20)
+    finally:
+        receiver.process.send_signal(signal.SIGINT)
+        receiver.finish()
+
+
+def test_a_parquet_receiver_killed_mid_write_recovers_what_it_acknowledged(
+    outbox: Path, tmp_path: Path
+) -> None:
+    lake = tmp_path / "lake"
+    port = free_port()
+    receiver = ReceiverProcess(
+        tmp_path / "r", "--grpc-listen", f"127.0.0.1:{port}", "--parquet", lake
+    )
+    acknowledged = send_until_killed(receiver, port, outbox)
+    assert not list(lake.rglob("*.parquet"))  # none rolled: all of it in the journal
+    # The next start takes the journal back, and closes it into files as it stops.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ReceiverProcess(
+        tmp_path / "r2", "--dir", empty, "--parquet", lake, "--idle-exit", "0.2"
+    ).finish()
+    names = {batch_file_name(stream, sequence) for stream, sequence in acknowledged}
+    files = [path for path in batch_files(outbox) if path.name in names]
+    assert len(files) == len(acknowledged)
+    assert not values_of(outbox, files) - lake_values(lake)  # every acknowledged value
