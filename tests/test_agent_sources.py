@@ -34,6 +34,7 @@ def received_lines(outbox: Path) -> list[str]:
     out = io.StringIO()
     receiver = Receiver(JsonLinesSink(out))
     accept_files(receiver, outbox, set())
+    receiver.flush()
     assert receiver.stats.rejected == 0
     return sorted(line.replace(', "vehicle": "v1"', "") for line in out.getvalue().splitlines())
 

@@ -94,6 +94,7 @@ async def test_the_agent_sends_the_faults_to_the_cloud(tmp_path: Path) -> None:
     out = io.StringIO()
     receiver = Receiver(JsonLinesSink(out))
     accept_files(receiver, tmp_path / "outbox", set())
+    receiver.flush()
     assert receiver.stats.rejected == 0
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     _, _, _, payload = next(r for r in reference_transfers(TRUCK_LOG) if r[2] == 0xFECA)

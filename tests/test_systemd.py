@@ -106,7 +106,9 @@ def config_text(folder: Path, outbox: str, extra: str = "") -> str:
 
 def received(outbox: Path) -> list[dict[str, object]]:
     out = io.StringIO()
-    accept_files(Receiver(JsonLinesSink(out)), outbox, set())
+    receiver = Receiver(JsonLinesSink(out))
+    accept_files(receiver, outbox, set())
+    receiver.flush()
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
