@@ -1,4 +1,4 @@
-"""The commands: `decode`, `run`, `check-config` and `receive`, parsed and run."""
+"""The commands: `decode`, `run`, `check-config`, `receive` and `campaign`, parsed and run."""
 
 from __future__ import annotations
 
@@ -397,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a batch"
     )
     receive.set_defaults(handler=run_receive)
+
+    from agent.cloud.campaigns import add_parser as add_campaign
+
+    add_campaign(commands)
     return parser
 
 

@@ -109,6 +109,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class CampaignsConfig:
+    """[campaigns]: who may sign campaigns, the groups a vehicle is in, the control link."""
+
+    keys: tuple[str, ...] = ()  # ed25519:BASE64 public keys; none: campaigns are off
+    groups: tuple[str, ...] = ()
+    url: str = ""  # "": the uplink's URL (an mqtt uplink)
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle_id: str
     state_dir: Path
@@ -120,6 +129,7 @@ class Config:
     collect: tuple[CollectRule, ...] = ()  # none: every decoded signal is sent
     status_interval_s: float = 5.0
     log_level: str = "info"
+    campaigns: CampaignsConfig = CampaignsConfig()
     source: str = "<embedded defaults>"
 
 
@@ -274,6 +284,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "collect",
             "status_interval_s",
             "log_level",
+            "campaigns",
         },
     )
     vehicle_id = check.get(data, "", "vehicle_id", str, "")
@@ -405,6 +416,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         from agent.collect.rules import parse_rules
 
         rules = parse_rules(check, rule_tables, {bus.name for bus in buses})
+    campaigns = _campaigns(check, data, uplink_config)
     status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
     log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
     if check.problems:
@@ -420,8 +432,44 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         collect=rules,
         status_interval_s=float(status),
         log_level=log_level,
+        campaigns=campaigns,
         source=source,
     )
+
+
+def _campaigns(check: Checker, data: Mapping[str, Any], uplink: UplinkConfig) -> CampaignsConfig:
+    import base64
+    import binascii
+
+    table = _section(check, data, "campaigns", {"keys", "groups", "url"})
+    keys: list[str] = []
+    for k, key in enumerate(check.get(table, "campaigns", "keys", list, [])):
+        text = key if isinstance(key, str) else ""
+        try:
+            raw = base64.b64decode(text.removeprefix("ed25519:"), validate=True)
+        except binascii.Error:
+            raw = b""
+        if not text.startswith("ed25519:") or len(raw) != 32:
+            check.problems.append(
+                f"campaigns.keys[{k}]: expected ed25519:BASE64 of a 32-byte public key "
+                f"(`telemetry-agent campaign keygen` prints one), got {key!r}"
+            )
+        keys.append(text)
+    groups = check.get(table, "campaigns", "groups", list, [])
+    for k, group in enumerate(groups):
+        if not isinstance(group, str) or not group or any(c in group for c in "/+#"):
+            check.problems.append(f"campaigns.groups[{k}]: {group!r} cannot be part of a topic")
+    url = check.get(table, "campaigns", "url", str, "")
+    if url:
+        try:
+            split_url(url, URL_SCHEMES["mqtt"])
+        except ValueError as error:
+            check.problems.append(f"campaigns.url: {error}")
+    elif table and uplink.kind != "mqtt":
+        check.problems.append(
+            f"campaigns.url: missing (campaigns come over MQTT; the uplink is {uplink.kind!r})"
+        )
+    return CampaignsConfig(keys=tuple(keys), groups=tuple(map(str, groups)), url=url)
 
 
 #: The URL schemes of each networked uplink, with their default ports; a scheme that ends
@@ -493,7 +541,7 @@ def _section(
 
 
 #: What a reload (SIGHUP) cannot change in a running agent: new values wait for a restart.
-RESTART_KEYS = ("vehicle_id", "state_dir", "buses", "spool", "metrics")
+RESTART_KEYS = ("vehicle_id", "state_dir", "buses", "spool", "metrics", "campaigns")
 
 
 def restart_changes(running: Config, loaded: Config) -> list[str]:

@@ -15,16 +15,18 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
 from agent.batcher import TICK_S, Batcher
+from agent.campaigns.link import ControlLink
+from agent.campaigns.manager import Campaigns, combined
 from agent.collect import CollectError, Collector
-from agent.collect.rules import rules_key
+from agent.collect.rules import CollectRule, rules_key
 from agent.config import RESTART_KEYS, Config, ConfigError, load_config, restart_changes
-from agent.decode import bus_decoders, default_cache_dir
+from agent.decode import Decoder, bus_decoders, default_cache_dir
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.pipeline import Pipeline, Totals
@@ -75,7 +77,30 @@ class Agent:
         encoder = BatchEncoder(
             config.vehicle_id, self.stream_id, digest, compression=config.batch.compression
         )
-        collector = Collector(config.collect, decoders) if config.collect else None
+        self.campaigns: Campaigns | None = None
+        self.control: ControlLink | None = None
+        if config.campaigns.keys:
+
+            def fits(rules: tuple[CollectRule, ...]) -> None:
+                Collector(rules, decoders)  # CollectError when they do not fit the DBCs
+
+            self.campaigns = Campaigns(
+                config.state_dir / "campaigns",
+                config.campaigns.keys,
+                [bus.name for bus in config.buses],
+                fits,
+            )
+            self.campaigns.load()
+            self.control = ControlLink(
+                self.campaigns,
+                config.vehicle_id,
+                config.campaigns.url or config.uplink.url,
+                config.uplink.tls,
+                config.campaigns.groups,
+                self._apply_campaigns,
+                config.uplink.keepalive_s,
+            )
+        collector = self._collector(config.collect, decoders)
         self.pipeline = Pipeline(
             decoders, collector, encoder, config.batch, self.spool, self.metrics
         )
@@ -108,6 +133,24 @@ class Agent:
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.ensure_future(self._reload())
 
+    def _collector(
+        self, file_rules: tuple[CollectRule, ...], decoders: Mapping[str, Decoder]
+    ) -> Collector | None:
+        """The file's rules and the active campaigns' (agent/campaigns/)."""
+        rules = combined(file_rules, self.campaigns.rules() if self.campaigns else ())
+        return Collector(rules, decoders) if rules else None
+
+    def _apply_campaigns(self) -> None:
+        """The active campaigns changed: run their rules from the next batch on, as a
+        reload does (the open windows of the old rules go out, no frame is lost)."""
+        try:
+            collector = self._collector(self.config.collect, self.pipeline.decoders)
+        except CollectError as error:  # checked on arrival: only a bug comes here
+            log.error("campaigns not applied: %s", error)
+            return
+        self.pipeline.set_rules(collector)
+        self._filter_sources()
+
     def _filter_sources(self) -> None:
         for source in self.sources:
             source.frame_ids = self.pipeline.frame_ids(source.bus.name)
@@ -128,6 +171,7 @@ class Agent:
         sender = asyncio.create_task(self.sender.run(), name="uplink")
         batching = asyncio.create_task(self.batcher.run(), name="batch-age")
         report = asyncio.create_task(self._report(started), name="status")
+        control = asyncio.create_task(self.control.run() if self.control else _idle())
         # Ready once config, spool and metrics are up: the cloud may well be out of reach,
         # which is normal in a vehicle and no reason to hold systemd back.
         self.notifier.notify(READY=1, STATUS=self._summary(started))
@@ -140,7 +184,7 @@ class Agent:
             ending = await self._until_end(buses, {spool, sender, batching})
             delivered = await self._wind_down(ending, [*buses, batching])
         finally:
-            tasks = [batching, report, sender, spool, watchdog]
+            tasks = [batching, report, sender, spool, watchdog, control]
             if self._reloading is not None:
                 tasks.append(self._reloading)
             for task in tasks:
@@ -322,7 +366,7 @@ class Agent:
                 collector = self.pipeline.collector
                 if rules_key(loaded.collect) != rules_key(self.config.collect):
                     decoders = self.pipeline.decoders
-                    collector = Collector(loaded.collect, decoders) if loaded.collect else None
+                    collector = self._collector(loaded.collect, decoders)
             except ConfigError as error:
                 for problem in error.problems:
                     log.error("reload refused, the running config stays: %s: %s", path, problem)
@@ -357,6 +401,10 @@ class Agent:
                 "reload: %s changed, which takes a restart; the running values stay",
                 ", ".join(later),
             )
+
+
+async def _idle() -> None:
+    """The control link's place when campaigns are off."""
 
 
 def set_log_level(level: str) -> None:

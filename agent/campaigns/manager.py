@@ -1,0 +1,258 @@
+"""The vehicle's campaigns: each offered document verified, checked against this vehicle's
+buses and DBCs, kept in state_dir, and its state (waiting, active, expired...) kept by the
+agent's clock. No I/O but the state folder: the control link (agent/campaigns/link.py)
+brings documents in and takes check-ins out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent.campaigns.document import (
+    CampaignError,
+    Document,
+    document_name,
+    parse_public_key,
+    verify,
+)
+from agent.collect.rules import CollectRule, parse_rules
+from agent.config import Checker
+from agent.durable import write_atomically
+
+log = logging.getLogger(__name__)
+
+#: The states of a campaign on a vehicle, as check-ins give them.
+STATES = ("accepted", "rejected", "waiting", "active", "expired", "removed")
+#: The states whose rules are to run (at the right time): those of an accepted campaign.
+_SCHEDULED = ("accepted", "waiting", "active", "expired")
+#: Between a campaign's name and its rule's in the records: `campaign/rule`.
+SEPARATOR = "/"
+
+
+def utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Entry:
+    """One campaign name on this vehicle: the document it runs (or ran), its state since
+    when, and the last document refused for it."""
+
+    name: str
+    state: str
+    since: float
+    document: Document | None = None
+    rules: tuple[CollectRule, ...] = ()
+    errors: list[str] = field(default_factory=list)
+    rejected: dict[str, Any] | None = None  # a refusal while another version runs
+
+    def report(self) -> dict[str, Any]:
+        doc = self.document
+        out: dict[str, Any] = {
+            "name": self.name,
+            "state": self.state,
+            "since": utc(self.since),
+            "version": doc.version if doc else None,
+            "hash": doc.hash if doc else None,
+            "key": doc.key if doc else None,
+        }
+        if self.errors:
+            out["errors"] = self.errors
+        if self.rejected:
+            out["rejected"] = self.rejected
+        return out
+
+
+class Campaigns:
+    """The campaigns of one vehicle. `validate` raises CollectError (or ValueError) when
+    rules do not fit the vehicle's DBCs, as check-config does for the file's rules."""
+
+    def __init__(
+        self,
+        folder: Path,
+        keys: Iterable[str],
+        buses: Iterable[str],
+        validate: Callable[[tuple[CollectRule, ...]], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.folder = folder
+        self.keys = [parse_public_key(k) for k in keys]
+        self.buses = set(buses)
+        self.validate = validate
+        self.clock = clock
+        self.entries: dict[str, Entry] = {}
+
+    # -- what runs ------------------------------------------------------------------------
+
+    def rules(self) -> tuple[CollectRule, ...]:
+        """The rules of the active campaigns, named `campaign/rule`."""
+        return tuple(
+            rule
+            for name in sorted(self.entries)
+            if self.entries[name].state == "active"
+            for rule in self.entries[name].rules
+        )
+
+    def tick(self) -> bool:
+        """Bring each accepted campaign's state to the clock; whether any changed."""
+        now = self.clock()
+        changed = False
+        for entry in self.entries.values():
+            if entry.state not in _SCHEDULED or entry.document is None:
+                continue
+            doc = entry.document
+            if doc.expiry is not None and now >= doc.expiry:
+                state = "expired"
+            elif doc.start is not None and now < doc.start:
+                state = "waiting"
+            else:
+                state = "active"
+            if state != entry.state:
+                log.info("campaign %s version %d: %s", entry.name, doc.version, state)
+                entry.state, entry.since = state, now
+                changed = True
+        if changed:
+            self._save_state()
+        return changed
+
+    def next_change(self) -> float | None:
+        """When the clock next moves a campaign on (a start or an expiry to come)."""
+        now = self.clock()
+        times = [
+            t
+            for entry in self.entries.values()
+            if entry.document is not None and entry.state in _SCHEDULED
+            for t in (entry.document.start, entry.document.expiry)
+            if t is not None and t > now
+        ]
+        return min(times, default=None)
+
+    def checkin(self) -> list[dict[str, Any]]:
+        return [self.entries[name].report() for name in sorted(self.entries)]
+
+    # -- what comes in --------------------------------------------------------------------
+
+    def offer(self, topic: str, payload: bytes) -> bool:
+        """A document from the cloud; whether what the vehicle reports changed. A refused
+        document changes nothing that runs: its entry (or the running campaign's
+        `rejected`) says why."""
+        if not payload:
+            return False  # a retained message cleared: nothing is said by it
+        claimed = topic.rpartition("/")[2] or document_name(payload) or "?"
+        try:
+            doc = verify(payload, self.keys)
+            if doc.name != claimed:
+                raise CampaignError(
+                    [f"topic {topic} is for {claimed!r}, the document {doc.name!r}"]
+                )
+            running = self.entries.get(doc.name)
+            if running is not None and running.document is not None:
+                old = running.document
+                if doc.hash == old.hash:
+                    return False  # the same document again (retained, or per group)
+                if doc.version <= old.version:
+                    raise CampaignError(
+                        [f"version {doc.version} is not newer than version {old.version}"]
+                    )
+            rules = self._rules(doc)
+        except CampaignError as error:
+            return self._refuse(claimed, payload, error.problems)
+        self._accept(doc, rules, payload)
+        return True
+
+    def _rules(self, doc: Document) -> tuple[CollectRule, ...]:
+        """The campaign's rules checked against this vehicle: its buses, its DBCs."""
+        if doc.kind == "removal":
+            return ()
+        problems = [f"buses: no [[bus]] is named {b!r}" for b in doc.buses if b not in self.buses]
+        tables = [
+            {"buses": list(doc.buses), **table} if doc.buses else dict(table)
+            for table in doc.collect
+        ]
+        check = Checker(self.folder)
+        parsed = parse_rules(check, tables, self.buses)
+        problems += check.problems
+        if problems:
+            raise CampaignError(problems)
+        rules = tuple(replace(r, name=f"{doc.name}{SEPARATOR}{r.name}") for r in parsed)
+        try:
+            self.validate(rules)
+        except ValueError as error:  # CollectError is one
+            raise CampaignError([str(error)]) from None
+        return rules
+
+    def _accept(self, doc: Document, rules: tuple[CollectRule, ...], payload: bytes) -> None:
+        now = self.clock()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.folder / f"{doc.name}.json", payload)
+        state = "removed" if doc.kind == "removal" else "accepted"
+        log.info("campaign %s version %d %s (%s)", doc.name, doc.version, state, doc.hash[:12])
+        self.entries[doc.name] = Entry(doc.name, state, now, doc, rules)
+        self.tick()
+        self._save_state()
+
+    def _refuse(self, name: str, payload: bytes, problems: list[str]) -> bool:
+        now = self.clock()
+        log.warning("campaign %s refused: %s", name, "; ".join(problems))
+        entry = self.entries.get(name)
+        if entry is not None and entry.document is not None:
+            entry.rejected = {"since": utc(now), "errors": problems}
+        else:
+            self.entries[name] = Entry(name, "rejected", now, errors=problems)
+        self._save_state()
+        return True
+
+    # -- the state folder -----------------------------------------------------------------
+
+    def load(self) -> None:
+        """The campaigns kept in the folder, verified again (a key taken out of the config
+        since then no longer vouches for them), with their states' times."""
+        saved: dict[str, Any] = {}
+        state_file = self.folder / "state.json"
+        if state_file.is_file():
+            try:
+                saved = {e["name"]: e for e in json.loads(state_file.read_text())}
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("campaigns: %s unreadable (%s); states start again", state_file, error)
+        for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else ():
+            if path.name == "state.json":
+                continue
+            payload = path.read_bytes()
+            self.offer(f"stored/{path.stem}", payload)
+        for name, entry in self.entries.items():
+            was = saved.get(name)
+            if (
+                was
+                and was.get("state") == entry.state
+                and was.get("hash") == entry.report()["hash"]
+            ):
+                entry.since = dt.datetime.fromisoformat(was["since"]).timestamp()
+        for name, was in saved.items():
+            if name not in self.entries and was.get("state") == "rejected":
+                since = dt.datetime.fromisoformat(was["since"]).timestamp()
+                self.entries[name] = Entry(name, "rejected", since, errors=was.get("errors", []))
+        self._save_state()
+
+    def _save_state(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.folder / "state.json", json.dumps(self.checkin(), indent=1).encode())
+
+
+#: The file's rules when it has none: every decoded signal, as without any rule, so a
+#: campaign adds to what the vehicle sends and never narrows it.
+EVERY_SIGNAL = CollectRule(name="", mode="all", signals=("*",))
+
+
+def combined(
+    file_rules: tuple[CollectRule, ...], campaign_rules: tuple[CollectRule, ...]
+) -> tuple[CollectRule, ...]:
+    """The rules to run: the config file's, always, and the active campaigns'."""
+    if not campaign_rules:
+        return file_rules
+    return (*(file_rules or (EVERY_SIGNAL,)), *campaign_rules)
