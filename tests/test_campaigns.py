@@ -1,0 +1,236 @@
+"""Campaigns: signed documents pushed over a real mosquitto change what an agent sends;
+refused documents say why in the check-in; restarts, outages, expiry and reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.campaigns.document import (
+    CampaignError,
+    canonical,
+    check_document,
+    document_from_toml,
+    public_key_text,
+    sign,
+    verify,
+)
+from agent.campaigns.manager import Campaigns
+from agent.collect import Collector
+from agent.collect.rules import CollectRule
+from agent.config import demo_dbc
+from agent.decode import Decoder, default_cache_dir
+from tests.campaign_fleet import (
+    agent_config,
+    campaign_of,
+    publish,
+    signed,
+    state_is,
+    to_group,
+    to_vehicle,
+    wait_checkins,
+)
+from tests.services import ReceiverProcess, agent_command, broker
+
+KEY = Ed25519PrivateKey.generate()
+OTHER = Ed25519PrivateKey.generate()
+
+
+# -- the document and the vehicle's checks, without a broker --------------------------------
+
+
+def manager(folder: Path, now: list[float] | None = None) -> Campaigns:
+    decoders = {"can0": Decoder({"can0": [str(demo_dbc())]}, cache_dir=default_cache_dir())}
+
+    def fits(rules: tuple[CollectRule, ...]) -> None:
+        Collector(rules, decoders)
+
+    clock = (lambda: now[0]) if now is not None else time.time
+    campaigns = Campaigns(folder, [public_key_text(KEY.public_key())], ["can0"], fits, clock)
+    campaigns.load()
+    return campaigns
+
+
+def tampered(payload: bytes) -> bytes:
+    envelope = json.loads(payload)
+    envelope["document"]["collect"][0]["period_ms"] = 1
+    return canonical(envelope)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (tampered(signed(KEY, "c")), "bad signature"),
+        (canonical({"document": json.loads(signed(KEY, "c"))["document"]}), "unsigned"),
+        (signed(OTHER, "c"), "unknown key"),
+        (b"name = 'c'", "not JSON"),
+        (
+            signed(
+                KEY,
+                "c",
+                collect=[{"name": "x", "mode": "sample", "signals": ["Nope"], "period_ms": 100}],
+            ),
+            "no signal matches Nope",
+        ),
+        (signed(KEY, "c", buses=["can9"]), "no [[bus]] is named 'can9'"),
+        (signed(KEY, "other"), "the document 'other'"),
+    ],
+)
+def test_a_refused_document_says_why_and_runs_nothing(
+    tmp_path: Path, payload: bytes, reason: str
+) -> None:
+    campaigns = manager(tmp_path)
+    assert campaigns.offer(to_vehicle("v", "c"), payload)
+    [entry] = campaigns.checkin()
+    assert entry["state"] == "rejected"
+    assert reason in "; ".join(entry["errors"])
+    assert campaigns.rules() == ()
+
+
+def test_versions_replace_and_a_signed_removal_stops(tmp_path: Path) -> None:
+    campaigns = manager(tmp_path)
+    topic = to_vehicle("v", "c")
+    assert campaigns.offer(topic, signed(KEY, "c", 2))
+    assert [r.name for r in campaigns.rules()] == ["c/fast"]
+    assert not campaigns.offer(topic, signed(KEY, "c", 2))  # again: nothing changes
+    assert campaigns.offer(topic, signed(KEY, "c", 2, buses=["can0"]))  # same version
+    [entry] = campaigns.checkin()
+    assert entry["state"] == "active" and entry["version"] == 2
+    assert "not newer" in entry["rejected"]["errors"][0]
+    assert campaigns.offer(
+        topic,
+        signed(
+            KEY,
+            "c",
+            3,
+            collect=[{"name": "slow", "mode": "sample", "signals": ["Speed"], "period_ms": 1000}],
+        ),
+    )
+    assert [r.name for r in campaigns.rules()] == ["c/slow"]
+    removal = sign(check_document({"kind": "removal", "name": "c", "version": 4}), KEY)
+    assert campaigns.offer(topic, removal)
+    assert campaigns.rules() == ()
+    assert campaigns.checkin()[0]["state"] == "removed"
+    # An older version, still retained for a group, does not come back.
+    campaigns.offer(to_group("g", "c"), signed(KEY, "c", 3))
+    assert campaigns.rules() == ()
+
+
+def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
+    now = [1_790_000_000.0]  # 2026-09-21, before the start
+    campaigns = manager(tmp_path, now)
+    payload = signed(KEY, "c", start="2027-01-15T08:00:00Z", expiry="2027-01-15T08:01:00Z")
+    campaigns.offer(to_vehicle("v", "c"), payload)
+    assert campaigns.checkin()[0]["state"] == "waiting"
+    start = verify(payload, campaigns.keys).start
+    assert start is not None and campaigns.next_change() == start
+    now[0] = start
+    assert campaigns.tick() and campaigns.checkin()[0]["state"] == "active"
+    again = manager(tmp_path, now)  # a restart: the folder holds it
+    assert again.checkin() == campaigns.checkin()
+    assert [r.name for r in again.rules()] == ["c/fast"]
+    now[0] = start + 60
+    assert again.tick() and again.checkin()[0]["state"] == "expired" and again.rules() == ()
+
+
+def test_a_campaign_file_is_checked_as_check_config_checks_rules(tmp_path: Path) -> None:
+    text = 'name = "c"\nversion = 1\nexpiry = 2027-01-01T00:00:00Z\n[[collect]]\nname = "x"\n'
+    text += 'mode = "sample"\nsignals = ["*"]\nperiod_ms = 0\ncolour = 1\n'
+    with pytest.raises(CampaignError) as error:
+        document_from_toml(text, "c.toml")
+    assert error.value.problems == [
+        "c.toml: collect[0].colour: unknown key",
+        "c.toml: collect[0].period_ms: must be 1 to 86,400,000 ms",
+    ]
+
+
+# -- a real broker, real agents ---------------------------------------------------------
+
+
+class Agent:
+    """`telemetry-agent run` in the background, its log in a file."""
+
+    def __init__(self, config: Path) -> None:
+        self.log = config.with_suffix(".log")
+        self.process = subprocess.Popen(
+            agent_command("run", "--config", config),
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "a"),  # noqa: SIM115
+        )
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(30)
+        text = self.log.read_text()
+        assert "Traceback" not in text, text
+        return text
+
+
+def rule_records(path: Path, rule: str) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r for r in rows if r.get("rule") == rule]
+
+
+async def wait_records(path: Path, rule: str, count: int = 1, timeout: float = 10) -> float:
+    """When (time.monotonic()) `count` records of the rule had arrived."""
+    deadline = time.monotonic() + timeout
+    while len(rule_records(path, rule)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} records of {rule} in {path}")
+        await asyncio.sleep(0.02)
+    return time.monotonic()
+
+
+async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: Path) -> None:
+    with broker(tmp_path) as mqtt:
+        received = tmp_path / "received.jsonl"
+        receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
+        receiver.wait_ready("subscribed to")
+        agent = Agent(agent_config(tmp_path, "v1", mqtt.url, [KEY], groups=("fleet",)))
+        try:
+            await wait_checkins(mqtt.url, ["v1"], lambda c: True)
+            await wait_records(received, "base")
+            pushed = time.monotonic()
+            await publish(mqtt.url, {to_group("fleet", "speed"): signed(KEY, "speed")})
+            arrived = await wait_records(received, "speed/fast")
+            assert arrived - pushed < 1.0
+            found = await wait_checkins(mqtt.url, ["v1"], state_is("speed", "active"))
+            campaign = campaign_of(found["v1"][1], "speed")
+            assert campaign is not None and campaign["version"] == 1
+            assert len(campaign["hash"]) == 64
+            # Tampered on the way: refused, the running version stays, the reason is told.
+            bad = tampered(signed(KEY, "speed", 2))
+            await publish(mqtt.url, {to_vehicle("v1", "speed"): bad})
+            found = await wait_checkins(
+                mqtt.url, ["v1"], lambda c: "rejected" in (campaign_of(c, "speed") or {})
+            )
+            campaign = campaign_of(found["v1"][1], "speed")
+            assert campaign is not None and campaign["state"] == "active"
+            assert "bad signature" in campaign["rejected"]["errors"][0]
+            # Unsigned, under another name: rejected, with the reason.
+            unsigned = canonical({"document": json.loads(signed(KEY, "cheap"))["document"]})
+            await publish(mqtt.url, {to_vehicle("v1", "cheap"): unsigned})
+            found = await wait_checkins(mqtt.url, ["v1"], state_is("cheap", "rejected"))
+            assert campaign_of(found["v1"][1], "cheap")["errors"] == ["unsigned: no signature"]  # type: ignore[index]
+            status = subprocess.run(
+                agent_command("campaign", "status", "--mqtt", mqtt.url),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+            assert "v1       speed     1        active" in status, status
+        finally:
+            agent.stop()
+            receiver.process.kill()
+        assert rule_records(received, "cheap/fast") == []
