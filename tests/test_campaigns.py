@@ -234,3 +234,84 @@ async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: 
             agent.stop()
             receiver.process.kill()
         assert rule_records(received, "cheap/fast") == []
+
+
+def outbox_records(folder: Path, outbox: Path, rule: str) -> list[dict[str, Any]]:
+    out = folder / f"{outbox.name}.jsonl"
+    subprocess.run(
+        agent_command("receive", "--dir", outbox, "--idle-exit", "0.5", "--output", out),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return rule_records(out, rule)
+
+
+async def test_a_campaign_holds_through_a_restart_with_the_broker_away(tmp_path: Path) -> None:
+    def config(outbox: str) -> Path:
+        uplink = f'[uplink]\nkind = "file"\nurl = "{tmp_path / outbox}"\n'
+        return agent_config(tmp_path, "v2", mqtt.url, [KEY], uplink=uplink)
+
+    with broker(tmp_path) as mqtt:
+        agent = Agent(config("before"))
+        try:
+            await publish(mqtt.url, {to_vehicle("v2", "speed"): signed(KEY, "speed")})
+            await wait_checkins(mqtt.url, ["v2"], state_is("speed", "active"))
+        finally:
+            agent.stop()
+        mqtt.stop()  # the broker is away for the whole second run
+        restarted = time.time()
+        agent = Agent(config("after"))
+        try:
+            outbox = tmp_path / "after"
+            deadline = time.monotonic() + 20
+            while len(list(outbox.glob("*.batch"))) < 5 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            log = agent.stop()
+    assert "campaign speed version 1 accepted" in log
+    after = outbox_records(tmp_path, tmp_path / "after", "speed/fast")
+    assert after, log
+    assert min(float(r["t"]) for r in after) >= restarted - 1
+    state = json.loads((tmp_path / "v2" / "campaigns" / "state.json").read_text())
+    assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]
+
+
+async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
+    tmp_path: Path,
+) -> None:
+    with broker(tmp_path) as mqtt:
+        received = tmp_path / "received.jsonl"
+        receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
+        receiver.wait_ready("subscribed to")
+        config = agent_config(tmp_path, "v3", mqtt.url, [KEY])
+        agent = Agent(config)
+        try:
+            await wait_checkins(mqtt.url, ["v3"], lambda c: True)
+            expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3))
+            await publish(
+                mqtt.url,
+                {
+                    to_vehicle("v3", "short"): signed(KEY, "short", expiry=expiry),
+                    to_vehicle("v3", "long"): signed(KEY, "long"),
+                },
+            )
+            await wait_checkins(mqtt.url, ["v3"], state_is("short", "active"))
+            await wait_records(received, "short/fast")
+            # The file's rules change under a running campaign.
+            config.write_text(config.read_text().replace('"base"', '"base2"'))
+            agent.process.send_signal(signal.SIGHUP)
+            await wait_records(received, "base2")
+            kept = len(rule_records(received, "long/fast"))
+            await wait_records(received, "long/fast", kept + 3)
+            found = await wait_checkins(mqtt.url, ["v3"], state_is("short", "expired"))
+            assert campaign_of(found["v3"][1], "long")["state"] == "active"  # type: ignore[index]
+            await asyncio.sleep(0.6)  # the batch open at the expiry: 200 ms, and its way
+            ended = len(rule_records(received, "short/fast"))
+            kept = len(rule_records(received, "long/fast"))
+            await wait_records(received, "long/fast", kept + 5)
+            assert len(rule_records(received, "short/fast")) == ended
+        finally:
+            log = agent.stop()
+            receiver.process.kill()
+    assert "reloaded" in log
