@@ -465,7 +465,7 @@ def _campaigns(check: Checker, data: Mapping[str, Any], uplink: UplinkConfig) ->
             split_url(url, URL_SCHEMES["mqtt"])
         except ValueError as error:
             check.problems.append(f"campaigns.url: {error}")
-    elif table and uplink.kind != "mqtt":
+    elif keys and uplink.kind != "mqtt":
         check.problems.append(
             f"campaigns.url: missing (campaigns come over MQTT; the uplink is {uplink.kind!r})"
         )

@@ -32,11 +32,13 @@ from typing import Any
 import pytest
 
 from agent import config as agent_config
+from agent.campaigns.document import document_from_toml
 from agent.collect.rules import MODE_KEYS, MODES, RULE_KEYS, rules_key
 from agent.commands import build_parser
 from agent.config import (
     RESTART_KEYS,
     BatchConfig,
+    CampaignsConfig,
     Config,
     MetricsConfig,
     SpoolConfig,
@@ -56,7 +58,11 @@ from tests.services import Broker, broker, make_certificates
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LANGUAGES = {"sh", "toml", "python", "text"}
 #: The flags each language may carry in its info string.
-FLAGS = {"sh": {"gateway", "broker"}, "toml": {"invalid", "broker"}, "text": {"output"}}
+FLAGS = {
+    "sh": {"gateway", "broker"},
+    "toml": {"invalid", "broker", "campaign"},
+    "text": {"output"},
+}
 #: Where a `broker` block expects the broker; the test's own takes its place.
 BROKER_ADDRESS = "127.0.0.1:1883"
 #: Commands that only a gateway runs: root, systemd, a CAN interface, a running service.
@@ -434,6 +440,10 @@ def run_block(page: Page, block: Block) -> str | None:
     if block.language == "toml":
         path = page.folder / block.options.get("file", f".block-{block.line}.toml")
         path.write_text(text)
+        if "campaign" in block.flags:
+            # A campaign file: what `campaign sign` checks before it signs.
+            document_from_toml(text, str(block))
+            return None
         make_tls_files(page, path)
         result = subprocess.run(
             ["telemetry-agent", "check-config", path.name],
@@ -513,7 +523,7 @@ def scope_of(heading: str) -> Scope:
 
 
 def known_keys() -> dict[Scope, set[str]]:
-    sections = {"buses", "batch", "uplink", "spool", "metrics", "collect", "source"}
+    sections = {"buses", "batch", "uplink", "spool", "metrics", "collect", "source", "campaigns"}
     keys: dict[Scope, set[str]] = {
         ("", None): {f.name for f in fields(Config)} - sections,
         ("bus", None): set(agent_config._BUS_KEYS),
@@ -523,6 +533,7 @@ def known_keys() -> dict[Scope, set[str]]:
         ("spool", None): {f.name for f in fields(SpoolConfig)},
         ("metrics", None): {f.name for f in fields(MetricsConfig)},
         ("collect", None): set(RULE_KEYS),
+        ("campaigns", None): {f.name for f in fields(CampaignsConfig)},
     }
     for source in agent_config.SOURCES:
         keys[("bus", source)] = settings_keys(source_class(source).Settings)
