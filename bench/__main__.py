@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from agent.memory import keep_freed_memory
-from bench import candump_reader, collect, command, decoder, pipeline, socketcan
+from bench import candump_reader, collect, command, decoder, fleet, pipeline, socketcan
 from bench.common import Measured, Report, commit, table
 
 #: What `make bench` cannot measure here, with where it is measured; their figures are in
@@ -33,6 +33,7 @@ SECTIONS: tuple[tuple[str, Callable[[], Report]], ...] = (
     ("The whole decode command against a python-can + cantools loop", command.run),
     ("The agent end to end", pipeline.run),
     ("Collection rules", collect.run),
+    ("A fleet on one broker: a campaign pushed to a group", fleet.run),
 )
 
 
