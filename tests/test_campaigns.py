@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from agent.campaigns.document import (
     CampaignError,
@@ -230,6 +231,35 @@ async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: 
                 check=True,
             ).stdout
             assert "v1       speed     1        active" in status, status
+            # A signed removal, from the CLI, to the group: the campaign's records end.
+            key_file = tmp_path / "fleet.key"
+            key_file.write_bytes(
+                KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+            )
+            subprocess.run(
+                agent_command(
+                    "campaign",
+                    "remove",
+                    "speed",
+                    "--version",
+                    "3",
+                    "--key",
+                    key_file,
+                    "--mqtt",
+                    mqtt.url,
+                    "--group",
+                    "fleet",
+                ),
+                capture_output=True,
+                timeout=30,
+                check=True,
+            )
+            await wait_checkins(mqtt.url, ["v1"], state_is("speed", "removed"))
+            await asyncio.sleep(0.6)  # the batch open at the removal: 200 ms, and its way
+            ended = len(rule_records(received, "speed/fast"))
+            kept = len(rule_records(received, "base"))
+            await wait_records(received, "base", kept + 2)
+            assert len(rule_records(received, "speed/fast")) == ended
         finally:
             agent.stop()
             receiver.process.kill()
