@@ -21,6 +21,7 @@ from aiomqtt import ProtocolVersion
 
 from agent import __version__
 from agent.campaigns.manager import Campaigns, utc
+from agent.collect.rules import rules_key
 from agent.config import URL_SCHEMES, TlsConfig, split_url
 from agent.tls import client_context
 
@@ -63,6 +64,7 @@ class ControlLink:
         self.connected = False
         self._client: aiomqtt.Client | None = None
         self._changed = asyncio.Event()  # a check-in to publish
+        self._applied = rules_key(campaigns.rules())  # what the agent runs
 
     def checkin(self) -> bytes:
         return json.dumps(
@@ -76,10 +78,15 @@ class ControlLink:
         ).encode()
 
     def _update(self, changed: bool) -> None:
-        """After an offer or a tick: apply the rules if what runs changed, report it."""
-        if changed:
+        """After an offer or a tick: report a change, and apply the rules if they changed
+        (a refusal changes the report only, and the running rules keep their windows)."""
+        if not changed:
+            return
+        rules = rules_key(self.campaigns.rules())
+        if rules != self._applied:
+            self._applied = rules
             self.apply()
-            self._changed.set()
+        self._changed.set()
 
     async def run(self) -> None:
         """The clock and the link, until cancelled."""
