@@ -399,8 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     receive.set_defaults(handler=run_receive)
 
     from agent.cloud.campaigns import add_parser as add_campaign
+    from agent.cloud.snapshot import add_parser as add_snapshot
 
     add_campaign(commands)
+    add_snapshot(commands)
     return parser
 
 

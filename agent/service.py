@@ -30,6 +30,7 @@ from agent.decode import Decoder, bus_decoders, default_cache_dir
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.pipeline import Pipeline, Totals
+from agent.snapshot import LastValues
 from agent.sources.base import Source, SourceError, create_sources
 from agent.spool import Spool
 from agent.uplinks.base import create_uplink
@@ -79,6 +80,7 @@ class Agent:
         )
         self.campaigns: Campaigns | None = None
         self.control: ControlLink | None = None
+        last_values = LastValues()
         if config.campaigns.keys:
 
             def fits(rules: tuple[CollectRule, ...]) -> None:
@@ -99,11 +101,14 @@ class Agent:
                 config.campaigns.groups,
                 self._apply_campaigns,
                 config.uplink.keepalive_s,
+                last_values.snapshot,
             )
         collector = self._collector(config.collect, decoders)
         self.pipeline = Pipeline(
             decoders, collector, encoder, config.batch, self.spool, self.metrics
         )
+        if self.control is not None:
+            self.pipeline.last_values = last_values
         self.batcher = Batcher(
             [bus.name for bus in config.buses], config.batch, self.pipeline.close
         )

@@ -1,10 +1,12 @@
 """The vehicle's control link: an MQTT connection of its own (client id `{vehicle}/control`)
-that takes the campaigns retained for the vehicle and its groups, and publishes the
-vehicle's check-in, retained, on connect and on each change. Apart from the uplink: the
-control plane works with any uplink, and a spool draining never delays a campaign.
+that takes the campaigns retained for the vehicle and its groups, publishes the vehicle's
+check-in, retained, on connect and on each change, and answers snapshot requests. Apart
+from the uplink: the control plane works with any uplink, and a spool draining never
+delays a campaign.
 
 Topics (docs/campaigns.md): `vehicles/{vehicle}/campaigns/{name}`,
-`groups/{group}/campaigns/{name}`, and the check-in `vehicles/{vehicle}/checkin`.
+`groups/{group}/campaigns/{name}`, the check-in `vehicles/{vehicle}/checkin`, and
+`vehicles/{vehicle}/snapshot/request` and `.../answer`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiomqtt
 from aiomqtt import ProtocolVersion
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 VEHICLE_TOPIC = "vehicles/{vehicle}/campaigns/{name}"
 GROUP_TOPIC = "groups/{group}/campaigns/{name}"
 CHECKIN_TOPIC = "vehicles/{vehicle}/checkin"
+#: A snapshot's request (`{"id": ..., "signals": [...]}`) and its answer, not retained.
+SNAPSHOT_REQUEST = "vehicles/{vehicle}/snapshot/request"
+SNAPSHOT_ANSWER = "vehicles/{vehicle}/snapshot/answer"
 #: Between two attempts to reach the broker: doubled from the first up to the last.
 RETRY_S = (0.2, 10.0)
 
@@ -50,8 +56,10 @@ class ControlLink:
         groups: tuple[str, ...],
         apply: Callable[[], None],
         keepalive_s: int = 30,
+        snapshot: Callable[[list[str]], list[dict[str, Any]]] | None = None,
     ) -> None:
-        """`apply`: called when the rules to run changed (campaigns.rules())."""
+        """`apply`: called when the rules to run changed (campaigns.rules()); `snapshot`:
+        the last values of the signals named (none: all)."""
         self.campaigns = campaigns
         self.vehicle = vehicle
         self.host, self.port, use_tls = split_url(url, URL_SCHEMES["mqtt"])
@@ -60,6 +68,10 @@ class ControlLink:
             GROUP_TOPIC.format(group=g, name="+") for g in groups
         ]
         self.apply = apply
+        self.snapshot = snapshot
+        self.request_topic = SNAPSHOT_REQUEST.format(vehicle=vehicle)
+        if snapshot is not None:
+            self.filters.append(self.request_topic)
         self.keepalive_s = keepalive_s
         self.connected = False
         self._client: aiomqtt.Client | None = None
@@ -139,11 +151,30 @@ class ControlLink:
             try:
                 async for message in client.messages:
                     payload = message.payload
-                    if isinstance(payload, bytes | bytearray):
+                    if not isinstance(payload, bytes | bytearray):
+                        continue
+                    if str(message.topic) == self.request_topic:
+                        await self._answer(client, bytes(payload))
+                    else:
                         self._update(self.campaigns.offer(str(message.topic), bytes(payload)))
             finally:
                 publisher.cancel()
                 await asyncio.gather(publisher, return_exceptions=True)
+
+    async def _answer(self, client: aiomqtt.Client, payload: bytes) -> None:
+        """A snapshot request: the last values, at once, on the answer topic."""
+        assert self.snapshot is not None
+        try:
+            request = json.loads(payload)
+            signals = request.get("signals") or []
+            if not isinstance(signals, list) or not all(isinstance(s, str) for s in signals):
+                raise ValueError("signals: expected a list of names")
+            answer: dict[str, Any] = {"signals": self.snapshot(signals)}
+        except (ValueError, AttributeError) as error:
+            request, answer = {}, {"error": f"not a snapshot request: {error}"}
+        answer |= {"id": request.get("id"), "vehicle": self.vehicle, "time": utc(time.time())}
+        topic = SNAPSHOT_ANSWER.format(vehicle=self.vehicle)
+        await client.publish(topic, json.dumps(answer).encode(), qos=1)
 
     async def _publish_checkins(self, client: aiomqtt.Client) -> None:
         topic = checkin_topic(self.vehicle)

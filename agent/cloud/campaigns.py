@@ -84,13 +84,13 @@ def _topics(args: argparse.Namespace, name: str) -> list[str]:
 
 
 async def _publish(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> None:
-    async with _client(args) as client:
+    async with mqtt_client(args) as client:
         for topic, payload in messages:
             await client.publish(topic, payload, qos=1, retain=True)
             print(f"{topic}: published")
 
 
-def _client(args: argparse.Namespace) -> Any:
+def mqtt_client(args: argparse.Namespace) -> Any:
     import aiomqtt
 
     from agent.config import URL_SCHEMES, TlsConfig, split_url
@@ -143,7 +143,7 @@ async def _checkins(args: argparse.Namespace) -> list[dict[str, Any]]:
     from agent.campaigns.link import checkin_topic
 
     found: dict[str, dict[str, Any]] = {}
-    async with _client(args) as client:
+    async with mqtt_client(args) as client:
         for vehicle in args.vehicle or ["+"]:
             await client.subscribe(checkin_topic(vehicle), qos=1)
         while True:
@@ -215,6 +215,22 @@ def _run(args: argparse.Namespace, work: Any) -> int:
     return 0
 
 
+def broker_options(parser: argparse.ArgumentParser) -> None:
+    """The broker's options: its URL, and the TLS files."""
+    parser.add_argument("--mqtt", required=True, metavar="URL", help="mqtt[s]://HOST[:PORT]")
+    parser.add_argument("--ca-file", metavar="PATH", help="TLS: the broker's CA")
+    parser.add_argument("--cert-file", metavar="PATH", help="TLS: this side's certificate")
+    parser.add_argument("--key-file", metavar="PATH", help="TLS: this side's private key")
+
+
+def _targets(parser: argparse.ArgumentParser) -> None:
+    broker_options(parser)
+    parser.add_argument("--vehicle", action="append", default=[], help="a vehicle; repeatable")
+    parser.add_argument(
+        "--group", action="append", default=[], help="a group of vehicles; repeatable"
+    )
+
+
 def add_parser(commands: Any) -> None:
     """The `campaign` command and its subcommands, into the CLI's parser."""
     campaign = commands.add_parser(
@@ -234,21 +250,9 @@ def add_parser(commands: Any) -> None:
     sign.add_argument("--output", metavar="PATH", help="default: CAMPAIGN.signed.json")
     sign.set_defaults(handler=run_sign)
 
-    def broker(parser: argparse.ArgumentParser, targets: bool) -> None:
-        parser.add_argument("--mqtt", required=True, metavar="URL", help="mqtt[s]://HOST[:PORT]")
-        parser.add_argument("--ca-file", metavar="PATH", help="TLS: the broker's CA")
-        parser.add_argument("--cert-file", metavar="PATH", help="TLS: this side's certificate")
-        parser.add_argument("--key-file", metavar="PATH", help="TLS: this side's private key")
-        help_vehicle = "a vehicle; repeatable" if targets else "only this vehicle; repeatable"
-        parser.add_argument("--vehicle", action="append", default=[], help=help_vehicle)
-        if targets:
-            parser.add_argument(
-                "--group", action="append", default=[], help="a group of vehicles; repeatable"
-            )
-
     push = sub.add_parser("push", help="publish signed campaigns, retained")
     push.add_argument("signed", nargs="+", metavar="SIGNED.json")
-    broker(push, targets=True)
+    _targets(push)
     push.set_defaults(handler=run_push)
 
     remove = sub.add_parser("remove", help="publish a signed removal, retained")
@@ -257,10 +261,13 @@ def add_parser(commands: Any) -> None:
         "--version", type=int, required=True, help="higher than the campaign's version"
     )
     remove.add_argument("--key", required=True, metavar="PATH", help="the private key (PEM)")
-    broker(remove, targets=True)
+    _targets(remove)
     remove.set_defaults(handler=run_remove)
 
     status = sub.add_parser("status", help="the fleet's check-ins as a table")
-    broker(status, targets=False)
+    broker_options(status)
+    status.add_argument(
+        "--vehicle", action="append", default=[], help="only this vehicle; repeatable"
+    )
     status.add_argument("--json", action="store_true", help="the check-ins as they came")
     status.set_defaults(handler=run_status)
