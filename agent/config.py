@@ -118,6 +118,11 @@ class CampaignsConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = 0.0  # 0: no health reports
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle_id: str
     state_dir: Path
@@ -130,6 +135,7 @@ class Config:
     status_interval_s: float = 5.0
     log_level: str = "info"
     campaigns: CampaignsConfig = CampaignsConfig()
+    health: HealthConfig = HealthConfig()
     source: str = "<embedded defaults>"
 
 
@@ -285,6 +291,7 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "status_interval_s",
             "log_level",
             "campaigns",
+            "health",
         },
     )
     vehicle_id = check.get(data, "", "vehicle_id", str, "")
@@ -416,7 +423,20 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         from agent.collect.rules import parse_rules
 
         rules = parse_rules(check, rule_tables, {bus.name for bus in buses})
-    campaigns = _campaigns(check, data, uplink_config)
+    health_table = _section(check, data, "health", {"interval_s"})
+    health = HealthConfig(
+        interval_s=float(
+            check.get(
+                health_table,
+                "health",
+                "interval_s",
+                (int, float),
+                0.0,
+                lambda v: None if v >= 0 else "must be 0 (off) or more",
+            )
+        )
+    )
+    campaigns = _campaigns(check, data, uplink_config, health)
     status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
     log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
     if check.problems:
@@ -433,11 +453,14 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         status_interval_s=float(status),
         log_level=log_level,
         campaigns=campaigns,
+        health=health,
         source=source,
     )
 
 
-def _campaigns(check: Checker, data: Mapping[str, Any], uplink: UplinkConfig) -> CampaignsConfig:
+def _campaigns(
+    check: Checker, data: Mapping[str, Any], uplink: UplinkConfig, health: HealthConfig
+) -> CampaignsConfig:
     import base64
     import binascii
 
@@ -465,9 +488,10 @@ def _campaigns(check: Checker, data: Mapping[str, Any], uplink: UplinkConfig) ->
             split_url(url, URL_SCHEMES["mqtt"])
         except ValueError as error:
             check.problems.append(f"campaigns.url: {error}")
-    elif keys and uplink.kind != "mqtt":
+    elif (keys or health.interval_s) and uplink.kind != "mqtt":
         check.problems.append(
-            f"campaigns.url: missing (campaigns come over MQTT; the uplink is {uplink.kind!r})"
+            "campaigns.url: missing (campaigns and health reports go over MQTT; the uplink "
+            f"is {uplink.kind!r})"
         )
     return CampaignsConfig(keys=tuple(keys), groups=tuple(map(str, groups)), url=url)
 
@@ -541,7 +565,7 @@ def _section(
 
 
 #: What a reload (SIGHUP) cannot change in a running agent: new values wait for a restart.
-RESTART_KEYS = ("vehicle_id", "state_dir", "buses", "spool", "metrics", "campaigns")
+RESTART_KEYS = ("vehicle_id", "state_dir", "buses", "spool", "metrics", "campaigns", "health")
 
 
 def restart_changes(running: Config, loaded: Config) -> list[str]:

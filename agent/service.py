@@ -27,6 +27,7 @@ from agent.collect import CollectError, Collector
 from agent.collect.rules import CollectRule, rules_key
 from agent.config import RESTART_KEYS, Config, ConfigError, load_config, restart_changes
 from agent.decode import Decoder, bus_decoders, default_cache_dir
+from agent.health import Health
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.pipeline import Pipeline, Totals
@@ -81,7 +82,10 @@ class Agent:
         self.campaigns: Campaigns | None = None
         self.control: ControlLink | None = None
         last_values = LastValues()
-        if config.campaigns.keys:
+        self.health: Health | None = None
+        if config.health.interval_s:
+            self.health = Health(config.vehicle_id, self.metrics.registry, config.health.interval_s)
+        if config.campaigns.keys or self.health is not None:
 
             def fits(rules: tuple[CollectRule, ...]) -> None:
                 Collector(rules, decoders)  # CollectError when they do not fit the DBCs
@@ -102,6 +106,7 @@ class Agent:
                 self._apply_campaigns,
                 config.uplink.keepalive_s,
                 last_values.snapshot,
+                self.health,
             )
         collector = self._collector(config.collect, decoders)
         self.pipeline = Pipeline(
@@ -196,6 +201,8 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.spool.close()
+            if self.health is not None:
+                self.health.close()
             for signum in handlers:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)

@@ -39,6 +39,7 @@ from agent.config import (
     RESTART_KEYS,
     BatchConfig,
     CampaignsConfig,
+    HealthConfig,
     Config,
     MetricsConfig,
     SpoolConfig,
@@ -523,7 +524,8 @@ def scope_of(heading: str) -> Scope:
 
 
 def known_keys() -> dict[Scope, set[str]]:
-    sections = {"buses", "batch", "uplink", "spool", "metrics", "collect", "source", "campaigns"}
+    sections = {"buses", "batch", "uplink", "spool", "metrics", "collect", "source"}
+    sections |= {"campaigns", "health"}
     keys: dict[Scope, set[str]] = {
         ("", None): {f.name for f in fields(Config)} - sections,
         ("bus", None): set(agent_config._BUS_KEYS),
@@ -534,6 +536,7 @@ def known_keys() -> dict[Scope, set[str]]:
         ("metrics", None): {f.name for f in fields(MetricsConfig)},
         ("collect", None): set(RULE_KEYS),
         ("campaigns", None): {f.name for f in fields(CampaignsConfig)},
+        ("health", None): {f.name for f in fields(HealthConfig)},
     }
     for source in agent_config.SOURCES:
         keys[("bus", source)] = settings_keys(source_class(source).Settings)

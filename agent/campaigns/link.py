@@ -26,6 +26,7 @@ from agent import __version__
 from agent.campaigns.manager import Campaigns, utc
 from agent.collect.rules import rules_key
 from agent.config import URL_SCHEMES, TlsConfig, split_url
+from agent.health import Health
 from agent.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,21 @@ class ControlLink:
         apply: Callable[[], None],
         keepalive_s: int = 30,
         snapshot: Callable[[list[str]], list[dict[str, Any]]] | None = None,
+        health: Health | None = None,
     ) -> None:
         """`apply`: called when the rules to run changed (campaigns.rules()); `snapshot`:
-        the last values of the signals named (none: all)."""
+        the last values of the signals named (none: all); `health`: reports to send at
+        its interval. Campaigns without keys take no campaign topics."""
         self.campaigns = campaigns
         self.vehicle = vehicle
         self.host, self.port, use_tls = split_url(url, URL_SCHEMES["mqtt"])
         self.tls: ssl.SSLContext | None = client_context(tls) if use_tls or tls else None
-        self.filters = [VEHICLE_TOPIC.format(vehicle=vehicle, name="+")] + [
-            GROUP_TOPIC.format(group=g, name="+") for g in groups
-        ]
+        self.filters: list[str] = []
+        if campaigns.keys:
+            self.filters = [VEHICLE_TOPIC.format(vehicle=vehicle, name="+")] + [
+                GROUP_TOPIC.format(group=g, name="+") for g in groups
+            ]
+        self.health = health
         self.apply = apply
         self.snapshot = snapshot
         self.request_topic = SNAPSHOT_REQUEST.format(vehicle=vehicle)
@@ -148,6 +154,7 @@ class ControlLink:
                 await client.subscribe(topic, qos=1)
             self._changed.set()  # a check-in on every connect
             publisher = asyncio.create_task(self._publish_checkins(client))
+            reporter = asyncio.create_task(self._report_health(client))
             try:
                 async for message in client.messages:
                     payload = message.payload
@@ -159,7 +166,8 @@ class ControlLink:
                         self._update(self.campaigns.offer(str(message.topic), bytes(payload)))
             finally:
                 publisher.cancel()
-                await asyncio.gather(publisher, return_exceptions=True)
+                reporter.cancel()
+                await asyncio.gather(publisher, reporter, return_exceptions=True)
 
     async def _answer(self, client: aiomqtt.Client, payload: bytes) -> None:
         """A snapshot request: the last values, at once, on the answer topic."""
@@ -175,6 +183,15 @@ class ControlLink:
         answer |= {"id": request.get("id"), "vehicle": self.vehicle, "time": utc(time.time())}
         topic = SNAPSHOT_ANSWER.format(vehicle=self.vehicle)
         await client.publish(topic, json.dumps(answer).encode(), qos=1)
+
+    async def _report_health(self, client: aiomqtt.Client) -> None:
+        """A health report at once on connect, then at each interval while connected."""
+        health = self.health
+        if health is None or not health.interval_s:
+            return
+        while True:
+            await client.publish(health.topic, health.report(), qos=1)
+            await asyncio.sleep(health.interval_s)
 
     async def _publish_checkins(self, client: aiomqtt.Client) -> None:
         topic = checkin_topic(self.vehicle)
