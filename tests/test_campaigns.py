@@ -345,3 +345,21 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
             log = agent.stop()
             receiver.process.kill()
     assert "reloaded" in log
+
+
+async def test_the_control_link_comes_back_with_a_broker_that_lost_everything(
+    tmp_path: Path,
+) -> None:
+    with broker(tmp_path) as mqtt:
+        agent = Agent(agent_config(tmp_path, "v7", mqtt.url, [KEY]))
+        try:
+            await publish(mqtt.url, {to_vehicle("v7", "speed"): signed(KEY, "speed")})
+            await wait_checkins(mqtt.url, ["v7"], state_is("speed", "active"))
+            mqtt.stop()  # killed, without persistence: its retained messages are gone
+            mqtt.start()
+            # The agent reconnects, held the campaign meanwhile, and checks in again.
+            found = await wait_checkins(mqtt.url, ["v7"], state_is("speed", "active"))
+            assert campaign_of(found["v7"][1], "speed")["version"] == 1  # type: ignore[index]
+        finally:
+            log = agent.stop()
+    assert "control link" in log and "lost" in log

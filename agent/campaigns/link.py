@@ -190,7 +190,10 @@ class ControlLink:
         if health is None or not health.interval_s:
             return
         while True:
-            await client.publish(health.topic, health.report(), qos=1)
+            try:
+                await client.publish(health.topic, health.report(), qos=1)
+            except aiomqtt.MqttError as error:
+                log.warning("health report not published: %s", error)
             await asyncio.sleep(health.interval_s)
 
     async def _publish_checkins(self, client: aiomqtt.Client) -> None:
@@ -198,4 +201,11 @@ class ControlLink:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            await client.publish(topic, self.checkin(), qos=1, retain=True)
+            try:
+                await client.publish(topic, self.checkin(), qos=1, retain=True)
+            except aiomqtt.MqttError as error:
+                # The link is going (the session's loop notices) or the broker is slow:
+                # the check-in goes again, with what is true by then.
+                log.warning("check-in not published: %s", error)
+                self._changed.set()
+                await asyncio.sleep(RETRY_S[0])
