@@ -153,6 +153,25 @@ def test_a_campaign_file_is_checked_as_check_config_checks_rules(tmp_path: Path)
     ]
 
 
+def test_campaign_check_tries_a_file_against_a_vehicles_config(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "v", "mqtt://127.0.0.1:1", [KEY])
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        'name = "c"\nversion = 1\n[[collect]]\nname = "x"\nmode = "all"\nsignals = ["Nope*"]\n'
+    )
+
+    def check() -> subprocess.CompletedProcess[str]:
+        command = agent_command("campaign", "check", campaign, "--config", config)
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    refused = check()
+    assert refused.returncode == 78
+    assert "collect rule 'c/x': no signal matches Nope*" in refused.stderr
+    campaign.write_text(campaign.read_text().replace("Nope*", "Speed"))
+    accepted = check()
+    assert accepted.returncode == 0 and "OK" in accepted.stdout and "(c/x)" in accepted.stdout
+
+
 # -- a real broker, real agents ---------------------------------------------------------
 
 

@@ -218,7 +218,11 @@ def verify(payload: bytes, keys: Sequence[Ed25519PublicKey]) -> Document:
         known[signer].verify(base64.b64decode(signature, validate=True), body)
     except (InvalidSignature, binascii.Error, TypeError, ValueError):
         raise CampaignError([f"bad signature (key {signer}): the document was altered"]) from None
-    data = check_document(envelope["document"])
+    return document_of(check_document(envelope["document"]), body, signer)
+
+
+def document_of(data: Mapping[str, Any], body: bytes, key: str = "") -> Document:
+    """A checked document's fields (`check_document`), `body` its signed bytes."""
     return Document(
         kind=data["kind"],
         name=data["name"],
@@ -228,7 +232,7 @@ def verify(payload: bytes, keys: Sequence[Ed25519PublicKey]) -> Document:
         buses=tuple(data.get("buses", ())),
         collect=tuple(data.get("collect", ())),
         hash=hashlib.sha256(body).hexdigest(),
-        key=signer,
+        key=key,
         raw=data,
     )
 

@@ -160,26 +160,28 @@ class Campaigns:
                     raise CampaignError(
                         [f"version {doc.version} is not newer than version {old.version}"]
                     )
-            rules = self._rules(doc)
+            rules = self.rules_of(doc)
         except CampaignError as error:
             return self._refuse(claimed, payload, error.problems)
         self._accept(doc, rules, payload)
         return True
 
-    def _rules(self, doc: Document) -> tuple[CollectRule, ...]:
-        """The campaign's rules checked against this vehicle: its buses, its DBCs."""
+    def rules_of(self, doc: Document) -> tuple[CollectRule, ...]:
+        """The campaign's rules checked against this vehicle (its buses, its DBCs), named
+        `campaign/rule`; CampaignError with every problem."""
         if doc.kind == "removal":
             return ()
         problems = [f"buses: no [[bus]] is named {b!r}" for b in doc.buses if b not in self.buses]
+        if problems:
+            raise CampaignError(problems)  # and not again for each rule that targets them
         tables = [
             {"buses": list(doc.buses), **table} if doc.buses else dict(table)
             for table in doc.collect
         ]
         check = Checker(self.folder)
         parsed = parse_rules(check, tables, self.buses)
-        problems += check.problems
-        if problems:
-            raise CampaignError(problems)
+        if check.problems:
+            raise CampaignError(check.problems)
         rules = tuple(replace(r, name=f"{doc.name}{SEPARATOR}{r.name}") for r in parsed)
         try:
             self.validate(rules)

@@ -1,6 +1,7 @@
-"""`telemetry-agent campaign keygen|sign|push|remove|status`: the cloud's half of campaigns.
-Makes the signing key, signs campaign files, publishes them retained to vehicles or
-groups, and reads the fleet's check-ins (docs/campaigns.md)."""
+"""`telemetry-agent campaign keygen|check|sign|push|remove|status`: the cloud's half of
+campaigns. Makes the signing key, checks campaign files against a vehicle's config, signs
+them, publishes them retained to vehicles or groups, and reads the fleet's check-ins
+(docs/campaigns.md)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,46 @@ def run_sign(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else source.with_suffix(".signed.json")
     output.write_bytes(envelope)
     print(f"{output}: {document['name']} version {document['version']}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """A campaign file against a vehicle's config: its buses, its DBC files."""
+    from agent.campaigns.document import CampaignError, canonical, document_from_toml, document_of
+    from agent.campaigns.manager import Campaigns
+    from agent.collect import Collector
+    from agent.collect.rules import CollectRule
+    from agent.config import ConfigError, load_config
+    from agent.decode import DbcError, bus_decoders, default_cache_dir
+
+    source = Path(args.campaign)
+    try:
+        config = load_config(args.config)
+        decoders = bus_decoders(config.buses, default_cache_dir())
+        data = document_from_toml(source.read_text(encoding="utf-8"), str(source))
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"{error.source}: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    except CampaignError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    except (OSError, DbcError) as error:
+        print(f"telemetry-agent campaign check: {error}", file=sys.stderr)
+        return EX_CONFIG
+
+    def fits(rules: tuple[CollectRule, ...]) -> None:
+        Collector(rules, decoders)
+
+    vehicle = Campaigns(config.state_dir / "campaigns", (), decoders, fits)
+    try:
+        rules = vehicle.rules_of(document_of(data, canonical(data)))
+    except CampaignError as error:
+        for problem in error.problems:
+            print(f"{source}: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"{source}: OK for {args.config} ({', '.join(r.name for r in rules)})")
     return 0
 
 
@@ -243,6 +284,11 @@ def add_parser(commands: Any) -> None:
     keygen = sub.add_parser("keygen", help="make a signing key pair")
     keygen.add_argument("--output", required=True, metavar="PATH", help="the private key (PEM)")
     keygen.set_defaults(handler=run_keygen)
+
+    check = sub.add_parser("check", help="check a campaign file against a vehicle's config")
+    check.add_argument("campaign", metavar="CAMPAIGN.toml")
+    check.add_argument("--config", required=True, metavar="PATH", help="a vehicle's config")
+    check.set_defaults(handler=run_check)
 
     sign = sub.add_parser("sign", help="check and sign a campaign file (TOML)")
     sign.add_argument("campaign", metavar="CAMPAIGN.toml")
