@@ -287,7 +287,10 @@ def run_receive(args: argparse.Namespace) -> int:
                 args.session,
             )
         else:
-            work = receiver.receive_grpc(receiving, args.grpc_listen, tls, args.idle_exit)
+            campaigns = Path(args.campaigns) if args.campaigns else None
+            work = receiver.receive_grpc(
+                receiving, args.grpc_listen, tls, args.idle_exit, campaigns
+            )
         try:
             asyncio.run(work)
         except ValueError as error:  # a malformed URL
@@ -395,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     receive.add_argument(
         "--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a batch"
+    )
+    receive.add_argument(
+        "--campaigns",
+        metavar="DIR",
+        help="with --grpc-listen: serve the signed campaigns of this folder to the agents "
+        "(docs/campaigns.md)",
     )
     receive.set_defaults(handler=run_receive)
 

@@ -114,7 +114,7 @@ class CampaignsConfig:
 
     keys: tuple[str, ...] = ()  # ed25519:BASE64 public keys; none: campaigns are off
     groups: tuple[str, ...] = ()
-    url: str = ""  # "": the uplink's URL (an mqtt uplink)
+    url: str = ""  # "": the uplink's URL (an mqtt or grpc uplink)
 
 
 @dataclass(frozen=True)
@@ -485,13 +485,16 @@ def _campaigns(
     url = check.get(table, "campaigns", "url", str, "")
     if url:
         try:
-            split_url(url, URL_SCHEMES["mqtt"])
+            split_url(url, URL_SCHEMES["mqtt"] | URL_SCHEMES["grpc"])
         except ValueError as error:
             check.problems.append(f"campaigns.url: {error}")
-    elif (keys or health.interval_s) and uplink.kind != "mqtt":
+    elif (keys or health.interval_s) and uplink.kind == "file":
+        check.problems.append("campaigns.url: missing (the uplink writes files)")
+    link = url or (uplink.url if "://" in uplink.url else f"{uplink.kind}://{uplink.url}")
+    if health.interval_s and link.split("://")[0] in URL_SCHEMES["grpc"]:
         check.problems.append(
-            "campaigns.url: missing (campaigns and health reports go over MQTT; the uplink "
-            f"is {uplink.kind!r})"
+            "health.interval_s: health reports go over MQTT; the control link is gRPC "
+            "(set campaigns.url to an MQTT broker)"
         )
     return CampaignsConfig(keys=tuple(keys), groups=tuple(map(str, groups)), url=url)
 

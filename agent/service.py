@@ -25,7 +25,14 @@ from agent.campaigns.link import ControlLink
 from agent.campaigns.manager import Campaigns, combined
 from agent.collect import CollectError, Collector
 from agent.collect.rules import CollectRule, rules_key
-from agent.config import RESTART_KEYS, Config, ConfigError, load_config, restart_changes
+from agent.config import (
+    RESTART_KEYS,
+    Config,
+    ConfigError,
+    UplinkConfig,
+    load_config,
+    restart_changes,
+)
 from agent.decode import Decoder, bus_decoders, default_cache_dir
 from agent.health import Health
 from agent.metrics import Metrics
@@ -100,7 +107,7 @@ class Agent:
             self.control = ControlLink(
                 self.campaigns,
                 config.vehicle_id,
-                config.campaigns.url or config.uplink.url,
+                config.campaigns.url or _scheme(config.uplink),
                 config.uplink.tls,
                 config.campaigns.groups,
                 self._apply_campaigns,
@@ -413,6 +420,11 @@ class Agent:
                 "reload: %s changed, which takes a restart; the running values stay",
                 ", ".join(later),
             )
+
+
+def _scheme(uplink: UplinkConfig) -> str:
+    """The uplink's URL with its scheme (a gRPC uplink's may be HOST:PORT alone)."""
+    return uplink.url if "://" in uplink.url else f"{uplink.kind}://{uplink.url}"
 
 
 async def _idle() -> None:

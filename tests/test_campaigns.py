@@ -39,7 +39,7 @@ from tests.campaign_fleet import (
     to_vehicle,
     wait_checkins,
 )
-from tests.services import ReceiverProcess, agent_command, broker
+from tests.services import ReceiverProcess, agent_command, broker, free_port
 
 KEY = Ed25519PrivateKey.generate()
 OTHER = Ed25519PrivateKey.generate()
@@ -382,3 +382,39 @@ async def test_the_control_link_comes_back_with_a_broker_that_lost_everything(
         finally:
             log = agent.stop()
     assert "control link" in log and "lost" in log
+
+
+async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Path) -> None:
+    port = free_port()
+    folder = tmp_path / "campaigns"
+    received = tmp_path / "received.jsonl"
+    receiver = ReceiverProcess(
+        received, "--grpc-listen", f"127.0.0.1:{port}", "--campaigns", folder
+    )
+    receiver.wait_ready("listening")
+    url = f"grpc://127.0.0.1:{port}"
+    config = agent_config(
+        tmp_path,
+        "v8",
+        url,
+        [KEY],
+        uplink=f'[uplink]\nkind = "grpc"\nurl = "{url}"\n',
+        groups=("fleet",),
+    )
+    agent = Agent(config)
+    try:
+        await wait_records(received, "base")
+        place = folder / "groups" / "fleet" / "campaigns"
+        place.mkdir(parents=True)
+        (place / ".speed.partial").write_bytes(signed(KEY, "speed"))
+        (place / ".speed.partial").rename(place / "speed.json")
+        # Another group's campaign is not this vehicle's.
+        other = folder / "groups" / "other" / "campaigns"
+        other.mkdir(parents=True)
+        (other / "slow.json").write_bytes(signed(KEY, "slow"))
+        await wait_records(received, "speed/fast")
+    finally:
+        agent.stop()
+        receiver.process.kill()
+    state = json.loads((tmp_path / "v8" / "campaigns" / "state.json").read_text())
+    assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]

@@ -17,10 +17,13 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import grpc
 from aiomqtt import ProtocolVersion
+from grpc import aio
 
 from agent import __version__
 from agent.campaigns.manager import Campaigns, utc
@@ -28,6 +31,8 @@ from agent.collect.rules import rules_key
 from agent.config import URL_SCHEMES, TlsConfig, split_url
 from agent.health import Health
 from agent.tls import client_context
+from agent.wire import telemetry_pb2 as pb
+from agent.wire.transport import CAMPAIGNS_METHOD, channel_options
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,14 @@ SNAPSHOT_REQUEST = "vehicles/{vehicle}/snapshot/request"
 SNAPSHOT_ANSWER = "vehicles/{vehicle}/snapshot/answer"
 #: Between two attempts to reach the broker: doubled from the first up to the last.
 RETRY_S = (0.2, 10.0)
+
+
+def _matches(pattern: str, topic: str) -> bool:
+    """Whether a topic matches a filter whose wildcard is a whole last `+` level."""
+    head, _, last = pattern.rpartition("/")
+    if last != "+":
+        return pattern == topic
+    return topic.startswith(head + "/") and "/" not in topic[len(head) + 1 :]
 
 
 def checkin_topic(vehicle: str) -> str:
@@ -65,8 +78,15 @@ class ControlLink:
         its interval. Campaigns without keys take no campaign topics."""
         self.campaigns = campaigns
         self.vehicle = vehicle
-        self.host, self.port, use_tls = split_url(url, URL_SCHEMES["mqtt"])
-        self.tls: ssl.SSLContext | None = client_context(tls) if use_tls or tls else None
+        self.over_grpc = url.split("://")[0] in URL_SCHEMES["grpc"]
+        schemes = URL_SCHEMES["grpc" if self.over_grpc else "mqtt"]
+        self.host, self.port, self.use_tls = split_url(url, schemes)
+        self.use_tls = self.use_tls or tls is not None
+        self.tls_files = tls
+        self.tls: ssl.SSLContext | None = None
+        if self.use_tls and not self.over_grpc:
+            self.tls = client_context(tls)
+        self.groups = groups
         self.filters: list[str] = []
         if campaigns.keys:
             self.filters = [VEHICLE_TOPIC.format(vehicle=vehicle, name="+")] + [
@@ -128,8 +148,8 @@ class ControlLink:
         delay = RETRY_S[0]
         while True:
             try:
-                await self._session()
-            except aiomqtt.MqttError as error:
+                await (self._grpc_session() if self.over_grpc else self._session())
+            except (aiomqtt.MqttError, aio.AioRpcError) as error:
                 if self.connected:
                     log.warning("control link %s:%d lost: %s", self.host, self.port, error)
                     delay = RETRY_S[0]
@@ -168,6 +188,40 @@ class ControlLink:
                 publisher.cancel()
                 reporter.cancel()
                 await asyncio.gather(publisher, reporter, return_exceptions=True)
+
+    async def _grpc_session(self) -> None:
+        """Campaigns over the cloud's `Telemetry.Campaigns` call (proto/telemetry.proto);
+        check-ins, snapshots and health reports need MQTT, so this link sends none."""
+        address = f"{self.host}:{self.port}"
+        options = channel_options(self.keepalive_s)
+        if self.use_tls:
+            tls = self.tls_files
+
+            def read(path: Path | None) -> bytes | None:
+                return path.read_bytes() if path else None
+
+            credentials = grpc.ssl_channel_credentials(
+                read(tls.ca_file) if tls else None,
+                read(tls.key_file) if tls else None,
+                read(tls.cert_file) if tls else None,
+            )
+            channel = aio.secure_channel(address, credentials, options)
+        else:
+            channel = aio.insecure_channel(address, options)
+        async with channel:
+            call = channel.unary_stream(
+                CAMPAIGNS_METHOD,
+                request_serializer=pb.CampaignsRequest.SerializeToString,
+                response_deserializer=pb.Campaign.FromString,
+            )(pb.CampaignsRequest(vehicle_id=self.vehicle, groups=list(self.groups)))
+            async for campaign in call:
+                if not self.connected:
+                    self.connected = True
+                    log.info("control link grpc %s: campaigns coming", address)
+                if not any(_matches(f, campaign.topic) for f in self.filters):
+                    log.warning("campaign on %s ignored: not for this vehicle", campaign.topic)
+                    continue
+                self._update(self.campaigns.offer(campaign.topic, campaign.document))
 
     async def _answer(self, client: aiomqtt.Client, payload: bytes) -> None:
         """A snapshot request: the last values, at once, on the answer topic."""
