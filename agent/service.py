@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
 import signal
 import sys
@@ -114,6 +115,10 @@ class Agent:
                 config.uplink.keepalive_s,
                 last_values.snapshot,
                 self.health,
+                {
+                    bus.name: [hashlib.sha256(path.read_bytes()).hexdigest() for path in bus.dbc]
+                    for bus in config.buses
+                },
             )
         collector = self._collector(config.collect, decoders)
         self.pipeline = Pipeline(

@@ -4,6 +4,7 @@ refused documents say why in the check-in; restarts, outages, expiry and reloads
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import subprocess
@@ -125,6 +126,18 @@ def test_versions_replace_and_a_signed_removal_stops(tmp_path: Path) -> None:
     assert campaigns.rules() == ()
 
 
+def test_garbage_in_the_state_folder_is_refused_and_the_rest_runs(tmp_path: Path) -> None:
+    campaigns = manager(tmp_path)
+    campaigns.offer(to_vehicle("v", "good"), signed(KEY, "good"))
+    (tmp_path / "bad.json").write_bytes(b"\x00\xff not a document")
+    (tmp_path / "state.json").write_text("[{")  # cut short by a crash of the disk
+    again = manager(tmp_path)
+    states = {c["name"]: c for c in again.checkin()}
+    assert states["good"]["state"] == "active"
+    assert states["bad"]["state"] == "rejected" and "not JSON" in states["bad"]["errors"][0]
+    assert [r.name for r in again.rules()] == ["good/fast"]
+
+
 def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
     now = [1_790_000_000.0]  # 2026-09-21, before the start
     campaigns = manager(tmp_path, now)
@@ -228,6 +241,8 @@ async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: 
             campaign = campaign_of(found["v1"][1], "speed")
             assert campaign is not None and campaign["version"] == 1
             assert len(campaign["hash"]) == 64
+            demo = hashlib.sha256(demo_dbc().read_bytes()).hexdigest()
+            assert found["v1"][1]["dbc"] == {"can0": [demo]}
             # Tampered on the way: refused, the running version stays, the reason is told.
             bad = tampered(signed(KEY, "speed", 2))
             await publish(mqtt.url, {to_vehicle("v1", "speed"): bad})

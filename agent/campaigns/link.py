@@ -72,10 +72,12 @@ class ControlLink:
         keepalive_s: int = 30,
         snapshot: Callable[[list[str]], list[dict[str, Any]]] | None = None,
         health: Health | None = None,
+        dbc: dict[str, list[str]] | None = None,
     ) -> None:
         """`apply`: called when the rules to run changed (campaigns.rules()); `snapshot`:
         the last values of the signals named (none: all); `health`: reports to send at
-        its interval. Campaigns without keys take no campaign topics."""
+        its interval; `dbc`: each bus's DBC files' SHA-256, for the check-ins. Campaigns
+        without keys take no campaign topics."""
         self.campaigns = campaigns
         self.vehicle = vehicle
         self.over_grpc = url.split("://")[0] in URL_SCHEMES["grpc"]
@@ -93,6 +95,7 @@ class ControlLink:
                 GROUP_TOPIC.format(group=g, name="+") for g in groups
             ]
         self.health = health
+        self.dbc = dbc or {}
         self.apply = apply
         self.snapshot = snapshot
         self.request_topic = SNAPSHOT_REQUEST.format(vehicle=vehicle)
@@ -111,6 +114,7 @@ class ControlLink:
                 "agent_version": __version__,
                 "time": utc(time.time()),
                 "campaigns": self.campaigns.checkin(),
+                "dbc": self.dbc,
             },
             sort_keys=True,
         ).encode()
