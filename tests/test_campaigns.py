@@ -433,3 +433,31 @@ async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Pa
         receiver.process.kill()
     state = json.loads((tmp_path / "v8" / "campaigns" / "state.json").read_text())
     assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]
+
+
+def test_rules_changed_again_and_again_keep_their_names_on_the_wire() -> None:
+    """Each campaign change makes new rule selections; one made after an old one was freed
+    may have its id(), which the encoder must never take for the old one's schema block."""
+    from agent.cloud.parser import SchemaStore, parse_batch
+    from agent.config import BusConfig
+    from agent.decode import bus_decoders
+    from agent.logs import open_log
+    from agent.wire.encoder import BatchEncoder
+    from agent.wire.envelope import read_envelope
+    from tests.data import TESLA_DBC, TESLA_EXCERPT
+
+    bus = BusConfig("can0", "replay", (TESLA_DBC,))
+    decoders = bus_decoders([bus], default_cache_dir())
+    encoder = BatchEncoder("v", "s", b"")
+    schemas = SchemaStore()
+    frames = next(iter(open_log(TESLA_EXCERPT).batches(1000)))
+    decoded = decoders["can0"].decode(frames)
+    for k in range(60):
+        rule = CollectRule(name=f"c{k}/fast", mode="all", signals=("DI_systemStatusCounter",))
+        collector = Collector((rule,), decoders)
+        wire = encoder.encode([collector.collect("can0", frames, decoded)], k + 1)
+        assert wire is not None
+        schemas.add(read_envelope(encoder.announcement(wire.schema_id)), 1 << 30)
+        batch = parse_batch(read_envelope(wire.payload), schemas)
+        assert {b.rule for b in batch.blocks} == {f"c{k}/fast"}
+        del collector, wire
