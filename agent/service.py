@@ -23,7 +23,7 @@ from typing import TextIO
 
 from agent.batcher import TICK_S, Batcher
 from agent.campaigns.link import ControlLink
-from agent.campaigns.manager import Campaigns, combined
+from agent.campaigns.manager import Campaigns, combined, with_dbc
 from agent.collect import CollectError, Collector
 from agent.collect.rules import CollectRule, rules_key
 from agent.config import (
@@ -34,7 +34,7 @@ from agent.config import (
     load_config,
     restart_changes,
 )
-from agent.decode import Decoder, bus_decoders, default_cache_dir
+from agent.decode import DbcError, Decoder, bus_decoders, default_cache_dir
 from agent.health import Health
 from agent.metrics import Metrics
 from agent.notify import Notifier
@@ -83,10 +83,7 @@ class Agent:
         self.spool = Spool(config.state_dir / "spool", config.spool, self.metrics)
         self.spool.open()
         self.stream_id = self.spool.stream_id
-        digest = dbc_hash([(bus.name, bus.dbc) for bus in config.buses])
-        encoder = BatchEncoder(
-            config.vehicle_id, self.stream_id, digest, compression=config.batch.compression
-        )
+        self._campaign_dbc: dict[str, list[Path]] = {}  # the DBC files campaigns brought
         self.campaigns: Campaigns | None = None
         self.control: ControlLink | None = None
         last_values = LastValues()
@@ -95,8 +92,15 @@ class Agent:
             self.health = Health(config.vehicle_id, self.metrics.registry, config.health.interval_s)
         if config.campaigns.keys or self.health is not None:
 
-            def fits(rules: tuple[CollectRule, ...]) -> None:
-                Collector(rules, decoders)  # CollectError when they do not fit the DBCs
+            def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
+                """CollectError when they do not fit the DBCs (DbcError as a ValueError)."""
+                fitted = decoders
+                if extra:
+                    try:
+                        fitted = bus_decoders(with_dbc(config.buses, extra), default_cache_dir())
+                    except DbcError as error:
+                        raise ValueError(str(error)) from None
+                Collector(rules, fitted)
 
             self.campaigns = Campaigns(
                 config.state_dir / "campaigns",
@@ -120,6 +124,15 @@ class Agent:
                     for bus in config.buses
                 },
             )
+        if self.campaigns is not None and self.campaigns.dbc_files():
+            self._campaign_dbc = self.campaigns.dbc_files()
+            decoders = bus_decoders(with_dbc(config.buses, self._campaign_dbc), default_cache_dir())
+        encoder = BatchEncoder(
+            config.vehicle_id,
+            self.stream_id,
+            self._dbc_digest(),
+            compression=config.batch.compression,
+        )
         collector = self._collector(config.collect, decoders)
         self.pipeline = Pipeline(
             decoders, collector, encoder, config.batch, self.spool, self.metrics
@@ -162,15 +175,31 @@ class Agent:
         rules = combined(file_rules, self.campaigns.rules() if self.campaigns else ())
         return Collector(rules, decoders) if rules else None
 
+    def _dbc_digest(self) -> bytes:
+        """Which definitions decode: the buses' DBC files and those campaigns brought."""
+        buses = with_dbc(self.config.buses, self._campaign_dbc)
+        return dbc_hash([(bus.name, bus.dbc) for bus in buses])
+
     def _apply_campaigns(self) -> None:
         """The active campaigns changed: run their rules from the next batch on, as a
-        reload does (the open windows of the old rules go out, no frame is lost)."""
+        reload does (the open windows of the old rules go out, no frame is lost), and
+        decode with the DBC files they bring."""
+        assert self.campaigns is not None
+        extra = self.campaigns.dbc_files()
+        decoders = self.pipeline.decoders
         try:
-            collector = self._collector(self.config.collect, self.pipeline.decoders)
-        except CollectError as error:  # checked on arrival: only a bug comes here
+            if extra != self._campaign_dbc:
+                buses = with_dbc(self.config.buses, extra)
+                decoders = bus_decoders(buses, default_cache_dir())
+            collector = self._collector(self.config.collect, decoders)
+        except (CollectError, DbcError) as error:  # checked on arrival: only a bug comes here
             log.error("campaigns not applied: %s", error)
             return
         self.pipeline.set_rules(collector)
+        if extra != self._campaign_dbc:
+            self._campaign_dbc = extra
+            self.pipeline.decoders = decoders
+            self.pipeline.encoder.dbc_digest = self._dbc_digest()
         self._filter_sources()
 
     def _filter_sources(self) -> None:

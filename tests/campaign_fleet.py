@@ -31,6 +31,9 @@ def signed(key: Ed25519PrivateKey, name: str, version: int = 1, **fields: Any) -
     return sign(check_document(document), key)
 
 
+SIMULATED_BUS = f'[[bus]]\nname = "can0"\nsource = "simulate"\ndbc = ["{demo_dbc()}"]\n'
+
+
 def agent_config(
     folder: Path,
     vehicle: str,
@@ -42,15 +45,16 @@ def agent_config(
     rules: str = '[[collect]]\nname = "base"\nmode = "sample"\nsignals = ["Odometer"]\n'
     "period_ms = 500\n",
     extra: str = "",
+    bus: str | None = None,
 ) -> Path:
-    """An agent on the demo DBC's simulated bus in real time, campaigns on; batches over
-    MQTT (or `uplink`), closed every 200 ms."""
+    """An agent on the demo DBC's simulated bus in real time (or `bus`), campaigns on;
+    batches over MQTT (or `uplink`), closed every 200 ms."""
     key_list = ", ".join(f'"{public_key_text(k.public_key())}"' for k in keys)
     uplink = uplink or f'[uplink]\nkind = "mqtt"\nurl = "{broker_url}"\n'
     config = folder / f"{vehicle}.toml"
     config.write_text(
         f'vehicle_id = "{vehicle}"\nstate_dir = "{folder / vehicle}"\n'
-        f'[[bus]]\nname = "can0"\nsource = "simulate"\ndbc = ["{demo_dbc()}"]\n'
+        f"{bus or SIMULATED_BUS}"
         f'{uplink}\n[batch]\nmax_age_ms = 200\n[metrics]\nlisten = ""\n'
         f"[campaigns]\nkeys = [{key_list}]\ngroups = {json.dumps(list(groups))}\n"
         f'url = "{broker_url}"\n{extra}\n{rules}'

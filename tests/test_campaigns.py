@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,11 @@ from agent.campaigns.document import (
     sign,
     verify,
 )
-from agent.campaigns.manager import Campaigns
+from agent.campaigns.manager import Campaigns, with_dbc
 from agent.collect import Collector
 from agent.collect.rules import CollectRule
-from agent.config import demo_dbc
-from agent.decode import Decoder, default_cache_dir
+from agent.config import BusConfig, demo_dbc
+from agent.decode import bus_decoders, default_cache_dir
 from tests.campaign_fleet import (
     agent_config,
     campaign_of,
@@ -40,6 +41,7 @@ from tests.campaign_fleet import (
     to_vehicle,
     wait_checkins,
 )
+from tests.data import TESLA_DBC, TESLA_LOG
 from tests.services import ReceiverProcess, agent_command, broker, free_port
 
 KEY = Ed25519PrivateKey.generate()
@@ -50,10 +52,10 @@ OTHER = Ed25519PrivateKey.generate()
 
 
 def manager(folder: Path, now: list[float] | None = None) -> Campaigns:
-    decoders = {"can0": Decoder({"can0": [str(demo_dbc())]}, cache_dir=default_cache_dir())}
+    bus = BusConfig("can0", "simulate", (demo_dbc(),))
 
-    def fits(rules: tuple[CollectRule, ...]) -> None:
-        Collector(rules, decoders)
+    def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
+        Collector(rules, bus_decoders(with_dbc([bus], extra), default_cache_dir()))
 
     clock = (lambda: now[0]) if now is not None else time.time
     campaigns = Campaigns(folder, [public_key_text(KEY.public_key())], ["can0"], fits, clock)
@@ -136,6 +138,41 @@ def test_garbage_in_the_state_folder_is_refused_and_the_rest_runs(tmp_path: Path
     assert states["good"]["state"] == "active"
     assert states["bad"]["state"] == "rejected" and "not JSON" in states["bad"]["errors"][0]
     assert [r.name for r in again.rules()] == ["good/fast"]
+
+
+TESLA_RULE = [{"name": "x", "mode": "all", "signals": ["DI_systemStatusCounter"]}]
+
+
+def test_a_campaign_waits_for_the_dbc_files_it_names_and_takes_only_the_right_bytes(
+    tmp_path: Path,
+) -> None:
+    campaigns = manager(tmp_path)
+    tesla = TESLA_DBC.read_bytes()
+    digest = hashlib.sha256(tesla).hexdigest()
+    payload = signed(KEY, "c", dbc={"can0": [digest]}, collect=TESLA_RULE)
+    assert campaigns.offer(to_vehicle("v", "c"), payload)
+    [entry] = campaigns.checkin()
+    assert entry["state"] == "waiting" and entry["waiting_for"]["dbc"] == [digest]
+    assert campaigns.needed_dbc() == {digest} and campaigns.rules() == ()
+    assert not campaigns.add_dbc(digest, tesla + b"\n")  # other bytes: refused
+    assert not campaigns.add_dbc("0" * 64, tesla)  # not asked for
+    assert campaigns.add_dbc(digest, tesla)
+    assert [r.name for r in campaigns.rules()] == ["c/x"]
+    assert campaigns.checkin()[0]["state"] == "active" and campaigns.needed_dbc() == set()
+    kept = tmp_path / "dbc" / f"{digest}.dbc"
+    assert campaigns.dbc_files() == {"can0": [kept]} and kept.read_bytes() == tesla
+    # A new version that waits for another file leaves this one running meanwhile.
+    other = hashlib.sha256(tesla + b"\n").hexdigest()
+    assert campaigns.offer(to_vehicle("v", "c"), signed(KEY, "c", 2, dbc={"can0": [other]}))
+    [entry] = campaigns.checkin()
+    assert entry["state"] == "active" and entry["version"] == 1
+    assert entry["waiting_for"] == {
+        "version": 2,
+        "hash": entry["waiting_for"]["hash"],
+        "dbc": [other],
+    }
+    again = manager(tmp_path)  # a restart: both kept
+    assert [r.name for r in again.rules()] == ["c/x"] and again.needed_dbc() == {other}
 
 
 def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
@@ -439,12 +476,10 @@ def test_rules_changed_again_and_again_keep_their_names_on_the_wire() -> None:
     """Each campaign change makes new rule selections; one made after an old one was freed
     may have its id(), which the encoder must never take for the old one's schema block."""
     from agent.cloud.parser import SchemaStore, parse_batch
-    from agent.config import BusConfig
-    from agent.decode import bus_decoders
     from agent.logs import open_log
     from agent.wire.encoder import BatchEncoder
     from agent.wire.envelope import read_envelope
-    from tests.data import TESLA_DBC, TESLA_EXCERPT
+    from tests.data import TESLA_EXCERPT
 
     bus = BusConfig("can0", "replay", (TESLA_DBC,))
     decoders = bus_decoders([bus], default_cache_dir())
@@ -461,3 +496,44 @@ def test_rules_changed_again_and_again_keep_their_names_on_the_wire() -> None:
         batch = parse_batch(read_envelope(wire.payload), schemas)
         assert {b.rule for b in batch.blocks} == {f"c{k}/fast"}
         del collector, wire
+
+
+async def test_a_campaign_brings_its_dbc_file_and_decodes_with_it(tmp_path: Path) -> None:
+    """The bus carries a Tesla's frames, which the vehicle's own DBC does not know: the
+    campaign's DBC file, pushed once under its hash, decodes them."""
+    bus = (
+        f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{TESLA_LOG}"\n'
+        f'channel = "vcan0"\npace = "realtime"\nloop = true\ndbc = ["{demo_dbc()}"]\n'
+    )
+    campaign = tmp_path / "tesla.toml"
+    campaign.write_text(
+        f'name = "tesla"\nversion = 1\n[dbc]\ncan0 = ["{TESLA_DBC}"]\n[[collect]]\n'
+        'name = "x"\nmode = "all"\nsignals = ["DI_systemStatusCounter"]\n'
+    )
+    key_file = tmp_path / "fleet.key"
+    key_file.write_bytes(KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+
+    def cli(*args: str | Path) -> None:
+        subprocess.run(
+            agent_command("campaign", *args), capture_output=True, timeout=60, check=True
+        )
+
+    with broker(tmp_path) as mqtt:
+        received = tmp_path / "received.jsonl"
+        receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
+        receiver.wait_ready("subscribed to")
+        agent = Agent(agent_config(tmp_path, "v9", mqtt.url, [KEY], bus=bus))
+        try:
+            cli("sign", campaign, "--key", key_file)
+            signed_file = tmp_path / "tesla.signed.json"
+            cli("push", signed_file, "--mqtt", mqtt.url, "--vehicle", "v9")
+            found = await wait_checkins(mqtt.url, ["v9"], state_is("tesla", "waiting"))
+            digest = hashlib.sha256(TESLA_DBC.read_bytes()).hexdigest()
+            assert campaign_of(found["v9"][1], "tesla")["waiting_for"]["dbc"] == [digest]  # type: ignore[index]
+            cli("push", signed_file, "--dbc", TESLA_DBC, "--mqtt", mqtt.url, "--vehicle", "v9")
+            await wait_checkins(mqtt.url, ["v9"], state_is("tesla", "active"))
+            await wait_records(received, "tesla/x")
+        finally:
+            agent.stop()
+            receiver.process.kill()
+    assert (tmp_path / "v9" / "campaigns" / "dbc" / f"{digest}.dbc").is_file()

@@ -13,6 +13,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from agent.config import Checker
 #: The prefix of a public key as the config's `[campaigns] keys` and `keygen` write it.
 KEY_PREFIX = "ed25519:"
 KINDS = ("campaign", "removal")
-DOCUMENT_KEYS = {"kind", "name", "version", "start", "expiry", "buses", "collect"}
+DOCUMENT_KEYS = {"kind", "name", "version", "start", "expiry", "buses", "collect", "dbc"}
+#: A DBC file as a campaign names it: the SHA-256 of its bytes, in hex.
+DBC_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 class CampaignError(Exception):
@@ -49,6 +52,7 @@ class Document:
     expiry: float | None = None
     buses: tuple[str, ...] = ()  # the target; empty: every bus
     collect: tuple[Mapping[str, Any], ...] = ()  # the [[collect]] tables as written
+    dbc: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # bus -> DBC hashes
     hash: str = ""  # sha256 hex of the canonical document
     key: str = ""  # the id of the key that signed it
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -99,18 +103,41 @@ def _time(value: Any, where: str, problems: list[str]) -> str | None:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def document_from_toml(text: str, source: str) -> dict[str, Any]:
+def document_from_toml(text: str, source: str, base: Path | None = None) -> dict[str, Any]:
     """The document of a campaign file, checked and in canonical form; CampaignError with
-    every problem, each naming the file and key."""
+    every problem, each naming the file and key. Its `[dbc]` files (paths relative to
+    `base`) become their hashes."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise CampaignError([f"{source}: not valid TOML: {error}"]) from None
     data.setdefault("kind", "campaign")
+    problems: list[str] = []
+    if isinstance(data.get("dbc"), dict):
+        data["dbc"] = {
+            bus: [_dbc_hash(f, base, f"dbc.{bus}[{k}]", problems) for k, f in enumerate(files)]
+            if isinstance(files, list)
+            else files
+            for bus, files in data["dbc"].items()
+        }
+    if problems:
+        raise CampaignError([f"{source}: {p}" for p in problems])
     try:
         return check_document(data)
     except CampaignError as error:
         raise CampaignError([f"{source}: {p}" for p in error.problems]) from None
+
+
+def _dbc_hash(value: Any, base: Path | None, where: str, problems: list[str]) -> Any:
+    """A DBC file named in a campaign file: its hash (a hash stays as it is)."""
+    if not isinstance(value, str) or DBC_HASH.fullmatch(value):
+        return value
+    path = Path(value) if base is None else base / value
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        problems.append(f"{where}: cannot read {path}: {error.strerror}")
+        return value
 
 
 def check_document(data: Any) -> dict[str, Any]:
@@ -134,7 +161,7 @@ def check_document(data: Any) -> dict[str, Any]:
         problems.append(f"version: expected a whole number of 1 or more, got {version!r}")
     document: dict[str, Any] = {"kind": kind, "name": name, "version": version}
     if kind == "removal":
-        for key in ("start", "expiry", "buses", "collect"):
+        for key in ("start", "expiry", "buses", "collect", "dbc"):
             if key in data:
                 problems.append(f"{key}: a removal has only a name and a version")
     else:
@@ -157,7 +184,19 @@ def check_document(data: Any) -> dict[str, Any]:
             rule_check = Checker(Path("."))
             parse_rules(rule_check, collect, _AnyBus())
             problems += rule_check.problems
+        dbc = data.get("dbc", {})
+        if not isinstance(dbc, dict) or not all(
+            isinstance(files, list)
+            and all(isinstance(f, str) and DBC_HASH.fullmatch(f) for f in files)
+            for files in dbc.values()
+        ):
+            problems.append(
+                f"dbc: expected a table of bus names to lists of DBC files, got {dbc!r}"
+            )
+            dbc = {}
         document |= {"start": start, "expiry": expiry, "buses": buses, "collect": collect}
+        if dbc:
+            document["dbc"] = dbc
     if problems:
         raise CampaignError(problems)
     # Through JSON and back: dates and other TOML values become what the wire carries.
@@ -231,6 +270,7 @@ def document_of(data: Mapping[str, Any], body: bytes, key: str = "") -> Document
         expiry=_seconds(data.get("expiry")),
         buses=tuple(data.get("buses", ())),
         collect=tuple(data.get("collect", ())),
+        dbc={bus: tuple(files) for bus, files in data.get("dbc", {}).items()},
         hash=hashlib.sha256(body).hexdigest(),
         key=key,
         raw=data,

@@ -42,6 +42,8 @@ CHECKIN_TOPIC = "vehicles/{vehicle}/checkin"
 #: A snapshot's request (`{"id": ..., "signals": [...]}`) and its answer, not retained.
 SNAPSHOT_REQUEST = "vehicles/{vehicle}/snapshot/request"
 SNAPSHOT_ANSWER = "vehicles/{vehicle}/snapshot/answer"
+#: A DBC file a campaign needs, retained under its SHA-256 (hex): sent once for the fleet.
+DBC_TOPIC = "dbc/{hash}"
 #: Between two attempts to reach the broker: doubled from the first up to the last.
 RETRY_S = (0.2, 10.0)
 
@@ -176,6 +178,8 @@ class ControlLink:
             log.info("control link %s:%d connected", self.host, self.port)
             for topic in self.filters:
                 await client.subscribe(topic, qos=1)
+            subscribed: set[str] = set()
+            await self._subscribe_dbc(client, subscribed)
             self._changed.set()  # a check-in on every connect
             publisher = asyncio.create_task(self._publish_checkins(client))
             reporter = asyncio.create_task(self._report_health(client))
@@ -184,10 +188,15 @@ class ControlLink:
                     payload = message.payload
                     if not isinstance(payload, bytes | bytearray):
                         continue
-                    if str(message.topic) == self.request_topic:
+                    topic = str(message.topic)
+                    if topic == self.request_topic:
                         await self._answer(client, bytes(payload))
+                    elif topic.startswith("dbc/"):
+                        digest = topic.removeprefix("dbc/")
+                        self._update(self.campaigns.add_dbc(digest, bytes(payload)))
                     else:
-                        self._update(self.campaigns.offer(str(message.topic), bytes(payload)))
+                        self._update(self.campaigns.offer(topic, bytes(payload)))
+                    await self._subscribe_dbc(client, subscribed)
             finally:
                 publisher.cancel()
                 reporter.cancel()
@@ -226,6 +235,12 @@ class ControlLink:
                     log.warning("campaign on %s ignored: not for this vehicle", campaign.topic)
                     continue
                 self._update(self.campaigns.offer(campaign.topic, campaign.document))
+
+    async def _subscribe_dbc(self, client: aiomqtt.Client, subscribed: set[str]) -> None:
+        """Take the DBC files that waiting campaigns need, and only those."""
+        for digest in sorted(self.campaigns.needed_dbc() - subscribed):
+            await client.subscribe(DBC_TOPIC.format(hash=digest), qos=1)
+            subscribed.add(digest)
 
     async def _answer(self, client: aiomqtt.Client, payload: bytes) -> None:
         """A snapshot request: the last values, at once, on the answer topic."""

@@ -6,10 +6,11 @@ brings documents in and takes check-ins out."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from agent.campaigns.document import (
     verify,
 )
 from agent.collect.rules import CollectRule, parse_rules
-from agent.config import Checker
+from agent.config import BusConfig, Checker
 from agent.durable import write_atomically
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Entry:
     rules: tuple[CollectRule, ...] = ()
     errors: list[str] = field(default_factory=list)
     rejected: dict[str, Any] | None = None  # a refusal while another version runs
+    waiting: dict[str, Any] | None = None  # a version that waits for its DBC files
 
     def report(self) -> dict[str, Any]:
         doc = self.document
@@ -66,6 +68,8 @@ class Entry:
             out["errors"] = self.errors
         if self.rejected:
             out["rejected"] = self.rejected
+        if self.waiting:
+            out["waiting_for"] = self.waiting
         return out
 
 
@@ -78,7 +82,7 @@ class Campaigns:
         folder: Path,
         keys: Iterable[str],
         buses: Iterable[str],
-        validate: Callable[[tuple[CollectRule, ...]], None],
+        validate: Callable[[tuple[CollectRule, ...], Mapping[str, list[Path]]], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.folder = folder
@@ -87,6 +91,9 @@ class Campaigns:
         self.validate = validate
         self.clock = clock
         self.entries: dict[str, Entry] = {}
+        #: Documents that wait for DBC files: name -> (document, its payload)
+        self.pending: dict[str, tuple[Document, bytes]] = {}
+        self.dbc_folder = folder / "dbc"
 
     # -- what runs ------------------------------------------------------------------------
 
@@ -98,6 +105,51 @@ class Campaigns:
             if self.entries[name].state == "active"
             for rule in self.entries[name].rules
         )
+
+    def dbc_files(self) -> dict[str, list[Path]]:
+        """The DBC files the active campaigns bring, per bus (each once)."""
+        files: dict[str, list[Path]] = {}
+        for name in sorted(self.entries):
+            entry = self.entries[name]
+            if entry.state == "active" and entry.document is not None:
+                for bus, paths in self._dbc_paths(entry.document).items():
+                    files.setdefault(bus, [])
+                    files[bus] += [p for p in paths if p not in files[bus]]
+        return files
+
+    def _dbc_paths(self, doc: Document) -> dict[str, list[Path]]:
+        return {
+            bus: [self.dbc_folder / f"{h}.dbc" for h in hashes] for bus, hashes in doc.dbc.items()
+        }
+
+    def needed_dbc(self) -> set[str]:
+        """The hashes of the DBC files that waiting documents need."""
+        return {
+            h
+            for doc, _ in self.pending.values()
+            for hashes in doc.dbc.values()
+            for h in hashes
+            if not (self.dbc_folder / f"{h}.dbc").is_file()
+        }
+
+    def add_dbc(self, digest: str, payload: bytes) -> bool:
+        """A DBC file from the cloud, taken when a waiting document needs it and its bytes
+        have that hash; the documents it completes are offered again. Whether anything
+        changed."""
+        if digest not in self.needed_dbc():
+            return False
+        if hashlib.sha256(payload).hexdigest() != digest:
+            log.warning("DBC file %s refused: its bytes have another hash", digest[:12])
+            return False
+        self.dbc_folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.dbc_folder / f"{digest}.dbc", payload)
+        needed = self.needed_dbc()
+        for name, (doc, document) in list(self.pending.items()):
+            if not any(h in needed for hashes in doc.dbc.values() for h in hashes):
+                del self.pending[name]
+                (self.folder / "pending" / f"{name}.json").unlink(missing_ok=True)
+                self.offer(f"pending/{name}", document)
+        return True
 
     def tick(self) -> bool:
         """Bring each accepted campaign's state to the clock; whether any changed."""
@@ -160,18 +212,52 @@ class Campaigns:
                     raise CampaignError(
                         [f"version {doc.version} is not newer than version {old.version}"]
                     )
+            waiting = self.pending.get(doc.name)
+            if waiting is not None and doc.hash == waiting[0].hash:
+                return False
+            if doc.kind == "campaign" and any(
+                not p.is_file() for paths in self._dbc_paths(doc).values() for p in paths
+            ):
+                self._wait(doc, payload)
+                return True
             rules = self.rules_of(doc)
         except CampaignError as error:
             return self._refuse(claimed, payload, error.problems)
         self._accept(doc, rules, payload)
         return True
 
-    def rules_of(self, doc: Document) -> tuple[CollectRule, ...]:
-        """The campaign's rules checked against this vehicle (its buses, its DBCs), named
-        `campaign/rule`; CampaignError with every problem."""
+    def _wait(self, doc: Document, payload: bytes) -> None:
+        """Keep a document until the DBC files it needs have come; a running version of it
+        runs on meanwhile."""
+        pending = self.folder / "pending"
+        pending.mkdir(parents=True, exist_ok=True)
+        write_atomically(pending / f"{doc.name}.json", payload)
+        self.pending[doc.name] = (doc, payload)
+        missing = sorted(
+            h
+            for hashes in doc.dbc.values()
+            for h in hashes
+            if not (self.dbc_folder / f"{h}.dbc").is_file()
+        )
+        waiting = {"version": doc.version, "hash": doc.hash, "dbc": missing}
+        log.info("campaign %s version %d waits for DBC files %s", doc.name, doc.version, missing)
+        entry = self.entries.get(doc.name)
+        if entry is not None and entry.document is not None:
+            entry.waiting = waiting
+        else:
+            self.entries[doc.name] = Entry(doc.name, "waiting", self.clock(), waiting=waiting)
+        self._save_state()
+
+    def rules_of(
+        self, doc: Document, dbc: Mapping[str, list[Path]] | None = None
+    ) -> tuple[CollectRule, ...]:
+        """The campaign's rules checked against this vehicle (its buses, its DBCs and the
+        campaign's own, `dbc` or those kept in the folder), named `campaign/rule`;
+        CampaignError with every problem."""
         if doc.kind == "removal":
             return ()
         problems = [f"buses: no [[bus]] is named {b!r}" for b in doc.buses if b not in self.buses]
+        problems += [f"dbc: no [[bus]] is named {b!r}" for b in doc.dbc if b not in self.buses]
         if problems:
             raise CampaignError(problems)  # and not again for each rule that targets them
         tables = [
@@ -184,8 +270,8 @@ class Campaigns:
             raise CampaignError(check.problems)
         rules = tuple(replace(r, name=f"{doc.name}{SEPARATOR}{r.name}") for r in parsed)
         try:
-            self.validate(rules)
-        except ValueError as error:  # CollectError is one
+            self.validate(rules, self._dbc_paths(doc) if dbc is None else dbc)
+        except ValueError as error:  # CollectError and DbcError are ones
             raise CampaignError([str(error)]) from None
         return rules
 
@@ -227,6 +313,8 @@ class Campaigns:
                 continue
             payload = path.read_bytes()
             self.offer(f"stored/{path.stem}", payload)
+        for path in sorted((self.folder / "pending").glob("*.json")):
+            self.offer(f"pending/{path.stem}", path.read_bytes())
         for name, entry in self.entries.items():
             was = saved.get(name)
             if (
@@ -244,6 +332,14 @@ class Campaigns:
     def _save_state(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomically(self.folder / "state.json", json.dumps(self.checkin(), indent=1).encode())
+
+
+def with_dbc(buses: Iterable[BusConfig], extra: Mapping[str, list[Path]]) -> list[BusConfig]:
+    """The buses with the DBC files campaigns bring added after their own."""
+    return [
+        replace(bus, dbc=(*bus.dbc, *(p for p in extra.get(bus.name, ()) if p not in bus.dbc)))
+        for bus in buses
+    ]
 
 
 #: The file's rules when it has none: every decoded signal, as without any rule, so a

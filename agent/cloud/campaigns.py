@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,8 @@ def run_sign(args: argparse.Namespace) -> int:
 
     source = Path(args.campaign)
     try:
-        document = document_from_toml(source.read_text(encoding="utf-8"), str(source))
+        text = source.read_text(encoding="utf-8")
+        document = document_from_toml(text, str(source), source.parent)
         envelope = sign(document, _private_key(args.key))
     except CampaignError as error:
         for problem in error.problems:
@@ -78,8 +81,14 @@ def run_sign(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """A campaign file against a vehicle's config: its buses, its DBC files."""
-    from agent.campaigns.document import CampaignError, canonical, document_from_toml, document_of
-    from agent.campaigns.manager import Campaigns
+    from agent.campaigns.document import (
+        DBC_HASH,
+        CampaignError,
+        canonical,
+        document_from_toml,
+        document_of,
+    )
+    from agent.campaigns.manager import Campaigns, with_dbc
     from agent.collect import Collector
     from agent.collect.rules import CollectRule
     from agent.config import ConfigError, load_config
@@ -89,7 +98,7 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         decoders = bus_decoders(config.buses, default_cache_dir())
-        data = document_from_toml(source.read_text(encoding="utf-8"), str(source))
+        data = document_from_toml(source.read_text(encoding="utf-8"), str(source), source.parent)
     except ConfigError as error:
         for problem in error.problems:
             print(f"{error.source}: {problem}", file=sys.stderr)
@@ -102,12 +111,24 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"telemetry-agent campaign check: {error}", file=sys.stderr)
         return EX_CONFIG
 
-    def fits(rules: tuple[CollectRule, ...]) -> None:
-        Collector(rules, decoders)
+    def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
+        fitted = decoders
+        if extra:
+            try:
+                fitted = bus_decoders(with_dbc(config.buses, extra), default_cache_dir())
+            except DbcError as error:
+                raise ValueError(str(error)) from None
+        Collector(rules, fitted)
 
+    # The campaign's own DBC files, as its file names them (the document has their hashes).
+    named = tomllib.loads(source.read_text(encoding="utf-8")).get("dbc", {})
+    extra = {
+        bus: [source.parent / f for f in files if not DBC_HASH.fullmatch(f)]
+        for bus, files in named.items()
+    }
     vehicle = Campaigns(config.state_dir / "campaigns", (), decoders, fits)
     try:
-        rules = vehicle.rules_of(document_of(data, canonical(data)))
+        rules = vehicle.rules_of(document_of(data, canonical(data)), extra)
     except CampaignError as error:
         for problem in error.problems:
             print(f"{source}: {problem}", file=sys.stderr)
@@ -166,6 +187,11 @@ def run_push(args: argparse.Namespace) -> int:
             print(f"{path}: not a signed campaign (`campaign sign` makes one)", file=sys.stderr)
             return EX_CONFIG
         messages += [(topic, payload) for topic in _topics(args, name)]
+    from agent.campaigns.link import DBC_TOPIC
+
+    # DBC files ahead of the campaigns that need them: once, for the whole fleet.
+    dbc = [Path(path).read_bytes() for path in args.dbc]
+    messages = [(DBC_TOPIC.format(hash=hashlib.sha256(d).hexdigest()), d) for d in dbc] + messages
     return _run(args, _publish(args, messages))
 
 
@@ -298,6 +324,13 @@ def add_parser(commands: Any) -> None:
 
     push = sub.add_parser("push", help="publish signed campaigns, retained")
     push.add_argument("signed", nargs="+", metavar="SIGNED.json")
+    push.add_argument(
+        "--dbc",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a DBC file the campaigns name, published retained under its hash; repeatable",
+    )
     _targets(push)
     push.set_defaults(handler=run_push)
 
