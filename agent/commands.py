@@ -1,4 +1,4 @@
-"""The commands: `decode`, `run`, `check-config` and `receive`, parsed and run."""
+"""The commands: `decode`, `run`, `check-config`, `receive` and `campaign`, parsed and run."""
 
 from __future__ import annotations
 
@@ -311,7 +311,10 @@ def run_receive(args: argparse.Namespace) -> int:
                 args.session,
             )
         else:
-            work = receiver.receive_grpc(receiving, args.grpc_listen, tls, args.idle_exit)
+            campaigns = Path(args.campaigns) if args.campaigns else None
+            work = receiver.receive_grpc(
+                receiving, args.grpc_listen, tls, args.idle_exit, campaigns
+            )
         try:
             asyncio.run(work)
         except ValueError as error:  # a malformed URL
@@ -465,7 +468,19 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument(
         "--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a batch"
     )
+    receive.add_argument(
+        "--campaigns",
+        metavar="DIR",
+        help="with --grpc-listen: serve the signed campaigns of this folder to the agents "
+        "(docs/campaigns.md)",
+    )
     receive.set_defaults(handler=run_receive)
+
+    from agent.cloud.campaigns import add_parser as add_campaign
+    from agent.cloud.snapshot import add_parser as add_snapshot
+
+    add_campaign(commands)
+    add_snapshot(commands)
     return parser
 
 

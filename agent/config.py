@@ -111,6 +111,20 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class CampaignsConfig:
+    """[campaigns]: who may sign campaigns, the groups a vehicle is in, the control link."""
+
+    keys: tuple[str, ...] = ()  # ed25519:BASE64 public keys; none: campaigns are off
+    groups: tuple[str, ...] = ()
+    url: str = ""  # "": the uplink's URL (an mqtt or grpc uplink)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = 0.0  # 0: no health reports
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle_id: str
     state_dir: Path
@@ -123,6 +137,8 @@ class Config:
     diagnostics: tuple[DiagnosticsConfig, ...] = ()  # none: the agent never transmits
     status_interval_s: float = 5.0
     log_level: str = "info"
+    campaigns: CampaignsConfig = CampaignsConfig()
+    health: HealthConfig = HealthConfig()
     source: str = "<embedded defaults>"
 
 
@@ -279,6 +295,8 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             "diagnostics",
             "status_interval_s",
             "log_level",
+            "campaigns",
+            "health",
         },
     )
     vehicle_id = check.get(data, "", "vehicle_id", str, "")
@@ -418,6 +436,20 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         from agent.collect.rules import parse_rules
 
         rules = parse_rules(check, rule_tables, streams)
+    health_table = _section(check, data, "health", {"interval_s"})
+    health = HealthConfig(
+        interval_s=float(
+            check.get(
+                health_table,
+                "health",
+                "interval_s",
+                (int, float),
+                0.0,
+                lambda v: None if v >= 0 else "must be 0 (off) or more",
+            )
+        )
+    )
+    campaigns = _campaigns(check, data, uplink_config, health)
     status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
     log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
     if check.problems:
@@ -434,8 +466,51 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         diagnostics=diagnostics,
         status_interval_s=float(status),
         log_level=log_level,
+        campaigns=campaigns,
+        health=health,
         source=source,
     )
+
+
+def _campaigns(
+    check: Checker, data: Mapping[str, Any], uplink: UplinkConfig, health: HealthConfig
+) -> CampaignsConfig:
+    import base64
+    import binascii
+
+    table = _section(check, data, "campaigns", {"keys", "groups", "url"})
+    keys: list[str] = []
+    for k, key in enumerate(check.get(table, "campaigns", "keys", list, [])):
+        text = key if isinstance(key, str) else ""
+        try:
+            raw = base64.b64decode(text.removeprefix("ed25519:"), validate=True)
+        except binascii.Error:
+            raw = b""
+        if not text.startswith("ed25519:") or len(raw) != 32:
+            check.problems.append(
+                f"campaigns.keys[{k}]: expected ed25519:BASE64 of a 32-byte public key "
+                f"(`telemetry-agent campaign keygen` prints one), got {key!r}"
+            )
+        keys.append(text)
+    groups = check.get(table, "campaigns", "groups", list, [])
+    for k, group in enumerate(groups):
+        if not isinstance(group, str) or not group or any(c in group for c in "/+#"):
+            check.problems.append(f"campaigns.groups[{k}]: {group!r} cannot be part of a topic")
+    url = check.get(table, "campaigns", "url", str, "")
+    if url:
+        try:
+            split_url(url, URL_SCHEMES["mqtt"] | URL_SCHEMES["grpc"])
+        except ValueError as error:
+            check.problems.append(f"campaigns.url: {error}")
+    elif (keys or health.interval_s) and uplink.kind == "file":
+        check.problems.append("campaigns.url: missing (the uplink writes files)")
+    link = url or (uplink.url if "://" in uplink.url else f"{uplink.kind}://{uplink.url}")
+    if health.interval_s and link.split("://")[0] in URL_SCHEMES["grpc"]:
+        check.problems.append(
+            "health.interval_s: health reports go over MQTT; the control link is gRPC "
+            "(set campaigns.url to an MQTT broker)"
+        )
+    return CampaignsConfig(keys=tuple(keys), groups=tuple(map(str, groups)), url=url)
 
 
 #: The URL schemes of each networked uplink, with their default ports; a scheme that ends
@@ -507,7 +582,16 @@ def _section(
 
 
 #: What a reload (SIGHUP) cannot change in a running agent: new values wait for a restart.
-RESTART_KEYS = ("vehicle_id", "state_dir", "buses", "spool", "metrics", "diagnostics")
+RESTART_KEYS = (
+    "vehicle_id",
+    "state_dir",
+    "buses",
+    "spool",
+    "metrics",
+    "diagnostics",
+    "campaigns",
+    "health",
+)
 
 
 def restart_changes(running: Config, loaded: Config) -> list[str]:

@@ -14,6 +14,7 @@ from agent.config import BatchConfig
 from agent.decode import DecodedBatch, Decoder
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
+from agent.snapshot import LastValues
 from agent.spool import Spool
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireBatch
@@ -49,6 +50,8 @@ class Pipeline:
         self.metrics = metrics
         self.next_sequence = spool.next_sequence
         self.totals = Totals()
+        #: The last value of each signal, for snapshots; None: not asked for (no control link)
+        self.last_values: LastValues | None = None
         self.set_rules(collector)
 
     def set_rules(self, collector: Collector | None) -> None:
@@ -124,6 +127,8 @@ class Pipeline:
         started = time.perf_counter()
         result = self.decoders[bus].decode(frames)
         self.metrics.decode_seconds.inc(time.perf_counter() - started)
+        if count and self.last_values is not None:
+            self.last_values.update(bus, result)
         if count:
             self.metrics.frames_decoded.labels(bus).inc(result.decoded)
             self.metrics.frames_unknown.labels(bus).inc(result.unknown)

@@ -11,24 +11,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from agent.batcher import TICK_S, Batcher
+from agent.campaigns.link import ControlLink
+from agent.campaigns.manager import Campaigns, combined, with_dbc
 from agent.collect import CollectError, Collector
-from agent.collect.rules import rules_key
-from agent.config import RESTART_KEYS, Config, ConfigError, load_config, restart_changes
-from agent.decode import bus_decoders, default_cache_dir
+from agent.collect.rules import CollectRule, rules_key
+from agent.config import (
+    RESTART_KEYS,
+    Config,
+    ConfigError,
+    UplinkConfig,
+    load_config,
+    restart_changes,
+)
+from agent.decode import DbcError, Decoder, bus_decoders, default_cache_dir
+from agent.decode.decoder import BusDbcs
 from agent.diagnostics.streams import diagnostics_streams
+from agent.health import Health
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.pipeline import Pipeline, Totals
+from agent.snapshot import LastValues
 from agent.sources.base import Source, SourceError, create_sources
 from agent.spool import Spool
 from agent.uplinks.base import create_uplink
@@ -68,28 +81,73 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         set_log_level(config.log_level)
-        decoders = bus_decoders(config.buses, default_cache_dir())
         # Each bus with a [[diagnostics]] table gets a stream of the ECUs' answers.
-        answers = diagnostics_streams(config)
-        decoders.update(bus_decoders(answers, default_cache_dir()))
+        self._answers = diagnostics_streams(config)
+        self._campaign_dbc: dict[str, list[Path]] = {}  # the DBC files campaigns brought
+        decoders = bus_decoders(self._decoded(self._campaign_dbc), default_cache_dir())
         for name, decoder in decoders.items():
             for warning in decoder.warnings:
                 log.warning("bus %s: %s", name, warning)
         self.spool = Spool(config.state_dir / "spool", config.spool, self.metrics)
         self.spool.open()
         self.stream_id = self.spool.stream_id
-        digest = dbc_hash(
-            [(bus.name, bus.dbc) for bus in config.buses] + [(s.name, s.dbc) for s in answers]
-        )
+        self.campaigns: Campaigns | None = None
+        self.control: ControlLink | None = None
+        last_values = LastValues()
+        self.health: Health | None = None
+        if config.health.interval_s:
+            self.health = Health(config.vehicle_id, self.metrics.registry, config.health.interval_s)
+        if config.campaigns.keys or self.health is not None:
+
+            def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
+                """CollectError when they do not fit the DBCs (DbcError as a ValueError)."""
+                fitted = decoders
+                if extra:
+                    try:
+                        fitted = bus_decoders(self._decoded(extra), default_cache_dir())
+                    except DbcError as error:
+                        raise ValueError(str(error)) from None
+                Collector(rules, fitted)
+
+            self.campaigns = Campaigns(
+                config.state_dir / "campaigns",
+                config.campaigns.keys,
+                [bus.name for bus in config.buses],
+                fits,
+            )
+            self.campaigns.load()
+            self.control = ControlLink(
+                self.campaigns,
+                config.vehicle_id,
+                config.campaigns.url or _scheme(config.uplink),
+                config.uplink.tls,
+                config.campaigns.groups,
+                self._apply_campaigns,
+                config.uplink.keepalive_s,
+                last_values.snapshot,
+                self.health,
+                {
+                    bus.name: [hashlib.sha256(path.read_bytes()).hexdigest() for path in bus.dbc]
+                    for bus in config.buses
+                },
+            )
+        if self.campaigns is not None and self.campaigns.dbc_files():
+            self._campaign_dbc = self.campaigns.dbc_files()
+            decoders = bus_decoders(self._decoded(self._campaign_dbc), default_cache_dir())
         encoder = BatchEncoder(
-            config.vehicle_id, self.stream_id, digest, compression=config.batch.compression
+            config.vehicle_id,
+            self.stream_id,
+            self._dbc_digest(),
+            compression=config.batch.compression,
         )
-        collector = Collector(config.collect, decoders) if config.collect else None
+        collector = self._collector(config.collect, decoders)
         self.pipeline = Pipeline(
             decoders, collector, encoder, config.batch, self.spool, self.metrics
         )
+        if self.control is not None:
+            self.pipeline.last_values = last_values
         self.batcher = Batcher(
-            [bus.name for bus in config.buses] + [s.name for s in answers],
+            [bus.name for bus in config.buses] + [s.name for s in self._answers],
             config.batch,
             self.pipeline.close,
         )
@@ -119,6 +177,44 @@ class Agent:
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.ensure_future(self._reload())
 
+    def _collector(
+        self, file_rules: tuple[CollectRule, ...], decoders: Mapping[str, Decoder]
+    ) -> Collector | None:
+        """The file's rules and the active campaigns' (agent/campaigns/)."""
+        rules = combined(file_rules, self.campaigns.rules() if self.campaigns else ())
+        return Collector(rules, decoders) if rules else None
+
+    def _decoded(self, extra: Mapping[str, list[Path]]) -> list[BusDbcs]:
+        """What the agent decodes: the buses with the DBC files campaigns brought, and the
+        streams of the ECUs' answers."""
+        return [*with_dbc(self.config.buses, extra), *self._answers]
+
+    def _dbc_digest(self) -> bytes:
+        """Which definitions decode: the buses' DBC files, those campaigns brought and the
+        answers' DBC."""
+        return dbc_hash([(bus.name, bus.dbc) for bus in self._decoded(self._campaign_dbc)])
+
+    def _apply_campaigns(self) -> None:
+        """The active campaigns changed: run their rules from the next batch on, as a
+        reload does (the open windows of the old rules go out, no frame is lost), and
+        decode with the DBC files they bring."""
+        assert self.campaigns is not None
+        extra = self.campaigns.dbc_files()
+        decoders = self.pipeline.decoders
+        try:
+            if extra != self._campaign_dbc:
+                decoders = bus_decoders(self._decoded(extra), default_cache_dir())
+            collector = self._collector(self.config.collect, decoders)
+        except (CollectError, DbcError) as error:  # checked on arrival: only a bug comes here
+            log.error("campaigns not applied: %s", error)
+            return
+        self.pipeline.set_rules(collector)
+        if extra != self._campaign_dbc:
+            self._campaign_dbc = extra
+            self.pipeline.decoders = decoders
+            self.pipeline.encoder.dbc_digest = self._dbc_digest()
+        self._filter_sources()
+
     def _filter_sources(self) -> None:
         for source in self.sources:
             source.frame_ids = self.pipeline.frame_ids(source.bus.name)
@@ -139,6 +235,7 @@ class Agent:
         sender = asyncio.create_task(self.sender.run(), name="uplink")
         batching = asyncio.create_task(self.batcher.run(), name="batch-age")
         report = asyncio.create_task(self._report(started), name="status")
+        control = asyncio.create_task(self.control.run() if self.control else _idle())
         # Ready once config, spool and metrics are up: the cloud may well be out of reach,
         # which is normal in a vehicle and no reason to hold systemd back.
         self.notifier.notify(READY=1, STATUS=self._summary(started))
@@ -155,13 +252,15 @@ class Agent:
             ending = await self._until_end(buses, {spool, sender, batching})
             delivered = await self._wind_down(ending, [*asking, *buses, batching])
         finally:
-            tasks = [batching, report, sender, spool, watchdog]
+            tasks = [batching, report, sender, spool, watchdog, control]
             if self._reloading is not None:
                 tasks.append(self._reloading)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.spool.close()
+            if self.health is not None:
+                self.health.close()
             for signum in handlers:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)
@@ -347,7 +446,7 @@ class Agent:
                 collector = self.pipeline.collector
                 if rules_key(loaded.collect) != rules_key(self.config.collect):
                     decoders = self.pipeline.decoders
-                    collector = Collector(loaded.collect, decoders) if loaded.collect else None
+                    collector = self._collector(loaded.collect, decoders)
             except ConfigError as error:
                 for problem in error.problems:
                     log.error("reload refused, the running config stays: %s: %s", path, problem)
@@ -382,6 +481,15 @@ class Agent:
                 "reload: %s changed, which takes a restart; the running values stay",
                 ", ".join(later),
             )
+
+
+def _scheme(uplink: UplinkConfig) -> str:
+    """The uplink's URL with its scheme (a gRPC uplink's may be HOST:PORT alone)."""
+    return uplink.url if "://" in uplink.url else f"{uplink.kind}://{uplink.url}"
+
+
+async def _idle() -> None:
+    """The control link's place when campaigns are off."""
 
 
 def set_log_level(level: str) -> None:

@@ -11,7 +11,16 @@ from collections.abc import Callable
 import numpy as np
 
 from agent.memory import keep_freed_memory
-from bench import candump_reader, collect, command, decoder, j1939, pipeline, socketcan
+from bench import (
+    campaigns,
+    candump_reader,
+    collect,
+    command,
+    decoder,
+    j1939,
+    pipeline,
+    socketcan,
+)
 from bench.common import Measured, Report, commit, table
 
 #: What `make bench` cannot measure here, with where it is measured; their figures are in
@@ -35,6 +44,7 @@ SECTIONS: tuple[tuple[str, Callable[[], Report]], ...] = (
     ("The agent end to end", pipeline.run),
     ("Collection rules", collect.run),
     ("J1939 reassembly and DM1 faults", j1939.run),
+    ("A fleet on one broker: a campaign pushed to a group", campaigns.run),
 )
 
 

@@ -32,12 +32,15 @@ from typing import Any
 import pytest
 
 from agent import config as agent_config
+from agent.campaigns.document import document_from_toml
 from agent.collect.rules import MODE_KEYS, MODES, RULE_KEYS, rules_key
 from agent.commands import build_parser
 from agent.config import (
     RESTART_KEYS,
     BatchConfig,
+    CampaignsConfig,
     Config,
+    HealthConfig,
     MetricsConfig,
     SpoolConfig,
     TlsConfig,
@@ -57,7 +60,11 @@ from tests.services import Broker, broker, make_certificates
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LANGUAGES = {"sh", "toml", "python", "text"}
 #: The flags each language may carry in its info string.
-FLAGS = {"sh": {"gateway", "broker"}, "toml": {"invalid", "broker"}, "text": {"output"}}
+FLAGS = {
+    "sh": {"gateway", "broker"},
+    "toml": {"invalid", "broker", "campaign"},
+    "text": {"output"},
+}
 #: Where a `broker` block expects the broker; the test's own takes its place.
 BROKER_ADDRESS = "127.0.0.1:1883"
 #: Commands that only a gateway runs: root, systemd, a CAN interface, a running service.
@@ -435,6 +442,10 @@ def run_block(page: Page, block: Block) -> str | None:
     if block.language == "toml":
         path = page.folder / block.options.get("file", f".block-{block.line}.toml")
         path.write_text(text)
+        if "campaign" in block.flags:
+            # A campaign file: what `campaign sign` checks before it signs.
+            document_from_toml(text, str(block))
+            return None
         make_tls_files(page, path)
         result = subprocess.run(
             ["telemetry-agent", "check-config", path.name],
@@ -523,6 +534,8 @@ def known_keys() -> dict[Scope, set[str]]:
         "collect",
         "source",
         "diagnostics",
+        "campaigns",
+        "health",
     }
     keys: dict[Scope, set[str]] = {
         ("", None): {f.name for f in fields(Config)} - sections,
@@ -534,6 +547,8 @@ def known_keys() -> dict[Scope, set[str]]:
         ("metrics", None): {f.name for f in fields(MetricsConfig)},
         ("collect", None): set(RULE_KEYS),
         ("diagnostics", None): set(DIAGNOSTICS_KEYS),
+        ("campaigns", None): {f.name for f in fields(CampaignsConfig)},
+        ("health", None): {f.name for f in fields(HealthConfig)},
     }
     for source in agent_config.SOURCES:
         keys[("bus", source)] = settings_keys(source_class(source).Settings)

@@ -474,8 +474,11 @@ class _Telemetry:
             reading.cancel()
 
 
-def grpc_server(receiver: Receiver, listen: str, tls: TlsConfig | None = None) -> aio.Server:
-    """A Telemetry server; batches arrive as the bytes the agent sent (parsed once)."""
+def grpc_server(
+    receiver: Receiver, listen: str, tls: TlsConfig | None = None, campaigns: Path | None = None
+) -> aio.Server:
+    """A Telemetry server; batches arrive as the bytes the agent sent (parsed once). With
+    `campaigns`, its Campaigns call serves the signed documents of that folder."""
     server = aio.server(
         options=[
             *channel_options(30),
@@ -487,8 +490,13 @@ def grpc_server(receiver: Receiver, listen: str, tls: TlsConfig | None = None) -
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.stream, request_deserializer=None, response_serializer=pb.Ack.SerializeToString
     )
+    handlers = {"Stream": handler}
+    if campaigns is not None:
+        from agent.cloud.campaign_server import campaigns_handler
+
+        handlers["Campaigns"] = campaigns_handler(campaigns)
     server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("telemetry.v1.Telemetry", {"Stream": handler})]
+        [grpc.method_handlers_generic_handler("telemetry.v1.Telemetry", handlers)]
     )
     if tls is not None and tls.cert_file and tls.key_file:
         credentials = grpc.ssl_server_credentials(
@@ -505,9 +513,13 @@ def grpc_server(receiver: Receiver, listen: str, tls: TlsConfig | None = None) -
 
 
 async def receive_grpc(
-    receiver: Receiver, listen: str, tls: TlsConfig | None, idle_exit: float | None
+    receiver: Receiver,
+    listen: str,
+    tls: TlsConfig | None,
+    idle_exit: float | None,
+    campaigns: Path | None = None,
 ) -> None:
-    server = grpc_server(receiver, listen, tls)
+    server = grpc_server(receiver, listen, tls, campaigns)
     await server.start()
     log.info("listening for gRPC batches on %s", listen)
     try:

@@ -71,6 +71,9 @@ class BatchEncoder:
         self._schema = pb.Schema()
         self._buses: dict[str, int] = {}
         self._index: dict[tuple[str, int], int] = {}
+        # The plans and selections indexed by id(): held, so that no new one (after a reload
+        # or a campaign changed the rules) can take the id of one freed and its schema block.
+        self._indexed: list[object] = []
         self._schema_id = b""
         self._announcements: dict[bytes, bytes] = {}
 
@@ -164,6 +167,7 @@ class BatchEncoder:
                 window_ms=window_ms,
             )
             index = self._index[key] = len(self._schema.blocks) - 1
+            self._indexed.append(plan)
             self._schema_id = b""
         return index
 

@@ -144,3 +144,19 @@ class Ack(_message.Message):
     stream_id: str
     sequence: int
     def __init__(self, stream_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class CampaignsRequest(_message.Message):
+    __slots__ = ("vehicle_id", "groups")
+    VEHICLE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    vehicle_id: str
+    groups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vehicle_id: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Campaign(_message.Message):
+    __slots__ = ("topic", "document")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    document: bytes
+    def __init__(self, topic: _Optional[str] = ..., document: _Optional[bytes] = ...) -> None: ...

@@ -13,6 +13,7 @@ def batch_file_name(stream_id: str, sequence: int) -> str:
 
 
 STREAM_METHOD = "/telemetry.v1.Telemetry/Stream"
+CAMPAIGNS_METHOD = "/telemetry.v1.Telemetry/Campaigns"
 
 
 def channel_options(keepalive_s: int) -> list[tuple[str, int]]:

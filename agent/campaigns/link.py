@@ -1,0 +1,284 @@
+"""The vehicle's control link: an MQTT connection of its own (client id `{vehicle}/control`)
+that takes the campaigns retained for the vehicle and its groups, publishes the vehicle's
+check-in, retained, on connect and on each change, and answers snapshot requests. Apart
+from the uplink: the control plane works with any uplink, and a spool draining never
+delays a campaign.
+
+Topics (docs/campaigns.md): `vehicles/{vehicle}/campaigns/{name}`,
+`groups/{group}/campaigns/{name}`, the check-in `vehicles/{vehicle}/checkin`, and
+`vehicles/{vehicle}/snapshot/request` and `.../answer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import grpc
+from aiomqtt import ProtocolVersion
+from grpc import aio
+
+from agent import __version__
+from agent.campaigns.manager import Campaigns, utc
+from agent.collect.rules import rules_key
+from agent.config import URL_SCHEMES, TlsConfig, split_url
+from agent.health import Health
+from agent.tls import client_context
+from agent.wire import telemetry_pb2 as pb
+from agent.wire.transport import CAMPAIGNS_METHOD, channel_options
+
+log = logging.getLogger(__name__)
+
+VEHICLE_TOPIC = "vehicles/{vehicle}/campaigns/{name}"
+GROUP_TOPIC = "groups/{group}/campaigns/{name}"
+CHECKIN_TOPIC = "vehicles/{vehicle}/checkin"
+#: A snapshot's request (`{"id": ..., "signals": [...]}`) and its answer, not retained.
+SNAPSHOT_REQUEST = "vehicles/{vehicle}/snapshot/request"
+SNAPSHOT_ANSWER = "vehicles/{vehicle}/snapshot/answer"
+#: A DBC file a campaign needs, retained under its SHA-256 (hex): sent once for the fleet.
+DBC_TOPIC = "dbc/{hash}"
+#: Between two attempts to reach the broker: doubled from the first up to the last.
+RETRY_S = (0.2, 10.0)
+
+
+def _matches(pattern: str, topic: str) -> bool:
+    """Whether a topic matches a filter whose wildcard is a whole last `+` level."""
+    head, _, last = pattern.rpartition("/")
+    if last != "+":
+        return pattern == topic
+    return topic.startswith(head + "/") and "/" not in topic[len(head) + 1 :]
+
+
+def checkin_topic(vehicle: str) -> str:
+    return CHECKIN_TOPIC.format(vehicle=vehicle)
+
+
+class ControlLink:
+    """Keeps `campaigns` in step with what the cloud retains, and the cloud told."""
+
+    def __init__(
+        self,
+        campaigns: Campaigns,
+        vehicle: str,
+        url: str,
+        tls: TlsConfig | None,
+        groups: tuple[str, ...],
+        apply: Callable[[], None],
+        keepalive_s: int = 30,
+        snapshot: Callable[[list[str]], list[dict[str, Any]]] | None = None,
+        health: Health | None = None,
+        dbc: dict[str, list[str]] | None = None,
+    ) -> None:
+        """`apply`: called when the rules to run changed (campaigns.rules()); `snapshot`:
+        the last values of the signals named (none: all); `health`: reports to send at
+        its interval; `dbc`: each bus's DBC files' SHA-256, for the check-ins. Campaigns
+        without keys take no campaign topics."""
+        self.campaigns = campaigns
+        self.vehicle = vehicle
+        self.over_grpc = url.split("://")[0] in URL_SCHEMES["grpc"]
+        schemes = URL_SCHEMES["grpc" if self.over_grpc else "mqtt"]
+        self.host, self.port, self.use_tls = split_url(url, schemes)
+        self.use_tls = self.use_tls or tls is not None
+        self.tls_files = tls
+        self.tls: ssl.SSLContext | None = None
+        if self.use_tls and not self.over_grpc:
+            self.tls = client_context(tls)
+        self.groups = groups
+        self.filters: list[str] = []
+        if campaigns.keys:
+            self.filters = [VEHICLE_TOPIC.format(vehicle=vehicle, name="+")] + [
+                GROUP_TOPIC.format(group=g, name="+") for g in groups
+            ]
+        self.health = health
+        self.dbc = dbc or {}
+        self.apply = apply
+        self.snapshot = snapshot
+        self.request_topic = SNAPSHOT_REQUEST.format(vehicle=vehicle)
+        if snapshot is not None:
+            self.filters.append(self.request_topic)
+        self.keepalive_s = keepalive_s
+        self.connected = False
+        self._client: aiomqtt.Client | None = None
+        self._changed = asyncio.Event()  # a check-in to publish
+        self._applied = rules_key(campaigns.rules())  # what the agent runs
+
+    def checkin(self) -> bytes:
+        return json.dumps(
+            {
+                "vehicle": self.vehicle,
+                "agent_version": __version__,
+                "time": utc(time.time()),
+                "campaigns": self.campaigns.checkin(),
+                "dbc": self.dbc,
+            },
+            sort_keys=True,
+        ).encode()
+
+    def _update(self, changed: bool) -> None:
+        """After an offer or a tick: report a change, and apply the rules if they changed
+        (a refusal changes the report only, and the running rules keep their windows)."""
+        if not changed:
+            return
+        rules = rules_key(self.campaigns.rules())
+        if rules != self._applied:
+            self._applied = rules
+            self.apply()
+        self._changed.set()
+
+    async def run(self) -> None:
+        """The clock and the link, until cancelled."""
+        clock = asyncio.create_task(self._clock(), name="campaign-clock")
+        try:
+            await self._connect_forever()
+        finally:
+            clock.cancel()
+            await asyncio.gather(clock, return_exceptions=True)
+
+    async def _clock(self) -> None:
+        """Starts and expiries as the agent's clock reaches them (checked at least every
+        10 s, so a clock set forward is noticed too)."""
+        while True:
+            at = self.campaigns.next_change()
+            wait = 10.0 if at is None else min(10.0, max(0.0, at - time.time()) + 0.001)
+            await asyncio.sleep(wait)
+            self._update(self.campaigns.tick())
+
+    async def _connect_forever(self) -> None:
+        delay = RETRY_S[0]
+        while True:
+            try:
+                await (self._grpc_session() if self.over_grpc else self._session())
+            except (aiomqtt.MqttError, aio.AioRpcError) as error:
+                if self.connected:
+                    log.warning("control link %s:%d lost: %s", self.host, self.port, error)
+                    delay = RETRY_S[0]
+                else:
+                    log.debug("control link %s:%d: %s", self.host, self.port, error)
+            self.connected = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_S[1])
+
+    async def _session(self) -> None:
+        async with aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=f"{self.vehicle}/control",
+            protocol=ProtocolVersion.V5,
+            keepalive=self.keepalive_s,
+            tls_context=self.tls,
+        ) as client:
+            self.connected = True
+            log.info("control link %s:%d connected", self.host, self.port)
+            for topic in self.filters:
+                await client.subscribe(topic, qos=1)
+            subscribed: set[str] = set()
+            await self._subscribe_dbc(client, subscribed)
+            self._changed.set()  # a check-in on every connect
+            publisher = asyncio.create_task(self._publish_checkins(client))
+            reporter = asyncio.create_task(self._report_health(client))
+            try:
+                async for message in client.messages:
+                    payload = message.payload
+                    if not isinstance(payload, bytes | bytearray):
+                        continue
+                    topic = str(message.topic)
+                    if topic == self.request_topic:
+                        await self._answer(client, bytes(payload))
+                    elif topic.startswith("dbc/"):
+                        digest = topic.removeprefix("dbc/")
+                        self._update(self.campaigns.add_dbc(digest, bytes(payload)))
+                    else:
+                        self._update(self.campaigns.offer(topic, bytes(payload)))
+                    await self._subscribe_dbc(client, subscribed)
+            finally:
+                publisher.cancel()
+                reporter.cancel()
+                await asyncio.gather(publisher, reporter, return_exceptions=True)
+
+    async def _grpc_session(self) -> None:
+        """Campaigns over the cloud's `Telemetry.Campaigns` call (proto/telemetry.proto);
+        check-ins, snapshots and health reports need MQTT, so this link sends none."""
+        address = f"{self.host}:{self.port}"
+        options = channel_options(self.keepalive_s)
+        if self.use_tls:
+            tls = self.tls_files
+
+            def read(path: Path | None) -> bytes | None:
+                return path.read_bytes() if path else None
+
+            credentials = grpc.ssl_channel_credentials(
+                read(tls.ca_file) if tls else None,
+                read(tls.key_file) if tls else None,
+                read(tls.cert_file) if tls else None,
+            )
+            channel = aio.secure_channel(address, credentials, options)
+        else:
+            channel = aio.insecure_channel(address, options)
+        async with channel:
+            call = channel.unary_stream(
+                CAMPAIGNS_METHOD,
+                request_serializer=pb.CampaignsRequest.SerializeToString,
+                response_deserializer=pb.Campaign.FromString,
+            )(pb.CampaignsRequest(vehicle_id=self.vehicle, groups=list(self.groups)))
+            async for campaign in call:
+                if not self.connected:
+                    self.connected = True
+                    log.info("control link grpc %s: campaigns coming", address)
+                if not any(_matches(f, campaign.topic) for f in self.filters):
+                    log.warning("campaign on %s ignored: not for this vehicle", campaign.topic)
+                    continue
+                self._update(self.campaigns.offer(campaign.topic, campaign.document))
+
+    async def _subscribe_dbc(self, client: aiomqtt.Client, subscribed: set[str]) -> None:
+        """Take the DBC files that waiting campaigns need, and only those."""
+        for digest in sorted(self.campaigns.needed_dbc() - subscribed):
+            await client.subscribe(DBC_TOPIC.format(hash=digest), qos=1)
+            subscribed.add(digest)
+
+    async def _answer(self, client: aiomqtt.Client, payload: bytes) -> None:
+        """A snapshot request: the last values, at once, on the answer topic."""
+        assert self.snapshot is not None
+        try:
+            request = json.loads(payload)
+            signals = request.get("signals") or []
+            if not isinstance(signals, list) or not all(isinstance(s, str) for s in signals):
+                raise ValueError("signals: expected a list of names")
+            answer: dict[str, Any] = {"signals": self.snapshot(signals)}
+        except (ValueError, AttributeError) as error:
+            request, answer = {}, {"error": f"not a snapshot request: {error}"}
+        answer |= {"id": request.get("id"), "vehicle": self.vehicle, "time": utc(time.time())}
+        topic = SNAPSHOT_ANSWER.format(vehicle=self.vehicle)
+        await client.publish(topic, json.dumps(answer).encode(), qos=1)
+
+    async def _report_health(self, client: aiomqtt.Client) -> None:
+        """A health report at once on connect, then at each interval while connected."""
+        health = self.health
+        if health is None or not health.interval_s:
+            return
+        while True:
+            try:
+                await client.publish(health.topic, health.report(), qos=1)
+            except aiomqtt.MqttError as error:
+                log.warning("health report not published: %s", error)
+            await asyncio.sleep(health.interval_s)
+
+    async def _publish_checkins(self, client: aiomqtt.Client) -> None:
+        topic = checkin_topic(self.vehicle)
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                await client.publish(topic, self.checkin(), qos=1, retain=True)
+            except aiomqtt.MqttError as error:
+                # The link is going (the session's loop notices) or the broker is slow:
+                # the check-in goes again, with what is true by then.
+                log.warning("check-in not published: %s", error)
+                self._changed.set()
+                await asyncio.sleep(RETRY_S[0])

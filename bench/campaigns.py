@@ -1,0 +1,273 @@
+"""A fleet on one broker: many agents (the real `Agent`, several per process, each with a
+slow simulated bus and a file uplink), one campaign pushed to their group, and the time
+until every vehicle's check-in says it is active; then that nothing was lost meanwhile.
+
+`python -m bench.campaigns [--agents 60] [--processes 2]`; `make bench` runs it as a section.
+The baseline in the same run is the fleet's first check-ins: the time from the agents'
+start until every one has checked in, which is the broker's and the agents' own pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.config import demo_dbc, parse_config
+from bench.common import Measured, Report, table
+from tests.campaign_fleet import client, signed, state_is, to_group
+from tests.services import broker
+
+GROUP = "fleet"
+CAMPAIGN = "fleet-speed"
+#: The target of issue 18: every vehicle reports the campaign active within this.
+GOAL_S = 5.0
+
+
+def vehicle_config(folder: Path, vehicle: str, broker_url: str, key: str) -> str:
+    """A light agent: the demo DBC simulated at a fifth of real time, batches into files,
+    a small spool kept off the disk's fsyncs, one rule of its own file."""
+    return (
+        f'vehicle_id = "{vehicle}"\nstate_dir = "{folder / vehicle}"\n'
+        f'status_interval_s = 3600\nlog_level = "warning"\n'
+        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = 0.2\ndbc = ["{demo_dbc()}"]\n'
+        f'[uplink]\nkind = "file"\nurl = "{folder / vehicle / "outbox"}"\n'
+        '[spool]\nmax_bytes = 4194304\nmemory_bytes = 1048576\nfsync = "never"\n'
+        '[metrics]\nlisten = ""\n'
+        f'[campaigns]\nkeys = ["{key}"]\ngroups = ["{GROUP}"]\nurl = "{broker_url}"\n'
+        '[[collect]]\nname = "odometer"\nmode = "sample"\nsignals = ["Odometer"]\n'
+        "period_ms = 1000\n"
+    )
+
+
+async def run_agents(configs: list[str], folder: Path, stop: asyncio.Event) -> list[dict[str, Any]]:
+    """Agents of these configs in this event loop until `stop`; what each counted."""
+    from agent.service import Agent
+
+    agents = [Agent(parse_config(text, "fleet", folder), status=None) for text in configs]
+    runs = [asyncio.create_task(agent.run()) for agent in agents]
+    await stop.wait()
+    for agent in agents:
+        agent.stop()
+    codes = await asyncio.gather(*runs)
+    results = []
+    for agent, code in zip(agents, codes, strict=True):
+        registry = agent.metrics.registry
+        outbox = Path(agent.config.uplink.url)
+        results.append(
+            {
+                "vehicle": agent.config.vehicle_id,
+                "exit": code,
+                "frames_read": int(
+                    registry.get_sample_value(
+                        "telemetry_agent_frames_received_total", {"bus": "can0"}
+                    )
+                    or 0
+                ),
+                "frames_through": agent.totals.frames,
+                "batches": agent.totals.batches,
+                "delivered": len(list(outbox.glob("*.batch"))),
+                "dropped": sum(agent.spool.dropped.values()),
+                "collect_errors": registry.get_sample_value("telemetry_agent_collect_errors_total"),
+            }
+        )
+    return results
+
+
+def worker(args: argparse.Namespace) -> None:
+    """A process of agents: runs them until its stdin closes, then prints their counts."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    folder = Path(args.folder)
+    configs = [
+        vehicle_config(folder, f"v{k:04d}", args.broker, args.key)
+        for k in range(args.first, args.first + args.count)
+    ]
+
+    async def main() -> list[dict[str, Any]]:
+        stop = asyncio.Event()
+        reading = asyncio.create_task(asyncio.to_thread(sys.stdin.read))
+        reading.add_done_callback(lambda _: stop.set())
+        return await run_agents(configs, folder, stop)
+
+    print(json.dumps(asyncio.run(main())))
+
+
+def lost(results: list[dict[str, Any]]) -> list[str]:
+    """What each agent lost: frames read but not through the pipeline, batches built but
+    not delivered, drops, failed rules, a bad exit."""
+    problems = []
+    for r in results:
+        if r["frames_read"] != r["frames_through"] or not r["frames_read"]:
+            problems.append(f"{r['vehicle']}: {r['frames_read']} read, {r['frames_through']} on")
+        if r["batches"] != r["delivered"] or r["dropped"] or r["collect_errors"] or r["exit"]:
+            problems.append(f"{r['vehicle']}: {r}")
+    return problems
+
+
+async def push_and_time(
+    url: str, vehicles: list[str], payload: bytes, ready: asyncio.Event, timeout: float = 120
+) -> tuple[float, float]:
+    """(seconds until every vehicle checked in, seconds from the push until every one says
+    the campaign is active), watched from one subscription taken before the fleet starts
+    (`ready` says when)."""
+    active = state_is(CAMPAIGN, "active")
+    seen: set[str] = set()
+    running: set[str] = set()
+    started = time.monotonic()
+    pushed = 0.0
+    checked_in = 0.0
+    async with client(url) as mqtt:
+        await mqtt.subscribe("vehicles/+/checkin", qos=1)
+        ready.set()
+        deadline = time.monotonic() + timeout
+        while len(running) < len(vehicles):
+            left = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(anext(mqtt.messages), max(left, 0.01))
+            except TimeoutError:
+                missing = sorted(set(vehicles) - (running if pushed else seen))
+                raise TimeoutError(f"{len(missing)} vehicles missing: {missing[:5]}") from None
+            checkin = json.loads(bytes(message.payload))
+            seen.add(checkin["vehicle"])
+            if pushed and active(checkin):
+                running.add(checkin["vehicle"])
+            if not pushed and seen >= set(vehicles):
+                checked_in = time.monotonic() - started
+                pushed = time.monotonic()
+                await mqtt.publish(to_group(GROUP, CAMPAIGN), payload, qos=1, retain=True)
+    return checked_in, time.monotonic() - pushed
+
+
+def measure(agents: int, processes: int) -> tuple[float, float, list[dict[str, Any]]]:
+    key = Ed25519PrivateKey.generate()
+    from agent.campaigns.document import public_key_text
+
+    public = public_key_text(key.public_key())
+    vehicles = [f"v{k:04d}" for k in range(agents)]
+    with tempfile.TemporaryDirectory(prefix="fleet-") as temp:
+        folder = Path(temp)
+        (folder / "broker").mkdir()
+        with broker(folder / "broker", "allow_anonymous true\nmax_connections -1\n") as mqtt:
+            sizes = [agents // processes + (k < agents % processes) for k in range(processes)]
+            firsts = [sum(sizes[:k]) for k in range(processes)]
+
+            async def fleet() -> tuple[float, float, list[subprocess.Popen[str]]]:
+                ready = asyncio.Event()
+                watch = asyncio.create_task(
+                    push_and_time(mqtt.url, vehicles, signed(key, CAMPAIGN), ready)
+                )
+                await ready.wait()
+                workers = [
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "bench.campaigns",
+                            "--worker",
+                            "--folder",
+                            temp,
+                            "--broker",
+                            mqtt.url,
+                            "--key",
+                            public,
+                            "--first",
+                            str(first),
+                            "--count",
+                            str(size),
+                        ],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                    )
+                    for first, size in zip(firsts, sizes, strict=True)
+                ]
+                try:
+                    checked_in, active = await watch
+                    await asyncio.sleep(2)  # the campaign's rules at work for a while
+                except BaseException:
+                    for process in workers:
+                        process.kill()
+                    raise
+                return checked_in, active, workers
+
+            checked_in, active, workers = asyncio.run(fleet())
+            results: list[dict[str, Any]] = []
+            for process in workers:
+                out, _ = process.communicate(timeout=120)
+                results += json.loads(out)
+    return checked_in, active, results
+
+
+def run(agents: int = 60, processes: int = 2) -> Report:
+    checked_in, active, results = measure(agents, processes)
+    problems = lost(results)
+    frames = sum(r["frames_read"] for r in results)
+    batches = sum(r["delivered"] for r in results)
+    met = active < GOAL_S and not problems
+    text = table(
+        [
+            "agents",
+            "processes",
+            "all checked in after start (baseline)",
+            "all active after the push",
+            "ratio",
+            "frames",
+            "batches",
+            "lost",
+        ],
+        [
+            [
+                agents,
+                processes,
+                f"{checked_in:.2f} s",
+                f"{active:.2f} s",
+                f"{active / checked_in:.2f}",
+                f"{frames:,}",
+                f"{batches:,}",
+                "; ".join(problems[:3]) or "nothing",
+            ]
+        ],
+    )
+    figure = f"{active:.2f} s for {agents} agents in {processes} processes; lost: " + (
+        "nothing" if not problems else f"{len(problems)} problems"
+    )
+    measured = Measured(
+        f"fleet: a campaign pushed to a group of {agents} agents active everywhere within "
+        f"{GOAL_S:.0f} s, nothing lost",
+        18,
+        figure,
+        met,
+    )
+    return Report(text, [measured])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--agents", type=int, default=60)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--broker", help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    print(run(args.agents, args.processes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,539 @@
+"""Campaigns: signed documents pushed over a real mosquitto change what an agent sends;
+refused documents say why in the check-in; restarts, outages, expiry and reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from agent.campaigns.document import (
+    CampaignError,
+    canonical,
+    check_document,
+    document_from_toml,
+    public_key_text,
+    sign,
+    verify,
+)
+from agent.campaigns.manager import Campaigns, with_dbc
+from agent.collect import Collector
+from agent.collect.rules import CollectRule
+from agent.config import BusConfig, demo_dbc
+from agent.decode import bus_decoders, default_cache_dir
+from tests.campaign_fleet import (
+    agent_config,
+    campaign_of,
+    publish,
+    signed,
+    state_is,
+    to_group,
+    to_vehicle,
+    wait_checkins,
+)
+from tests.data import TESLA_DBC, TESLA_LOG
+from tests.services import ReceiverProcess, agent_command, broker, free_port
+
+KEY = Ed25519PrivateKey.generate()
+OTHER = Ed25519PrivateKey.generate()
+
+
+# -- the document and the vehicle's checks, without a broker --------------------------------
+
+
+def manager(folder: Path, now: list[float] | None = None) -> Campaigns:
+    bus = BusConfig("can0", "simulate", (demo_dbc(),))
+
+    def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
+        Collector(rules, bus_decoders(with_dbc([bus], extra), default_cache_dir()))
+
+    clock = (lambda: now[0]) if now is not None else time.time
+    campaigns = Campaigns(folder, [public_key_text(KEY.public_key())], ["can0"], fits, clock)
+    campaigns.load()
+    return campaigns
+
+
+def tampered(payload: bytes) -> bytes:
+    envelope = json.loads(payload)
+    envelope["document"]["collect"][0]["period_ms"] = 1
+    return canonical(envelope)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (tampered(signed(KEY, "c")), "bad signature"),
+        (canonical({"document": json.loads(signed(KEY, "c"))["document"]}), "unsigned"),
+        (signed(OTHER, "c"), "unknown key"),
+        (b"name = 'c'", "not JSON"),
+        (
+            signed(
+                KEY,
+                "c",
+                collect=[{"name": "x", "mode": "sample", "signals": ["Nope"], "period_ms": 100}],
+            ),
+            "no signal matches Nope",
+        ),
+        (signed(KEY, "c", buses=["can9"]), "no [[bus]] is named 'can9'"),
+        (signed(KEY, "other"), "the document 'other'"),
+    ],
+)
+def test_a_refused_document_says_why_and_runs_nothing(
+    tmp_path: Path, payload: bytes, reason: str
+) -> None:
+    campaigns = manager(tmp_path)
+    assert campaigns.offer(to_vehicle("v", "c"), payload)
+    [entry] = campaigns.checkin()
+    assert entry["state"] == "rejected"
+    assert reason in "; ".join(entry["errors"])
+    assert campaigns.rules() == ()
+
+
+def test_versions_replace_and_a_signed_removal_stops(tmp_path: Path) -> None:
+    campaigns = manager(tmp_path)
+    topic = to_vehicle("v", "c")
+    assert campaigns.offer(topic, signed(KEY, "c", 2))
+    assert [r.name for r in campaigns.rules()] == ["c/fast"]
+    assert not campaigns.offer(topic, signed(KEY, "c", 2))  # again: nothing changes
+    assert campaigns.offer(topic, signed(KEY, "c", 2, buses=["can0"]))  # same version
+    [entry] = campaigns.checkin()
+    assert entry["state"] == "active" and entry["version"] == 2
+    assert "not newer" in entry["rejected"]["errors"][0]
+    assert campaigns.offer(
+        topic,
+        signed(
+            KEY,
+            "c",
+            3,
+            collect=[{"name": "slow", "mode": "sample", "signals": ["Speed"], "period_ms": 1000}],
+        ),
+    )
+    assert [r.name for r in campaigns.rules()] == ["c/slow"]
+    removal = sign(check_document({"kind": "removal", "name": "c", "version": 4}), KEY)
+    assert campaigns.offer(topic, removal)
+    assert campaigns.rules() == ()
+    assert campaigns.checkin()[0]["state"] == "removed"
+    # An older version, still retained for a group, does not come back.
+    campaigns.offer(to_group("g", "c"), signed(KEY, "c", 3))
+    assert campaigns.rules() == ()
+
+
+def test_garbage_in_the_state_folder_is_refused_and_the_rest_runs(tmp_path: Path) -> None:
+    campaigns = manager(tmp_path)
+    campaigns.offer(to_vehicle("v", "good"), signed(KEY, "good"))
+    (tmp_path / "bad.json").write_bytes(b"\x00\xff not a document")
+    (tmp_path / "state.json").write_text("[{")  # cut short by a crash of the disk
+    again = manager(tmp_path)
+    states = {c["name"]: c for c in again.checkin()}
+    assert states["good"]["state"] == "active"
+    assert states["bad"]["state"] == "rejected" and "not JSON" in states["bad"]["errors"][0]
+    assert [r.name for r in again.rules()] == ["good/fast"]
+
+
+TESLA_RULE = [{"name": "x", "mode": "all", "signals": ["DI_systemStatusCounter"]}]
+
+
+def test_a_campaign_waits_for_the_dbc_files_it_names_and_takes_only_the_right_bytes(
+    tmp_path: Path,
+) -> None:
+    campaigns = manager(tmp_path)
+    tesla = TESLA_DBC.read_bytes()
+    digest = hashlib.sha256(tesla).hexdigest()
+    payload = signed(KEY, "c", dbc={"can0": [digest]}, collect=TESLA_RULE)
+    assert campaigns.offer(to_vehicle("v", "c"), payload)
+    [entry] = campaigns.checkin()
+    assert entry["state"] == "waiting" and entry["waiting_for"]["dbc"] == [digest]
+    assert campaigns.needed_dbc() == {digest} and campaigns.rules() == ()
+    assert not campaigns.add_dbc(digest, tesla + b"\n")  # other bytes: refused
+    assert not campaigns.add_dbc("0" * 64, tesla)  # not asked for
+    assert campaigns.add_dbc(digest, tesla)
+    assert [r.name for r in campaigns.rules()] == ["c/x"]
+    assert campaigns.checkin()[0]["state"] == "active" and campaigns.needed_dbc() == set()
+    kept = tmp_path / "dbc" / f"{digest}.dbc"
+    assert campaigns.dbc_files() == {"can0": [kept]} and kept.read_bytes() == tesla
+    # A new version that waits for another file leaves this one running meanwhile.
+    other = hashlib.sha256(tesla + b"\n").hexdigest()
+    assert campaigns.offer(to_vehicle("v", "c"), signed(KEY, "c", 2, dbc={"can0": [other]}))
+    [entry] = campaigns.checkin()
+    assert entry["state"] == "active" and entry["version"] == 1
+    assert entry["waiting_for"] == {
+        "version": 2,
+        "hash": entry["waiting_for"]["hash"],
+        "dbc": [other],
+    }
+    again = manager(tmp_path)  # a restart: both kept
+    assert [r.name for r in again.rules()] == ["c/x"] and again.needed_dbc() == {other}
+
+
+def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
+    now = [1_790_000_000.0]  # 2026-09-21, before the start
+    campaigns = manager(tmp_path, now)
+    payload = signed(KEY, "c", start="2027-01-15T08:00:00Z", expiry="2027-01-15T08:01:00Z")
+    campaigns.offer(to_vehicle("v", "c"), payload)
+    assert campaigns.checkin()[0]["state"] == "waiting"
+    start = verify(payload, campaigns.keys).start
+    assert start is not None and campaigns.next_change() == start
+    now[0] = start
+    assert campaigns.tick() and campaigns.checkin()[0]["state"] == "active"
+    again = manager(tmp_path, now)  # a restart: the folder holds it
+    assert again.checkin() == campaigns.checkin()
+    assert [r.name for r in again.rules()] == ["c/fast"]
+    now[0] = start + 60
+    assert again.tick() and again.checkin()[0]["state"] == "expired" and again.rules() == ()
+
+
+def test_a_campaign_file_is_checked_as_check_config_checks_rules(tmp_path: Path) -> None:
+    text = 'name = "c"\nversion = 1\nexpiry = 2027-01-01T00:00:00Z\n[[collect]]\nname = "x"\n'
+    text += 'mode = "sample"\nsignals = ["*"]\nperiod_ms = 0\ncolour = 1\n'
+    with pytest.raises(CampaignError) as error:
+        document_from_toml(text, "c.toml")
+    assert error.value.problems == [
+        "c.toml: collect[0].colour: unknown key",
+        "c.toml: collect[0].period_ms: must be 1 to 86,400,000 ms",
+    ]
+
+
+def test_campaign_check_tries_a_file_against_a_vehicles_config(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "v", "mqtt://127.0.0.1:1", [KEY])
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        'name = "c"\nversion = 1\n[[collect]]\nname = "x"\nmode = "all"\nsignals = ["Nope*"]\n'
+    )
+
+    def check() -> subprocess.CompletedProcess[str]:
+        command = agent_command("campaign", "check", campaign, "--config", config)
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    refused = check()
+    assert refused.returncode == 78
+    assert "collect rule 'c/x': no signal matches Nope*" in refused.stderr
+    campaign.write_text(campaign.read_text().replace("Nope*", "Speed"))
+    accepted = check()
+    assert accepted.returncode == 0 and "OK" in accepted.stdout and "(c/x)" in accepted.stdout
+
+
+# -- a real broker, real agents ---------------------------------------------------------
+
+
+class Agent:
+    """`telemetry-agent run` in the background, its log in a file."""
+
+    def __init__(self, config: Path) -> None:
+        self.log = config.with_suffix(".log")
+        self.process = subprocess.Popen(
+            agent_command("run", "--config", config),
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "a"),  # noqa: SIM115
+        )
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(30)
+        text = self.log.read_text()
+        assert "Traceback" not in text, text
+        return text
+
+
+def rule_records(path: Path, rule: str) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r for r in rows if r.get("rule") == rule]
+
+
+async def wait_records(path: Path, rule: str, count: int = 1, timeout: float = 10) -> float:
+    """When (time.monotonic()) `count` records of the rule had arrived."""
+    deadline = time.monotonic() + timeout
+    while len(rule_records(path, rule)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} records of {rule} in {path}")
+        await asyncio.sleep(0.02)
+    return time.monotonic()
+
+
+async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: Path) -> None:
+    with broker(tmp_path) as mqtt:
+        received = tmp_path / "received.jsonl"
+        receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
+        receiver.wait_ready("subscribed to")
+        agent = Agent(agent_config(tmp_path, "v1", mqtt.url, [KEY], groups=("fleet",)))
+        try:
+            await wait_checkins(mqtt.url, ["v1"], lambda c: True)
+            await wait_records(received, "base")
+            pushed = time.monotonic()
+            await publish(mqtt.url, {to_group("fleet", "speed"): signed(KEY, "speed")})
+            arrived = await wait_records(received, "speed/fast")
+            assert arrived - pushed < 1.0
+            found = await wait_checkins(mqtt.url, ["v1"], state_is("speed", "active"))
+            campaign = campaign_of(found["v1"][1], "speed")
+            assert campaign is not None and campaign["version"] == 1
+            assert len(campaign["hash"]) == 64
+            demo = hashlib.sha256(demo_dbc().read_bytes()).hexdigest()
+            assert found["v1"][1]["dbc"] == {"can0": [demo]}
+            # Tampered on the way: refused, the running version stays, the reason is told.
+            bad = tampered(signed(KEY, "speed", 2))
+            await publish(mqtt.url, {to_vehicle("v1", "speed"): bad})
+            found = await wait_checkins(
+                mqtt.url, ["v1"], lambda c: "rejected" in (campaign_of(c, "speed") or {})
+            )
+            campaign = campaign_of(found["v1"][1], "speed")
+            assert campaign is not None and campaign["state"] == "active"
+            assert "bad signature" in campaign["rejected"]["errors"][0]
+            # Unsigned, under another name: rejected, with the reason.
+            unsigned = canonical({"document": json.loads(signed(KEY, "cheap"))["document"]})
+            await publish(mqtt.url, {to_vehicle("v1", "cheap"): unsigned})
+            found = await wait_checkins(mqtt.url, ["v1"], state_is("cheap", "rejected"))
+            assert campaign_of(found["v1"][1], "cheap")["errors"] == ["unsigned: no signature"]  # type: ignore[index]
+            status = subprocess.run(
+                agent_command("campaign", "status", "--mqtt", mqtt.url),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+            assert "v1       speed     1        active" in status, status
+            # A signed removal, from the CLI, to the group: the campaign's records end.
+            key_file = tmp_path / "fleet.key"
+            key_file.write_bytes(
+                KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+            )
+            subprocess.run(
+                agent_command(
+                    "campaign",
+                    "remove",
+                    "speed",
+                    "--version",
+                    "3",
+                    "--key",
+                    key_file,
+                    "--mqtt",
+                    mqtt.url,
+                    "--group",
+                    "fleet",
+                ),
+                capture_output=True,
+                timeout=30,
+                check=True,
+            )
+            await wait_checkins(mqtt.url, ["v1"], state_is("speed", "removed"))
+            await asyncio.sleep(0.6)  # the batch open at the removal: 200 ms, and its way
+            ended = len(rule_records(received, "speed/fast"))
+            kept = len(rule_records(received, "base"))
+            await wait_records(received, "base", kept + 2)
+            assert len(rule_records(received, "speed/fast")) == ended
+        finally:
+            agent.stop()
+            receiver.process.kill()
+        assert rule_records(received, "cheap/fast") == []
+
+
+def outbox_records(folder: Path, outbox: Path, rule: str) -> list[dict[str, Any]]:
+    out = folder / f"{outbox.name}.jsonl"
+    subprocess.run(
+        agent_command("receive", "--dir", outbox, "--idle-exit", "0.5", "--output", out),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return rule_records(out, rule)
+
+
+async def test_a_campaign_holds_through_a_restart_with_the_broker_away(tmp_path: Path) -> None:
+    def config(outbox: str) -> Path:
+        uplink = f'[uplink]\nkind = "file"\nurl = "{tmp_path / outbox}"\n'
+        return agent_config(tmp_path, "v2", mqtt.url, [KEY], uplink=uplink)
+
+    with broker(tmp_path) as mqtt:
+        agent = Agent(config("before"))
+        try:
+            await publish(mqtt.url, {to_vehicle("v2", "speed"): signed(KEY, "speed")})
+            await wait_checkins(mqtt.url, ["v2"], state_is("speed", "active"))
+        finally:
+            agent.stop()
+        mqtt.stop()  # the broker is away for the whole second run
+        restarted = time.time()
+        agent = Agent(config("after"))
+        try:
+            outbox = tmp_path / "after"
+            deadline = time.monotonic() + 20
+            while len(list(outbox.glob("*.batch"))) < 5 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            log = agent.stop()
+    assert "campaign speed version 1 accepted" in log
+    after = outbox_records(tmp_path, tmp_path / "after", "speed/fast")
+    assert after, log
+    assert min(float(r["t"]) for r in after) >= restarted - 1
+    state = json.loads((tmp_path / "v2" / "campaigns" / "state.json").read_text())
+    assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]
+
+
+async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
+    tmp_path: Path,
+) -> None:
+    with broker(tmp_path) as mqtt:
+        received = tmp_path / "received.jsonl"
+        receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
+        receiver.wait_ready("subscribed to")
+        config = agent_config(tmp_path, "v3", mqtt.url, [KEY])
+        agent = Agent(config)
+        try:
+            await wait_checkins(mqtt.url, ["v3"], lambda c: True)
+            expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3))
+            await publish(
+                mqtt.url,
+                {
+                    to_vehicle("v3", "short"): signed(KEY, "short", expiry=expiry),
+                    to_vehicle("v3", "long"): signed(KEY, "long"),
+                },
+            )
+            await wait_checkins(mqtt.url, ["v3"], state_is("short", "active"))
+            await wait_records(received, "short/fast")
+            # The file's rules change under a running campaign.
+            config.write_text(config.read_text().replace('"base"', '"base2"'))
+            agent.process.send_signal(signal.SIGHUP)
+            await wait_records(received, "base2")
+            kept = len(rule_records(received, "long/fast"))
+            await wait_records(received, "long/fast", kept + 3)
+            found = await wait_checkins(mqtt.url, ["v3"], state_is("short", "expired"))
+            assert campaign_of(found["v3"][1], "long")["state"] == "active"  # type: ignore[index]
+            await asyncio.sleep(0.6)  # the batch open at the expiry: 200 ms, and its way
+            ended = len(rule_records(received, "short/fast"))
+            kept = len(rule_records(received, "long/fast"))
+            await wait_records(received, "long/fast", kept + 5)
+            assert len(rule_records(received, "short/fast")) == ended
+        finally:
+            log = agent.stop()
+            receiver.process.kill()
+    assert "reloaded" in log
+
+
+async def test_the_control_link_comes_back_with_a_broker_that_lost_everything(
+    tmp_path: Path,
+) -> None:
+    with broker(tmp_path) as mqtt:
+        agent = Agent(agent_config(tmp_path, "v7", mqtt.url, [KEY]))
+        try:
+            await publish(mqtt.url, {to_vehicle("v7", "speed"): signed(KEY, "speed")})
+            await wait_checkins(mqtt.url, ["v7"], state_is("speed", "active"))
+            mqtt.stop()  # killed, without persistence: its retained messages are gone
+            mqtt.start()
+            # The agent reconnects, held the campaign meanwhile, and checks in again.
+            found = await wait_checkins(mqtt.url, ["v7"], state_is("speed", "active"))
+            assert campaign_of(found["v7"][1], "speed")["version"] == 1  # type: ignore[index]
+        finally:
+            log = agent.stop()
+    assert "control link" in log and "lost" in log
+
+
+async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Path) -> None:
+    port = free_port()
+    folder = tmp_path / "campaigns"
+    received = tmp_path / "received.jsonl"
+    receiver = ReceiverProcess(
+        received, "--grpc-listen", f"127.0.0.1:{port}", "--campaigns", folder
+    )
+    receiver.wait_ready("listening")
+    url = f"grpc://127.0.0.1:{port}"
+    config = agent_config(
+        tmp_path,
+        "v8",
+        url,
+        [KEY],
+        uplink=f'[uplink]\nkind = "grpc"\nurl = "{url}"\n',
+        groups=("fleet",),
+    )
+    agent = Agent(config)
+    try:
+        await wait_records(received, "base")
+        place = folder / "groups" / "fleet" / "campaigns"
+        place.mkdir(parents=True)
+        (place / ".speed.partial").write_bytes(signed(KEY, "speed"))
+        (place / ".speed.partial").rename(place / "speed.json")
+        # Another group's campaign is not this vehicle's.
+        other = folder / "groups" / "other" / "campaigns"
+        other.mkdir(parents=True)
+        (other / "slow.json").write_bytes(signed(KEY, "slow"))
+        await wait_records(received, "speed/fast")
+    finally:
+        agent.stop()
+        receiver.process.kill()
+    state = json.loads((tmp_path / "v8" / "campaigns" / "state.json").read_text())
+    assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]
+
+
+def test_rules_changed_again_and_again_keep_their_names_on_the_wire() -> None:
+    """Each campaign change makes new rule selections; one made after an old one was freed
+    may have its id(), which the encoder must never take for the old one's schema block."""
+    from agent.cloud.parser import SchemaStore, parse_batch
+    from agent.logs import open_log
+    from agent.wire.encoder import BatchEncoder
+    from agent.wire.envelope import read_envelope
+    from tests.data import TESLA_EXCERPT
+
+    bus = BusConfig("can0", "replay", (TESLA_DBC,))
+    decoders = bus_decoders([bus], default_cache_dir())
+    encoder = BatchEncoder("v", "s", b"")
+    schemas = SchemaStore()
+    frames = next(iter(open_log(TESLA_EXCERPT).batches(1000)))
+    decoded = decoders["can0"].decode(frames)
+    for k in range(60):
+        rule = CollectRule(name=f"c{k}/fast", mode="all", signals=("DI_systemStatusCounter",))
+        collector = Collector((rule,), decoders)
+        wire = encoder.encode([collector.collect("can0", frames, decoded)], k + 1)
+        assert wire is not None
+        schemas.add(read_envelope(encoder.announcement(wire.schema_id)), 1 << 30)
+        batch = parse_batch(read_envelope(wire.payload), schemas)
+        assert {b.rule for b in batch.blocks} == {f"c{k}/fast"}
+        del collector, wire
+
+
+async def test_a_campaign_brings_its_dbc_file_and_decodes_with_it(tmp_path: Path) -> None:
+    """The bus carries a Tesla's frames, which the vehicle's own DBC does not know: the
+    campaign's DBC file, pushed once under its hash, decodes them."""
+    bus = (
+        f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{TESLA_LOG}"\n'
+        f'channel = "vcan0"\npace = "realtime"\nloop = true\ndbc = ["{demo_dbc()}"]\n'
+    )
+    campaign = tmp_path / "tesla.toml"
+    campaign.write_text(
+        f'name = "tesla"\nversion = 1\n[dbc]\ncan0 = ["{TESLA_DBC}"]\n[[collect]]\n'
+        'name = "x"\nmode = "all"\nsignals = ["DI_systemStatusCounter"]\n'
+    )
+    key_file = tmp_path / "fleet.key"
+    key_file.write_bytes(KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+
+    def cli(*args: str | Path) -> None:
+        subprocess.run(
+            agent_command("campaign", *args), capture_output=True, timeout=60, check=True
+        )
+
+    with broker(tmp_path) as mqtt:
+        received = tmp_path / "received.jsonl"
+        receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
+        receiver.wait_ready("subscribed to")
+        agent = Agent(agent_config(tmp_path, "v9", mqtt.url, [KEY], bus=bus))
+        try:
+            cli("sign", campaign, "--key", key_file)
+            signed_file = tmp_path / "tesla.signed.json"
+            cli("push", signed_file, "--mqtt", mqtt.url, "--vehicle", "v9")
+            found = await wait_checkins(mqtt.url, ["v9"], state_is("tesla", "waiting"))
+            digest = hashlib.sha256(TESLA_DBC.read_bytes()).hexdigest()
+            assert campaign_of(found["v9"][1], "tesla")["waiting_for"]["dbc"] == [digest]  # type: ignore[index]
+            cli("push", signed_file, "--dbc", TESLA_DBC, "--mqtt", mqtt.url, "--vehicle", "v9")
+            await wait_checkins(mqtt.url, ["v9"], state_is("tesla", "active"))
+            await wait_records(received, "tesla/x")
+        finally:
+            agent.stop()
+            receiver.process.kill()
+    assert (tmp_path / "v9" / "campaigns" / "dbc" / f"{digest}.dbc").is_file()
