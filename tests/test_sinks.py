@@ -360,3 +360,23 @@ def test_a_parquet_receiver_killed_mid_write_recovers_what_it_acknowledged(
     files = [path for path in batch_files(outbox) if path.name in names]
     assert len(files) == len(acknowledged)
     assert not values_of(outbox, files) - lake_values(lake)  # every acknowledged value
+
+
+def test_a_parquet_lake_written_again_after_a_clean_stop_keeps_the_earlier_files(
+    outbox: Path, sent: Counter[Value], tmp_path: Path
+) -> None:
+    # A clean stop empties the journal; the next run writes the same vehicle, messages and
+    # date again, and its files must come beside the first run's, not over them.
+    lake = tmp_path / "lake"
+    files = batch_files(outbox)
+    half = len(files) // 2
+    closed: list[set[Path]] = []
+    for part in (files[:half], files[half:]):
+        receiver = Receiver(ParquetSink(lake))
+        for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *part]:
+            receiver.accept(path.read_bytes(), str(path))
+        receiver.finish()
+        assert receiver.stats.rejected == 0
+        closed.append(set(lake.rglob("*.parquet")))
+    assert closed[0] < closed[1]
+    assert lake_values(lake) == sent
