@@ -25,21 +25,32 @@ broker:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
 
 # tests/test_sinks.py writes into the PostgreSQL on 127.0.0.1:5432 (trust auth, database
-# `test`, a schema per test): install and start it where missing.
+# `test`, a schema per test). Where none answers there: install it (C.UTF-8 locale, so the
+# package makes its cluster whatever the environment names), add `host all all
+# 127.0.0.1/32 trust` to the top of its pg_hba.conf, start it. Never asks for a password:
+# fails with a message if the server there wants one, or does not come up.
 postgres:
 	@pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || { \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		command -v pg_ctlcluster >/dev/null || { $$SUDO apt-get update -qq && \
-			$$SUDO apt-get install -y -qq postgresql >/dev/null; }; \
-		version=$$(ls /etc/postgresql | sort -n | tail -1); \
+			$$SUDO env LANG=C.UTF-8 LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq postgresql >/dev/null; }; \
+		version=$$(ls /etc/postgresql 2>/dev/null | sort -n | tail -1); \
 		hba=/etc/postgresql/$$version/main/pg_hba.conf; \
+		$$SUDO test -f "$$hba" || { \
+			echo "make postgres: no PostgreSQL cluster at $$hba (pg_lsclusters)" >&2; exit 1; }; \
 		$$SUDO grep -q '^host all all 127.0.0.1/32 trust' $$hba || \
 			$$SUDO sed -i '1i host all all 127.0.0.1/32 trust' $$hba; \
-		$$SUDO pg_ctlcluster $$version main start 2>/dev/null || \
+		$$SUDO pg_ctlcluster $$version main start >/dev/null 2>&1 || \
 			$$SUDO pg_ctlcluster $$version main reload; \
-		for _ in 1 2 3 4 5 6 7 8 9 10; do pg_isready -q -h 127.0.0.1 && break; sleep 1; done; }
-	@psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" \
-		| grep -q 1 || createdb -h 127.0.0.1 -U postgres test
+		for _ in $$(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
+		pg_isready -q -h 127.0.0.1 -p 5432 || { echo "make postgres: PostgreSQL $$version" \
+			"not answering on 127.0.0.1:5432 after 30 s (pg_lsclusters)" >&2; exit 1; }; }
+	@found=$$(psql -w -h 127.0.0.1 -p 5432 -U postgres -d postgres -tAc \
+		"SELECT 1 FROM pg_database WHERE datname = 'test'" 2>&1) || { \
+		echo "make postgres: cannot connect to 127.0.0.1:5432 as postgres without a" \
+			"password (it needs trust for 127.0.0.1 in pg_hba.conf): $$found" >&2; exit 1; }; \
+	test "$$found" = 1 || createdb -w -h 127.0.0.1 -p 5432 -U postgres test
 
 # tests/test_deploy.py checks the unit with `systemd-analyze verify`: install it where missing.
 systemd-tools:

@@ -23,12 +23,14 @@ import subprocess
 import sys
 import time
 import tomllib
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from agent import config as agent_config
@@ -61,12 +63,16 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LANGUAGES = {"sh", "toml", "python", "text"}
 #: The flags each language may carry in its info string.
 FLAGS = {
-    "sh": {"gateway", "broker"},
+    "sh": {"gateway", "broker", "postgres"},
     "toml": {"invalid", "broker", "campaign"},
     "text": {"output"},
 }
 #: Where a `broker` block expects the broker; the test's own takes its place.
 BROKER_ADDRESS = "127.0.0.1:1883"
+#: The schema a `postgres` block writes in the test database; one named per run takes its
+#: place, so that two runs on one machine do not write into each other's.
+POSTGRES_SCHEMA = "docs_sinks"
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: Commands that only a gateway runs: root, systemd, a CAN interface, a running service.
 GATEWAY_PROGRAMS = {
     "sudo",
@@ -319,6 +325,19 @@ class Page:
     output: str | None = None
     mqtt: Broker | None = None
     certificates: Path | None = None
+    schema: str | None = None
+
+    def postgres_schema(self) -> str:
+        if self.schema is None:
+            schema = f"{POSTGRES_SCHEMA}_{uuid.uuid4().hex[:12]}"
+            self.schema = schema
+
+            def drop() -> None:
+                with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
+                    connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+            self.stack.callback(drop)
+        return self.schema
 
     def broker_address(self) -> str:
         if self.mqtt is None:
@@ -421,6 +440,9 @@ def run_block(page: Page, block: Block) -> str | None:
     if "broker" in block.flags:
         assert BROKER_ADDRESS in text, f"{block}: a broker block names {BROKER_ADDRESS}"
         text = text.replace(BROKER_ADDRESS, page.broker_address())
+    if "postgres" in block.flags:
+        assert POSTGRES_SCHEMA in text, f"{block}: a postgres block names {POSTGRES_SCHEMA}"
+        text = text.replace(POSTGRES_SCHEMA, page.postgres_schema())
     if block.language == "sh":
         if "gateway" in block.flags:
             return None

@@ -80,6 +80,7 @@ class ParquetSink(Sink):
         self.roll_bytes = roll_bytes
         self.roll_age_s = roll_age_s
         self._open: dict[Partition, _Open] = {}
+        self._seen: set[Partition] = set()  # partitions whose closed files were counted
         self.journal.mkdir(parents=True, exist_ok=True)
         self._next = 1 + max((int(p.stem) for p in self.journal.rglob("*.arrow")), default=0)
         self._recover()
@@ -109,6 +110,9 @@ class ParquetSink(Sink):
                 gathered.setdefault(partition, []).append(table)
         for partition, tables in gathered.items():
             table = pa.concat_tables(tables, promote_options="permissive")
+            if partition not in self._seen:
+                self._seen.add(partition)
+                self._next = max(self._next, 1 + self._last_closed(partition))
             number = self._next
             self._next += 1
             path = _folder(self.journal, partition) / f"{number}.arrow"
@@ -124,6 +128,14 @@ class ParquetSink(Sink):
             if open_.bytes >= self.roll_bytes or now - open_.opened >= self.roll_age_s:
                 self._roll(partition)
         return []
+
+    def _last_closed(self, partition: Partition) -> int:
+        """The highest number of the partition's closed files. A clean stop empties the
+        journal, so numbers taken from it alone start again at 1 and a later run's file would
+        be renamed over an earlier run's."""
+        folder = _folder(self.folder, partition)
+        names = folder.glob("part-*.parquet") if folder.is_dir() else iter(())
+        return max((int(p.stem.removeprefix("part-")) for p in names), default=0)
 
     def _roll(self, partition: Partition) -> None:
         """A partition's open rows into a closed file, then out of the journal. Its name is
