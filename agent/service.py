@@ -98,10 +98,14 @@ class Agent:
         if config.health.interval_s:
             self.health = Health(config.vehicle_id, self.metrics.registry, config.health.interval_s)
         if config.campaigns.keys or self.health is not None:
+            # The config's own DBCs: `decoders` gets those of the campaigns active now
+            # below, which another campaign must not count on (they go when those do).
+            own = decoders
 
             def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
-                """CollectError when they do not fit the DBCs (DbcError as a ValueError)."""
-                fitted = decoders
+                """CollectError when they do not fit the config's DBCs and the campaign's
+                own (DbcError as a ValueError)."""
+                fitted = own
                 if extra:
                     try:
                         fitted = bus_decoders(self._decoded(extra), default_cache_dir())

@@ -175,6 +175,32 @@ def test_a_campaign_waits_for_the_dbc_files_it_names_and_takes_only_the_right_by
     assert [r.name for r in again.rules()] == ["c/x"] and again.needed_dbc() == {other}
 
 
+async def test_a_campaign_cannot_count_on_another_campaigns_dbc(tmp_path: Path) -> None:
+    """A runs with the DBC it brought when the agent starts; B names A's messages without
+    bringing that DBC: refused, since A's end would leave B's rules without their DBC."""
+    from agent.config import load_config
+    from agent.service import Agent as Service
+
+    uplink = f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n'
+    config = agent_config(tmp_path, "v", "mqtt://127.0.0.1:1", [KEY], uplink=uplink)
+    kept = manager(tmp_path / "v" / "campaigns")
+    tesla = TESLA_DBC.read_bytes()
+    digest = hashlib.sha256(tesla).hexdigest()
+    kept.offer(to_vehicle("v", "a"), signed(KEY, "a", dbc={"can0": [digest]}, collect=TESLA_RULE))
+    assert kept.add_dbc(digest, tesla) and [r.name for r in kept.rules()] == ["a/x"]
+    service = Service(load_config(config), status=None)
+    try:
+        campaigns = service.campaigns
+        assert campaigns is not None
+        assert campaigns.offer(to_vehicle("v", "b"), signed(KEY, "b", collect=TESLA_RULE))
+        states = {c["name"]: c for c in campaigns.checkin()}
+        assert states["b"]["state"] == "rejected"
+        assert "no signal matches DI_systemStatusCounter" in states["b"]["errors"][0]
+        assert [r.name for r in campaigns.rules()] == ["a/x"]
+    finally:
+        await service.spool.close()
+
+
 def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
     now = [1_790_000_000.0]  # 2026-09-21, before the start
     campaigns = manager(tmp_path, now)
