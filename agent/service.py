@@ -124,6 +124,7 @@ class Agent:
                 config.campaigns.keys,
                 [bus.name for bus in config.buses],
                 fits,
+                answers=[stream.name for stream in self._answers],
             )
             self.campaigns.load()
             self.control = ControlLink(

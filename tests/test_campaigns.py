@@ -201,6 +201,45 @@ async def test_a_campaign_cannot_count_on_another_campaigns_dbc(tmp_path: Path) 
         await service.spool.close()
 
 
+async def test_a_campaign_may_select_the_answers_of_the_ecus(tmp_path: Path) -> None:
+    """`can0.diagnostics` is a stream rules select as they select buses; no DBC file goes
+    to it (its DBC is the agent's own)."""
+    from agent.config import load_config
+    from agent.service import Agent as Service
+
+    asking = '[[diagnostics]]\nbus = "can0"\necus = [0x7E8]\npoll = [{pids = [0x0C]}]\n'
+    uplink = f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n'
+    bus = (  # never opened: the agent does not run
+        f'[[bus]]\nname = "can0"\nsource = "python-can"\ninterface = "virtual"\n'
+        f'channel = "{tmp_path.name}"\ndbc = ["{demo_dbc()}"]\n'
+    )
+    config = agent_config(
+        tmp_path, "v", "mqtt://127.0.0.1:1", [KEY], uplink=uplink, extra=asking, bus=bus
+    )
+    tesla = TESLA_DBC.read_bytes()
+    digest = hashlib.sha256(tesla).hexdigest()
+    kept = tmp_path / "v" / "campaigns" / "dbc" / f"{digest}.dbc"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(tesla)  # so that the document does not wait for it
+    service = Service(load_config(config), status=None)
+    try:
+        campaigns = service.campaigns
+        assert campaigns is not None
+        obd = [{"name": "obd", "mode": "all", "signals": ["EngineSpeed*"]}]
+        stream = ["can0.diagnostics"]
+        assert campaigns.offer(
+            to_vehicle("v", "obd"), signed(KEY, "obd", buses=stream, collect=obd)
+        )
+        assert [r.name for r in campaigns.rules()] == ["obd/obd"]
+        dbc = {"can0.diagnostics": [digest]}
+        assert campaigns.offer(to_vehicle("v", "d"), signed(KEY, "d", dbc=dbc, collect=obd))
+        states = {c["name"]: c for c in campaigns.checkin()}
+        assert states["obd"]["state"] == "active"
+        assert states["d"]["errors"] == ["dbc: no [[bus]] is named 'can0.diagnostics'"]
+    finally:
+        await service.spool.close()
+
+
 def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
     now = [1_790_000_000.0]  # 2026-09-21, before the start
     campaigns = manager(tmp_path, now)
