@@ -28,7 +28,7 @@ from agent.config import (
     RESTART_KEYS,
     Config,
     ConfigError,
-    UplinkConfig,
+    control_url,
     load_config,
     restart_changes,
 )
@@ -130,7 +130,7 @@ class Agent:
             self.control = ControlLink(
                 self.campaigns,
                 config.vehicle_id,
-                config.campaigns.url or _scheme(config.uplink),
+                control_url(config.campaigns.url, config.uplink),
                 config.uplink.tls,
                 config.campaigns.groups,
                 self._apply_campaigns,
@@ -501,11 +501,6 @@ class Agent:
                 "reload: %s changed, which takes a restart; the running values stay",
                 ", ".join(later),
             )
-
-
-def _scheme(uplink: UplinkConfig) -> str:
-    """The uplink's URL with its scheme (a gRPC uplink's may be HOST:PORT alone)."""
-    return uplink.url if "://" in uplink.url else f"{uplink.kind}://{uplink.url}"
 
 
 async def _idle() -> None:

@@ -29,7 +29,7 @@ from agent.campaigns.document import (
 from agent.campaigns.manager import Campaigns, with_dbc
 from agent.collect import Collector
 from agent.collect.rules import CollectRule
-from agent.config import BusConfig, demo_dbc
+from agent.config import BusConfig, Config, demo_dbc
 from agent.decode import bus_decoders, default_cache_dir
 from tests.campaign_fleet import (
     agent_config,
@@ -238,6 +238,23 @@ async def test_a_campaign_may_select_the_answers_of_the_ecus(tmp_path: Path) -> 
         assert states["d"]["errors"] == ["dbc: no [[bus]] is named 'can0.diagnostics'"]
     finally:
         await service.spool.close()
+
+
+def test_a_reload_names_a_new_uplink_url_the_control_link_would_follow(tmp_path: Path) -> None:
+    from agent.config import load_config, restart_changes
+
+    def config(uplink: str, control: str) -> Config:
+        path = agent_config(tmp_path, "v", control, [KEY], uplink=uplink)
+        return load_config(path)
+
+    old = '[uplink]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:1"\n'
+    new = old.replace(":1", ":2")
+    assert restart_changes(config(old, ""), config(new, "")) == [
+        "uplink.url of the control link (campaigns.url is empty)"
+    ]
+    # With its own URL the control link stays where it is, and the uplink moves alone.
+    own = "mqtt://127.0.0.1:3"
+    assert restart_changes(config(old, own), config(new, own)) == []
 
 
 def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
