@@ -4,6 +4,7 @@ refused documents say why in the check-in; restarts, outages, expiry and reloads
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import signal
@@ -343,7 +344,25 @@ async def wait_records(path: Path, rule: str, count: int = 1, timeout: float = 1
     return time.monotonic()
 
 
-async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: Path) -> None:
+async def ended_before(path: Path, rule: str, other: str, checkin: Mapping[str, Any]) -> None:
+    """No record of `rule` from later than its campaign's end (the check-in's `since`, by
+    the agent's clock) and the batch open then; waited for by a record of `other`, which
+    keeps running, from after that."""
+    campaign = campaign_of(checkin, rule.split("/")[0])
+    assert campaign is not None
+    ended = dt.datetime.strptime(campaign["since"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    # The batch's max age (200 ms, agent_config), and a late tick on a loaded machine.
+    bound = ended.replace(tzinfo=dt.UTC).timestamp() + 0.2 + 0.5
+    deadline = time.monotonic() + 15
+    while not any(float(r["t"]) > bound for r in rule_records(path, other)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no record of {other} from after {campaign['since']}")
+        await asyncio.sleep(0.05)
+    late = [r["t"] for r in rule_records(path, rule) if float(r["t"]) > bound]
+    assert late == [], f"{rule} ended at {campaign['since']}"
+
+
+async def test_a_pushed_campaign_changes_what_arrives(tmp_path: Path) -> None:
     with broker(tmp_path) as mqtt:
         received = tmp_path / "received.jsonl"
         receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
@@ -352,10 +371,9 @@ async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: 
         try:
             await wait_checkins(mqtt.url, ["v1"], lambda c: True)
             await wait_records(received, "base")
-            pushed = time.monotonic()
             await publish(mqtt.url, {to_group("fleet", "speed"): signed(KEY, "speed")})
-            arrived = await wait_records(received, "speed/fast")
-            assert arrived - pushed < 1.0
+            # A wide bound: how fast is the benchmark's to measure (bench.campaigns).
+            await wait_records(received, "speed/fast", timeout=15)
             found = await wait_checkins(mqtt.url, ["v1"], state_is("speed", "active"))
             campaign = campaign_of(found["v1"][1], "speed")
             assert campaign is not None and campaign["version"] == 1
@@ -407,12 +425,8 @@ async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: 
                 timeout=30,
                 check=True,
             )
-            await wait_checkins(mqtt.url, ["v1"], state_is("speed", "removed"))
-            await asyncio.sleep(0.6)  # the batch open at the removal: 200 ms, and its way
-            ended = len(rule_records(received, "speed/fast"))
-            kept = len(rule_records(received, "base"))
-            await wait_records(received, "base", kept + 2)
-            assert len(rule_records(received, "speed/fast")) == ended
+            found = await wait_checkins(mqtt.url, ["v1"], state_is("speed", "removed"))
+            await ended_before(received, "speed/fast", "base", found["v1"][1])
         finally:
             agent.stop()
             receiver.process.kill()
@@ -471,7 +485,8 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
         agent = Agent(config)
         try:
             await wait_checkins(mqtt.url, ["v3"], lambda c: True)
-            expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3))
+            # Far enough ahead that a slow machine sees it active first.
+            expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 10))
             await publish(
                 mqtt.url,
                 {
@@ -487,13 +502,9 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
             await wait_records(received, "base2")
             kept = len(rule_records(received, "long/fast"))
             await wait_records(received, "long/fast", kept + 3)
-            found = await wait_checkins(mqtt.url, ["v3"], state_is("short", "expired"))
+            found = await wait_checkins(mqtt.url, ["v3"], state_is("short", "expired"), timeout=30)
             assert campaign_of(found["v3"][1], "long")["state"] == "active"  # type: ignore[index]
-            await asyncio.sleep(0.6)  # the batch open at the expiry: 200 ms, and its way
-            ended = len(rule_records(received, "short/fast"))
-            kept = len(rule_records(received, "long/fast"))
-            await wait_records(received, "long/fast", kept + 5)
-            assert len(rule_records(received, "short/fast")) == ended
+            await ended_before(received, "short/fast", "long/fast", found["v3"][1])
         finally:
             log = agent.stop()
             receiver.process.kill()
