@@ -504,7 +504,7 @@ def _campaigns(
             check.problems.append(f"campaigns.url: {error}")
     elif (keys or health.interval_s) and uplink.kind == "file":
         check.problems.append("campaigns.url: missing (the uplink writes files)")
-    link = url or (uplink.url if "://" in uplink.url else f"{uplink.kind}://{uplink.url}")
+    link = control_url(url, uplink)
     if health.interval_s and link.split("://")[0] in URL_SCHEMES["grpc"]:
         check.problems.append(
             "health.interval_s: health reports go over MQTT; the control link is gRPC "
@@ -519,6 +519,14 @@ URL_SCHEMES: dict[str, dict[str, int]] = {
     "mqtt": {"mqtt": 1883, "mqtts": 8883},
     "grpc": {"grpc": 50051, "grpcs": 443},
 }
+
+
+def control_url(campaigns_url: str, uplink: UplinkConfig) -> str:
+    """The control link's URL: campaigns.url, else the uplink's with its scheme (a gRPC
+    uplink's may be HOST:PORT alone)."""
+    if campaigns_url:
+        return campaigns_url
+    return uplink.url if "://" in uplink.url else f"{uplink.kind}://{uplink.url}"
 
 
 def split_url(url: str, schemes: Mapping[str, int]) -> tuple[str, int, bool]:
@@ -610,6 +618,11 @@ def restart_changes(running: Config, loaded: Config) -> list[str]:
             changed += [f"{key}.{f}" for f in _changed(old, new)]
         else:
             changed.append("bus" if key == "buses" else key)
+    # The uplink changes on a reload, the control link that follows its URL does not.
+    link = running.campaigns.keys or running.health.interval_s
+    before = control_url(running.campaigns.url, running.uplink)
+    if link and before != control_url(running.campaigns.url, loaded.uplink):
+        changed.append("uplink.url of the control link (campaigns.url is empty)")
     return changed
 
 

@@ -22,22 +22,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from agent.batcher import TICK_S, Batcher
-from agent.campaigns.link import ControlLink
-from agent.campaigns.manager import Campaigns, combined, with_dbc
 from agent.collect import CollectError, Collector
 from agent.collect.rules import CollectRule, rules_key
 from agent.config import (
     RESTART_KEYS,
     Config,
     ConfigError,
-    UplinkConfig,
+    control_url,
     load_config,
     restart_changes,
 )
 from agent.decode import DbcError, Decoder, bus_decoders, default_cache_dir
 from agent.decode.decoder import BusDbcs
 from agent.diagnostics.streams import diagnostics_streams
-from agent.health import Health
 from agent.metrics import Metrics
 from agent.notify import Notifier
 from agent.pipeline import Pipeline, Totals
@@ -49,7 +46,11 @@ from agent.uplinks.sender import Sender
 from agent.wire.encoder import BatchEncoder, dbc_hash
 
 if TYPE_CHECKING:
+    # Campaigns and health bring cryptography, aiomqtt and grpc: loaded only when configured.
+    from agent.campaigns.link import ControlLink
+    from agent.campaigns.manager import Campaigns
     from agent.diagnostics.poller import Poller
+    from agent.health import Health
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,21 @@ class Agent:
         last_values = LastValues()
         self.health: Health | None = None
         if config.health.interval_s:
+            from agent.health import Health
+
             self.health = Health(config.vehicle_id, self.metrics.registry, config.health.interval_s)
         if config.campaigns.keys or self.health is not None:
+            from agent.campaigns.link import ControlLink
+            from agent.campaigns.manager import Campaigns
+
+            # The config's own DBCs: `decoders` gets those of the campaigns active now
+            # below, which another campaign must not count on (they go when those do).
+            own = decoders
 
             def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
-                """CollectError when they do not fit the DBCs (DbcError as a ValueError)."""
-                fitted = decoders
+                """CollectError when they do not fit the config's DBCs and the campaign's
+                own (DbcError as a ValueError)."""
+                fitted = own
                 if extra:
                     try:
                         fitted = bus_decoders(self._decoded(extra), default_cache_dir())
@@ -114,12 +124,13 @@ class Agent:
                 config.campaigns.keys,
                 [bus.name for bus in config.buses],
                 fits,
+                answers=[stream.name for stream in self._answers],
             )
             self.campaigns.load()
             self.control = ControlLink(
                 self.campaigns,
                 config.vehicle_id,
-                config.campaigns.url or _scheme(config.uplink),
+                control_url(config.campaigns.url, config.uplink),
                 config.uplink.tls,
                 config.campaigns.groups,
                 self._apply_campaigns,
@@ -181,13 +192,22 @@ class Agent:
         self, file_rules: tuple[CollectRule, ...], decoders: Mapping[str, Decoder]
     ) -> Collector | None:
         """The file's rules and the active campaigns' (agent/campaigns/)."""
-        rules = combined(file_rules, self.campaigns.rules() if self.campaigns else ())
+        rules = file_rules
+        if self.campaigns is not None:
+            from agent.campaigns.manager import combined
+
+            rules = combined(file_rules, self.campaigns.rules())
         return Collector(rules, decoders) if rules else None
 
     def _decoded(self, extra: Mapping[str, list[Path]]) -> list[BusDbcs]:
         """What the agent decodes: the buses with the DBC files campaigns brought, and the
         streams of the ECUs' answers."""
-        return [*with_dbc(self.config.buses, extra), *self._answers]
+        buses: list[BusDbcs] = list(self.config.buses)
+        if extra:  # only campaigns bring DBC files
+            from agent.campaigns.manager import with_dbc
+
+            buses = list(with_dbc(self.config.buses, extra))
+        return [*buses, *self._answers]
 
     def _dbc_digest(self) -> bytes:
         """Which definitions decode: the buses' DBC files, those campaigns brought and the
@@ -481,11 +501,6 @@ class Agent:
                 "reload: %s changed, which takes a restart; the running values stay",
                 ", ".join(later),
             )
-
-
-def _scheme(uplink: UplinkConfig) -> str:
-    """The uplink's URL with its scheme (a gRPC uplink's may be HOST:PORT alone)."""
-    return uplink.url if "://" in uplink.url else f"{uplink.kind}://{uplink.url}"
 
 
 async def _idle() -> None:

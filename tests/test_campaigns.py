@@ -4,6 +4,7 @@ refused documents say why in the check-in; restarts, outages, expiry and reloads
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import signal
@@ -29,7 +30,7 @@ from agent.campaigns.document import (
 from agent.campaigns.manager import Campaigns, with_dbc
 from agent.collect import Collector
 from agent.collect.rules import CollectRule
-from agent.config import BusConfig, demo_dbc
+from agent.config import BusConfig, Config, demo_dbc
 from agent.decode import bus_decoders, default_cache_dir
 from tests.campaign_fleet import (
     agent_config,
@@ -175,6 +176,88 @@ def test_a_campaign_waits_for_the_dbc_files_it_names_and_takes_only_the_right_by
     assert [r.name for r in again.rules()] == ["c/x"] and again.needed_dbc() == {other}
 
 
+async def test_a_campaign_cannot_count_on_another_campaigns_dbc(tmp_path: Path) -> None:
+    """A runs with the DBC it brought when the agent starts; B names A's messages without
+    bringing that DBC: refused, since A's end would leave B's rules without their DBC."""
+    from agent.config import load_config
+    from agent.service import Agent as Service
+
+    uplink = f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n'
+    config = agent_config(tmp_path, "v", "mqtt://127.0.0.1:1", [KEY], uplink=uplink)
+    kept = manager(tmp_path / "v" / "campaigns")
+    tesla = TESLA_DBC.read_bytes()
+    digest = hashlib.sha256(tesla).hexdigest()
+    kept.offer(to_vehicle("v", "a"), signed(KEY, "a", dbc={"can0": [digest]}, collect=TESLA_RULE))
+    assert kept.add_dbc(digest, tesla) and [r.name for r in kept.rules()] == ["a/x"]
+    service = Service(load_config(config), status=None)
+    try:
+        campaigns = service.campaigns
+        assert campaigns is not None
+        assert campaigns.offer(to_vehicle("v", "b"), signed(KEY, "b", collect=TESLA_RULE))
+        states = {c["name"]: c for c in campaigns.checkin()}
+        assert states["b"]["state"] == "rejected"
+        assert "no signal matches DI_systemStatusCounter" in states["b"]["errors"][0]
+        assert [r.name for r in campaigns.rules()] == ["a/x"]
+    finally:
+        await service.spool.close()
+
+
+async def test_a_campaign_may_select_the_answers_of_the_ecus(tmp_path: Path) -> None:
+    """`can0.diagnostics` is a stream rules select as they select buses; no DBC file goes
+    to it (its DBC is the agent's own)."""
+    from agent.config import load_config
+    from agent.service import Agent as Service
+
+    asking = '[[diagnostics]]\nbus = "can0"\necus = [0x7E8]\npoll = [{pids = [0x0C]}]\n'
+    uplink = f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n'
+    bus = (  # never opened: the agent does not run
+        f'[[bus]]\nname = "can0"\nsource = "python-can"\ninterface = "virtual"\n'
+        f'channel = "{tmp_path.name}"\ndbc = ["{demo_dbc()}"]\n'
+    )
+    config = agent_config(
+        tmp_path, "v", "mqtt://127.0.0.1:1", [KEY], uplink=uplink, extra=asking, bus=bus
+    )
+    tesla = TESLA_DBC.read_bytes()
+    digest = hashlib.sha256(tesla).hexdigest()
+    kept = tmp_path / "v" / "campaigns" / "dbc" / f"{digest}.dbc"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(tesla)  # so that the document does not wait for it
+    service = Service(load_config(config), status=None)
+    try:
+        campaigns = service.campaigns
+        assert campaigns is not None
+        obd = [{"name": "obd", "mode": "all", "signals": ["EngineSpeed*"]}]
+        stream = ["can0.diagnostics"]
+        assert campaigns.offer(
+            to_vehicle("v", "obd"), signed(KEY, "obd", buses=stream, collect=obd)
+        )
+        assert [r.name for r in campaigns.rules()] == ["obd/obd"]
+        dbc = {"can0.diagnostics": [digest]}
+        assert campaigns.offer(to_vehicle("v", "d"), signed(KEY, "d", dbc=dbc, collect=obd))
+        states = {c["name"]: c for c in campaigns.checkin()}
+        assert states["obd"]["state"] == "active"
+        assert states["d"]["errors"] == ["dbc: no [[bus]] is named 'can0.diagnostics'"]
+    finally:
+        await service.spool.close()
+
+
+def test_a_reload_names_a_new_uplink_url_the_control_link_would_follow(tmp_path: Path) -> None:
+    from agent.config import load_config, restart_changes
+
+    def config(uplink: str, control: str) -> Config:
+        path = agent_config(tmp_path, "v", control, [KEY], uplink=uplink)
+        return load_config(path)
+
+    old = '[uplink]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:1"\n'
+    new = old.replace(":1", ":2")
+    assert restart_changes(config(old, ""), config(new, "")) == [
+        "uplink.url of the control link (campaigns.url is empty)"
+    ]
+    # With its own URL the control link stays where it is, and the uplink moves alone.
+    own = "mqtt://127.0.0.1:3"
+    assert restart_changes(config(old, own), config(new, own)) == []
+
+
 def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
     now = [1_790_000_000.0]  # 2026-09-21, before the start
     campaigns = manager(tmp_path, now)
@@ -261,7 +344,25 @@ async def wait_records(path: Path, rule: str, count: int = 1, timeout: float = 1
     return time.monotonic()
 
 
-async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: Path) -> None:
+async def ended_before(path: Path, rule: str, other: str, checkin: Mapping[str, Any]) -> None:
+    """No record of `rule` from later than its campaign's end (the check-in's `since`, by
+    the agent's clock) and the batch open then; waited for by a record of `other`, which
+    keeps running, from after that."""
+    campaign = campaign_of(checkin, rule.split("/")[0])
+    assert campaign is not None
+    ended = dt.datetime.strptime(campaign["since"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    # The batch's max age (200 ms, agent_config), and a late tick on a loaded machine.
+    bound = ended.replace(tzinfo=dt.UTC).timestamp() + 0.2 + 0.5
+    deadline = time.monotonic() + 15
+    while not any(float(r["t"]) > bound for r in rule_records(path, other)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no record of {other} from after {campaign['since']}")
+        await asyncio.sleep(0.05)
+    late = [r["t"] for r in rule_records(path, rule) if float(r["t"]) > bound]
+    assert late == [], f"{rule} ended at {campaign['since']}"
+
+
+async def test_a_pushed_campaign_changes_what_arrives(tmp_path: Path) -> None:
     with broker(tmp_path) as mqtt:
         received = tmp_path / "received.jsonl"
         receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
@@ -270,10 +371,9 @@ async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: 
         try:
             await wait_checkins(mqtt.url, ["v1"], lambda c: True)
             await wait_records(received, "base")
-            pushed = time.monotonic()
             await publish(mqtt.url, {to_group("fleet", "speed"): signed(KEY, "speed")})
-            arrived = await wait_records(received, "speed/fast")
-            assert arrived - pushed < 1.0
+            # A wide bound: how fast is the benchmark's to measure (bench.campaigns).
+            await wait_records(received, "speed/fast", timeout=15)
             found = await wait_checkins(mqtt.url, ["v1"], state_is("speed", "active"))
             campaign = campaign_of(found["v1"][1], "speed")
             assert campaign is not None and campaign["version"] == 1
@@ -325,12 +425,8 @@ async def test_a_pushed_campaign_changes_what_arrives_within_a_second(tmp_path: 
                 timeout=30,
                 check=True,
             )
-            await wait_checkins(mqtt.url, ["v1"], state_is("speed", "removed"))
-            await asyncio.sleep(0.6)  # the batch open at the removal: 200 ms, and its way
-            ended = len(rule_records(received, "speed/fast"))
-            kept = len(rule_records(received, "base"))
-            await wait_records(received, "base", kept + 2)
-            assert len(rule_records(received, "speed/fast")) == ended
+            found = await wait_checkins(mqtt.url, ["v1"], state_is("speed", "removed"))
+            await ended_before(received, "speed/fast", "base", found["v1"][1])
         finally:
             agent.stop()
             receiver.process.kill()
@@ -389,7 +485,8 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
         agent = Agent(config)
         try:
             await wait_checkins(mqtt.url, ["v3"], lambda c: True)
-            expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3))
+            # Far enough ahead that a slow machine sees it active first.
+            expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 10))
             await publish(
                 mqtt.url,
                 {
@@ -405,13 +502,9 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
             await wait_records(received, "base2")
             kept = len(rule_records(received, "long/fast"))
             await wait_records(received, "long/fast", kept + 3)
-            found = await wait_checkins(mqtt.url, ["v3"], state_is("short", "expired"))
+            found = await wait_checkins(mqtt.url, ["v3"], state_is("short", "expired"), timeout=30)
             assert campaign_of(found["v3"][1], "long")["state"] == "active"  # type: ignore[index]
-            await asyncio.sleep(0.6)  # the batch open at the expiry: 200 ms, and its way
-            ended = len(rule_records(received, "short/fast"))
-            kept = len(rule_records(received, "long/fast"))
-            await wait_records(received, "long/fast", kept + 5)
-            assert len(rule_records(received, "short/fast")) == ended
+            await ended_before(received, "short/fast", "long/fast", found["v3"][1])
         finally:
             log = agent.stop()
             receiver.process.kill()

@@ -4,13 +4,15 @@ mosquitto, a campaign pushed to their group, every one active and nothing lost
 
 from __future__ import annotations
 
-from bench.campaigns import GOAL_S, lost, measure
+from bench.campaigns import lost, measure
 
 
 def test_a_campaign_pushed_to_a_group_runs_on_every_vehicle_and_nothing_is_lost() -> None:
+    # measure() returns once every vehicle's check-in says the campaign is active; how
+    # fast is the benchmark's business (bench.campaigns, GOAL_S), here a wide bound only.
     _, active, results = measure(agents=4, processes=1)
-    assert len(results) == 4
-    assert active < GOAL_S
+    assert sorted(r["vehicle"] for r in results) == [f"v{k:04d}" for k in range(4)]
+    assert active < 60
     assert lost(results) == []
     assert all(r["frames_read"] > 0 and r["delivered"] > 0 for r in results)
 

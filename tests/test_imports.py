@@ -42,6 +42,14 @@ def test_a_socketcan_bus_over_mqtt_loads_neither_python_can_nor_grpc() -> None:
     assert not {"can", "grpc", "agent.sources.pythoncan", "agent.uplinks.grpc"} & modules
 
 
+def test_the_agent_loads_campaigns_and_their_transports_only_when_configured() -> None:
+    # A file uplink with campaigns and health off: no control link, no signatures.
+    modules = loaded("import agent.service")
+    assert not {"grpc", "aiomqtt", "cryptography", "agent.campaigns.link"} & modules
+    # A control link over MQTT needs no grpc.
+    assert "grpc" not in loaded("import agent.campaigns.link")
+
+
 def test_the_receiver_loads_nothing_of_the_device_side() -> None:
     modules = loaded("import agent.cloud.receiver")
     device = {

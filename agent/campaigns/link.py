@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import grpc
 from aiomqtt import ProtocolVersion
-from grpc import aio
 
 from agent import __version__
 from agent.campaigns.manager import Campaigns, utc
@@ -90,6 +88,12 @@ class ControlLink:
         self.tls: ssl.SSLContext | None = None
         if self.use_tls and not self.over_grpc:
             self.tls = client_context(tls)
+        #: What ends a session: grpc is loaded only for a link over gRPC.
+        self.lost: tuple[type[Exception], ...] = (aiomqtt.MqttError,)
+        if self.over_grpc:
+            from grpc import aio
+
+            self.lost = (aio.AioRpcError,)
         self.groups = groups
         self.filters: list[str] = []
         if campaigns.keys:
@@ -155,7 +159,7 @@ class ControlLink:
         while True:
             try:
                 await (self._grpc_session() if self.over_grpc else self._session())
-            except (aiomqtt.MqttError, aio.AioRpcError) as error:
+            except self.lost as error:
                 if self.connected:
                     log.warning("control link %s:%d lost: %s", self.host, self.port, error)
                     delay = RETRY_S[0]
@@ -205,6 +209,9 @@ class ControlLink:
     async def _grpc_session(self) -> None:
         """Campaigns over the cloud's `Telemetry.Campaigns` call (proto/telemetry.proto);
         check-ins, snapshots and health reports need MQTT, so this link sends none."""
+        import grpc
+        from grpc import aio
+
         address = f"{self.host}:{self.port}"
         options = channel_options(self.keepalive_s)
         if self.use_tls:

@@ -75,7 +75,9 @@ class Entry:
 
 class Campaigns:
     """The campaigns of one vehicle. `validate` raises CollectError (or ValueError) when
-    rules do not fit the vehicle's DBCs, as check-config does for the file's rules."""
+    rules do not fit the vehicle's DBCs, as check-config does for the file's rules.
+    `answers`: the streams of the ECUs' answers (`can0.diagnostics`), which rules may
+    select as they select buses, but which take no DBC files."""
 
     def __init__(
         self,
@@ -84,10 +86,12 @@ class Campaigns:
         buses: Iterable[str],
         validate: Callable[[tuple[CollectRule, ...], Mapping[str, list[Path]]], None],
         clock: Callable[[], float] = time.time,
+        answers: Iterable[str] = (),
     ) -> None:
         self.folder = folder
         self.keys = [parse_public_key(k) for k in keys]
         self.buses = set(buses)
+        self.streams = self.buses | set(answers)  # what rules may select
         self.validate = validate
         self.clock = clock
         self.entries: dict[str, Entry] = {}
@@ -256,7 +260,7 @@ class Campaigns:
         CampaignError with every problem."""
         if doc.kind == "removal":
             return ()
-        problems = [f"buses: no [[bus]] is named {b!r}" for b in doc.buses if b not in self.buses]
+        problems = [f"buses: no [[bus]] is named {b!r}" for b in doc.buses if b not in self.streams]
         problems += [f"dbc: no [[bus]] is named {b!r}" for b in doc.dbc if b not in self.buses]
         if problems:
             raise CampaignError(problems)  # and not again for each rule that targets them
@@ -265,7 +269,7 @@ class Campaigns:
             for table in doc.collect
         ]
         check = Checker(self.folder)
-        parsed = parse_rules(check, tables, self.buses)
+        parsed = parse_rules(check, tables, self.streams)
         if check.problems:
             raise CampaignError(check.problems)
         rules = tuple(replace(r, name=f"{doc.name}{SEPARATOR}{r.name}") for r in parsed)
