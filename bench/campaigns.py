@@ -39,7 +39,7 @@ from agent.campaigns.manager import SEPARATOR
 from agent.cloud.parser import ReceivedBatch
 from agent.cloud.receiver import Receiver, accept_files
 from agent.cloud.sinks.base import Sink
-from agent.config import demo_dbc, parse_config
+from agent.config import BatchConfig, demo_dbc, parse_config
 from agent.wire.transport import batch_file_name
 from bench.common import Measured, Report, table
 from tests.campaign_fleet import campaign_of, client, signed, state_is, to_group
@@ -53,16 +53,20 @@ GOAL_S = 5.0
 RECORDS_GOAL_S = 1.0
 
 
-def vehicle_config(folder: Path, vehicle: str, broker_url: str, key: str) -> str:
-    """A light agent: the demo DBC simulated at a fifth of real time, batches into files,
-    a small spool kept off the disk's fsyncs, one rule of its own file."""
+def vehicle_config(
+    folder: Path, vehicle: str, broker_url: str, key: str, max_age_ms: int | None = None
+) -> str:
+    """A light agent: the demo DBC simulated at a fifth of real time, batches into files
+    (closed at `max_age_ms`, or the agent's default), a small spool kept off the disk's
+    fsyncs, one rule of its own file."""
+    batch = "" if max_age_ms is None else f"[batch]\nmax_age_ms = {max_age_ms}\n"
     return (
         f'vehicle_id = "{vehicle}"\nstate_dir = "{folder / vehicle}"\n'
         f'status_interval_s = 3600\nlog_level = "warning"\n'
         f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = 0.2\ndbc = ["{demo_dbc()}"]\n'
         f'[uplink]\nkind = "file"\nurl = "{folder / vehicle / "outbox"}"\n'
         '[spool]\nmax_bytes = 4194304\nmemory_bytes = 1048576\nfsync = "never"\n'
-        '[metrics]\nlisten = ""\n'
+        f'{batch}[metrics]\nlisten = ""\n'
         f'[campaigns]\nkeys = ["{key}"]\ngroups = ["{GROUP}"]\nurl = "{broker_url}"\n'
         '[[collect]]\nname = "odometer"\nmode = "sample"\nsignals = ["Odometer"]\n'
         "period_ms = 1000\n"
@@ -108,7 +112,7 @@ def worker(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     folder = Path(args.folder)
     configs = [
-        vehicle_config(folder, f"v{k:04d}", args.broker, args.key)
+        vehicle_config(folder, f"v{k:04d}", args.broker, args.key, args.max_age_ms)
         for k in range(args.first, args.first + args.count)
     ]
 
@@ -212,12 +216,13 @@ def first_campaign_record(outbox: Path) -> float | None:
     )
 
 
-def measure(agents: int, processes: int) -> Fleet:
+def measure(agents: int, processes: int, max_age_ms: int | None = None) -> Fleet:
     key = Ed25519PrivateKey.generate()
     from agent.campaigns.document import public_key_text
 
     public = public_key_text(key.public_key())
     vehicles = [f"v{k:04d}" for k in range(agents)]
+    age_ms = BatchConfig().max_age_ms if max_age_ms is None else max_age_ms
     with tempfile.TemporaryDirectory(prefix="fleet-") as temp:
         folder = Path(temp)
         (folder / "broker").mkdir()
@@ -250,7 +255,8 @@ def measure(agents: int, processes: int) -> Fleet:
                             str(first),
                             "--count",
                             str(size),
-                        ],
+                        ]
+                        + ([] if max_age_ms is None else ["--max-age-ms", str(max_age_ms)]),
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         text=True,
@@ -260,9 +266,9 @@ def measure(agents: int, processes: int) -> Fleet:
                 ]
                 try:
                     timed = await watch
-                    # The campaign's rules at work for a while: past a batch's max age
+                    # The campaign's rules at work for a while: twice a batch's max age
                     # after the last vehicle took it, so each has sent a batch of them.
-                    await asyncio.sleep(2)
+                    await asyncio.sleep(2 * age_ms / 1000)
                 except BaseException:
                     for process in workers:
                         process.kill()
@@ -290,8 +296,8 @@ def spread(seconds: list[float]) -> str:
     return f"{statistics.median(seconds):.2f} / {p99:.2f} / {max(seconds):.2f} s"
 
 
-def run(agents: int = 60, processes: int = 2) -> Report:
-    fleet = measure(agents, processes)
+def run(agents: int = 60, processes: int = 2, max_age_ms: int | None = None) -> Report:
+    fleet = measure(agents, processes, max_age_ms)
     checked_in, active = fleet.checked_in, fleet.active
     problems = lost(fleet.results)
     frames = sum(r["frames_read"] for r in fleet.results)
@@ -326,9 +332,10 @@ def run(agents: int = 60, processes: int = 2) -> Report:
             ]
         ],
     )
+    age_ms = BatchConfig().max_age_ms if max_age_ms is None else max_age_ms
     text += "\n\n" + table(
         [
-            "the campaign's first record at the receiver",
+            f"the campaign's first record at the receiver (batches of {age_ms} ms at most)",
             "median / p99 / max",
             f"vehicles at {RECORDS_GOAL_S:.0f} s or later",
             "vehicles without one",
@@ -352,7 +359,8 @@ def run(agents: int = 60, processes: int = 2) -> Report:
         f"fleet: a campaign's records at the receiver within {RECORDS_GOAL_S:.0f} s of its "
         f"arrival at each of {agents} vehicles",
         18,
-        f"median / p99 / max {spread(from_arrival)}; {late} vehicles at "
+        f"median / p99 / max {spread(from_arrival)} with batches of {age_ms} ms; {late} of "
+        f"{agents} vehicles at "
         f"{RECORDS_GOAL_S:.0f} s or later, {never} without one",
         not late and not never,
     )
@@ -369,11 +377,17 @@ def main() -> None:
     parser.add_argument("--key", help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--max-age-ms",
+        type=int,
+        help="the agents' [batch] max_age_ms (default: the agent's own, "
+        f"{BatchConfig().max_age_ms})",
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    print(run(args.agents, args.processes))
+    print(run(args.agents, args.processes, args.max_age_ms))
 
 
 if __name__ == "__main__":
