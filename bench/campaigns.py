@@ -12,7 +12,10 @@ start until every one has checked in, which is the broker's and the agents' own 
 reads as it reads any such folder (`accept_files`); the campaign's first record arrives when
 the batch file holding it appears (the file's ctime, set by the rename that makes it
 visible). The campaign arrives at the vehicle when the vehicle accepts it: the `since` of
-its first check-in that says active (a signature check after the MQTT message came).
+its first check-in that says active (a signature check after the MQTT message came). Its
+rules take the batch open at that moment, so its first records come when that batch closes:
+the push waits until every vehicle has sent its first batch, which leaves each a young batch
+open, near the worst case of a whole `max_age_ms`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,11 +153,18 @@ class Fleet:
 
 
 async def push_and_time(
-    url: str, vehicles: list[str], payload: bytes, ready: asyncio.Event, timeout: float = 120
+    url: str,
+    vehicles: list[str],
+    payload: bytes,
+    ready: asyncio.Event,
+    sending: Callable[[], bool],
+    timeout: float = 120,
 ) -> tuple[float, float, float, dict[str, float]]:
     """(seconds until every vehicle checked in, seconds from the push until every one says
     the campaign is active, when it was pushed, when each vehicle accepted it), watched from
-    one subscription taken before the fleet starts (`ready` says when)."""
+    one subscription taken before the fleet starts (`ready` says when). The push waits for
+    `sending` (every vehicle has sent a batch): a campaign that came before an agent's
+    first batch would be timed with the agent's start-up."""
     active = state_is(CAMPAIGN, "active")
     seen: set[str] = set()
     arrived: dict[str, float] = {}
@@ -180,6 +190,10 @@ async def push_and_time(
                 arrived[checkin["vehicle"]] = dt.datetime.fromisoformat(since).timestamp()
             if not pushed and seen >= set(vehicles):
                 checked_in = time.monotonic() - started
+                while not sending():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("not every vehicle has sent a batch")
+                    await asyncio.sleep(0.05)
                 pushed, pushed_at = time.monotonic(), time.time()
                 await mqtt.publish(to_group(GROUP, CAMPAIGN), payload, qos=1, retain=True)
     return checked_in, time.monotonic() - pushed, pushed_at, arrived
@@ -230,12 +244,15 @@ def measure(agents: int, processes: int, max_age_ms: int | None = None) -> Fleet
             sizes = [agents // processes + (k < agents % processes) for k in range(processes)]
             firsts = [sum(sizes[:k]) for k in range(processes)]
 
+            def sending() -> bool:
+                return all(any((folder / v / "outbox").glob("*.batch")) for v in vehicles)
+
             async def fleet() -> tuple[
                 tuple[float, float, float, dict[str, float]], list[subprocess.Popen[str]]
             ]:
                 ready = asyncio.Event()
                 watch = asyncio.create_task(
-                    push_and_time(mqtt.url, vehicles, signed(key, CAMPAIGN), ready)
+                    push_and_time(mqtt.url, vehicles, signed(key, CAMPAIGN), ready, sending)
                 )
                 await ready.wait()
                 workers = [
