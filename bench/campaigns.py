@@ -1,49 +1,75 @@
 """A fleet on one broker: many agents (the real `Agent`, several per process, each with a
 slow simulated bus and a file uplink), one campaign pushed to their group, and the time
-until every vehicle's check-in says it is active; then that nothing was lost meanwhile.
+until every vehicle's check-in says it is active; then, for each vehicle, the time from the
+campaign's arrival there (and from the push) until the first record of the campaign's rules
+reaches the cloud side; then that nothing was lost meanwhile.
 
 `python -m bench.campaigns [--agents 60] [--processes 2]`; `make bench` runs it as a section.
 The baseline in the same run is the fleet's first check-ins: the time from the agents'
 start until every one has checked in, which is the broker's and the agents' own pace.
+
+"Reaches the cloud side": the agents' uplink is a folder of batch files, which the receiver
+reads as it reads any such folder (`accept_files`); the campaign's first record arrives when
+the batch file holding it appears (the file's ctime, set by the rename that makes it
+visible). The campaign arrives at the vehicle when the vehicle accepts it: the `since` of
+its first check-in that says active (a signature check after the MQTT message came). Its
+rules take the batch open at that moment, so its first records come when that batch closes:
+the push waits until every vehicle has sent its first batch, which leaves each a young batch
+open, near the worst case of a whole `max_age_ms`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import demo_dbc, parse_config
+from agent.campaigns.manager import SEPARATOR
+from agent.cloud.parser import ReceivedBatch
+from agent.cloud.receiver import Receiver, accept_files
+from agent.cloud.sinks.base import Sink
+from agent.config import BatchConfig, demo_dbc, parse_config
+from agent.wire.transport import batch_file_name
 from bench.common import Measured, Report, table
-from tests.campaign_fleet import client, signed, state_is, to_group
+from tests.campaign_fleet import campaign_of, client, signed, state_is, to_group
 from tests.services import broker
 
 GROUP = "fleet"
 CAMPAIGN = "fleet-speed"
 #: The target of issue 18: every vehicle reports the campaign active within this.
 GOAL_S = 5.0
+#: The target of issue 18: the campaign's records at the receiver within this of arriving.
+RECORDS_GOAL_S = 1.0
 
 
-def vehicle_config(folder: Path, vehicle: str, broker_url: str, key: str) -> str:
-    """A light agent: the demo DBC simulated at a fifth of real time, batches into files,
-    a small spool kept off the disk's fsyncs, one rule of its own file."""
+def vehicle_config(
+    folder: Path, vehicle: str, broker_url: str, key: str, max_age_ms: int | None = None
+) -> str:
+    """A light agent: the demo DBC simulated at a fifth of real time, batches into files
+    (closed at `max_age_ms`, or the agent's default), a small spool kept off the disk's
+    fsyncs, one rule of its own file."""
+    batch = "" if max_age_ms is None else f"[batch]\nmax_age_ms = {max_age_ms}\n"
     return (
         f'vehicle_id = "{vehicle}"\nstate_dir = "{folder / vehicle}"\n'
         f'status_interval_s = 3600\nlog_level = "warning"\n'
         f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = 0.2\ndbc = ["{demo_dbc()}"]\n'
         f'[uplink]\nkind = "file"\nurl = "{folder / vehicle / "outbox"}"\n'
         '[spool]\nmax_bytes = 4194304\nmemory_bytes = 1048576\nfsync = "never"\n'
-        '[metrics]\nlisten = ""\n'
+        f'{batch}[metrics]\nlisten = ""\n'
         f'[campaigns]\nkeys = ["{key}"]\ngroups = ["{GROUP}"]\nurl = "{broker_url}"\n'
         '[[collect]]\nname = "odometer"\nmode = "sample"\nsignals = ["Odometer"]\n'
         "period_ms = 1000\n"
@@ -89,7 +115,7 @@ def worker(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     folder = Path(args.folder)
     configs = [
-        vehicle_config(folder, f"v{k:04d}", args.broker, args.key)
+        vehicle_config(folder, f"v{k:04d}", args.broker, args.key, args.max_age_ms)
         for k in range(args.first, args.first + args.count)
     ]
 
@@ -114,46 +140,103 @@ def lost(results: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+@dataclass
+class Fleet:
+    """What one run of the fleet measured."""
+
+    checked_in: float  # seconds from the agents' start until every one checked in
+    active: float  # seconds from the push until every vehicle said the campaign is active
+    results: list[dict[str, Any]]  # what each agent counted
+    pushed: float  # when the campaign was pushed (time.time())
+    arrived: dict[str, float]  # per vehicle: when it accepted the campaign (its clock)
+    records: dict[str, float | None]  # per vehicle: when its campaign's first record came
+
+
 async def push_and_time(
-    url: str, vehicles: list[str], payload: bytes, ready: asyncio.Event, timeout: float = 120
-) -> tuple[float, float]:
+    url: str,
+    vehicles: list[str],
+    payload: bytes,
+    ready: asyncio.Event,
+    sending: Callable[[], bool],
+    timeout: float = 120,
+) -> tuple[float, float, float, dict[str, float]]:
     """(seconds until every vehicle checked in, seconds from the push until every one says
-    the campaign is active), watched from one subscription taken before the fleet starts
-    (`ready` says when)."""
+    the campaign is active, when it was pushed, when each vehicle accepted it), watched from
+    one subscription taken before the fleet starts (`ready` says when). The push waits for
+    `sending` (every vehicle has sent a batch): a campaign that came before an agent's
+    first batch would be timed with the agent's start-up."""
     active = state_is(CAMPAIGN, "active")
     seen: set[str] = set()
-    running: set[str] = set()
+    arrived: dict[str, float] = {}
     started = time.monotonic()
     pushed = 0.0
+    pushed_at = 0.0
     checked_in = 0.0
     async with client(url) as mqtt:
         await mqtt.subscribe("vehicles/+/checkin", qos=1)
         ready.set()
         deadline = time.monotonic() + timeout
-        while len(running) < len(vehicles):
+        while len(arrived) < len(vehicles):
             left = deadline - time.monotonic()
             try:
                 message = await asyncio.wait_for(anext(mqtt.messages), max(left, 0.01))
             except TimeoutError:
-                missing = sorted(set(vehicles) - (running if pushed else seen))
+                missing = sorted(set(vehicles) - (set(arrived) if pushed else seen))
                 raise TimeoutError(f"{len(missing)} vehicles missing: {missing[:5]}") from None
             checkin = json.loads(bytes(message.payload))
             seen.add(checkin["vehicle"])
-            if pushed and active(checkin):
-                running.add(checkin["vehicle"])
+            if pushed and active(checkin) and checkin["vehicle"] not in arrived:
+                since = (campaign_of(checkin, CAMPAIGN) or {})["since"]
+                arrived[checkin["vehicle"]] = dt.datetime.fromisoformat(since).timestamp()
             if not pushed and seen >= set(vehicles):
                 checked_in = time.monotonic() - started
-                pushed = time.monotonic()
+                while not sending():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("not every vehicle has sent a batch")
+                    await asyncio.sleep(0.05)
+                pushed, pushed_at = time.monotonic(), time.time()
                 await mqtt.publish(to_group(GROUP, CAMPAIGN), payload, qos=1, retain=True)
-    return checked_in, time.monotonic() - pushed
+    return checked_in, time.monotonic() - pushed, pushed_at, arrived
 
 
-def measure(agents: int, processes: int) -> tuple[float, float, list[dict[str, Any]]]:
+class _Kept(Sink):
+    """A receiver's sink that keeps the batches it is handed, to look at once all came."""
+
+    def __init__(self) -> None:
+        self.batches: list[ReceivedBatch] = []
+
+    def write(self, batches: Sequence[ReceivedBatch]) -> list[ReceivedBatch]:
+        self.batches += batches
+        return []
+
+
+def first_campaign_record(outbox: Path) -> float | None:
+    """When the first batch file holding a record of the campaign's rules appeared in a
+    vehicle's `outbox` (time.time()), the folder read as the receiver reads it; None when
+    no such record came."""
+    sink = _Kept()
+    receiver = Receiver(sink)
+    accept_files(receiver, outbox, set())
+    receiver.finish()
+    prefix = CAMPAIGN + SEPARATOR
+    return min(
+        (
+            (outbox / batch_file_name(batch.stream_id, batch.sequence)).stat().st_ctime
+            for batch in sink.batches
+            if any(b.rule.startswith(prefix) for b in batch.blocks)
+            or any(r.rule.startswith(prefix) for r in batch.raw)
+        ),
+        default=None,
+    )
+
+
+def measure(agents: int, processes: int, max_age_ms: int | None = None) -> Fleet:
     key = Ed25519PrivateKey.generate()
     from agent.campaigns.document import public_key_text
 
     public = public_key_text(key.public_key())
     vehicles = [f"v{k:04d}" for k in range(agents)]
+    age_ms = BatchConfig().max_age_ms if max_age_ms is None else max_age_ms
     with tempfile.TemporaryDirectory(prefix="fleet-") as temp:
         folder = Path(temp)
         (folder / "broker").mkdir()
@@ -161,10 +244,15 @@ def measure(agents: int, processes: int) -> tuple[float, float, list[dict[str, A
             sizes = [agents // processes + (k < agents % processes) for k in range(processes)]
             firsts = [sum(sizes[:k]) for k in range(processes)]
 
-            async def fleet() -> tuple[float, float, list[subprocess.Popen[str]]]:
+            def sending() -> bool:
+                return all(any((folder / v / "outbox").glob("*.batch")) for v in vehicles)
+
+            async def fleet() -> tuple[
+                tuple[float, float, float, dict[str, float]], list[subprocess.Popen[str]]
+            ]:
                 ready = asyncio.Event()
                 watch = asyncio.create_task(
-                    push_and_time(mqtt.url, vehicles, signed(key, CAMPAIGN), ready)
+                    push_and_time(mqtt.url, vehicles, signed(key, CAMPAIGN), ready, sending)
                 )
                 await ready.wait()
                 workers = [
@@ -184,7 +272,8 @@ def measure(agents: int, processes: int) -> tuple[float, float, list[dict[str, A
                             str(first),
                             "--count",
                             str(size),
-                        ],
+                        ]
+                        + ([] if max_age_ms is None else ["--max-age-ms", str(max_age_ms)]),
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         text=True,
@@ -193,27 +282,48 @@ def measure(agents: int, processes: int) -> tuple[float, float, list[dict[str, A
                     for first, size in zip(firsts, sizes, strict=True)
                 ]
                 try:
-                    checked_in, active = await watch
-                    await asyncio.sleep(2)  # the campaign's rules at work for a while
+                    timed = await watch
+                    # The campaign's rules at work for a while: twice a batch's max age
+                    # after the last vehicle took it, so each has sent a batch of them.
+                    await asyncio.sleep(2 * age_ms / 1000)
                 except BaseException:
                     for process in workers:
                         process.kill()
                     raise
-                return checked_in, active, workers
+                return timed, workers
 
-            checked_in, active, workers = asyncio.run(fleet())
+            (checked_in, active, pushed, arrived), workers = asyncio.run(fleet())
             results: list[dict[str, Any]] = []
             for process in workers:
                 out, _ = process.communicate(timeout=120)
                 results += json.loads(out)
-    return checked_in, active, results
+        records = {v: first_campaign_record(folder / v / "outbox") for v in vehicles}
+    return Fleet(checked_in, active, results, pushed, arrived, records)
 
 
-def run(agents: int = 60, processes: int = 2) -> Report:
-    checked_in, active, results = measure(agents, processes)
-    problems = lost(results)
-    frames = sum(r["frames_read"] for r in results)
-    batches = sum(r["delivered"] for r in results)
+def spread(seconds: list[float]) -> str:
+    """Median, p99 and max of a fleet's figures."""
+    if not seconds:
+        return "none"
+    p99 = (
+        statistics.quantiles(seconds, n=100, method="inclusive")[98]
+        if len(seconds) > 1
+        else seconds[0]
+    )
+    return f"{statistics.median(seconds):.2f} / {p99:.2f} / {max(seconds):.2f} s"
+
+
+def run(agents: int = 60, processes: int = 2, max_age_ms: int | None = None) -> Report:
+    fleet = measure(agents, processes, max_age_ms)
+    checked_in, active = fleet.checked_in, fleet.active
+    problems = lost(fleet.results)
+    frames = sum(r["frames_read"] for r in fleet.results)
+    batches = sum(r["delivered"] for r in fleet.results)
+    came = {v: t for v, t in fleet.records.items() if t is not None}
+    from_arrival = [t - fleet.arrived[v] for v, t in came.items()]
+    from_push = [t - fleet.pushed for t in came.values()]
+    late = sum(1 for s in from_arrival if s >= RECORDS_GOAL_S)
+    never = len(fleet.records) - len(came)
     met = active < GOAL_S and not problems
     text = table(
         [
@@ -239,6 +349,19 @@ def run(agents: int = 60, processes: int = 2) -> Report:
             ]
         ],
     )
+    age_ms = BatchConfig().max_age_ms if max_age_ms is None else max_age_ms
+    text += "\n\n" + table(
+        [
+            f"the campaign's first record at the receiver (batches of {age_ms} ms at most)",
+            "median / p99 / max",
+            f"vehicles at {RECORDS_GOAL_S:.0f} s or later",
+            "vehicles without one",
+        ],
+        [
+            ["after its arrival at the vehicle", spread(from_arrival), late, never],
+            ["after the push", spread(from_push), "-", never],
+        ],
+    )
     figure = f"{active:.2f} s for {agents} agents in {processes} processes; lost: " + (
         "nothing" if not problems else f"{len(problems)} problems"
     )
@@ -249,7 +372,16 @@ def run(agents: int = 60, processes: int = 2) -> Report:
         figure,
         met,
     )
-    return Report(text, [measured])
+    records = Measured(
+        f"fleet: a campaign's records at the receiver within {RECORDS_GOAL_S:.0f} s of its "
+        f"arrival at each of {agents} vehicles",
+        18,
+        f"median / p99 / max {spread(from_arrival)} with batches of {age_ms} ms; {late} of "
+        f"{agents} vehicles at "
+        f"{RECORDS_GOAL_S:.0f} s or later, {never} without one",
+        not late and not never,
+    )
+    return Report(text, [measured, records])
 
 
 def main() -> None:
@@ -262,11 +394,17 @@ def main() -> None:
     parser.add_argument("--key", help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--max-age-ms",
+        type=int,
+        help="the agents' [batch] max_age_ms (default: the agent's own, "
+        f"{BatchConfig().max_age_ms})",
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    print(run(args.agents, args.processes))
+    print(run(args.agents, args.processes, args.max_age_ms))
 
 
 if __name__ == "__main__":

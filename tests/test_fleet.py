@@ -1,6 +1,6 @@
 """The fleet benchmark's path, small: a few real agents in one worker process on a real
-mosquitto, a campaign pushed to their group, every one active and nothing lost
-(`python -m bench.campaigns` runs 60 and more)."""
+mosquitto, a campaign pushed to their group, every one active, its records at the cloud side
+from every vehicle, and nothing lost (`python -m bench.campaigns` runs 60 and more)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ from bench.campaigns import lost, measure
 def test_a_campaign_pushed_to_a_group_runs_on_every_vehicle_and_nothing_is_lost() -> None:
     # measure() returns once every vehicle's check-in says the campaign is active; how
     # fast is the benchmark's business (bench.campaigns, GOAL_S), here a wide bound only.
-    _, active, results = measure(agents=4, processes=1)
-    assert sorted(r["vehicle"] for r in results) == [f"v{k:04d}" for k in range(4)]
-    assert active < 60
-    assert lost(results) == []
-    assert all(r["frames_read"] > 0 and r["delivered"] > 0 for r in results)
+    fleet = measure(agents=4, processes=1)
+    vehicles = [f"v{k:04d}" for k in range(4)]
+    assert sorted(r["vehicle"] for r in fleet.results) == vehicles
+    assert fleet.active < 60
+    assert lost(fleet.results) == []
+    assert all(r["frames_read"] > 0 and r["delivered"] > 0 for r in fleet.results)
+    # Each vehicle's campaign records came after it took the campaign, which was after
+    # the push (the ctime's coarse clock may lag time.time() by a tick).
+    assert sorted(fleet.arrived) == sorted(fleet.records) == vehicles
+    for vehicle, came in fleet.records.items():
+        assert came is not None, vehicle
+        assert fleet.pushed - 0.02 < fleet.arrived[vehicle] < came + 0.02
 
 
 def test_lost_names_what_an_agent_lost() -> None:
