@@ -215,8 +215,8 @@ class Agent:
         return dbc_hash([(bus.name, bus.dbc) for bus in self._decoded(self._campaign_dbc)])
 
     def _apply_campaigns(self) -> None:
-        """The active campaigns changed: run their rules from the next batch on, as a
-        reload does (the open windows of the old rules go out, no frame is lost), and
+        """The active campaigns changed: run their rules from the open batches on, which
+        close at once (the open windows of the old rules go out, no frame is lost), and
         decode with the DBC files they bring."""
         assert self.campaigns is not None
         extra = self.campaigns.dbc_files()
@@ -233,6 +233,9 @@ class Agent:
             self._campaign_dbc = extra
             self.pipeline.decoders = decoders
             self.pipeline.encoder.dbc_digest = self._dbc_digest()
+        # The open batches close now, under the new rules: a campaign's first records reach
+        # the cloud moments after it arrives, not a whole batch age later.
+        self.batcher.close_all()
         self._filter_sources()
 
     def _filter_sources(self) -> None:

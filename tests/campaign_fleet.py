@@ -46,16 +46,21 @@ def agent_config(
     "period_ms = 500\n",
     extra: str = "",
     bus: str | None = None,
+    max_age_ms: int = 200,
+    max_bytes: int = 120_000,
+    metrics: str = "",
 ) -> Path:
     """An agent on the demo DBC's simulated bus in real time (or `bus`), campaigns on;
-    batches over MQTT (or `uplink`), closed every 200 ms."""
+    batches over MQTT (or `uplink`), closed every `max_age_ms` or at `max_bytes`; metrics
+    served on `metrics` (none: "")."""
     key_list = ", ".join(f'"{public_key_text(k.public_key())}"' for k in keys)
     uplink = uplink or f'[uplink]\nkind = "mqtt"\nurl = "{broker_url}"\n'
     config = folder / f"{vehicle}.toml"
     config.write_text(
         f'vehicle_id = "{vehicle}"\nstate_dir = "{folder / vehicle}"\n'
         f"{bus or SIMULATED_BUS}"
-        f'{uplink}\n[batch]\nmax_age_ms = 200\n[metrics]\nlisten = ""\n'
+        f"{uplink}\n[batch]\nmax_age_ms = {max_age_ms}\nmax_bytes = {max_bytes}\n"
+        f'[metrics]\nlisten = "{metrics}"\n'
         f"[campaigns]\nkeys = [{key_list}]\ngroups = {json.dumps(list(groups))}\n"
         f'url = "{broker_url}"\n{extra}\n{rules}'
     )

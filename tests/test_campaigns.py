@@ -43,7 +43,8 @@ from tests.campaign_fleet import (
     wait_checkins,
 )
 from tests.data import TESLA_DBC, TESLA_LOG
-from tests.services import ReceiverProcess, agent_command, broker, free_port
+from tests.services import ReceiverProcess, agent_command, broker, free_port, scrape_metrics
+from tests.test_diagnostics import until
 
 KEY = Ed25519PrivateKey.generate()
 OTHER = Ed25519PrivateKey.generate()
@@ -360,6 +361,45 @@ async def ended_before(path: Path, rule: str, other: str, checkin: Mapping[str, 
         await asyncio.sleep(0.05)
     late = [r["t"] for r in rule_records(path, rule) if float(r["t"]) > bound]
     assert late == [], f"{rule} ended at {campaign['since']}"
+
+
+def frames_read(port: int) -> float:
+    try:
+        return scrape_metrics(port).get('telemetry_agent_frames_received_total{bus="can0"}', 0.0)
+    except OSError:  # not serving yet
+        return 0.0
+
+
+async def test_a_campaign_closes_the_open_batch_to_send_its_first_records(
+    tmp_path: Path,
+) -> None:
+    """Batches of two minutes and 4 MB: the campaign's records come long before one closes
+    by age or size."""
+    port = free_port()
+    with broker(tmp_path) as mqtt:
+        received = tmp_path / "received.jsonl"
+        receiver = ReceiverProcess(received, "--mqtt", mqtt.url)
+        receiver.wait_ready("subscribed to")
+        config = agent_config(
+            tmp_path,
+            "v1",
+            mqtt.url,
+            [KEY],
+            max_age_ms=120_000,
+            max_bytes=4_000_000,
+            metrics=f"127.0.0.1:{port}",
+        )
+        agent = Agent(config)
+        try:
+            await wait_checkins(mqtt.url, ["v1"], lambda c: True)
+            # A second of frames in the open batch (the bus sends 336 a second), so the
+            # campaign's rule has 100 ms periods that its frames have passed.
+            await until(lambda: frames_read(port) > 336, 30)
+            await publish(mqtt.url, {to_vehicle("v1", "speed"): signed(KEY, "speed")})
+            await wait_records(received, "speed/fast", timeout=30)
+        finally:
+            agent.stop()
+            receiver.process.kill()
 
 
 async def test_a_pushed_campaign_changes_what_arrives(tmp_path: Path) -> None:
