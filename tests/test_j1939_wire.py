@@ -9,15 +9,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from agent.cloud.parser import SchemaStore, parse_batch
 from agent.cloud.receiver import Receiver, accept_files
 from agent.cloud.sinks.jsonl import JsonLinesSink
+from agent.collect import Collected, CollectedBlock, Selection
 from agent.config import parse_config
 from agent.service import Agent
+from agent.wire.encoder import BatchEncoder
+from agent.wire.envelope import WireError, read_envelope
 from tests.data import TRUCK_DBC, TRUCK_LOG
 from tests.oracle import load_cantools
-from tests.test_j1939 import bam, reference_transfers
+from tests.test_j1939 import bam, reference_transfers, truck_decoder
 
 J1939_BUS = f'dbc = ["{TRUCK_DBC}"]\nj1939 = true'
 EC1_RULE = '[[collect]]\nname = "ec1"\nmode = "all"\nmessages = ["EC1"]\nsignals = ["*"]\n'
@@ -91,14 +96,47 @@ def write_log(path: Path, frames: list[tuple[int, int, bytes]]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("rules", ["", EC1_RULE], ids=["no rules", "rule selecting EC1"])
+SOFT_RULE = '[[collect]]\nname = "soft"\nmode = "all"\nmessages = ["SOFT"]\nsignals = ["*"]\n'
+SOFT = b"\x02SW1.0*SW2.0*"  # software identification: two fields, then their text
+
+
+@pytest.mark.parametrize("rules", ["", EC1_RULE + SOFT_RULE], ids=["no rules", "rules"])
 async def test_groups_go_beside_frames_and_text_is_left_out(tmp_path: Path, rules: str) -> None:
     ec1_frames = bam(20, 0x00, EC1_PGN, EC1_DATA)
     vin_frames = bam(500, 0x00, 0xFEEC, VIN)
-    log = write_log(tmp_path / "built.log", [EEC1, *ec1_frames, *vin_frames])
+    soft_frames = bam(800, 0x00, 0xFEDA, SOFT)
+    log = write_log(tmp_path / "built.log", [EEC1, *ec1_frames, *vin_frames, *soft_frames])
     records = await run_agent(tmp_path, rules, log)
     ec1 = load_cantools(TRUCK_DBC).get_message_by_name("EC1")
     t = 1_700_000_000 + ec1_frames[-1][0] / 1000
     assert ec1_records(records) == [(t, 0, ec1.decode(EC1_DATA, decode_choices=False))]
-    # The VIN is text, longer than a column holds: no record (docs/j1939.md).
-    assert [r["message"] for r in records] == (["EC1"] if rules else ["EEC1", "EC1"])
+    # Text is longer than a column holds: the VIN (text alone) has no record, and the
+    # software identification's record has its number of fields only (docs/j1939.md).
+    expected = ["EC1", "SOFT"] if rules else ["EEC1", "EC1", "SOFT"]
+    assert [r["message"] for r in records] == expected
+    assert records[-1]["t"] == 1_700_000_000 + soft_frames[-1][0] / 1000
+    assert records[-1]["signals"] == {"Number of Software Identification Fields": 2}
+
+
+def test_a_receiver_refuses_values_of_a_signal_longer_than_a_column() -> None:
+    """Text is named in the schema, never carried: a batch with values for it is broken."""
+    soft = truck_decoder().message_of("can0", 0x18FEDA00)
+    assert soft is not None
+    text = soft.signals[1]
+    assert text.length == 1600
+    selection = Selection(soft.info, (text,), "soft")
+    block = CollectedBlock(
+        "can0",
+        selection,
+        np.array([0], np.int64),
+        np.array([0x18FEDA00], np.uint32),
+        np.array([[7]], np.uint64),
+        None,
+    )
+    encoder = BatchEncoder("v", "s", b"")
+    wire = encoder.encode([Collected([block])], 1)
+    assert wire is not None
+    schemas = SchemaStore()
+    schemas.add(read_envelope(encoder.announcement(wire.schema_id)), 1 << 30)
+    with pytest.raises(WireError, match="Software_Identification of 1600 bits has values"):
+        parse_batch(read_envelope(wire.payload), schemas)
