@@ -13,8 +13,7 @@ from agent.collect import Collected, Collector
 from agent.config import BatchConfig
 from agent.decode import DecodedBatch, Decoder
 from agent.frames import FrameBatch
-from agent.j1939.groups import decode_groups
-from agent.j1939.transport import Reassembler
+from agent.j1939.groups import GroupReader
 from agent.metrics import Metrics
 from agent.snapshot import LastValues
 from agent.spool import Spool
@@ -54,8 +53,8 @@ class Pipeline:
         self.totals = Totals()
         #: The last value of each signal, for snapshots; None: not asked for (no control link)
         self.last_values: LastValues | None = None
-        #: Per J1939 bus, from its first transport frame on: the transfers under way
-        self.transport: dict[str, Reassembler] = {}
+        #: The J1939 groups that transfers carry, sent as any message
+        self.groups = GroupReader()
         self.set_rules(collector)
 
     def set_rules(self, collector: Collector | None) -> None:
@@ -85,7 +84,7 @@ class Pipeline:
         """Decode, collect and encode a bus's closed batch into the spool; the sizes of the
         wire batches it made."""
         decoded = self._decode(bus, frames, count=True)
-        groups = self._groups(bus, frames, decoded)
+        groups = self.groups.read(self.decoders[bus], bus, frames, decoded)
         if self.collector is None:
             wires = self._encode_decoded(bus, frames, decoded, groups)
         else:
@@ -143,17 +142,6 @@ class Pipeline:
             self.totals.decoded += result.decoded
             self.totals.unknown += result.unknown
         return result
-
-    def _groups(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> DecodedBatch | None:
-        """The J1939 groups whose transfers the batch completes, decoded through the DBC;
-        a bus that never carried a transport frame costs a lookup."""
-        reassembler = self.transport.get(bus)
-        if reassembler is None:
-            if not len(decoded.transport):
-                return None
-            reassembler = self.transport[bus] = Reassembler()
-        transfers = reassembler.feed(frames, decoded.transport)
-        return decode_groups(self.decoders[bus], transfers) if transfers else None
 
     def _encode_decoded(
         self,

@@ -17,6 +17,8 @@ from agent.cloud.receiver import Receiver, accept_files
 from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.collect import Collected, CollectedBlock, Selection
 from agent.config import parse_config
+from agent.frames import FrameBatch
+from agent.logs import open_log
 from agent.service import Agent
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireError, read_envelope
@@ -140,3 +142,31 @@ def test_a_receiver_refuses_values_of_a_signal_longer_than_a_column() -> None:
     schemas.add(read_envelope(encoder.announcement(wire.schema_id)), 1 << 30)
     with pytest.raises(WireError, match="Software_Identification of 1600 bits has values"):
         parse_batch(read_envelope(wire.payload), schemas)
+
+
+def test_a_batch_too_large_for_one_wire_batch_keeps_its_groups(tmp_path: Path) -> None:
+    text = (
+        f'vehicle_id = "truck"\nstate_dir = "{tmp_path}"\n'
+        f'[[bus]]\nname = "can1"\nsource = "replay"\npath = "{TRUCK_LOG}"\n{J1939_BUS}\n'
+        "[batch]\nmax_bytes = 4096\n[spool]\nmax_bytes = 4194304\n"
+        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+    )
+    pipeline = Agent(parse_config(text, "test.toml", tmp_path), status=None).pipeline
+    frames = FrameBatch.concat(list(open_log(TRUCK_LOG).batches()))
+    decoded = pipeline.decoders["can1"].decode(frames)
+    groups = pipeline.groups.read(pipeline.decoders["can1"], "can1", frames, decoded)
+    wires = pipeline._encode_decoded("can1", frames, decoded, groups)
+    assert len(wires) > 8 and all(len(w) <= 4096 for w in wires)
+    assert [w.sequence for w in wires] == list(range(1, len(wires) + 1))
+    schemas = SchemaStore()
+    rows = []
+    for wire in wires:
+        schemas.add(read_envelope(pipeline.encoder.announcement(wire.schema_id)), 1 << 20)
+        batch = parse_batch(read_envelope(wire.payload), schemas)
+        rows += [(t, b.message.name) for b in batch.blocks for t in b.t_ns.tolist()]
+    assert len(rows) == decoded.decoded + 25
+    ec1 = sorted(t for t, name in rows if name == "EC1")
+    written = [t for t, _, pgn, _ in reference_transfers(TRUCK_LOG) if pgn == EC1_PGN]
+    assert ec1 == [
+        int(t.split(".")[0]) * 10**9 + int(t.split(".")[1].ljust(9, "0")) for t in written
+    ]

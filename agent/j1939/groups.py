@@ -27,7 +27,7 @@ from agent.decode import (
     SignalInfo,
 )
 from agent.frames import FrameBatch, FrameFlag
-from agent.j1939.transport import Transfer
+from agent.j1939.transport import Reassembler, Transfer
 
 #: Bytes that pad a text field after its end.
 _PADDING = b"\x00\xff "
@@ -76,6 +76,28 @@ def decode_transfer(decoder: Decoder, transfer: Transfer) -> GroupBlock | None:
         None if present.all() else present,
         np.zeros(1, np.intp),
     )
+
+
+class GroupReader:
+    """The J1939 groups of a stream of batches, bus by bus: each bus's transfers reassembled
+    from its first transport frame on and decoded through its DBCs. A bus that never carried
+    a transport frame costs a lookup per batch."""
+
+    def __init__(self) -> None:
+        self.reassemblers: dict[str, Reassembler] = {}
+
+    def read(
+        self, decoder: Decoder, bus: str, frames: FrameBatch, decoded: DecodedBatch
+    ) -> DecodedBatch | None:
+        """The groups whose transfers `frames` (which `decoder` made `decoded` of) complete,
+        as `decode_groups` gives them; None when there are none."""
+        reassembler = self.reassemblers.get(bus)
+        if reassembler is None:
+            if not len(decoded.transport):
+                return None
+            reassembler = self.reassemblers[bus] = Reassembler()
+        transfers = reassembler.feed(frames, decoded.transport)
+        return decode_groups(decoder, transfers) if transfers else None
 
 
 def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBatch | None:
