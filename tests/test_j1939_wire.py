@@ -82,6 +82,20 @@ async def test_the_agent_sends_the_truck_logs_engine_configuration(
         assert not [r for r in records if r["message"] == "DM1"]
 
 
+async def test_a_change_rule_sends_the_engine_configurations_changes(tmp_path: Path) -> None:
+    rule = '[[collect]]\nname = "ec1"\nmode = "change"\nmessages = ["EC1"]\nsignals = ["*"]\n'
+    records = await run_agent(tmp_path, rule)
+    expected = []
+    last: dict[str, Any] = {}
+    for t, source, values in expected_ec1():
+        changed = {k: v for k, v in values.items() if k not in last or last[k] != v}
+        last.update(changed)
+        if changed:
+            expected.append((t, source, changed))
+    assert 1 < len(expected) < 25
+    assert ec1_records(records) == expected
+
+
 VIN = b"1FUJGLDR5CLBP8834*"
 EC1_DATA = bytes(range(1, 40))
 #: A single frame beside the transfers: EEC1 (PGN 0xF004) from source 0.
