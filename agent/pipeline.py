@@ -85,6 +85,8 @@ class Pipeline:
         wire batches it made."""
         decoded = self._decode(bus, frames, count=True)
         groups = self.groups.read(self.decoders[bus], bus, frames, decoded)
+        if groups is not None and self.last_values is not None:
+            self.last_values.update(bus, groups)
         if self.collector is None:
             wires = self._encode_decoded(bus, frames, decoded, groups)
         else:

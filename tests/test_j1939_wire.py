@@ -20,6 +20,7 @@ from agent.config import parse_config
 from agent.frames import FrameBatch
 from agent.logs import open_log
 from agent.service import Agent
+from agent.snapshot import LastValues
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireError, read_envelope
 from tests.data import TRUCK_DBC, TRUCK_LOG
@@ -184,3 +185,19 @@ def test_a_batch_too_large_for_one_wire_batch_keeps_its_groups(tmp_path: Path) -
     assert ec1 == [
         int(t.split(".")[0]) * 10**9 + int(t.split(".")[1].ljust(9, "0")) for t in written
     ]
+
+
+def test_a_snapshot_holds_the_last_group(tmp_path: Path) -> None:
+    text = (
+        f'vehicle_id = "truck"\nstate_dir = "{tmp_path}"\n'
+        f'[[bus]]\nname = "can1"\nsource = "replay"\npath = "{TRUCK_LOG}"\n{J1939_BUS}\n'
+        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+    )
+    pipeline = Agent(parse_config(text, "test.toml", tmp_path), status=None).pipeline
+    pipeline.last_values = LastValues()
+    for frames in open_log(TRUCK_LOG).batches():
+        pipeline.close("can1", frames)
+    t, _, values = expected_ec1()[-1]
+    got = pipeline.last_values.snapshot(["EC1.*"])
+    assert {v["signal"]: v["value"] for v in got} == values
+    assert {v["t"] for v in got} == {t}
