@@ -201,3 +201,17 @@ def test_a_snapshot_holds_the_last_group(tmp_path: Path) -> None:
     got = pipeline.last_values.snapshot(["EC1.*"])
     assert {v["signal"]: v["value"] for v in got} == values
     assert {v["t"] for v in got} == {t}
+
+
+async def test_a_raw_rule_on_a_group_message_keeps_the_frames_it_names(tmp_path: Path) -> None:
+    """A reassembled group is no frame: a raw rule naming its message captures frames of
+    the other messages it names, and the group's values go by the rules that select them."""
+    ec1_frames = bam(20, 0x00, EC1_PGN, EC1_DATA)
+    eec1 = (1000, *EEC1[1:])  # after the transfer, whose first frame is row 0
+    log = write_log(tmp_path / "built.log", [*ec1_frames, eec1])
+    raw = '[[collect]]\nname = "log"\nmode = "raw"\nmessages = ["EC1", "EEC1"]\n'
+    records = await run_agent(tmp_path, raw + EC1_RULE, log)
+    assert [(r.get("message"), r["rule"], r["id"]) for r in records] == [
+        ("EC1", "ec1", 0x1CFEE300),
+        (None, "log", EEC1[1]),
+    ]
