@@ -17,7 +17,10 @@ from agent.cloud.receiver import Receiver, accept_files
 from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.collect import Collected, CollectedBlock, Selection
 from agent.config import parse_config
+from agent.decode import Decoder
 from agent.frames import FrameBatch
+from agent.j1939 import Transfer
+from agent.j1939.groups import decode_groups
 from agent.logs import open_log
 from agent.service import Agent
 from agent.snapshot import LastValues
@@ -215,3 +218,34 @@ async def test_a_raw_rule_on_a_group_message_keeps_the_frames_it_names(tmp_path:
         ("EC1", "ec1", 0x1CFEE300),
         (None, "log", EEC1[1]),
     ]
+
+
+ODD_DBC = """VERSION ""
+
+BS_:
+
+BU_:
+
+BO_ 2566857216 ODD: 8 Vector__XXX
+ SG_ Odd : 0|24@1+ (1,0) [0|0] "" Vector__XXX
+ SG_ Count : 24|8@1+ (1,0) [0|255] "" Vector__XXX
+ SG_ Far : 72|16@1+ (1,0) [0|65535] "" Vector__XXX
+
+SIG_VALTYPE_ 2566857216 Odd : 1;
+"""
+
+
+def test_a_group_row_holds_what_a_column_can(tmp_path: Path) -> None:
+    """Past a frame's 8 bytes as in it; a float of no IEEE length never present, as in
+    frames; the ID the group would have in one frame, the time of its last packet."""
+    dbc = tmp_path / "odd.dbc"
+    dbc.write_text(ODD_DBC)
+    decoder = Decoder({"*": [str(dbc)]}, ["*"])
+    transfer = Transfer(5_000, "can0", 6, 0x22, 0xFF, 0xFF22, bytes(range(1, 13)), 3)
+    groups = decode_groups(decoder, [transfer])
+    assert groups is not None
+    (block,) = groups.blocks
+    assert [s.name for s in block.plan.signals] == ["Odd", "Count", "Far"]
+    assert block.bits[1:, 0].tolist() == [4, 0x0B0A]
+    assert block.present is not None and block.present[:, 0].tolist() == [False, True, True]
+    assert block.can_id.tolist() == [0x18FF2222] and block.t_ns.tolist() == [5_000]

@@ -111,7 +111,10 @@ def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBat
         plan = decoder.message_of(transfer.bus, transfer.can_id)
         if plan is None:
             continue
-        values = [v if isinstance(v, int) else None for v in _values(plan.signals, transfer.data)]
+        values = [
+            v if isinstance(v, int) and not (s.is_float and s.length not in (16, 32, 64)) else None
+            for s, v in zip(plan.signals, _values(plan.signals, transfer.data), strict=True)
+        ]  # a float of another length is never present, as in frames (docs/wire-format.md)
         if all(v is None for v in values):
             continue  # text alone (a VIN): nothing a column holds
         entry = found.setdefault((transfer.bus, id(plan)), (plan, [], []))
