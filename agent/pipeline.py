@@ -13,6 +13,7 @@ from agent.collect import Collected, Collector
 from agent.config import BatchConfig
 from agent.decode import DecodedBatch, Decoder
 from agent.frames import FrameBatch
+from agent.j1939.groups import GroupReader
 from agent.metrics import Metrics
 from agent.snapshot import LastValues
 from agent.spool import Spool
@@ -52,6 +53,8 @@ class Pipeline:
         self.totals = Totals()
         #: The last value of each signal, for snapshots; None: not asked for (no control link)
         self.last_values: LastValues | None = None
+        #: The J1939 groups that transfers carry, sent as any message
+        self.groups = GroupReader()
         self.set_rules(collector)
 
     def set_rules(self, collector: Collector | None) -> None:
@@ -81,10 +84,13 @@ class Pipeline:
         """Decode, collect and encode a bus's closed batch into the spool; the sizes of the
         wire batches it made."""
         decoded = self._decode(bus, frames, count=True)
+        groups = self.groups.read(self.decoders[bus], bus, frames, decoded)
+        if groups is not None and self.last_values is not None:
+            self.last_values.update(bus, groups)
         if self.collector is None:
-            wires = self._encode_decoded(bus, frames, decoded)
+            wires = self._encode_decoded(bus, frames, decoded, groups)
         else:
-            wires = self._collect(lambda c: c.collect(bus, frames, decoded))
+            wires = self._collect(lambda c: c.collect(bus, frames, decoded, groups))
         self._spool(wires)
         return [len(wire) for wire in wires]
 
@@ -140,22 +146,30 @@ class Pipeline:
         return result
 
     def _encode_decoded(
-        self, bus: str, frames: FrameBatch, decoded: DecodedBatch
+        self,
+        bus: str,
+        frames: FrameBatch,
+        decoded: DecodedBatch,
+        groups: DecodedBatch | None = None,
     ) -> list[WireBatch]:
-        """The wire batches of a decoded batch: one, or, where one would exceed max_bytes,
-        those of its frames' halves. The halves are decoded again: a decoded batch is views
-        of its frames, and a batch too large is rare."""
-        wire = self.encoder.encode([decoded], self.next_sequence)
+        """The wire batches of a decoded batch (and of the groups its transfers completed):
+        one, or, where one would exceed max_bytes, those of its frames' halves, the groups
+        apart. The halves are decoded again: a decoded batch is views of its frames, and a
+        batch too large is rare."""
+        sections = [decoded] if groups is None else [decoded, groups]
+        wire = self.encoder.encode(sections, self.next_sequence)
         if wire is None:
             return []
         if len(wire) > self.batch.max_bytes and len(frames) > 1:
             middle = len(frames) // 2
             halves = (frames.take(slice(0, middle)), frames.take(slice(middle, None)))
-            return [
+            wires = [
                 batch
                 for half in halves
                 for batch in self._encode_decoded(bus, half, self._decode(bus, half, count=False))
             ]
+            alone = None if groups is None else self.encoder.encode([groups], self.next_sequence)
+            return wires if alone is None else [*wires, self._built(alone)]
         return [self._built(wire)]
 
     def _encode(self, collected: Collected) -> list[WireBatch]:

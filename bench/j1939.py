@@ -2,8 +2,9 @@
 and what they do on the truck log.
 
 On a bus without TP frames, the decoder as it was before reassembly (commit BEFORE, its
-module loaded beside today's) is timed against today's decoder with reassembly on, and with
-the whole J1939 listener (reassembly, DM1/DM2 frames, decoding what they find), on the same
+module loaded beside today's) is timed against today's decoder with reassembly on, with
+the whole J1939 listener (reassembly, DM1/DM2 frames, decoding what they find), and with the
+agent pipeline's group reader (what sends reassembled groups on the wire), on the same
 batches with the same repeats. The decoder before is timed twice in each round, and how far
 those two timings of the same work differ is the noise the cost is judged against. Two real
 logs without transport traffic: the RAV4 log (11-bit IDs) and the truck log with its TP
@@ -26,12 +27,14 @@ import numpy as np
 from agent.decode import Decoder
 from agent.frames import FrameBatch
 from agent.j1939 import J1939Listener, Reassembler
+from agent.j1939.groups import GroupReader
 from bench.common import LOGS, REPO, Measured, Report, read_all, table
 
 #: The last commit before issue 19's reassembly: its decoder is "today's" in the issue.
 BEFORE = "6d540d9"
 BATCH = 10_000
-#: Rounds; each times the decoder alone, with reassembly, with the listener, alone again.
+#: Rounds; each times the decoder alone, with reassembly, with the listener, with the agent's
+#: group reader, alone again.
 ROUNDS = 31
 #: Passes over the log per timing: one pass takes a few milliseconds, too short to time.
 PASSES = 10
@@ -79,6 +82,17 @@ def _decode_and_listen(decoder: Decoder, parts: list[FrameBatch]) -> Callable[[]
     return work
 
 
+def _decode_and_read_groups(decoder: Decoder, parts: list[FrameBatch]) -> Callable[[], None]:
+    """What the agent's pipeline adds to decoding on every batch: its group reader."""
+
+    def work() -> None:
+        reader = GroupReader()
+        for part in parts:
+            reader.read(decoder, "can0", part, decoder.decode(part))
+
+    return work
+
+
 def _cpu(work: Callable[[], None]) -> float:
     started = time.process_time()
     work()
@@ -107,6 +121,7 @@ def run() -> Report:
             _decode(decoder, parts),
             _decode_and_reassemble(decoder, parts),
             _decode_and_listen(decoder, parts),
+            _decode_and_read_groups(decoder, parts),
             _decode(old, parts),
         ]
         for work in contenders:
@@ -126,6 +141,7 @@ def run() -> Report:
             ("today's decoder alone", 1),
             ("today's decoder, reassembly on", 2),
             ("today's decoder, the whole J1939 listener", 3),
+            ("today's decoder, the agent's group reader", 4),
         )
         for label, slot in labelled:
             cost = statistics.median(

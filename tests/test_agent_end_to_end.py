@@ -73,10 +73,13 @@ def decoded(folder: Path, case: str) -> list[dict[str, object]]:
     )
     found = records(out)
     if case == "truck":
-        # `decode` writes the J1939 transfers too (docs/j1939.md); the agent sends them
-        # only through a rule of mode faults, which this config has not.
+        # `decode` writes the J1939 transfers too (docs/j1939.md); the agent sends the
+        # engine configuration's as any message, and DM1 faults only through a rule of mode
+        # faults, which this config has not.
         transfers = {
-            (float(t), source, pgn) for t, source, pgn, _ in reference_transfers(TRUCK_LOG)
+            (float(t), source, pgn)
+            for t, source, pgn, _ in reference_transfers(TRUCK_LOG)
+            if pgn == 0xFECA
         }
         found = [
             r

@@ -217,6 +217,9 @@ def _blocks(
         matrix = present[first_slot : first_slot + n * len(block.signals)].reshape(-1, n)
         for signal, row in zip(block.signals, matrix, strict=True):
             column = next(signal_columns)
+            if signal.length > 64 and len(column):
+                # J1939 text is named in the schema, never carried: no column holds it.
+                raise WireError(f"signal {signal.name} of {signal.length} bits has values")
             if len(column) == n:
                 bits = column
                 row_present = None
@@ -317,9 +320,10 @@ def _signal_info(signal: pb.Signal) -> SignalInfo:
     )
     info = _INFOS.get(key)
     if info is None:
-        # A float of a length IEEE 754 has no type for is named in the schema but never
-        # present (the decoder cannot decode it): it costs only itself, not its message.
-        if not 1 <= signal.length <= 64:
+        # A float of a length IEEE 754 has no type for, or a signal longer than a column
+        # (J1939 text), is named in the schema but never present (checked where its column
+        # is read): it costs only itself, not its message.
+        if signal.length < 1:
             raise WireError(f"signal {signal.name} has an impossible length {signal.length}")
         info = SignalInfo(
             name=key[0],

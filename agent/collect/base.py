@@ -181,14 +181,22 @@ class BusBatch:
     """One bus's batch as the rules see it: its frames, its decoded blocks by message, and
     each signal's values, computed once however many rules read them."""
 
-    def __init__(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> None:
+    def __init__(
+        self,
+        bus: str,
+        frames: FrameBatch,
+        decoded: DecodedBatch,
+        groups: DecodedBatch | None = None,
+    ) -> None:
+        """`groups`: reassembled J1939 groups, whose blocks are over frames of their own
+        (`block.batch` is not `frames`)."""
         self.bus = bus
         self.frames = frames
         self.decoded = decoded
         # A bus that replays several channels of a log has a block per channel and
         # message; `block.bus` names the channel.
         self._blocks: dict[int, list[MessageBlock]] = {}
-        for block in decoded.blocks:
+        for block in [*decoded.blocks, *(groups.blocks if groups else ())]:
             self._blocks.setdefault(id(block.plan), []).append(block)
         self._samples: dict[tuple[int, int], Samples] = {}
 

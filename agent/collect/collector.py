@@ -56,10 +56,18 @@ class Collector:
                 ids |= found
         return frozenset(ids)
 
-    def collect(self, bus: str, frames: FrameBatch, decoded: DecodedBatch) -> Collected:
-        """What the rules keep of one bus's batch (and what it ends of earlier ones)."""
+    def collect(
+        self,
+        bus: str,
+        frames: FrameBatch,
+        decoded: DecodedBatch,
+        groups: DecodedBatch | None = None,
+    ) -> Collected:
+        """What the rules keep of one bus's batch (and what it ends of earlier ones);
+        `groups`: the J1939 groups its transfers completed, decoded, which rules select as
+        any message."""
         out = Collected()
-        batch = BusBatch(bus, frames, decoded)
+        batch = BusBatch(bus, frames, decoded, groups)
         for mode in self.rules:
             if bus in mode.buses:
                 mode.collect(batch, out)

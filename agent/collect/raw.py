@@ -64,7 +64,8 @@ class Raw(Mode):
         if len(self.ids):
             keep = np.isin(frames.can_id, self.ids) & (data | remote)
         for _, block in self.blocks(batch):
-            keep[block.rows] = True
+            if block.batch is frames:  # a reassembled group has no frame of its own to keep
+                keep[block.rows] = True
         keys = self.remote.get(batch.bus)
         if keys is not None and remote.any():
             extended = (frames.flags & _EXTENDED) != 0

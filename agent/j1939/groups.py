@@ -10,14 +10,24 @@ several text signals that share a start bit are the consecutive fields of one pa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.decode import Decoder, MessageInfo, SignalColumn, SignalInfo
-from agent.j1939.transport import Transfer
+from agent.decode import (
+    DecodedBatch,
+    Decoder,
+    MessageBlock,
+    MessageInfo,
+    MessagePlan,
+    SignalColumn,
+    SignalInfo,
+)
+from agent.frames import FrameBatch, FrameFlag
+from agent.j1939.transport import Reassembler, Transfer
 
 #: Bytes that pad a text field after its end.
 _PADDING = b"\x00\xff "
@@ -45,23 +55,7 @@ def decode_transfer(decoder: Decoder, transfer: Transfer) -> GroupBlock | None:
     plan = decoder.message_of(transfer.bus, transfer.can_id)
     if plan is None:
         return None
-    data = transfer.data
-    little = int.from_bytes(data, "little")
-    big = int.from_bytes(data, "big")
-    size = 8 * len(data)
-    values: list[int | str | None] = []
-    fields = _text_fields(plan.signals, data)
-    for index, signal in enumerate(plan.signals):
-        if index in fields:
-            values.append(fields[index])
-        elif signal.length > 64 or signal.needed_bytes > len(data):
-            values.append(None)
-        elif signal.byte_order == "little_endian":
-            values.append((little >> signal.start) & ((1 << signal.length) - 1))
-        else:
-            low = size - signal.first_network_bit - signal.length
-            values.append((big >> low) & ((1 << signal.length) - 1))
-    _select_multiplexed(plan.signals, values)
+    values = _values(plan.signals, transfer.data)
     present = np.array([[v is not None] for v in values], np.bool_)  # (signals, transfers)
     columns = []
     for k, (signal, value) in enumerate(zip(plan.signals, values, strict=True)):
@@ -82,6 +76,108 @@ def decode_transfer(decoder: Decoder, transfer: Transfer) -> GroupBlock | None:
         None if present.all() else present,
         np.zeros(1, np.intp),
     )
+
+
+class GroupReader:
+    """The J1939 groups of a stream of batches, bus by bus: each bus's transfers reassembled
+    from its first transport frame on and decoded through its DBCs. A bus that never carried
+    a transport frame costs a lookup per batch."""
+
+    def __init__(self) -> None:
+        self.reassemblers: dict[str, Reassembler] = {}
+
+    def read(
+        self, decoder: Decoder, bus: str, frames: FrameBatch, decoded: DecodedBatch
+    ) -> DecodedBatch | None:
+        """The groups whose transfers `frames` (which `decoder` made `decoded` of) complete,
+        as `decode_groups` gives them; None when there are none."""
+        reassembler = self.reassemblers.get(bus)
+        if reassembler is None:
+            if not len(decoded.transport):
+                return None
+            reassembler = self.reassemblers[bus] = Reassembler()
+        transfers = reassembler.feed(frames, decoded.transport)
+        return decode_groups(decoder, transfers) if transfers else None
+
+
+def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBatch | None:
+    """The transfers that the decoder's DBCs define, as a decoded batch of their own for the
+    wire and the collection rules: a block per channel and message, a row per transfer with
+    its time (that of its last frame) and its group's ID, over frames made for them. Text
+    signals are absent from every row, as a wire column holds 64 bits, and a group of text
+    alone has no row."""
+    found: dict[tuple[str, int], tuple[MessagePlan, list[Transfer], list[list[int | None]]]] = {}
+    for transfer in transfers:
+        plan = decoder.message_of(transfer.bus, transfer.can_id)
+        if plan is None:
+            continue
+        values = [
+            v if isinstance(v, int) and not (s.is_float and s.length not in (16, 32, 64)) else None
+            for s, v in zip(plan.signals, _values(plan.signals, transfer.data), strict=True)
+        ]  # a float of another length is never present, as in frames (docs/wire-format.md)
+        if all(v is None for v in values):
+            continue  # text alone (a VIN): nothing a column holds
+        entry = found.setdefault((transfer.bus, id(plan)), (plan, [], []))
+        entry[1].append(transfer)
+        entry[2].append(values)
+    if not found:
+        return None
+    count = sum(len(kept) for _, kept, _ in found.values())
+    channels = tuple(dict.fromkeys(bus for bus, _ in found))
+    frames = FrameBatch.allocate(count, channels)
+    frames.flags[:] = FrameFlag.EXTENDED
+    bits, present, spans = [], [], []
+    row = value = 0
+    for (bus, _), (plan, kept, by_transfer) in found.items():
+        end = row + len(kept)
+        frames.t_ns[row:end] = [t.t_ns for t in kept]
+        frames.can_id[row:end] = [t.can_id for t in kept]
+        frames.bus[row:end] = channels.index(bus)
+        # (signals, transfers), signal-major as a decoder's blocks are
+        bits.append(np.array([[v or 0 for v in r] for r in by_transfer], np.uint64).T.reshape(-1))
+        carried = [[v is not None for v in r] for r in by_transfer]
+        present.append(np.array(carried, np.bool_).T.reshape(-1))
+        spans.append((bus, plan, (row, end, value, value + len(bits[-1]))))
+        row, value = end, value + len(bits[-1])
+    all_bits, all_present = np.concatenate(bits), np.concatenate(present)
+    rows = np.arange(count, dtype=np.intp)
+    kept_present = None if all_present.all() else all_present
+    return DecodedBatch(
+        frames=count,
+        decoded=count,
+        unknown=0,
+        error_frames=0,
+        remote_frames=0,
+        signals=int(all_present.sum()),
+        blocks=[
+            MessageBlock(bus, plan, frames, rows, all_bits, kept_present, span)
+            for bus, plan, span in spans
+        ],
+        rows=rows,
+        bits=all_bits,
+        present=kept_present,
+    )
+
+
+def _values(signals: list[SignalInfo], data: bytes) -> list[int | str | None]:
+    """Each signal's bit field (or text) in a transfer's payload; None where absent."""
+    little = int.from_bytes(data, "little")
+    big = int.from_bytes(data, "big")
+    size = 8 * len(data)
+    values: list[int | str | None] = []
+    fields = _text_fields(signals, data)
+    for index, signal in enumerate(signals):
+        if index in fields:
+            values.append(fields[index])
+        elif signal.length > 64 or signal.needed_bytes > len(data):
+            values.append(None)
+        elif signal.byte_order == "little_endian":
+            values.append((little >> signal.start) & ((1 << signal.length) - 1))
+        else:
+            low = size - signal.first_network_bit - signal.length
+            values.append((big >> low) & ((1 << signal.length) - 1))
+    _select_multiplexed(signals, values)
+    return values
 
 
 def _text_fields(signals: list[SignalInfo], data: bytes) -> dict[int, str | None]:
