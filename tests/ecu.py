@@ -126,7 +126,7 @@ class SimulatedEcu:
                 return
             self.requests.append(request)
             self.request_times.append(time.monotonic())
-            answer = self.answer(request)
+            answer = reply(self.answers, request)
             if answer is None or self.answers.silent:
                 continue
             if self.answers.delay_s:
@@ -139,49 +139,48 @@ class SimulatedEcu:
             self.stack.send(answer)
             self._last = answer
 
-    def answer(self, request: bytes) -> bytes | None:
-        """The answer to a request; None where a real ECU stays silent."""
-        a = self.answers
-        service = request[0]
-        if service in a.refuses:
-            return bytes([0x7F, service, 0x11])  # serviceNotSupported
-        if service == 0x01:
-            pids = request[1:]
-            if len(pids) > 6:
-                return bytes([0x7F, 0x01, 0x13])  # incorrectMessageLengthOrInvalidFormat
-            parts = []
-            for pid in pids:
-                if pid % 0x20 == 0 and (pid == 0 or pid in supported_ranges(a.pids)):
-                    parts.append(bytes([pid]) + supported_bitmap(a.pids, pid))
-                elif pid in a.pids:
-                    parts.append(bytes([pid]) + a.pids[pid])
-            if a.out_of_order:
-                parts.reverse()
-            return bytes([0x41]) + b"".join(parts) if parts else None
-        if service == 0x09 and request[1:] == b"\x02" and a.vin:
-            return bytes([0x49, 0x02, 0x01]) + a.vin.encode()
-        if service in (0x03, 0x07, 0x0A):
-            codes = a.dtcs.get(service, [])
-            return bytes([service + 0x40, len(codes)]) + b"".join(codes)
-        if service == 0x19 and len(request) == 3 and request[1] == 0x02:
-            mask = request[2]
-            records = b"".join(
-                dtc.to_bytes(3, "big") + bytes([status])
-                for dtc, status in a.uds_dtcs
-                if status & mask
-            )
-            return bytes([0x59, 0x02, 0xFF]) + records
-        if service == 0x19 and len(request) == 6 and request[1] == 0x04:
-            dtc = int.from_bytes(request[2:5], "big")
-            status = dict(a.uds_dtcs).get(dtc)
-            if status is None:
-                return bytes([0x7F, 0x19, 0x31])  # requestOutOfRange
-            body = b"".join(
-                bytes([number, len(values)]) + b"".join(d.to_bytes(2, "big") + v for d, v in values)
-                for number, values in a.snapshots.get(dtc, [])
-            )
-            return bytes([0x59, 0x04]) + request[2:5] + bytes([status]) + body
-        return bytes([0x7F, service, 0x11])
+
+def reply(a: EcuAnswers, request: bytes) -> bytes | None:
+    """What an ECU that answers as `a` says to a request; None where a real ECU stays silent
+    (also the answering of the kernel ISO-TP ECU of `make vm-test`)."""
+    service = request[0]
+    if service in a.refuses:
+        return bytes([0x7F, service, 0x11])  # serviceNotSupported
+    if service == 0x01:
+        pids = request[1:]
+        if len(pids) > 6:
+            return bytes([0x7F, 0x01, 0x13])  # incorrectMessageLengthOrInvalidFormat
+        parts = []
+        for pid in pids:
+            if pid % 0x20 == 0 and (pid == 0 or pid in supported_ranges(a.pids)):
+                parts.append(bytes([pid]) + supported_bitmap(a.pids, pid))
+            elif pid in a.pids:
+                parts.append(bytes([pid]) + a.pids[pid])
+        if a.out_of_order:
+            parts.reverse()
+        return bytes([0x41]) + b"".join(parts) if parts else None
+    if service == 0x09 and request[1:] == b"\x02" and a.vin:
+        return bytes([0x49, 0x02, 0x01]) + a.vin.encode()
+    if service in (0x03, 0x07, 0x0A):
+        codes = a.dtcs.get(service, [])
+        return bytes([service + 0x40, len(codes)]) + b"".join(codes)
+    if service == 0x19 and len(request) == 3 and request[1] == 0x02:
+        mask = request[2]
+        records = b"".join(
+            dtc.to_bytes(3, "big") + bytes([status]) for dtc, status in a.uds_dtcs if status & mask
+        )
+        return bytes([0x59, 0x02, 0xFF]) + records
+    if service == 0x19 and len(request) == 6 and request[1] == 0x04:
+        dtc = int.from_bytes(request[2:5], "big")
+        status = dict(a.uds_dtcs).get(dtc)
+        if status is None:
+            return bytes([0x7F, 0x19, 0x31])  # requestOutOfRange
+        body = b"".join(
+            bytes([number, len(values)]) + b"".join(d.to_bytes(2, "big") + v for d, v in values)
+            for number, values in a.snapshots.get(dtc, [])
+        )
+        return bytes([0x59, 0x04]) + request[2:5] + bytes([status]) + body
+    return bytes([0x7F, service, 0x11])
 
 
 def supported_ranges(pids: Mapping[int, bytes]) -> set[int]:

@@ -117,10 +117,11 @@ class Poller:
             self._threads.shutdown(wait=False)
             return
         log.info(
-            "bus %s: asking ECUs %s (%s addressing)",
+            "bus %s: asking ECUs %s (%s addressing, over %s)",
             self.bus.name,
             ", ".join(f"0x{e:X}" for e in self.ecus),
             self.config.addressing,
+            self._transport.kind,
         )
         try:
             await self._schedule(self._jobs())

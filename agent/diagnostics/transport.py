@@ -40,6 +40,9 @@ class TransportError(Exception):
 class Transport(abc.ABC):
     """ISO-TP to the ECUs answering on `responders` (their response IDs)."""
 
+    #: Which ISO-TP it is, as the agent's log says when it starts asking.
+    kind: str
+
     def __init__(self, config: DiagnosticsConfig) -> None:
         self.config = config
         self.extended = config.extended
@@ -76,6 +79,8 @@ class Transport(abc.ABC):
 
 class CanIsoTpTransport(Transport):
     """`can-isotp` stacks (one per ECU) over a python-can bus of the agent's own."""
+
+    kind = "can-isotp"
 
     def __init__(self, config: DiagnosticsConfig, bus_args: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -135,6 +140,8 @@ class CanIsoTpTransport(Transport):
 
 class KernelIsoTpTransport(Transport):
     """The kernel's CAN_ISOTP sockets (one per ECU) and a CAN_RAW one for broadcasts."""
+
+    kind = "kernel ISO-TP"
 
     def __init__(self, config: DiagnosticsConfig, interface: str) -> None:
         super().__init__(config)

@@ -502,6 +502,156 @@ def bus_down() -> Figures:
     }
 
 
+#: The [[diagnostics]] table of the diagnostics check: tests/vm/kernel_ecu.py answers it.
+DIAGNOSTICS = (
+    '\n[[diagnostics]]\nbus = "can0"\nvin = true\ndtcs = ["stored"]\ntimeout_s = 2.0\n'
+    "poll = [{ pids = [0x0C, 0x0D, 0x05], interval_s = 0.5 }]\n"
+)
+ECU = 0x7E8
+#: kernel_ecu.py's data bytes by the J1979 formulas: 0x1AF8 / 4 rpm, 88 km/h, 132 - 40 degC.
+EXPECTED_PIDS = {
+    "EngineSpeed": {"ECU": ECU, "EngineSpeed": 1726.0},
+    "VehicleSpeed": {"ECU": ECU, "VehicleSpeed": 88.0},
+    "CoolantTemperature": {"ECU": ECU, "CoolantTemperature": 92.0},
+}
+EXPECTED_VIN = "VMTESTISOTPKERNEL"
+EXPECTED_DTCS = {(0, 0x0301), (1, 0x0123)}  # P0301, C0123
+ISOTP_REFS = Path("/sys/module/can_isotp/refcnt")
+
+
+def answer_records(path: Path) -> list[dict[str, Any]]:
+    """The diagnostics records the receiver has written so far (whole lines only)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text[: text.rfind("\n") + 1].splitlines()
+    return [r for r in map(json.loads, lines) if r.get("bus") == "can0.diagnostics"]
+
+
+def all_answers(records: list[dict[str, Any]]) -> bool:
+    messages = {r["message"] for r in records}
+    dtcs = {
+        (r["signals"]["System"], r["signals"]["Code"])
+        for r in records
+        if r["message"] == "StoredDTC"
+    }
+    return {*EXPECTED_PIDS, "VehicleIdentificationNumber"} <= messages and dtcs >= EXPECTED_DTCS
+
+
+@check("diagnostics")
+def diagnostics() -> Figures:
+    """The agent asks a simulated ECU over the kernel's ISO-TP on vcan0: PIDs, VIN, DTCs."""
+    must("modprobe", "can-isotp")
+    module = must("modinfo", "-n", "can-isotp").strip()
+    ecu_log = WORK / "ecu.log"
+    WORK.mkdir(parents=True, exist_ok=True)
+    frames_log = WORK / "isotp.candump"
+    with ecu_log.open("w") as out, frames_log.open("w") as frames:
+        ecu = subprocess.Popen(
+            [str(PREFIX / "bin/python"), "-m", "tests.vm.kernel_ecu", BUSES["can0"]],
+            cwd=PAYLOAD, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        # The ISO-TP frames on the wire (requests, answers, flow control), for a failure.
+        candump = subprocess.Popen(
+            ["candump", "-L", f"{BUSES['can0']},7C0:7C0"], stdout=frames, stderr=subprocess.STDOUT
+        )
+    receiver: Receiver | None = None
+    try:
+        wait_for(
+            "the ECU's ISO-TP socket bound",
+            lambda: "ready" in ecu_log.read_text() or ecu.poll() is not None,
+            120,
+        )
+        if ecu.poll() is not None:
+            raise Failed(f"the ECU ended: {ecu_log.read_text()[-600:]}")
+        refs_ecu = int(ISOTP_REFS.read_text())
+        receiver = Receiver("diagnostics")
+        write_config(config(rules=DIAGNOSTICS))
+        since = now_for_journal()
+        must("systemctl", "restart", UNIT, timeout=120)
+        started = time.monotonic()
+        wait_for(
+            "the agent's 'asking ECUs' line",
+            lambda: journal_has("bus can0: asking ECUs", since),
+            60,
+        )
+        asking = next(
+            line
+            for line in run(
+                "journalctl", "-u", UNIT, "--no-pager", "-o", "cat", "--since", since
+            ).stdout.splitlines()
+            if "bus can0: asking ECUs" in line
+        )
+        if "over kernel ISO-TP" not in asking:
+            raise Failed(f"not the kernel's ISO-TP: {asking}")
+        # Each CAN_ISOTP socket holds a reference to the module: the agent's for ECU 0x7E8.
+        refs_agent = int(ISOTP_REFS.read_text()) - refs_ecu
+        records: list[dict[str, Any]] = []
+
+        def arrived() -> bool:
+            nonlocal records
+            records = answer_records(receiver.records)
+            return all_answers(records)
+
+        try:
+            answered = wait_for("every answer at the receiver", arrived, 120)
+        except Failed as error:
+            seen = sorted({r["message"] for r in records})
+            counts = {k: v for k, v in metrics().items() if "diagnostics" in k and "_total" in k}
+            raise Failed(
+                f"{error}: only {seen}; {counts}; the ECU's last: {ecu_log.read_text()[-300:]!r}; "
+                f"frames: {frames_log.read_text()[-600:]!r}"
+            ) from None
+        wrong = [
+            r
+            for r in records
+            if r["message"] in EXPECTED_PIDS and r["signals"] != EXPECTED_PIDS[r["message"]]
+        ]
+        vins = {
+            "".join(chr(int(r["signals"][f"Char{n:02d}"])) for n in range(1, 18))
+            for r in records
+            if r["message"] == "VehicleIdentificationNumber"
+        }
+        if wrong or vins != {EXPECTED_VIN}:
+            raise Failed(f"decoded wrongly: {wrong[:3]}, VINs {sorted(vins)}")
+        samples = metrics()
+
+        def count(name: str) -> int:
+            return int(samples.get(f'diagnostics_{name}_total{{bus="can0"}}', 0))
+
+        decoded = int(samples.get('frames_decoded_total{bus="can0.diagnostics"}', 0))
+        if count("answers") < 4 or decoded < len(records):
+            raise Failed(f"metrics: {count('answers')} answers, {decoded} answer frames decoded")
+        if main_pid() == 0 or not active():
+            raise Failed("the agent stopped")
+        figures = {
+            "detail": f"{asking.split(': ', 1)[1]}; {len(records)} answer records decoded "
+            f"(PIDs, VIN {EXPECTED_VIN}, DTCs P0301 C0123) {answered:.1f} s after the start; "
+            f"{module}",
+            "answers_after_start_s": round(time.monotonic() - started, 1),
+            "records": len(records),
+            "requests": count("requests"),
+            "answers": count("answers"),
+            "negative": count("negative_answers"),
+            "timeouts": count("timeouts"),
+            "unexpected": count("unexpected_answers"),
+            "answer_frames_decoded": decoded,
+            "isotp_sockets_of_the_agent": refs_agent,
+            "ecu_requests_answered": sum(
+                1 for line in ecu_log.read_text().splitlines() if " " in line
+            ),
+        }
+    finally:
+        for process in (ecu, candump):
+            process.kill()
+            process.wait(30)
+        if receiver is not None:
+            receiver.stop()
+    write_config(config())
+    must("systemctl", "restart", UNIT, timeout=120)
+    return figures
+
+
 @check("stop-drain")
 def stop_drain() -> Figures:
     # Batches that stay open for 30 s: the stop must close them.
