@@ -26,6 +26,10 @@ TICK_S = 0.05
 FIRST_BYTES_PER_FRAME = 40.0
 #: Close a batch when its estimated size reaches this share of max_bytes.
 SIZE_MARGIN = 0.7
+#: When the rules change, the batch after the open one closes this soon (unless max_age_ms
+#: is shorter): the new rules' first values, which a rule sends once the bus's frames have
+#: passed their period, need not wait a whole batch age.
+FIRST_AFTER_CHANGE_S = 0.25
 
 #: What closing a bus's batch does with its frames; it returns the sizes of the wire
 #: batches they made, from which the batcher learns what a frame costs on the wire.
@@ -40,6 +44,7 @@ class OpenBatch:
     frames: int = 0
     first_t_ns: int | None = None
     opened: float = 0.0
+    max_age_s: float | None = None  # None: the config's
 
     def add(self, frames: FrameBatch) -> None:
         if not len(frames):
@@ -98,6 +103,17 @@ class Batcher:
         for bus in self._open:
             self.close(bus)
 
+    def rules_changed(self) -> None:
+        """Close the open batches, which the new rules take, and the next ones soon after."""
+        self.close_all()
+        for batch in self._open.values():
+            batch.max_age_s = FIRST_AFTER_CHANGE_S
+
+    def _age_s(self, batch: OpenBatch) -> float:
+        """The wall time after which `batch` closes."""
+        max_age_s = self.config.max_age_ms / 1000
+        return min(max_age_s, batch.max_age_s or max_age_s)
+
     async def run(self) -> None:
         """Close batches that have been open `max_age_ms` of wall time; sleeps until the
         oldest one is due (at least TICK_S), so a quiet agent wakes rarely."""
@@ -105,10 +121,10 @@ class Batcher:
             max_age_s = self.config.max_age_ms / 1000
             now = self.ticked = time.monotonic()
             for bus, batch in self._open.items():
-                if batch.frames and now - batch.opened >= max_age_s:
+                if batch.frames and now - batch.opened >= self._age_s(batch):
                     self.close(bus)
             due = min(
-                (b.opened + max_age_s for b in self._open.values() if b.frames),
+                (b.opened + self._age_s(b) for b in self._open.values() if b.frames),
                 default=now + max_age_s,
             )
             await asyncio.sleep(max(TICK_S, due - time.monotonic()))

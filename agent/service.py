@@ -216,8 +216,8 @@ class Agent:
 
     def _apply_campaigns(self) -> None:
         """The active campaigns changed: run their rules from the open batches on, which
-        close at once (the open windows of the old rules go out, no frame is lost), and
-        decode with the DBC files they bring."""
+        close at once, as the next ones soon after (the open windows of the old rules go
+        out, no frame is lost), and decode with the DBC files they bring."""
         assert self.campaigns is not None
         extra = self.campaigns.dbc_files()
         decoders = self.pipeline.decoders
@@ -233,9 +233,10 @@ class Agent:
             self._campaign_dbc = extra
             self.pipeline.decoders = decoders
             self.pipeline.encoder.dbc_digest = self._dbc_digest()
-        # The open batches close now, under the new rules: a campaign's first records reach
-        # the cloud moments after it arrives, not a whole batch age later.
-        self.batcher.close_all()
+        # The open batches close now, under the new rules, and the next ones soon after: a
+        # campaign's first records reach the cloud moments after it arrives, not a whole
+        # batch age later.
+        self.batcher.rules_changed()
         self._filter_sources()
 
     def _filter_sources(self) -> None:

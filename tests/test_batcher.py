@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agent.batcher import FIRST_BYTES_PER_FRAME, SIZE_MARGIN, Batcher
+from agent.batcher import FIRST_AFTER_CHANGE_S, FIRST_BYTES_PER_FRAME, SIZE_MARGIN, Batcher
 from agent.config import BatchConfig
 from agent.frames import FrameBatch
 
@@ -84,3 +84,25 @@ async def test_a_quiet_bus_closes_its_batch_after_max_age_of_wall_time() -> None
     assert closed.batches == [("can0", [0])]
     assert time.monotonic() - opened >= 0.2
     assert batcher.ticked >= opened
+
+
+async def test_after_the_rules_change_the_next_batch_closes_soon_then_at_max_age() -> None:
+    closed = Closed()
+    batcher = Batcher(["can0"], BatchConfig(max_age_ms=60_000), closed)
+    batcher.add("can0", frames([0]))
+    batcher.rules_changed()
+    assert closed.batches == [("can0", [0])]
+    batcher.add("can0", frames([10]))
+    ticking = asyncio.create_task(batcher.run())
+    try:
+        for _ in range(100):  # bounded: 5 s at most, a minute's batch age would not close
+            if len(closed.batches) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert closed.batches[1:] == [("can0", [10])]
+        # The one after is the config's again: still open after four times the short age.
+        batcher.add("can0", frames([20]))
+        await asyncio.sleep(4 * FIRST_AFTER_CHANGE_S)
+        assert closed.batches[2:] == []
+    finally:
+        ticking.cancel()
