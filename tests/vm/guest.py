@@ -212,17 +212,20 @@ class Receiver:
         return [json.loads(line) for line in self.batches.read_text().splitlines() if line]
 
     def settle(self, timeout: float = 180) -> None:
-        """Until the spool is empty and no batch came for three seconds."""
+        """Until the spool is empty and for three seconds no batch came and no record was
+        written: the receiver writes batches in groups and notes them once a group is
+        written, which under emulation can take seconds while its records grow."""
         wait_for("the spool emptied", lambda: metric("spool_batches") == 0, timeout)
         if not active():
             raise Failed("the agent is not running")
-        last = (-1, time.monotonic())
+        last: tuple[tuple[int, int], float] = ((-1, -1), time.monotonic())
 
         def quiet() -> bool:
             nonlocal last
-            count = len(self.taken())
-            if count != last[0]:
-                last = (count, time.monotonic())
+            size = self.records.stat().st_size if self.records.exists() else 0
+            progress = (len(self.taken()), size)
+            if progress != last[0]:
+                last = (progress, time.monotonic())
             return time.monotonic() - last[1] >= 3
 
         wait_for("the receiver caught up", quiet, timeout)
