@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import io
 import json
 import re
 import shutil
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.cloud.receiver import Receiver, accept_files
+from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.spool import RECORD, SEGMENT_HEADER, SEGMENT_SUFFIX, scan_segment
 from agent.wire.envelope import WireError, read_envelope
 from tests.data import REPO
@@ -247,6 +250,17 @@ def records(path: Path) -> list[dict[str, object]]:
         row.pop("vehicle", None)
         rows.append(row)
     return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+def outbox_lines(outbox: Path) -> list[str]:
+    """The records of the batch files in `outbox`, as the receiver writes them (JSON lines),
+    none of the files rejected."""
+    out = io.StringIO()
+    receiver = Receiver(JsonLinesSink(out))
+    accept_files(receiver, outbox, set())
+    receiver.flush()  # it writes in groups after taking the files
+    assert receiver.stats.rejected == 0
+    return out.getvalue().splitlines()
 
 
 def scrape_metrics(port: int, timeout: float = 5) -> dict[str, float]:

@@ -12,8 +12,6 @@ from pathlib import Path
 import can
 import numpy as np
 
-from agent.cloud.receiver import Receiver, accept_files
-from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.config import BusConfig, parse_config
 from agent.decode import Decoder
 from agent.frames import FrameBatch, FrameFlag
@@ -22,21 +20,15 @@ from agent.records import JsonLinesWriter
 from agent.service import Agent
 from agent.sources.pythoncan import PythonCanSettings, PythonCanSource
 from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_EXCERPT
-from tests.services import free_port, scrape_metrics
+from tests.services import free_port, outbox_lines, scrape_metrics
 from tests.test_agent_end_to_end import replay_bus
 
 DEMO_DBC = REPO / "dbc" / "demo.dbc"
 
 
 def received_lines(outbox: Path) -> list[str]:
-    """The records of the batch files in `outbox`, as the receiver writes them, without
-    "vehicle"."""
-    out = io.StringIO()
-    receiver = Receiver(JsonLinesSink(out))
-    accept_files(receiver, outbox, set())
-    receiver.flush()
-    assert receiver.stats.rejected == 0
-    return sorted(line.replace(', "vehicle": "v1"', "") for line in out.getvalue().splitlines())
+    """The records of the batch files in `outbox`, sorted, without "vehicle"."""
+    return sorted(line.replace(', "vehicle": "v1"', "") for line in outbox_lines(outbox))
 
 
 def agent_for(tmp_path: Path, buses: str, extra: str = "") -> Agent:

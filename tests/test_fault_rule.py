@@ -3,20 +3,18 @@ the wire and back, on the truck log and on DM1 messages built here."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from agent.cloud.receiver import Receiver, accept_files
-from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.collect import CollectError, Collector
 from agent.config import ConfigError, parse_config
 from agent.decode import bus_decoders
 from agent.logs import open_log
 from agent.service import Agent
 from tests.data import TRUCK_DBC, TRUCK_LOG
+from tests.services import outbox_lines
 from tests.test_collect import Cloud, config, one_second_batches, run_rules
 from tests.test_j1939 import bam, batch_of, reference_dm1, reference_transfers
 
@@ -91,12 +89,7 @@ async def test_the_agent_sends_the_faults_to_the_cloud(tmp_path: Path) -> None:
     )
     agent = Agent(parse_config(text, "test.toml", tmp_path), status=None)
     assert await agent.run() == 0
-    out = io.StringIO()
-    receiver = Receiver(JsonLinesSink(out))
-    accept_files(receiver, tmp_path / "outbox", set())
-    receiver.flush()
-    assert receiver.stats.rejected == 0
-    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    rows = [json.loads(line) for line in outbox_lines(tmp_path / "outbox")]
     _, _, _, payload = next(r for r in reference_transfers(TRUCK_LOG) if r[2] == 0xFECA)
     _, faults = reference_dm1(payload)
     assert [(r["message"], r["rule"], r["id"] & 0xFF) for r in rows] == [("DM1", "faults", 0)] * 4

@@ -4,7 +4,6 @@ and decoded by cantools; and groups built here, for text and for rules beside th
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,6 @@ import numpy as np
 import pytest
 
 from agent.cloud.parser import SchemaStore, parse_batch
-from agent.cloud.receiver import Receiver, accept_files
-from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.collect import Collected, CollectedBlock, Selection
 from agent.config import parse_config
 from agent.decode import Decoder
@@ -28,6 +25,7 @@ from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireError, read_envelope
 from tests.data import TRUCK_DBC, TRUCK_LOG
 from tests.oracle import load_cantools
+from tests.services import outbox_lines
 from tests.test_j1939 import bam, reference_transfers, truck_decoder
 
 J1939_BUS = f'dbc = ["{TRUCK_DBC}"]\nj1939 = true'
@@ -45,12 +43,7 @@ async def run_agent(folder: Path, rules: str, log: Path = TRUCK_LOG) -> list[dic
     )
     agent = Agent(parse_config(text, "test.toml", folder), status=None)
     assert await agent.run() == 0
-    out = io.StringIO()
-    receiver = Receiver(JsonLinesSink(out))
-    accept_files(receiver, folder / "outbox", set())
-    receiver.flush()
-    assert receiver.stats.rejected == 0
-    return [json.loads(line) for line in out.getvalue().splitlines()]
+    return [json.loads(line) for line in outbox_lines(folder / "outbox")]
 
 
 def expected_ec1() -> list[tuple[float, int, dict[str, Any]]]:

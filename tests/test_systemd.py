@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import os
 import signal
@@ -17,13 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.cloud.receiver import Receiver, accept_files
-from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.config import parse_config, restart_changes
 from agent.notify import Notifier
 from agent.service import Agent
 from tests.data import REPO
-from tests.services import agent_command
+from tests.services import agent_command, outbox_lines
 
 DEMO_DBC = REPO / "dbc" / "demo.dbc"
 
@@ -105,11 +102,7 @@ def config_text(folder: Path, outbox: str, extra: str = "") -> str:
 
 
 def received(outbox: Path) -> list[dict[str, object]]:
-    out = io.StringIO()
-    receiver = Receiver(JsonLinesSink(out))
-    accept_files(receiver, outbox, set())
-    receiver.flush()
-    return [json.loads(line) for line in out.getvalue().splitlines()]
+    return [json.loads(line) for line in outbox_lines(outbox)]
 
 
 def test_the_agent_under_systemd_notifies_reloads_and_stops(
