@@ -102,28 +102,15 @@ class Agent:
             self.health = Health(config.vehicle_id, self.metrics.registry, config.health.interval_s)
         if config.campaigns.keys or self.health is not None:
             from agent.campaigns.link import ControlLink
-            from agent.campaigns.manager import Campaigns
+            from agent.campaigns.manager import Campaigns, fits_dbcs
 
-            # The config's own DBCs: `decoders` gets those of the campaigns active now
-            # below, which another campaign must not count on (they go when those do).
-            own = decoders
-
-            def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
-                """CollectError when they do not fit the config's DBCs and the campaign's
-                own (DbcError as a ValueError)."""
-                fitted = own
-                if extra:
-                    try:
-                        fitted = bus_decoders(self._decoded(extra), default_cache_dir())
-                    except DbcError as error:
-                        raise ValueError(str(error)) from None
-                Collector(rules, fitted)
-
+            # Checked against the config's own DBCs: `decoders` gets those of the campaigns
+            # active now below, which another campaign must not count on.
             self.campaigns = Campaigns(
                 config.state_dir / "campaigns",
                 config.campaigns.keys,
                 [bus.name for bus in config.buses],
-                fits,
+                fits_dbcs(decoders, self._decoded),
                 answers=[stream.name for stream in self._answers],
             )
             self.campaigns.load()

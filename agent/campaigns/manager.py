@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.campaigns.document import (
     CampaignError,
@@ -25,6 +25,10 @@ from agent.campaigns.document import (
 from agent.collect.rules import CollectRule, parse_rules
 from agent.config import BusConfig, Checker
 from agent.durable import write_atomically
+
+if TYPE_CHECKING:
+    from agent.decode import Decoder
+    from agent.decode.decoder import BusDbcs
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +340,29 @@ class Campaigns:
     def _save_state(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomically(self.folder / "state.json", json.dumps(self.checkin(), indent=1).encode())
+
+
+def fits_dbcs(
+    own: Mapping[str, Decoder],
+    decoded: Callable[[Mapping[str, list[Path]]], Iterable[BusDbcs]],
+) -> Callable[[tuple[CollectRule, ...], Mapping[str, list[Path]]], None]:
+    """The `validate` of Campaigns: a campaign's rules must find their signals in the
+    config's own DBC files (`own`, their decoders) and in those the campaign brings
+    (`decoded(extra)`: what is decoded with them), never in another campaign's. Raises
+    CollectError where they do not, ValueError for a DBC file that does not load."""
+    from agent.collect import Collector
+    from agent.decode import DbcError, bus_decoders, default_cache_dir
+
+    def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
+        fitted = own
+        if extra:
+            try:
+                fitted = bus_decoders(decoded(extra), default_cache_dir())
+            except DbcError as error:
+                raise ValueError(str(error)) from None
+        Collector(rules, fitted)
+
+    return fits
 
 
 def with_dbc(buses: Iterable[BusConfig], extra: Mapping[str, list[Path]]) -> list[BusConfig]:

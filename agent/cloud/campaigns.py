@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +88,7 @@ def run_check(args: argparse.Namespace) -> int:
         document_from_toml,
         document_of,
     )
-    from agent.campaigns.manager import Campaigns, with_dbc
-    from agent.collect import Collector
-    from agent.collect.rules import CollectRule
+    from agent.campaigns.manager import Campaigns, fits_dbcs, with_dbc
     from agent.config import ConfigError, load_config
     from agent.decode import DbcError, bus_decoders, default_cache_dir
 
@@ -111,22 +109,18 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"telemetry-agent campaign check: {error}", file=sys.stderr)
         return EX_CONFIG
 
-    def fits(rules: tuple[CollectRule, ...], extra: Mapping[str, list[Path]]) -> None:
-        fitted = decoders
-        if extra:
-            try:
-                fitted = bus_decoders(with_dbc(config.buses, extra), default_cache_dir())
-            except DbcError as error:
-                raise ValueError(str(error)) from None
-        Collector(rules, fitted)
-
     # The campaign's own DBC files, as its file names them (the document has their hashes).
     named = tomllib.loads(source.read_text(encoding="utf-8")).get("dbc", {})
     extra = {
         bus: [source.parent / f for f in files if not DBC_HASH.fullmatch(f)]
         for bus, files in named.items()
     }
-    vehicle = Campaigns(config.state_dir / "campaigns", (), decoders, fits)
+    vehicle = Campaigns(
+        config.state_dir / "campaigns",
+        (),
+        [bus.name for bus in config.buses],
+        fits_dbcs(decoders, lambda extra: with_dbc(config.buses, extra)),
+    )
     try:
         rules = vehicle.rules_of(document_of(data, canonical(data)), extra)
     except CampaignError as error:
