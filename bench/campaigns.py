@@ -38,6 +38,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.campaigns.link import checkin_topic
 from agent.campaigns.manager import SEPARATOR
 from agent.cloud.parser import ReceivedBatch
 from agent.cloud.receiver import Receiver, accept_files
@@ -173,7 +174,7 @@ async def push_and_time(
     pushed_at = 0.0
     checked_in = 0.0
     async with client(url) as mqtt:
-        await mqtt.subscribe("vehicles/+/checkin", qos=1)
+        await mqtt.subscribe(checkin_topic("+"), qos=1)
         ready.set()
         deadline = time.monotonic() + timeout
         while len(arrived) < len(vehicles):
