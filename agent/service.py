@@ -246,7 +246,7 @@ class Agent:
         sender = asyncio.create_task(self.sender.run(), name="uplink")
         batching = asyncio.create_task(self.batcher.run(), name="batch-age")
         report = asyncio.create_task(self._report(started), name="status")
-        control = asyncio.create_task(self.control.run() if self.control else _idle())
+        control = [asyncio.create_task(self.control.run(), name="control")] if self.control else []
         # Ready once config, spool and metrics are up: the cloud may well be out of reach,
         # which is normal in a vehicle and no reason to hold systemd back.
         self.notifier.notify(READY=1, STATUS=self._summary(started))
@@ -263,7 +263,7 @@ class Agent:
             ending = await self._until_end(buses, {spool, sender, batching})
             delivered = await self._wind_down(ending, [*asking, *buses, batching])
         finally:
-            tasks = [batching, report, sender, spool, watchdog, control]
+            tasks = [batching, report, sender, spool, watchdog, *control]
             if self._reloading is not None:
                 tasks.append(self._reloading)
             for task in tasks:
@@ -492,10 +492,6 @@ class Agent:
                 "reload: %s changed, which takes a restart; the running values stay",
                 ", ".join(later),
             )
-
-
-async def _idle() -> None:
-    """The control link's place when campaigns are off."""
 
 
 def set_log_level(level: str) -> None:
