@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import hashlib
 import logging
 import signal
@@ -315,10 +316,19 @@ class Agent:
     def _pollers(self) -> list[Poller]:
         """A poller per [[diagnostics]] table: the only parts of the agent that transmit."""
         from agent.diagnostics.poller import Poller
+        from agent.diagnostics.transport import SharedBus, open_transport
 
         buses = {bus.name: bus for bus in self.config.buses}
+        # A python-can interface is read and written through the one bus its source opened.
+        shared = {s.bus.name: s for s in self.sources if isinstance(s, SharedBus)}
         return [
-            Poller(table, buses[table.bus], self.metrics, self.batcher.add)
+            Poller(
+                table,
+                buses[table.bus],
+                self.metrics,
+                self.batcher.add,
+                functools.partial(open_transport, shared=shared.get(table.bus)),
+            )
             for table in self.config.diagnostics
         ]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from can.interfaces import virtual
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,6 +28,7 @@ from agent.diagnostics.transport import (
     TransportError,
     kernel_isotp,
     open_transport,
+    own_bus,
 )
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
@@ -466,7 +468,9 @@ def test_seven_pids_in_one_request_get_a_negative_answer(
     """What the agent never sends, and why: the ECU refuses it (0x13, wrong length)."""
     ecus(EcuAnswers(0x7E8, pids=PID_DATA))
     config = DiagnosticsConfig(bus="can0")
-    transport = CanIsoTpTransport(config, {"interface": "virtual", "channel": channel})
+    transport = CanIsoTpTransport(
+        config, own_bus({"interface": "virtual", "channel": channel}), owned=True
+    )
     try:
         transport.send(0x7E8, bytes([0x01, *list(PID_DATA)[:7]]))
         assert transport.receive(0x7E8, 2.0) == bytes([0x7F, 0x01, 0x13])
@@ -514,6 +518,8 @@ async def test_the_agent_sends_the_answers_as_records(
 
     # Three PIDs twice, and the DTC.
     await until(lambda: decoded() >= 7)
+    # The agent asks on the bus its source reads: the channel holds it and the two ECUs.
+    assert len(virtual.channels[channel]) == 3
     agent.stop()
     assert await running == 0
     lines = [json.loads(line) for line in received_lines(tmp_path / "outbox")]

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import logging
+import queue
 import socket
 import struct
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agent.config import BusConfig
 from agent.diagnostics.settings import DiagnosticsConfig, request_id
+
+if TYPE_CHECKING:  # python-can is imported only where a transport uses it
+    import can
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +82,30 @@ class Transport(abc.ABC):
         return bytes([len(payload), *payload]).ljust(8, bytes([PADDING]))
 
 
+@runtime_checkable
+class SharedBus(Protocol):
+    """A python-can bus that a source reads: the transport sends on it, and the source
+    passes each frame it receives to the taps (`deliver`), in its reader thread."""
+
+    can_bus: can.BusABC | None
+    taps: list[Callable[[can.Message], None]]
+
+
 class CanIsoTpTransport(Transport):
-    """`can-isotp` stacks (one per ECU) over a python-can bus of the agent's own."""
+    """`can-isotp` stacks (one per ECU) over a python-can bus: one the transport opened
+    and reads (`owned`), or the one a source reads, which hands each frame to `deliver`:
+    many interfaces (PCAN, Vector, Kvaser) open a channel only once."""
 
     kind = "can-isotp"
 
-    def __init__(self, config: DiagnosticsConfig, bus_args: Mapping[str, Any]) -> None:
+    def __init__(self, config: DiagnosticsConfig, bus: can.BusABC, owned: bool) -> None:
         super().__init__(config)
         import can
         import isotp
 
         self._can = can
-        try:
-            self.bus = can.Bus(**bus_args)
-        except Exception as error:  # python-can raises many kinds for a bad interface
-            raise TransportError(f"cannot open {bus_args.get('interface')!r}: {error}") from None
-        self.notifier = can.Notifier(self.bus, [], timeout=0.05)
+        self.bus = bus
+        self.owned = owned
         mode = (
             isotp.AddressingMode.Normal_29bits
             if self.extended
@@ -105,14 +118,37 @@ class CanIsoTpTransport(Transport):
             "stmin": 0,
             "blocksize": 0,
         }
+        self._inboxes: dict[int, queue.SimpleQueue[can.Message]] = {}
         self.stacks: dict[int, Any] = {}
         for ecu in self.responders:
+            inbox = self._inboxes[ecu] = queue.SimpleQueue()
             address = isotp.Address(mode, txid=request_id(ecu, self.extended), rxid=ecu)
-            stack = isotp.NotifierBasedCanStack(
-                self.bus, self.notifier, address=address, params=params
+            stack = isotp.TransportLayer(
+                functools.partial(_next_frame, inbox), self._send_frame, address, params=params
             )
             stack.start()
             self.stacks[ecu] = stack
+        self.notifier = can.Notifier(bus, [self.deliver], timeout=0.05) if owned else None
+
+    def deliver(self, message: can.Message) -> None:
+        """A frame received on the bus: to the stack of the ECU that sent it."""
+        if message.is_error_frame or message.is_remote_frame:
+            return
+        if message.is_extended_id == self.extended:
+            inbox = self._inboxes.get(message.arbitration_id)
+            if inbox is not None:
+                inbox.put(message)
+
+    def _send_frame(self, frame: Any) -> None:
+        self.bus.send(
+            self._can.Message(
+                arbitration_id=frame.arbitration_id,
+                is_extended_id=frame.is_extended_id,
+                data=frame.data,
+                is_fd=frame.is_fd,
+                bitrate_switch=frame.bitrate_switch,
+            )
+        )
 
     def send(self, ecu: int, payload: bytes) -> None:
         self.stacks[ecu].send(payload)
@@ -133,9 +169,39 @@ class CanIsoTpTransport(Transport):
         for stack in self.stacks.values():
             with contextlib.suppress(Exception):
                 stack.stop()
-        self.notifier.stop()
-        with contextlib.suppress(Exception):
-            self.bus.shutdown()
+        if self.notifier is not None:
+            self.notifier.stop()
+        if self.owned:
+            with contextlib.suppress(Exception):
+                self.bus.shutdown()
+
+
+def _next_frame(inbox: queue.SimpleQueue[can.Message], timeout: float) -> Any:
+    """can-isotp's `rxfn`: the ECU's next frame within `timeout` seconds, or None."""
+    import isotp
+
+    try:
+        message = inbox.get(timeout=timeout)
+    except queue.Empty:
+        return None
+    return isotp.CanMessage(
+        arbitration_id=message.arbitration_id,
+        dlc=message.dlc,
+        data=bytes(message.data),
+        extended_id=message.is_extended_id,
+        is_fd=message.is_fd,
+        bitrate_switch=message.bitrate_switch,
+    )
+
+
+def own_bus(args: Mapping[str, Any]) -> can.BusABC:
+    """A python-can bus of the transport's own."""
+    import can
+
+    try:
+        return can.Bus(**args)
+    except Exception as error:  # python-can raises many kinds for a bad interface
+        raise TransportError(f"cannot open {args.get('interface')!r}: {error}") from None
 
 
 class KernelIsoTpTransport(Transport):
@@ -199,15 +265,26 @@ def kernel_isotp(config: DiagnosticsConfig, interface: str) -> Transport | None:
         return None
 
 
-def open_transport(config: DiagnosticsConfig, bus: BusConfig) -> Transport:
-    """The transport to the ECUs of a bus: the kernel's where it has one."""
+def open_transport(
+    config: DiagnosticsConfig, bus: BusConfig, shared: SharedBus | None = None
+) -> Transport:
+    """The transport to the ECUs of a bus: the kernel's where it has one, else can-isotp
+    on the bus a source reads (`shared`), else on a python-can bus of its own."""
     settings = bus.settings
     if bus.source == "socketcan":
         interface = settings.channel or bus.name
         transport = kernel_isotp(config, interface)
         if transport is not None:
             return transport
-        return CanIsoTpTransport(config, {"interface": "socketcan", "channel": interface})
+        return CanIsoTpTransport(
+            config, own_bus({"interface": "socketcan", "channel": interface}), owned=True
+        )
+    if shared is not None:
+        if shared.can_bus is None:
+            raise TransportError(f"bus {bus.name} is not open")
+        transport = CanIsoTpTransport(config, shared.can_bus, owned=False)
+        shared.taps.append(transport.deliver)
+        return transport
     args: dict[str, Any] = {
         "interface": settings.interface,
         "channel": settings.channel,
@@ -215,4 +292,4 @@ def open_transport(config: DiagnosticsConfig, bus: BusConfig) -> Transport:
         "fd": settings.fd,
         **dict(settings.options),
     }
-    return CanIsoTpTransport(config, args)
+    return CanIsoTpTransport(config, own_bus(args), owned=True)

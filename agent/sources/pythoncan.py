@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,11 @@ class PythonCanSource(Source):
     def __init__(self, bus: BusConfig) -> None:
         super().__init__(bus)
         self.settings: PythonCanSettings = bus.settings
+        #: The open interface, which diagnostics transmit on: many interfaces open a
+        #: channel only once (agent/diagnostics/transport.py's SharedBus).
+        self.can_bus: can.BusABC | None = None
+        #: Called with each frame received, in the reader thread.
+        self.taps: list[Callable[[can.Message], None]] = []
 
     async def batches(self) -> AsyncIterator[FrameBatch]:
         loop = asyncio.get_running_loop()
@@ -80,6 +85,7 @@ class PythonCanSource(Source):
             ) from None
         finally:
             self.tried.set()
+        self.can_bus = bus
         reader = threading.Thread(
             target=self._read,
             args=(bus, loop, queue, stop),
@@ -96,6 +102,7 @@ class PythonCanSource(Source):
         finally:
             stop.set()
             await asyncio.to_thread(reader.join, 1.0)
+            self.can_bus = None
             with contextlib.suppress(Exception):
                 bus.shutdown()
 
@@ -116,6 +123,8 @@ class PythonCanSource(Source):
                 return
             if message is not None:
                 pending.append(message)
+                for tap in self.taps:
+                    tap(message)
             now = time.monotonic()
             if pending and (len(pending) >= FLUSH_FRAMES or now - flushed >= FLUSH_S):
                 hand_over(loop, queue, self._batch(pending), stop)
