@@ -623,6 +623,11 @@ def restart_changes(running: Config, loaded: Config) -> list[str]:
     before = control_url(running.campaigns.url, running.uplink)
     if link and before != control_url(running.campaigns.url, loaded.uplink):
         changed.append("uplink.url of the control link (campaigns.url is empty)")
+    # Whatever its URL, the control link takes the uplink's TLS files and keepalive, and
+    # keeps the ones it connected with until a restart.
+    for key in ("tls", "keepalive_s"):
+        if link and getattr(running.uplink, key) != getattr(loaded.uplink, key):
+            changed.append(f"uplink.{key} of the control link")
     return changed
 
 

@@ -257,6 +257,13 @@ def test_a_reload_names_a_new_uplink_url_the_control_link_would_follow(tmp_path:
     # With its own URL the control link stays where it is, and the uplink moves alone.
     own = "mqtt://127.0.0.1:3"
     assert restart_changes(config(old, own), config(new, own)) == []
+    # Its TLS files and keepalive are the uplink's whatever its URL: a reload names them.
+    (tmp_path / "ca.pem").write_text("a CA")
+    secure = old + f'keepalive_s = 5\n[uplink.tls]\nca_file = "{tmp_path / "ca.pem"}"\n'
+    assert restart_changes(config(old, own), config(secure, own)) == [
+        "uplink.tls of the control link",
+        "uplink.keepalive_s of the control link",
+    ]
 
 
 def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
@@ -536,8 +543,10 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
             )
             await wait_checkins(mqtt.url, ["v3"], state_is("short", "active"))
             await wait_records(received, "short/fast")
-            # The file's rules change under a running campaign.
-            config.write_text(config.read_text().replace('"base"', '"base2"'))
+            # The file's rules change under a running campaign; so does the keepalive, which
+            # the control link keeps until a restart.
+            text = config.read_text().replace('"base"', '"base2"')
+            config.write_text(text.replace("\n[batch]", "keepalive_s = 20\n\n[batch]"))
             agent.process.send_signal(signal.SIGHUP)
             await wait_records(received, "base2")
             kept = len(rule_records(received, "long/fast"))
@@ -549,6 +558,7 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
             log = agent.stop()
             receiver.process.kill()
     assert "reloaded" in log
+    assert "uplink.keepalive_s of the control link changed, which takes a restart" in log
 
 
 async def test_the_control_link_comes_back_with_a_broker_that_lost_everything(
