@@ -235,9 +235,14 @@ async def test_a_campaign_may_select_the_answers_of_the_ecus(tmp_path: Path) -> 
         assert [r.name for r in campaigns.rules()] == ["obd/obd"]
         dbc = {"can0.diagnostics": [digest]}
         assert campaigns.offer(to_vehicle("v", "d"), signed(KEY, "d", dbc=dbc, collect=obd))
+        coolant = [{"name": "t", "mode": "all", "signals": ["CoolantTemperature"]}]
+        assert campaigns.offer(
+            to_vehicle("v", "t"), signed(KEY, "t", buses=["can0"], collect=coolant)
+        )
         states = {c["name"]: c for c in campaigns.checkin()}
         assert states["obd"]["state"] == "active"
         assert states["d"]["errors"] == ["dbc: no [[bus]] is named 'can0.diagnostics'"]
+        assert states["t"]["errors"][1].endswith("select buses = ['can0.diagnostics']")
     finally:
         await service.spool.close()
 
@@ -311,6 +316,50 @@ def test_campaign_check_tries_a_file_against_a_vehicles_config(tmp_path: Path) -
     campaign.write_text(campaign.read_text().replace("Nope*", "Speed"))
     accepted = check()
     assert accepted.returncode == 0 and "OK" in accepted.stdout and "(c/x)" in accepted.stdout
+
+
+def test_campaign_check_knows_the_streams_of_the_ecus_answers(tmp_path: Path) -> None:
+    """Rules on the answers' signals (agent/diagnostics/pids.py) pass where the bus has a
+    [[diagnostics]], and are refused with where they are where it has none."""
+    asking = '[[diagnostics]]\nbus = "can0"\necus = [0x7E8]\npoll = [{pids = [0x05]}]\n'
+    bus = (  # never opened
+        f'[[bus]]\nname = "can0"\nsource = "python-can"\ninterface = "virtual"\n'
+        f'channel = "{tmp_path.name}"\ndbc = ["{demo_dbc()}"]\n'
+    )
+    asked = agent_config(tmp_path, "asked", "mqtt://127.0.0.1:1", [KEY], bus=bus, extra=asking)
+    silent = agent_config(tmp_path, "silent", "mqtt://127.0.0.1:1", [KEY], bus=bus)
+
+    def check(config: Path, buses: list[str], signal: str) -> subprocess.CompletedProcess[str]:
+        campaign = tmp_path / "obd.toml"
+        campaign.write_text(
+            f'name = "obd"\nversion = 1\nbuses = {json.dumps(buses)}\n'
+            f'[[collect]]\nname = "x"\nmode = "all"\nsignals = ["{signal}"]\n'
+        )
+        command = agent_command("campaign", "check", campaign, "--config", config)
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    ok = check(asked, ["can0.diagnostics"], "CoolantTemperature")
+    assert ok.returncode == 0 and "(obd/x)" in ok.stdout, ok.stderr
+    # The stream's signals are checked as a bus's are.
+    assert (
+        "no signal matches Nope on bus can0.diagnostics"
+        in check(asked, ["can0.diagnostics"], "Nope").stderr
+    )
+    refused = check(silent, ["can0.diagnostics"], "CoolantTemperature")
+    assert refused.returncode == 78
+    assert (
+        "buses: 'can0.diagnostics' is the stream of the ECUs' answers on bus 'can0', "
+        "and no [[diagnostics]] asks them (bus = 'can0')"
+    ) in refused.stderr
+    # On the bus itself the answers' signals are not: the error says where they are.
+    hint = "obd/x: CoolantTemperature: signals of the ECUs' answers, which come on a bus's "
+    hint += "diagnostics stream only: "
+    assert check(asked, [], "CoolantTemperature").returncode == 0  # every bus and stream
+    on_bus = check(asked, ["can0"], "CoolantTemperature")
+    assert on_bus.returncode == 78
+    assert hint + "select buses = ['can0.diagnostics']" in on_bus.stderr, on_bus.stderr
+    unasked = check(silent, ["can0"], "CoolantTemperature")
+    assert hint + "no [[diagnostics]] asks the ECUs on can0" in unasked.stderr, unasked.stderr
 
 
 # -- a real broker, real agents ---------------------------------------------------------

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,7 +81,13 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """A campaign file against a vehicle's config: its buses, its DBC files."""
+    """A campaign file against a vehicle's config: its buses, its DBC files, and the
+    streams of the answers of the ECUs it asks."""
+    with tempfile.TemporaryDirectory() as folder:  # for the answers' DBC: no state_dir here
+        return _check(args, Path(folder))
+
+
+def _check(args: argparse.Namespace, answers_folder: Path) -> int:
     from agent.campaigns.document import (
         DBC_HASH,
         CampaignError,
@@ -88,14 +95,17 @@ def run_check(args: argparse.Namespace) -> int:
         document_from_toml,
         document_of,
     )
-    from agent.campaigns.manager import Campaigns, fits_dbcs, with_dbc
+    from agent.campaigns.manager import vehicle_campaigns
     from agent.config import ConfigError, load_config
-    from agent.decode import DbcError, bus_decoders, default_cache_dir
+    from agent.decode import DbcError
+    from agent.diagnostics.streams import diagnostics_streams
 
     source = Path(args.campaign)
     try:
         config = load_config(args.config)
-        decoders = bus_decoders(config.buses, default_cache_dir())
+        # The streams of the ECUs' answers that the vehicle's [[diagnostics]] ask for.
+        answers = diagnostics_streams(config, answers_folder)
+        vehicle = vehicle_campaigns(config, answers)
         data = document_from_toml(source.read_text(encoding="utf-8"), str(source), source.parent)
     except ConfigError as error:
         for problem in error.problems:
@@ -115,12 +125,6 @@ def run_check(args: argparse.Namespace) -> int:
         bus: [source.parent / f for f in files if not DBC_HASH.fullmatch(f)]
         for bus, files in named.items()
     }
-    vehicle = Campaigns(
-        config.state_dir / "campaigns",
-        (),
-        [bus.name for bus in config.buses],
-        fits_dbcs(decoders, lambda extra: with_dbc(config.buses, extra)),
-    )
     try:
         rules = vehicle.rules_of(document_of(data, canonical(data)), extra)
     except CampaignError as error:
