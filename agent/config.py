@@ -504,12 +504,6 @@ def _campaigns(
             check.problems.append(f"campaigns.url: {error}")
     elif (keys or health.interval_s) and uplink.kind == "file":
         check.problems.append("campaigns.url: missing (the uplink writes files)")
-    link = control_url(url, uplink)
-    if health.interval_s and link.split("://")[0] in URL_SCHEMES["grpc"]:
-        check.problems.append(
-            "health.interval_s: health reports go over MQTT; the control link is gRPC "
-            "(set campaigns.url to an MQTT broker)"
-        )
     return CampaignsConfig(keys=tuple(keys), groups=tuple(map(str, groups)), url=url)
 
 

@@ -628,7 +628,29 @@ async def test_the_control_link_comes_back_with_a_broker_that_lost_everything(
     assert "control link" in log and "lost" in log
 
 
-async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Path) -> None:
+def tool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """A cloud tool (`campaign status`, `snapshot`, `health`) to its end."""
+    command = agent_command(*args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def grpc_checkin(url: str, vehicle: str, ready: Any, timeout: float = 20) -> dict[str, Any]:
+    """The vehicle's check-in as `campaign status --grpc` reads it, once `ready(it)`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = tool("campaign", "status", "--grpc", url, "--vehicle", vehicle, "--json")
+        assert status.returncode == 0, status.stderr
+        found = json.loads(status.stdout)
+        if found and ready(found[0]):
+            return found[0]  # type: ignore[no-any-return]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no such check-in of {vehicle}: {found}")
+        time.sleep(0.1)
+
+
+async def test_the_whole_control_plane_goes_over_grpc(tmp_path: Path) -> None:
+    """Campaigns from the receiver's folder, check-ins, snapshots and health reports, all
+    over the receiver's gRPC server, read by the tools with --grpc."""
     port = free_port()
     folder = tmp_path / "campaigns"
     received = tmp_path / "received.jsonl"
@@ -644,9 +666,13 @@ async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Pa
         [KEY],
         uplink=f'[uplink]\nkind = "grpc"\nurl = "{url}"\n',
         groups=("fleet",),
+        extra="[health]\ninterval_s = 0.5\n",
     )
     agent = Agent(config)
     try:
+        # A check-in on connect, with nothing to run yet.
+        first = grpc_checkin(url, "v8", lambda c: True)
+        assert first["campaigns"] == [] and first["dbc"]["can0"]
         await wait_records(received, "base")
         place = folder / "groups" / "fleet" / "campaigns"
         place.mkdir(parents=True)
@@ -657,9 +683,28 @@ async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Pa
         other.mkdir(parents=True)
         (other / "slow.json").write_bytes(signed(KEY, "slow"))
         await wait_records(received, "speed/fast")
+        # And a check-in on the change.
+        grpc_checkin(url, "v8", state_is("speed", "active"))
+        table = tool("campaign", "status", "--grpc", url)
+        assert table.stdout.splitlines()[1].split()[:4] == ["v8", "speed", "1", "active"]
+
+        answer = tool("snapshot", "--vehicle", "v8", "--grpc", url, "--json", "Speed")
+        assert answer.returncode == 0, answer.stderr
+        assert [s["signal"] for s in json.loads(answer.stdout)["signals"]] == ["Speed"]
+        absent = tool("snapshot", "--vehicle", "v9", "--grpc", url, "--timeout", "2")
+        assert absent.returncode == 1
+        assert "v9 is not connected" in absent.stderr and "no answer from v9" in absent.stderr
+
+        health = tool("health", "--grpc", url, "--vehicle", "v8", "--count", "2", "--timeout", "20")
+        assert health.returncode == 0, health.stderr
+        reports = [json.loads(line) for line in health.stdout.splitlines()]
+        frames = 'telemetry_agent_frames_received_total{bus="can0"}'
+        assert [r["vehicle"] for r in reports] == ["v8", "v8"]
+        assert reports[0]["metrics"][frames] < reports[1]["metrics"][frames]
     finally:
-        agent.stop()
+        log = agent.stop()
         receiver.process.kill()
+    assert "control link grpc 127.0.0.1" in log and "connected" in log
     state = json.loads((tmp_path / "v8" / "campaigns" / "state.json").read_text())
     assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]
 
