@@ -140,11 +140,11 @@ def _topics(args: argparse.Namespace, name: str) -> list[str]:
 
 
 async def _publish(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> None:
-    from agent.cloud.control import MqttControl
+    from agent.cloud.control import mqtt_client
 
-    async with MqttControl(args) as broker:
+    async with mqtt_client(args) as client:
         for topic, payload in messages:
-            await broker.client.publish(topic, payload, qos=1, retain=True)
+            await client.publish(topic, payload, qos=1, retain=True)
             print(f"{topic}: published")
 
 

@@ -11,11 +11,15 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import URL_SCHEMES, TlsConfig, split_url
+
+if TYPE_CHECKING:
+    import aiomqtt
+    from grpc import aio
 
 #: How long reading check-ins over MQTT waits for more after the last one came (retained
 #: messages come at once after the subscription).
@@ -25,13 +29,6 @@ QUIET_S = 0.5
 class Control(Protocol):
     """What the tools ask of the fleet; a lost link raises one of `link_errors()`."""
 
-    async def __aenter__(self) -> Control: ...
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
     async def checkins(self, vehicles: Sequence[str]) -> list[dict[str, Any]]:
         """The last check-in of each vehicle named (none: every one), by vehicle."""
         ...
@@ -64,33 +61,26 @@ def _checkin(payload: bytes, where: str) -> dict[str, Any] | None:
     return checkin
 
 
+def mqtt_client(args: argparse.Namespace) -> aiomqtt.Client:
+    """A client of the broker that `--mqtt` and the TLS options name."""
+    import aiomqtt
+
+    from agent.tls import client_context
+
+    host, port, use_tls = split_url(args.mqtt, URL_SCHEMES["mqtt"])
+    tls = _tls(args, use_tls)
+    return aiomqtt.Client(
+        host,
+        port,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=client_context(tls) if tls or use_tls else None,
+        timeout=10,
+    )
+
+
 class MqttControl:
-    def __init__(self, args: argparse.Namespace) -> None:
-        import aiomqtt
-
-        from agent.tls import client_context
-
-        host, port, use_tls = split_url(args.mqtt, URL_SCHEMES["mqtt"])
-        tls = _tls(args, use_tls)
-        self.client = aiomqtt.Client(
-            host,
-            port,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            tls_context=client_context(tls) if tls or use_tls else None,
-            timeout=10,
-        )
-
-    async def __aenter__(self) -> MqttControl:
-        await self.client.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.client.__aexit__(kind, error, tb)
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
 
     async def checkins(self, vehicles: Sequence[str]) -> list[dict[str, Any]]:
         from agent.campaigns.link import checkin_topic
@@ -137,28 +127,8 @@ class MqttControl:
 
 
 class GrpcControl:
-    def __init__(self, args: argparse.Namespace) -> None:
-        from agent.tls import grpc_channel
-        from agent.wire.transport import channel_options
-
-        url = args.grpc if "://" in args.grpc else f"grpc://{args.grpc}"
-        host, port, use_tls = split_url(url, URL_SCHEMES["grpc"])
-        tls = _tls(args, use_tls)
-        self.channel = grpc_channel(
-            f"{host}:{port}", tls is not None or use_tls, tls, channel_options(30)
-        )
-
-    async def __aenter__(self) -> GrpcControl:
-        await self.channel.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.channel.__aexit__(kind, error, tb)
+    def __init__(self, channel: aio.Channel) -> None:
+        self.channel = channel
 
     def _reports(self, method: str, vehicles: Sequence[str]) -> Any:
         from agent.wire import telemetry_pb2 as pb
@@ -221,9 +191,22 @@ def link_errors() -> tuple[type[Exception], ...]:
     return (aiomqtt.MqttError, aio.AioRpcError)
 
 
-def control_client(args: argparse.Namespace) -> Control:
-    """The control plane that the command's options name."""
-    return GrpcControl(args) if args.grpc else MqttControl(args)
+@asynccontextmanager
+async def control_client(args: argparse.Namespace) -> AsyncIterator[Control]:
+    """The control plane that the command's options name, connected."""
+    if not args.grpc:
+        async with mqtt_client(args) as client:
+            yield MqttControl(client)
+        return
+    from agent.tls import grpc_channel
+    from agent.wire.transport import channel_options
+
+    url = args.grpc if "://" in args.grpc else f"grpc://{args.grpc}"
+    host, port, use_tls = split_url(url, URL_SCHEMES["grpc"])
+    tls = _tls(args, use_tls)
+    options = channel_options(30)
+    async with grpc_channel(f"{host}:{port}", tls is not None or use_tls, tls, options) as channel:
+        yield GrpcControl(channel)
 
 
 def target(args: argparse.Namespace) -> str:
