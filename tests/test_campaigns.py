@@ -709,6 +709,36 @@ async def test_the_whole_control_plane_goes_over_grpc(tmp_path: Path) -> None:
     assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]
 
 
+async def test_the_campaigns_call_still_serves_the_folder(tmp_path: Path) -> None:
+    """Telemetry.Campaigns, which agents took campaigns by before Control, is kept."""
+    from grpc import aio
+
+    from agent.wire import telemetry_pb2 as pb
+
+    port = free_port()
+    folder = tmp_path / "campaigns"
+    place = folder / "vehicles" / "v1" / "campaigns"
+    place.mkdir(parents=True)
+    (place / "speed.json").write_bytes(signed(KEY, "speed"))
+    receiver = ReceiverProcess(
+        tmp_path / "received.jsonl", "--grpc-listen", f"127.0.0.1:{port}", "--campaigns", folder
+    )
+    try:
+        receiver.wait_ready("listening")
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_stream(
+                "/telemetry.v1.Telemetry/Campaigns",
+                request_serializer=pb.CampaignsRequest.SerializeToString,
+                response_deserializer=pb.Campaign.FromString,
+            )(pb.CampaignsRequest(vehicle_id="v1"), timeout=10)
+            first = await anext(aiter(call))
+            call.cancel()
+    finally:
+        receiver.process.kill()
+    assert first.topic == "vehicles/v1/campaigns/speed"
+    assert first.document == signed(KEY, "speed")
+
+
 def test_rules_changed_again_and_again_keep_their_names_on_the_wire() -> None:
     """Each campaign change makes new rule selections; one made after an old one was freed
     may have its id(), which the encoder must never take for the old one's schema block."""
