@@ -804,3 +804,43 @@ async def test_a_campaign_brings_its_dbc_file_and_decodes_with_it(tmp_path: Path
             agent.stop()
             receiver.process.kill()
     assert (tmp_path / "v9" / "campaigns" / "dbc" / f"{digest}.dbc").is_file()
+
+
+async def test_a_campaigns_dbc_file_comes_over_grpc_too(tmp_path: Path) -> None:
+    """The vehicle asks its Control call for the file by hash; the receiver sends it from
+    its folder's `dbc/` once it is there."""
+    bus = (
+        f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{TESLA_LOG}"\n'
+        f'channel = "vcan0"\npace = "realtime"\nloop = true\ndbc = ["{demo_dbc()}"]\n'
+    )
+    tesla = TESLA_DBC.read_bytes()
+    digest = hashlib.sha256(tesla).hexdigest()
+    collect = [{"name": "x", "mode": "all", "signals": ["DI_systemStatusCounter"]}]
+    port = free_port()
+    folder = tmp_path / "campaigns"
+    received = tmp_path / "received.jsonl"
+    receiver = ReceiverProcess(
+        received, "--grpc-listen", f"127.0.0.1:{port}", "--campaigns", folder
+    )
+    receiver.wait_ready("listening")
+    url = f"grpc://127.0.0.1:{port}"
+    uplink = f'[uplink]\nkind = "grpc"\nurl = "{url}"\n'
+    agent = Agent(agent_config(tmp_path, "v9", url, [KEY], uplink=uplink, bus=bus))
+    try:
+        # Half of the file, as while it is being copied: not sent, so not refused.
+        dbc_file = folder / "dbc" / f"{digest}.dbc"
+        dbc_file.parent.mkdir(parents=True)
+        dbc_file.write_bytes(tesla[: len(tesla) // 2])
+        place = folder / "vehicles" / "v9" / "campaigns"
+        place.mkdir(parents=True)
+        document = signed(KEY, "tesla", dbc={"can0": [digest]}, collect=collect)
+        (place / "tesla.json").write_bytes(document)
+        waiting = grpc_checkin(url, "v9", state_is("tesla", "waiting"))
+        assert campaign_of(waiting, "tesla")["waiting_for"]["dbc"] == [digest]  # type: ignore[index]
+        dbc_file.write_bytes(tesla)
+        grpc_checkin(url, "v9", state_is("tesla", "active"))
+        await wait_records(received, "tesla/x")
+    finally:
+        agent.stop()
+        receiver.process.kill()
+    assert (tmp_path / "v9" / "campaigns" / "dbc" / f"{digest}.dbc").read_bytes() == tesla

@@ -66,6 +66,8 @@ class _Out(Protocol):
     async def checkin(self, payload: bytes) -> None: ...
     async def answer(self, payload: bytes) -> None: ...
     async def health(self, payload: bytes) -> None: ...
+    async def want_dbc(self, hashes: set[str]) -> None:
+        """Ask for the DBC files that waiting campaigns need (all of them, each time)."""
 
 
 class _MqttOut:
@@ -76,6 +78,13 @@ class _MqttOut:
             SNAPSHOT_ANSWER.format(vehicle=vehicle),
             HEALTH_TOPIC.format(vehicle=vehicle),
         )
+        self.subscribed: set[str] = set()
+
+    async def want_dbc(self, hashes: set[str]) -> None:
+        """Subscribe to each file's retained topic, once per session."""
+        for digest in sorted(hashes - self.subscribed):
+            await self.client.subscribe(DBC_TOPIC.format(hash=digest), qos=1)
+            self.subscribed.add(digest)
 
     async def checkin(self, payload: bytes) -> None:
         await self.client.publish(self.topics[0], payload, qos=1, retain=True)
@@ -93,6 +102,12 @@ class _GrpcOut:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[pb.ControlUp] = asyncio.Queue()
+        self.wanted: set[str] = set()
+
+    async def want_dbc(self, hashes: set[str]) -> None:
+        if hashes != self.wanted:
+            self.wanted = set(hashes)
+            self.queue.put_nowait(pb.ControlUp(dbc_wanted=pb.DbcWanted(sha256=sorted(hashes))))
 
     async def requests(self) -> AsyncIterator[pb.ControlUp]:
         while True:
@@ -159,7 +174,6 @@ class ControlLink:
             self.filters.append(self.request_topic)
         self.keepalive_s = keepalive_s
         self.connected = False
-        self._client: aiomqtt.Client | None = None
         self._changed = asyncio.Event()  # a check-in to publish
         self._applied = rules_key(campaigns.rules())  # what the agent runs
 
@@ -232,8 +246,6 @@ class ControlLink:
             log.info("control link %s:%d connected", self.host, self.port)
             for topic in self.filters:
                 await client.subscribe(topic, qos=1)
-            subscribed: set[str] = set()
-            await self._subscribe_dbc(client, subscribed)
             async with self._sending(_MqttOut(client, self.vehicle)) as out:
                 async for message in client.messages:
                     payload = message.payload
@@ -247,7 +259,7 @@ class ControlLink:
                         self._update(self.campaigns.add_dbc(digest, bytes(payload)))
                     else:
                         self._update(self.campaigns.offer(topic, bytes(payload)))
-                    await self._subscribe_dbc(client, subscribed)
+                    await out.want_dbc(self.campaigns.needed_dbc())
 
     async def _grpc_session(self) -> None:
         """The cloud's `Telemetry.Control` call (proto/telemetry.proto): campaigns and
@@ -268,21 +280,23 @@ class ControlLink:
             log.info("control link grpc %s connected", address)
             async with self._sending(out):
                 async for down in call:
-                    if down.HasField("snapshot_request"):
-                        if self.snapshot is not None:
-                            await out.answer(self._answer(down.snapshot_request))
-                        continue
-                    topic = down.campaign.topic
-                    if not self.campaigns.keys:
-                        continue  # for health alone: no campaign is taken
-                    if not any(_matches(f, topic) for f in self.filters):
-                        log.warning("campaign on %s ignored: not for this vehicle", topic)
-                        continue
-                    self._update(self.campaigns.offer(topic, down.campaign.document))
+                    kind = down.WhichOneof("message")
+                    if kind == "snapshot_request" and self.snapshot is not None:
+                        await out.answer(self._answer(down.snapshot_request))
+                    elif kind == "dbc":
+                        self._update(self.campaigns.add_dbc(down.dbc.sha256, down.dbc.data))
+                    elif kind == "campaign" and self.campaigns.keys:  # none: health alone
+                        topic = down.campaign.topic
+                        if any(_matches(f, topic) for f in self.filters):
+                            self._update(self.campaigns.offer(topic, down.campaign.document))
+                        else:
+                            log.warning("campaign on %s ignored: not for this vehicle", topic)
+                    await out.want_dbc(self.campaigns.needed_dbc())
 
     @asynccontextmanager
     async def _sending(self, out: _Out) -> AsyncIterator[_Out]:
         """A session's check-ins (one at once: on every connect) and health reports."""
+        await out.want_dbc(self.campaigns.needed_dbc())
         self._changed.set()
         publisher = asyncio.create_task(self._publish_checkins(out))
         reporter = asyncio.create_task(self._report_health(out))
@@ -292,12 +306,6 @@ class ControlLink:
             publisher.cancel()
             reporter.cancel()
             await asyncio.gather(publisher, reporter, return_exceptions=True)
-
-    async def _subscribe_dbc(self, client: aiomqtt.Client, subscribed: set[str]) -> None:
-        """Take the DBC files that waiting campaigns need, and only those."""
-        for digest in sorted(self.campaigns.needed_dbc() - subscribed):
-            await client.subscribe(DBC_TOPIC.format(hash=digest), qos=1)
-            subscribed.add(digest)
 
     def _answer(self, payload: bytes) -> bytes:
         """A snapshot request's answer: the last values, now."""

@@ -2,10 +2,11 @@
 
 Vehicles hold a `Control` call each: down it go the signed campaign documents of a folder
 laid out as the MQTT topics (`vehicles/{vehicle}/campaigns/{name}.json`,
-`groups/{group}/campaigns/{name}.json`, each new or changed file as it appears) and
-snapshot requests; up it come check-ins, snapshot answers and health reports. The cloud's
-tools read them through `Checkins`, `Health` and `Snapshot`, as they read the topics of a
-broker over MQTT. The older `Campaigns` call serves the folder alone.
+`groups/{group}/campaigns/{name}.json`, each new or changed file as it appears), the DBC
+files they name that the vehicle asks for (`dbc/{sha256}.dbc`) and snapshot requests; up it
+come check-ins, snapshot answers, health reports and which DBC files the vehicle waits for.
+The cloud's tools read them through `Checkins`, `Health` and `Snapshot`, as they read the
+topics of a broker over MQTT. The older `Campaigns` call serves the folder alone.
 
 What signs the documents is `telemetry-agent campaign sign`; the folder only carries them.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,8 @@ from agent.wire import telemetry_pb2 as pb
 
 #: How often an open call looks for new or changed documents.
 POLL_S = 0.2
+#: The name of a DBC file in the folder's `dbc/`: the SHA-256 of its bytes, in hex.
+DBC_NAME = re.compile("[0-9a-f]{64}")
 #: Health reports a slow reader of `Health` may fall behind by; older ones it misses.
 HEALTH_BACKLOG = 1000
 
@@ -54,27 +59,43 @@ class CampaignFolder:
                 )
         return found
 
-    async def watch(self, request: pb.CampaignsRequest) -> AsyncIterator[pb.Campaign]:
-        """Every document for the vehicle now, then each new or changed one, forever."""
-        sent: dict[str, tuple[int, int]] = {}
-        while True:
-            for topic, (mtime, size, path) in self.documents(request).items():
-                if sent.get(topic) == (mtime, size):
-                    continue
-                try:
-                    document = path.read_bytes()
-                except OSError:
-                    continue  # replaced under us: the next look finds the new one
-                sent[topic] = (mtime, size)
-                yield pb.Campaign(topic=topic, document=document)
-            await asyncio.sleep(POLL_S)
+    def news(
+        self, request: pb.CampaignsRequest, sent: dict[str, tuple[int, int]]
+    ) -> list[pb.Campaign]:
+        """The documents for the vehicle that are not in `sent` as they are now (which
+        they are added to)."""
+        found = []
+        for topic, (mtime, size, path) in self.documents(request).items():
+            if sent.get(topic) == (mtime, size):
+                continue
+            try:
+                document = path.read_bytes()
+            except OSError:
+                continue  # replaced under us: the next look finds the new one
+            sent[topic] = (mtime, size)
+            found.append(pb.Campaign(topic=topic, document=document))
+        return found
+
+    def dbc(self, digest: str) -> bytes | None:
+        """`dbc/{sha256}.dbc` of the folder, once it is there whole (its bytes have that
+        hash: a file being written is looked at again later)."""
+        if not DBC_NAME.fullmatch(digest):
+            return None
+        try:
+            data = (self.folder / "dbc" / f"{digest}.dbc").read_bytes()
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == digest else None
 
     async def stream(
         self, request: pb.CampaignsRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.Campaign]:
         await _check_names(request, context)
-        async for campaign in self.watch(request):
-            yield campaign
+        sent: dict[str, tuple[int, int]] = {}
+        while True:
+            for campaign in self.news(request, sent):
+                yield campaign
+            await asyncio.sleep(POLL_S)
 
 
 async def _check_names(
@@ -91,6 +112,7 @@ class _Vehicle:
 
     down: asyncio.Queue[pb.ControlDown] = field(default_factory=asyncio.Queue)
     answers: dict[str, asyncio.Future[bytes]] = field(default_factory=dict)
+    dbc_wanted: set[str] = field(default_factory=set)  # and not sent yet
 
 
 class ControlHub:
@@ -136,9 +158,20 @@ class ControlHub:
                     asked.set_exception(ConnectionError(f"{vehicle_id} disconnected"))
 
     async def _campaigns(self, hello: pb.CampaignsRequest, vehicle: _Vehicle) -> None:
+        """The folder's documents for the vehicle, and the DBC files it waits for, as they
+        come."""
         assert self.folder is not None
-        async for campaign in self.folder.watch(hello):
-            vehicle.down.put_nowait(pb.ControlDown(campaign=campaign))
+        sent: dict[str, tuple[int, int]] = {}
+        while True:
+            for campaign in self.folder.news(hello, sent):
+                vehicle.down.put_nowait(pb.ControlDown(campaign=campaign))
+            for digest in sorted(vehicle.dbc_wanted):
+                data = self.folder.dbc(digest)
+                if data is not None:
+                    vehicle.dbc_wanted.discard(digest)
+                    file = pb.DbcFile(sha256=digest, data=data)
+                    vehicle.down.put_nowait(pb.ControlDown(dbc=file))
+            await asyncio.sleep(POLL_S)
 
     async def _read(
         self, vehicle_id: str, vehicle: _Vehicle, requests: AsyncIterator[pb.ControlUp]
@@ -153,6 +186,8 @@ class ControlHub:
                     if not vehicles or vehicle_id in vehicles:
                         with contextlib.suppress(asyncio.QueueFull):
                             queue.put_nowait(report)
+            elif kind == "dbc_wanted":
+                vehicle.dbc_wanted = set(up.dbc_wanted.sha256)
             elif kind == "snapshot_answer":
                 asked = vehicle.answers.pop(_request_id(up.snapshot_answer), None)
                 if asked is not None and not asked.done():

@@ -162,24 +162,42 @@ class Campaign(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., document: _Optional[bytes] = ...) -> None: ...
 
 class ControlUp(_message.Message):
-    __slots__ = ("hello", "checkin", "snapshot_answer", "health")
+    __slots__ = ("hello", "checkin", "snapshot_answer", "health", "dbc_wanted")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     CHECKIN_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_ANSWER_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    DBC_WANTED_FIELD_NUMBER: _ClassVar[int]
     hello: CampaignsRequest
     checkin: bytes
     snapshot_answer: bytes
     health: bytes
-    def __init__(self, hello: _Optional[_Union[CampaignsRequest, _Mapping]] = ..., checkin: _Optional[bytes] = ..., snapshot_answer: _Optional[bytes] = ..., health: _Optional[bytes] = ...) -> None: ...
+    dbc_wanted: DbcWanted
+    def __init__(self, hello: _Optional[_Union[CampaignsRequest, _Mapping]] = ..., checkin: _Optional[bytes] = ..., snapshot_answer: _Optional[bytes] = ..., health: _Optional[bytes] = ..., dbc_wanted: _Optional[_Union[DbcWanted, _Mapping]] = ...) -> None: ...
+
+class DbcWanted(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DbcFile(_message.Message):
+    __slots__ = ("sha256", "data")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    data: bytes
+    def __init__(self, sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ControlDown(_message.Message):
-    __slots__ = ("campaign", "snapshot_request")
+    __slots__ = ("campaign", "snapshot_request", "dbc")
     CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DBC_FIELD_NUMBER: _ClassVar[int]
     campaign: Campaign
     snapshot_request: bytes
-    def __init__(self, campaign: _Optional[_Union[Campaign, _Mapping]] = ..., snapshot_request: _Optional[bytes] = ...) -> None: ...
+    dbc: DbcFile
+    def __init__(self, campaign: _Optional[_Union[Campaign, _Mapping]] = ..., snapshot_request: _Optional[bytes] = ..., dbc: _Optional[_Union[DbcFile, _Mapping]] = ...) -> None: ...
 
 class VehiclesRequest(_message.Message):
     __slots__ = ("vehicle_ids",)
