@@ -705,6 +705,7 @@ async def test_the_whole_control_plane_goes_over_grpc(tmp_path: Path) -> None:
         log = agent.stop()
         receiver.process.kill()
     assert "control link grpc 127.0.0.1" in log and "connected" in log
+    assert "control call of v8 from" in receiver.stderr_path.read_text()
     state = json.loads((tmp_path / "v8" / "campaigns" / "state.json").read_text())
     assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]
 

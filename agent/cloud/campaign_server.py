@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import grpc
 from grpc import aio
 
 from agent.wire import telemetry_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 #: How often an open call looks for new or changed documents.
 POLL_S = 0.2
@@ -136,6 +139,7 @@ class ControlHub:
         await _check_names(first.hello, context)
         vehicle_id = first.hello.vehicle_id
         vehicle = self.vehicles[vehicle_id] = _Vehicle()  # a reconnect replaces the old call
+        log.info("control call of %s from %s", vehicle_id, context.peer())
         tasks = [asyncio.create_task(self._read(vehicle_id, vehicle, requests))]
         if self.folder is not None:
             tasks.append(asyncio.create_task(self._campaigns(first.hello, vehicle)))
@@ -153,6 +157,7 @@ class ControlHub:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.vehicles.get(vehicle_id) is vehicle:
                 del self.vehicles[vehicle_id]
+                log.info("control call of %s ended", vehicle_id)
             for asked in vehicle.answers.values():
                 if not asked.done():
                     asked.set_exception(ConnectionError(f"{vehicle_id} disconnected"))
