@@ -295,7 +295,8 @@ class ControlLink:
 
     @asynccontextmanager
     async def _sending(self, out: _Out) -> AsyncIterator[_Out]:
-        """A session's check-ins (one at once: on every connect) and health reports."""
+        """A session's asks for the DBC files waited for, its check-ins (one at once: on
+        every connect) and its health reports."""
         await out.want_dbc(self.campaigns.needed_dbc())
         self._changed.set()
         publisher = asyncio.create_task(self._publish_checkins(out))
