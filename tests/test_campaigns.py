@@ -648,17 +648,26 @@ def grpc_checkin(url: str, vehicle: str, ready: Any, timeout: float = 20) -> dic
         time.sleep(0.1)
 
 
+def grpc_receiver(folder: Path) -> tuple[ReceiverProcess, str]:
+    """`receive --grpc-listen` on a free port, its records in `folder/received.jsonl`, the
+    campaigns of `folder/campaigns`, ready; and its URL."""
+    port = free_port()
+    receiver = ReceiverProcess(
+        folder / "received.jsonl",
+        "--grpc-listen",
+        f"127.0.0.1:{port}",
+        "--campaigns",
+        folder / "campaigns",
+    )
+    receiver.wait_ready("listening")
+    return receiver, f"grpc://127.0.0.1:{port}"
+
+
 async def test_the_whole_control_plane_goes_over_grpc(tmp_path: Path) -> None:
     """Campaigns from the receiver's folder, check-ins, snapshots and health reports, all
     over the receiver's gRPC server, read by the tools with --grpc."""
-    port = free_port()
-    folder = tmp_path / "campaigns"
-    received = tmp_path / "received.jsonl"
-    receiver = ReceiverProcess(
-        received, "--grpc-listen", f"127.0.0.1:{port}", "--campaigns", folder
-    )
-    receiver.wait_ready("listening")
-    url = f"grpc://127.0.0.1:{port}"
+    receiver, url = grpc_receiver(tmp_path)
+    folder, received = tmp_path / "campaigns", receiver.output
     config = agent_config(
         tmp_path,
         "v8",
@@ -716,17 +725,12 @@ async def test_the_campaigns_call_still_serves_the_folder(tmp_path: Path) -> Non
 
     from agent.wire import telemetry_pb2 as pb
 
-    port = free_port()
-    folder = tmp_path / "campaigns"
-    place = folder / "vehicles" / "v1" / "campaigns"
+    place = tmp_path / "campaigns" / "vehicles" / "v1" / "campaigns"
     place.mkdir(parents=True)
     (place / "speed.json").write_bytes(signed(KEY, "speed"))
-    receiver = ReceiverProcess(
-        tmp_path / "received.jsonl", "--grpc-listen", f"127.0.0.1:{port}", "--campaigns", folder
-    )
+    receiver, url = grpc_receiver(tmp_path)
     try:
-        receiver.wait_ready("listening")
-        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with aio.insecure_channel(url.removeprefix("grpc://")) as channel:
             call = channel.unary_stream(
                 "/telemetry.v1.Telemetry/Campaigns",
                 request_serializer=pb.CampaignsRequest.SerializeToString,
@@ -817,14 +821,8 @@ async def test_a_campaigns_dbc_file_comes_over_grpc_too(tmp_path: Path) -> None:
     tesla = TESLA_DBC.read_bytes()
     digest = hashlib.sha256(tesla).hexdigest()
     collect = [{"name": "x", "mode": "all", "signals": ["DI_systemStatusCounter"]}]
-    port = free_port()
-    folder = tmp_path / "campaigns"
-    received = tmp_path / "received.jsonl"
-    receiver = ReceiverProcess(
-        received, "--grpc-listen", f"127.0.0.1:{port}", "--campaigns", folder
-    )
-    receiver.wait_ready("listening")
-    url = f"grpc://127.0.0.1:{port}"
+    receiver, url = grpc_receiver(tmp_path)
+    folder, received = tmp_path / "campaigns", receiver.output
     uplink = f'[uplink]\nkind = "grpc"\nurl = "{url}"\n'
     agent = Agent(agent_config(tmp_path, "v9", url, [KEY], uplink=uplink, bus=bus))
     try:
