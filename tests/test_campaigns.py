@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import itertools
 import json
 import signal
 import subprocess
@@ -843,3 +844,35 @@ async def test_a_campaigns_dbc_file_comes_over_grpc_too(tmp_path: Path) -> None:
         agent.stop()
         receiver.process.kill()
     assert (tmp_path / "v9" / "campaigns" / "dbc" / f"{digest}.dbc").read_bytes() == tesla
+
+
+async def test_a_receiver_without_the_control_call_is_named_once(tmp_path: Path) -> None:
+    """A server that serves Stream alone (a receiver older than the agent): the agent says
+    so once, and asks again with its waits growing, not in a tight loop."""
+    import grpc
+    from grpc import aio
+
+    asked: list[float] = []
+
+    class StreamOnly(grpc.GenericRpcHandler):  # type: ignore[misc]
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            if details.method.endswith("/Control"):
+                asked.append(time.monotonic())
+            return None  # UNIMPLEMENTED
+
+    server = aio.server()
+    server.add_generic_rpc_handlers([StreamOnly()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    url = f"grpc://127.0.0.1:{port}"
+    uplink = f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n'
+    agent = Agent(agent_config(tmp_path, "v1", url, [KEY], uplink=uplink))
+    try:
+        await until(lambda: len(asked) >= 4, seconds=30)
+    finally:
+        log = agent.stop()
+        await server.stop(None)
+    assert log.count("has no Telemetry.Control call") == 1, log
+    assert "control link grpc" not in log and " lost" not in log, log  # never taken
+    gaps = [b - a for a, b in itertools.pairwise(asked)]
+    assert gaps[2] > 1.5 * gaps[0], gaps

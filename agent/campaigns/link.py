@@ -14,13 +14,14 @@ code; a session of either kind only moves them (`_Out`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiomqtt
 from aiomqtt import ProtocolVersion
@@ -33,6 +34,9 @@ from agent.health import HEALTH_TOPIC, Health
 from agent.tls import client_context, grpc_channel
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.transport import CONTROL_METHOD, channel_options
+
+if TYPE_CHECKING:
+    from grpc import aio
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,12 @@ def _matches(pattern: str, topic: str) -> bool:
     if last != "+":
         return pattern == topic
     return topic.startswith(head + "/") and "/" not in topic[len(head) + 1 :]
+
+
+def _unimplemented(error: Exception) -> bool:
+    """Whether a gRPC call failed for the server's want of the method."""
+    code = getattr(error, "code", None)
+    return callable(code) and getattr(code(), "name", "") == "UNIMPLEMENTED"
 
 
 def checkin_topic(vehicle: str) -> str:
@@ -97,30 +107,36 @@ class _MqttOut:
 
 
 class _GrpcOut:
-    """Into the Control call's requests, in order; a lost call ends the session, and
-    what it had not sent goes with it (the next session checks in anew)."""
+    """Up the Control call, one message at a time. A call that ended takes no more, and
+    says nothing of why: its reader gets the call's status and ends the session, and the
+    next session checks in anew."""
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[pb.ControlUp] = asyncio.Queue()
+    def __init__(self, call: aio.StreamStreamCall[pb.ControlUp, pb.ControlDown]) -> None:
+        from grpc import aio
+
+        self.call = call
         self.wanted: set[str] = set()
+        self._writing = asyncio.Lock()  # the call takes one write at a time
+        self._ended = (asyncio.InvalidStateError, aio.AioRpcError)
+
+    async def send(self, message: pb.ControlUp) -> None:
+        async with self._writing:
+            with contextlib.suppress(*self._ended):
+                await self.call.write(message)
 
     async def want_dbc(self, hashes: set[str]) -> None:
         if hashes != self.wanted:
             self.wanted = set(hashes)
-            self.queue.put_nowait(pb.ControlUp(dbc_wanted=pb.DbcWanted(sha256=sorted(hashes))))
-
-    async def requests(self) -> AsyncIterator[pb.ControlUp]:
-        while True:
-            yield await self.queue.get()
+            await self.send(pb.ControlUp(dbc_wanted=pb.DbcWanted(sha256=sorted(hashes))))
 
     async def checkin(self, payload: bytes) -> None:
-        self.queue.put_nowait(pb.ControlUp(checkin=payload))
+        await self.send(pb.ControlUp(checkin=payload))
 
     async def answer(self, payload: bytes) -> None:
-        self.queue.put_nowait(pb.ControlUp(snapshot_answer=payload))
+        await self.send(pb.ControlUp(snapshot_answer=payload))
 
     async def health(self, payload: bytes) -> None:
-        self.queue.put_nowait(pb.ControlUp(health=payload))
+        await self.send(pb.ControlUp(health=payload))
 
 
 class ControlLink:
@@ -174,6 +190,7 @@ class ControlLink:
             self.filters.append(self.request_topic)
         self.keepalive_s = keepalive_s
         self.connected = False
+        self.no_control = False  # the gRPC server said it has no Control call
         self._changed = asyncio.Event()  # a check-in to publish
         self._applied = rules_key(campaigns.rules())  # what the agent runs
 
@@ -224,7 +241,19 @@ class ControlLink:
             try:
                 await (self._grpc_session() if self.over_grpc else self._session())
             except self.lost as error:
-                if self.connected:
+                if _unimplemented(error):
+                    # A receiver older than the agent: said once, and asked again as the
+                    # wait grows to its longest (it may be upgraded), never in a tight loop.
+                    if not self.no_control:
+                        log.warning(
+                            "control link %s:%d: the server has no Telemetry.Control call "
+                            "(a receiver older than this agent?): %s",
+                            self.host,
+                            self.port,
+                            error,
+                        )
+                    self.no_control = True
+                elif self.connected:
                     log.warning("control link %s:%d lost: %s", self.host, self.port, error)
                     delay = RETRY_S[0]
                 else:
@@ -267,15 +296,20 @@ class ControlLink:
         address = f"{self.host}:{self.port}"
         options = channel_options(self.keepalive_s)
         async with grpc_channel(address, self.use_tls, self.tls_files, options) as channel:
-            out = _GrpcOut()
-            hello = pb.CampaignsRequest(vehicle_id=self.vehicle, groups=list(self.groups))
-            out.queue.put_nowait(pb.ControlUp(hello=hello))
             call = channel.stream_stream(
                 CONTROL_METHOD,
                 request_serializer=pb.ControlUp.SerializeToString,
                 response_deserializer=pb.ControlDown.FromString,
-            )(out.requests())
-            await call.wait_for_connection()
+            )()
+            # The server's answer to the call's opening (the receiver sends its metadata at
+            # once) before anything is written: a server without Control refuses the call
+            # then, and a write would hide its status behind its own failure.
+            await call.initial_metadata()
+            if call.done():
+                await call.wait_for_connection()  # raises with the call's status
+            out = _GrpcOut(call)
+            hello = pb.CampaignsRequest(vehicle_id=self.vehicle, groups=list(self.groups))
+            await out.send(pb.ControlUp(hello=hello))
             self.connected = True
             log.info("control link grpc %s connected", address)
             async with self._sending(out):

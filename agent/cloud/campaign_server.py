@@ -132,6 +132,8 @@ class ControlHub:
     async def control(
         self, requests: AsyncIterator[pb.ControlUp], context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ControlDown]:
+        # The agent waits for this before it writes: its call is taken.
+        await context.send_initial_metadata(())
         first = await anext(aiter(requests), None)
         if first is None or not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello first")
