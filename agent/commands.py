@@ -471,16 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument(
         "--campaigns",
         metavar="DIR",
-        help="with --grpc-listen: serve the signed campaigns of this folder to the agents "
-        "(docs/campaigns.md)",
+        help="with --grpc-listen: send the signed campaigns of this folder down the agents' "
+        "control calls (docs/campaigns.md)",
     )
     receive.set_defaults(handler=run_receive)
 
     from agent.cloud.campaigns import add_parser as add_campaign
+    from agent.cloud.health import add_parser as add_health
     from agent.cloud.snapshot import add_parser as add_snapshot
 
     add_campaign(commands)
     add_snapshot(commands)
+    add_health(commands)
     return parser
 
 

@@ -504,12 +504,6 @@ def _campaigns(
             check.problems.append(f"campaigns.url: {error}")
     elif (keys or health.interval_s) and uplink.kind == "file":
         check.problems.append("campaigns.url: missing (the uplink writes files)")
-    link = control_url(url, uplink)
-    if health.interval_s and link.split("://")[0] in URL_SCHEMES["grpc"]:
-        check.problems.append(
-            "health.interval_s: health reports go over MQTT; the control link is gRPC "
-            "(set campaigns.url to an MQTT broker)"
-        )
     return CampaignsConfig(keys=tuple(keys), groups=tuple(map(str, groups)), url=url)
 
 
@@ -623,6 +617,11 @@ def restart_changes(running: Config, loaded: Config) -> list[str]:
     before = control_url(running.campaigns.url, running.uplink)
     if link and before != control_url(running.campaigns.url, loaded.uplink):
         changed.append("uplink.url of the control link (campaigns.url is empty)")
+    # Whatever its URL, the control link takes the uplink's TLS files and keepalive, and
+    # keeps the ones it connected with until a restart.
+    for key in ("tls", "keepalive_s"):
+        if link and getattr(running.uplink, key) != getattr(loaded.uplink, key):
+            changed.append(f"uplink.{key} of the control link")
     return changed
 
 

@@ -46,7 +46,6 @@ class Health:
         self.vehicle = vehicle
         self.registry = registry
         self.interval_s = interval_s
-        self.topic = HEALTH_TOPIC.format(vehicle=vehicle)
         self._lines = _Lines()
         logging.getLogger().addHandler(self._lines)
 

@@ -106,17 +106,11 @@ class Agent:
             self.health = Health(config.vehicle_id, self.metrics.registry, config.health.interval_s)
         if config.campaigns.keys or self.health is not None:
             from agent.campaigns.link import ControlLink
-            from agent.campaigns.manager import Campaigns, fits_dbcs
+            from agent.campaigns.manager import vehicle_campaigns
 
             # Checked against the config's own DBCs: `decoders` gets those of the campaigns
             # active now below, which another campaign must not count on.
-            self.campaigns = Campaigns(
-                config.state_dir / "campaigns",
-                config.campaigns.keys,
-                [bus.name for bus in config.buses],
-                fits_dbcs(decoders, self._decoded),
-                answers=[stream.name for stream in self._answers],
-            )
+            self.campaigns = vehicle_campaigns(config, self._answers, decoders)
             self.campaigns.load()
             self.control = ControlLink(
                 self.campaigns,

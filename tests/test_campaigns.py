@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import itertools
 import json
 import signal
 import subprocess
@@ -235,9 +236,14 @@ async def test_a_campaign_may_select_the_answers_of_the_ecus(tmp_path: Path) -> 
         assert [r.name for r in campaigns.rules()] == ["obd/obd"]
         dbc = {"can0.diagnostics": [digest]}
         assert campaigns.offer(to_vehicle("v", "d"), signed(KEY, "d", dbc=dbc, collect=obd))
+        coolant = [{"name": "t", "mode": "all", "signals": ["CoolantTemperature"]}]
+        assert campaigns.offer(
+            to_vehicle("v", "t"), signed(KEY, "t", buses=["can0"], collect=coolant)
+        )
         states = {c["name"]: c for c in campaigns.checkin()}
         assert states["obd"]["state"] == "active"
         assert states["d"]["errors"] == ["dbc: no [[bus]] is named 'can0.diagnostics'"]
+        assert states["t"]["errors"][1].endswith("select buses = ['can0.diagnostics']")
     finally:
         await service.spool.close()
 
@@ -257,6 +263,13 @@ def test_a_reload_names_a_new_uplink_url_the_control_link_would_follow(tmp_path:
     # With its own URL the control link stays where it is, and the uplink moves alone.
     own = "mqtt://127.0.0.1:3"
     assert restart_changes(config(old, own), config(new, own)) == []
+    # Its TLS files and keepalive are the uplink's whatever its URL: a reload names them.
+    (tmp_path / "ca.pem").write_text("a CA")
+    secure = old + f'keepalive_s = 5\n[uplink.tls]\nca_file = "{tmp_path / "ca.pem"}"\n'
+    assert restart_changes(config(old, own), config(secure, own)) == [
+        "uplink.tls of the control link",
+        "uplink.keepalive_s of the control link",
+    ]
 
 
 def test_start_and_expiry_follow_the_agents_clock_and_survive_a_restart(tmp_path: Path) -> None:
@@ -304,6 +317,50 @@ def test_campaign_check_tries_a_file_against_a_vehicles_config(tmp_path: Path) -
     campaign.write_text(campaign.read_text().replace("Nope*", "Speed"))
     accepted = check()
     assert accepted.returncode == 0 and "OK" in accepted.stdout and "(c/x)" in accepted.stdout
+
+
+def test_campaign_check_knows_the_streams_of_the_ecus_answers(tmp_path: Path) -> None:
+    """Rules on the answers' signals (agent/diagnostics/pids.py) pass where the bus has a
+    [[diagnostics]], and are refused with where they are where it has none."""
+    asking = '[[diagnostics]]\nbus = "can0"\necus = [0x7E8]\npoll = [{pids = [0x05]}]\n'
+    bus = (  # never opened
+        f'[[bus]]\nname = "can0"\nsource = "python-can"\ninterface = "virtual"\n'
+        f'channel = "{tmp_path.name}"\ndbc = ["{demo_dbc()}"]\n'
+    )
+    asked = agent_config(tmp_path, "asked", "mqtt://127.0.0.1:1", [KEY], bus=bus, extra=asking)
+    silent = agent_config(tmp_path, "silent", "mqtt://127.0.0.1:1", [KEY], bus=bus)
+
+    def check(config: Path, buses: list[str], signal: str) -> subprocess.CompletedProcess[str]:
+        campaign = tmp_path / "obd.toml"
+        campaign.write_text(
+            f'name = "obd"\nversion = 1\nbuses = {json.dumps(buses)}\n'
+            f'[[collect]]\nname = "x"\nmode = "all"\nsignals = ["{signal}"]\n'
+        )
+        command = agent_command("campaign", "check", campaign, "--config", config)
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    ok = check(asked, ["can0.diagnostics"], "CoolantTemperature")
+    assert ok.returncode == 0 and "(obd/x)" in ok.stdout, ok.stderr
+    # The stream's signals are checked as a bus's are.
+    assert (
+        "no signal matches Nope on bus can0.diagnostics"
+        in check(asked, ["can0.diagnostics"], "Nope").stderr
+    )
+    refused = check(silent, ["can0.diagnostics"], "CoolantTemperature")
+    assert refused.returncode == 78
+    assert (
+        "buses: 'can0.diagnostics' is the stream of the ECUs' answers on bus 'can0', "
+        "and no [[diagnostics]] asks them (bus = 'can0')"
+    ) in refused.stderr
+    # On the bus itself the answers' signals are not: the error says where they are.
+    hint = "obd/x: CoolantTemperature: signals of the ECUs' answers, which come on a bus's "
+    hint += "diagnostics stream only: "
+    assert check(asked, [], "CoolantTemperature").returncode == 0  # every bus and stream
+    on_bus = check(asked, ["can0"], "CoolantTemperature")
+    assert on_bus.returncode == 78
+    assert hint + "select buses = ['can0.diagnostics']" in on_bus.stderr, on_bus.stderr
+    unasked = check(silent, ["can0"], "CoolantTemperature")
+    assert hint + "no [[diagnostics]] asks the ECUs on can0" in unasked.stderr, unasked.stderr
 
 
 # -- a real broker, real agents ---------------------------------------------------------
@@ -536,8 +593,10 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
             )
             await wait_checkins(mqtt.url, ["v3"], state_is("short", "active"))
             await wait_records(received, "short/fast")
-            # The file's rules change under a running campaign.
-            config.write_text(config.read_text().replace('"base"', '"base2"'))
+            # The file's rules change under a running campaign; so does the keepalive, which
+            # the control link keeps until a restart.
+            text = config.read_text().replace('"base"', '"base2"')
+            config.write_text(text.replace("\n[batch]", "keepalive_s = 20\n\n[batch]"))
             agent.process.send_signal(signal.SIGHUP)
             await wait_records(received, "base2")
             kept = len(rule_records(received, "long/fast"))
@@ -549,6 +608,7 @@ async def test_expiry_ends_a_campaign_and_a_reload_leaves_campaigns_running(
             log = agent.stop()
             receiver.process.kill()
     assert "reloaded" in log
+    assert "uplink.keepalive_s of the control link changed, which takes a restart" in log
 
 
 async def test_the_control_link_comes_back_with_a_broker_that_lost_everything(
@@ -569,15 +629,46 @@ async def test_the_control_link_comes_back_with_a_broker_that_lost_everything(
     assert "control link" in log and "lost" in log
 
 
-async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Path) -> None:
+def tool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """A cloud tool (`campaign status`, `snapshot`, `health`) to its end."""
+    command = agent_command(*args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def grpc_checkin(url: str, vehicle: str, ready: Any, timeout: float = 20) -> dict[str, Any]:
+    """The vehicle's check-in as `campaign status --grpc` reads it, once `ready(it)`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = tool("campaign", "status", "--grpc", url, "--vehicle", vehicle, "--json")
+        assert status.returncode == 0, status.stderr
+        found = json.loads(status.stdout)
+        if found and ready(found[0]):
+            return found[0]  # type: ignore[no-any-return]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no such check-in of {vehicle}: {found}")
+        time.sleep(0.1)
+
+
+def grpc_receiver(folder: Path) -> tuple[ReceiverProcess, str]:
+    """`receive --grpc-listen` on a free port, its records in `folder/received.jsonl`, the
+    campaigns of `folder/campaigns`, ready; and its URL."""
     port = free_port()
-    folder = tmp_path / "campaigns"
-    received = tmp_path / "received.jsonl"
     receiver = ReceiverProcess(
-        received, "--grpc-listen", f"127.0.0.1:{port}", "--campaigns", folder
+        folder / "received.jsonl",
+        "--grpc-listen",
+        f"127.0.0.1:{port}",
+        "--campaigns",
+        folder / "campaigns",
     )
     receiver.wait_ready("listening")
-    url = f"grpc://127.0.0.1:{port}"
+    return receiver, f"grpc://127.0.0.1:{port}"
+
+
+async def test_the_whole_control_plane_goes_over_grpc(tmp_path: Path) -> None:
+    """Campaigns from the receiver's folder, check-ins, snapshots and health reports, all
+    over the receiver's gRPC server, read by the tools with --grpc."""
+    receiver, url = grpc_receiver(tmp_path)
+    folder, received = tmp_path / "campaigns", receiver.output
     config = agent_config(
         tmp_path,
         "v8",
@@ -585,9 +676,13 @@ async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Pa
         [KEY],
         uplink=f'[uplink]\nkind = "grpc"\nurl = "{url}"\n',
         groups=("fleet",),
+        extra="[health]\ninterval_s = 0.5\n",
     )
     agent = Agent(config)
     try:
+        # A check-in on connect, with nothing to run yet.
+        first = grpc_checkin(url, "v8", lambda c: True)
+        assert first["campaigns"] == [] and first["dbc"]["can0"]
         await wait_records(received, "base")
         place = folder / "groups" / "fleet" / "campaigns"
         place.mkdir(parents=True)
@@ -598,11 +693,56 @@ async def test_campaigns_arrive_over_grpc_from_the_receivers_folder(tmp_path: Pa
         other.mkdir(parents=True)
         (other / "slow.json").write_bytes(signed(KEY, "slow"))
         await wait_records(received, "speed/fast")
+        # And a check-in on the change.
+        grpc_checkin(url, "v8", state_is("speed", "active"))
+        table = tool("campaign", "status", "--grpc", url)
+        assert table.stdout.splitlines()[1].split()[:4] == ["v8", "speed", "1", "active"]
+
+        answer = tool("snapshot", "--vehicle", "v8", "--grpc", url, "--json", "Speed")
+        assert answer.returncode == 0, answer.stderr
+        assert [s["signal"] for s in json.loads(answer.stdout)["signals"]] == ["Speed"]
+        absent = tool("snapshot", "--vehicle", "v9", "--grpc", url, "--timeout", "2")
+        assert absent.returncode == 1
+        assert "v9 is not connected" in absent.stderr and "no answer from v9" in absent.stderr
+
+        health = tool("health", "--grpc", url, "--vehicle", "v8", "--count", "2", "--timeout", "20")
+        assert health.returncode == 0, health.stderr
+        reports = [json.loads(line) for line in health.stdout.splitlines()]
+        frames = 'telemetry_agent_frames_received_total{bus="can0"}'
+        assert [r["vehicle"] for r in reports] == ["v8", "v8"]
+        assert reports[0]["metrics"][frames] < reports[1]["metrics"][frames]
     finally:
-        agent.stop()
+        log = agent.stop()
         receiver.process.kill()
+    assert "control link grpc 127.0.0.1" in log and "connected" in log
+    assert "control call of v8 from" in receiver.stderr_path.read_text()
     state = json.loads((tmp_path / "v8" / "campaigns" / "state.json").read_text())
     assert [(c["name"], c["state"]) for c in state] == [("speed", "active")]
+
+
+async def test_the_campaigns_call_still_serves_the_folder(tmp_path: Path) -> None:
+    """Telemetry.Campaigns, which agents took campaigns by before Control, is kept."""
+    from grpc import aio
+
+    from agent.wire import telemetry_pb2 as pb
+
+    place = tmp_path / "campaigns" / "vehicles" / "v1" / "campaigns"
+    place.mkdir(parents=True)
+    (place / "speed.json").write_bytes(signed(KEY, "speed"))
+    receiver, url = grpc_receiver(tmp_path)
+    try:
+        async with aio.insecure_channel(url.removeprefix("grpc://")) as channel:
+            call = channel.unary_stream(
+                "/telemetry.v1.Telemetry/Campaigns",
+                request_serializer=pb.CampaignsRequest.SerializeToString,
+                response_deserializer=pb.Campaign.FromString,
+            )(pb.CampaignsRequest(vehicle_id="v1"), timeout=10)
+            first = await anext(aiter(call))
+            call.cancel()
+    finally:
+        receiver.process.kill()
+    assert first.topic == "vehicles/v1/campaigns/speed"
+    assert first.document == signed(KEY, "speed")
 
 
 def test_rules_changed_again_and_again_keep_their_names_on_the_wire() -> None:
@@ -670,3 +810,69 @@ async def test_a_campaign_brings_its_dbc_file_and_decodes_with_it(tmp_path: Path
             agent.stop()
             receiver.process.kill()
     assert (tmp_path / "v9" / "campaigns" / "dbc" / f"{digest}.dbc").is_file()
+
+
+async def test_a_campaigns_dbc_file_comes_over_grpc_too(tmp_path: Path) -> None:
+    """The vehicle asks its Control call for the file by hash; the receiver sends it from
+    its folder's `dbc/` once it is there."""
+    bus = (
+        f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{TESLA_LOG}"\n'
+        f'channel = "vcan0"\npace = "realtime"\nloop = true\ndbc = ["{demo_dbc()}"]\n'
+    )
+    tesla = TESLA_DBC.read_bytes()
+    digest = hashlib.sha256(tesla).hexdigest()
+    collect = [{"name": "x", "mode": "all", "signals": ["DI_systemStatusCounter"]}]
+    receiver, url = grpc_receiver(tmp_path)
+    folder, received = tmp_path / "campaigns", receiver.output
+    uplink = f'[uplink]\nkind = "grpc"\nurl = "{url}"\n'
+    agent = Agent(agent_config(tmp_path, "v9", url, [KEY], uplink=uplink, bus=bus))
+    try:
+        # Half of the file, as while it is being copied: not sent, so not refused.
+        dbc_file = folder / "dbc" / f"{digest}.dbc"
+        dbc_file.parent.mkdir(parents=True)
+        dbc_file.write_bytes(tesla[: len(tesla) // 2])
+        place = folder / "vehicles" / "v9" / "campaigns"
+        place.mkdir(parents=True)
+        document = signed(KEY, "tesla", dbc={"can0": [digest]}, collect=collect)
+        (place / "tesla.json").write_bytes(document)
+        waiting = grpc_checkin(url, "v9", state_is("tesla", "waiting"))
+        assert campaign_of(waiting, "tesla")["waiting_for"]["dbc"] == [digest]  # type: ignore[index]
+        dbc_file.write_bytes(tesla)
+        grpc_checkin(url, "v9", state_is("tesla", "active"))
+        await wait_records(received, "tesla/x")
+    finally:
+        agent.stop()
+        receiver.process.kill()
+    assert (tmp_path / "v9" / "campaigns" / "dbc" / f"{digest}.dbc").read_bytes() == tesla
+
+
+async def test_a_receiver_without_the_control_call_is_named_once(tmp_path: Path) -> None:
+    """A server that serves Stream alone (a receiver older than the agent): the agent says
+    so once, and asks again with its waits growing, not in a tight loop."""
+    import grpc
+    from grpc import aio
+
+    asked: list[float] = []
+
+    class StreamOnly(grpc.GenericRpcHandler):  # type: ignore[misc]
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            if details.method.endswith("/Control"):
+                asked.append(time.monotonic())
+            return None  # UNIMPLEMENTED
+
+    server = aio.server()
+    server.add_generic_rpc_handlers([StreamOnly()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    url = f"grpc://127.0.0.1:{port}"
+    uplink = f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n'
+    agent = Agent(agent_config(tmp_path, "v1", url, [KEY], uplink=uplink))
+    try:
+        await until(lambda: len(asked) >= 4, seconds=30)
+    finally:
+        log = agent.stop()
+        await server.stop(None)
+    assert log.count("has no Telemetry.Control call") == 1, log
+    assert "control link grpc" not in log and " lost" not in log, log  # never taken
+    gaps = [b - a for a, b in itertools.pairwise(asked)]
+    assert gaps[2] > 1.5 * gaps[0], gaps

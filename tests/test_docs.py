@@ -86,9 +86,9 @@ GATEWAY_PROGRAMS = {
     "canplayer",
     "curl",
 }
-#: Words that only make sense on a gateway: an installed agent, the fleet's broker.
+#: Words that only make sense on a gateway: an installed agent, the fleet's broker or receiver.
 GATEWAY_WORDS = re.compile(
-    r"^/(etc|opt|var/lib)/telemetry-agent|broker\.example\.com|^install-service$"
+    r"^/(etc|opt|var/lib)/telemetry-agent|(broker|receiver)\.example\.com|^install-service$"
 )
 STATUS_LINE = re.compile(r"^\[\s*[\d.]+ s\] [\d,]+ frames \(", re.MULTILINE)
 RUN_TIMEOUT_S = 120

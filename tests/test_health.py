@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.health import HEALTH_TOPIC
 from tests.campaign_fleet import agent_config, client, publish, signed, to_vehicle
-from tests.services import broker
+from tests.services import agent_command, broker
 from tests.test_campaigns import Agent, tampered
 
 
@@ -53,3 +54,26 @@ async def test_health_reports_carry_the_metrics_and_the_warnings(tmp_path: Path)
     ), lines
     # Each line goes up once: the next report starts empty.
     assert sum("campaign c refused" in line["message"] for line in lines) == 1
+
+
+def test_the_health_command_prints_the_reports_as_they_come(tmp_path: Path) -> None:
+    """`telemetry-agent health --mqtt` (`--grpc`: tests/test_campaigns.py)."""
+    key = Ed25519PrivateKey.generate()
+    with broker(tmp_path) as mqtt:
+        config = agent_config(tmp_path, "v4", mqtt.url, [key], extra="[health]\ninterval_s = 0.5\n")
+        agent = Agent(config)
+        try:
+            command = ["health", "--mqtt", mqtt.url, "--vehicle", "v4", "--count", "2"]
+            result = subprocess.run(
+                agent_command(*command, "--timeout", "20"),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            agent.stop()
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["vehicle"] for r in reports] == ["v4", "v4"]
+    assert reports[0]["time"] < reports[1]["time"]

@@ -1,24 +1,27 @@
-"""The vehicle's control link: an MQTT connection of its own (client id `{vehicle}/control`)
-that takes the campaigns retained for the vehicle and its groups, publishes the vehicle's
-check-in, retained, on connect and on each change, and answers snapshot requests. Apart
-from the uplink: the control plane works with any uplink, and a spool draining never
-delays a campaign.
+"""The vehicle's control link: a connection of its own that takes the campaigns for the
+vehicle and its groups, sends the vehicle's check-in on connect and on each change,
+answers snapshot requests and sends health reports. Apart from the uplink: the control
+plane works with any uplink, and a spool draining never delays a campaign.
 
-Topics (docs/campaigns.md): `vehicles/{vehicle}/campaigns/{name}`,
-`groups/{group}/campaigns/{name}`, the check-in `vehicles/{vehicle}/checkin`, and
-`vehicles/{vehicle}/snapshot/request` and `.../answer`.
+Over MQTT (client id `{vehicle}/control`) on the topics of docs/campaigns.md:
+`vehicles/{vehicle}/campaigns/{name}`, `groups/{group}/campaigns/{name}`, the retained
+check-in `vehicles/{vehicle}/checkin`, `vehicles/{vehicle}/snapshot/request` and
+`.../answer`, `vehicles/{vehicle}/health`. Over gRPC, the same documents on the
+`Telemetry.Control` call (proto/telemetry.proto). What the link does with them is one
+code; a session of either kind only moves them (`_Out`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiomqtt
 from aiomqtt import ProtocolVersion
@@ -27,10 +30,13 @@ from agent import __version__
 from agent.campaigns.manager import Campaigns, utc
 from agent.collect.rules import rules_key
 from agent.config import URL_SCHEMES, TlsConfig, split_url
-from agent.health import Health
-from agent.tls import client_context
+from agent.health import HEALTH_TOPIC, Health
+from agent.tls import client_context, grpc_channel
 from agent.wire import telemetry_pb2 as pb
-from agent.wire.transport import CAMPAIGNS_METHOD, channel_options
+from agent.wire.transport import CONTROL_METHOD, channel_options
+
+if TYPE_CHECKING:
+    from grpc import aio
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +60,83 @@ def _matches(pattern: str, topic: str) -> bool:
     return topic.startswith(head + "/") and "/" not in topic[len(head) + 1 :]
 
 
+def _unimplemented(error: Exception) -> bool:
+    """Whether a gRPC call failed for the server's want of the method."""
+    code = getattr(error, "code", None)
+    return callable(code) and getattr(code(), "name", "") == "UNIMPLEMENTED"
+
+
 def checkin_topic(vehicle: str) -> str:
     return CHECKIN_TOPIC.format(vehicle=vehicle)
+
+
+class _Out(Protocol):
+    """What a session sends up; raises one of the link's `lost` errors when it cannot."""
+
+    async def checkin(self, payload: bytes) -> None: ...
+    async def answer(self, payload: bytes) -> None: ...
+    async def health(self, payload: bytes) -> None: ...
+    async def want_dbc(self, hashes: set[str]) -> None:
+        """Ask for the DBC files that waiting campaigns need (all of them, each time)."""
+
+
+class _MqttOut:
+    def __init__(self, client: aiomqtt.Client, vehicle: str) -> None:
+        self.client = client
+        self.topics = (
+            checkin_topic(vehicle),
+            SNAPSHOT_ANSWER.format(vehicle=vehicle),
+            HEALTH_TOPIC.format(vehicle=vehicle),
+        )
+        self.subscribed: set[str] = set()
+
+    async def want_dbc(self, hashes: set[str]) -> None:
+        """Subscribe to each file's retained topic, once per session."""
+        for digest in sorted(hashes - self.subscribed):
+            await self.client.subscribe(DBC_TOPIC.format(hash=digest), qos=1)
+            self.subscribed.add(digest)
+
+    async def checkin(self, payload: bytes) -> None:
+        await self.client.publish(self.topics[0], payload, qos=1, retain=True)
+
+    async def answer(self, payload: bytes) -> None:
+        await self.client.publish(self.topics[1], payload, qos=1)
+
+    async def health(self, payload: bytes) -> None:
+        await self.client.publish(self.topics[2], payload, qos=1)
+
+
+class _GrpcOut:
+    """Up the Control call, one message at a time. A call that ended takes no more, and
+    says nothing of why: its reader gets the call's status and ends the session, and the
+    next session checks in anew."""
+
+    def __init__(self, call: aio.StreamStreamCall[pb.ControlUp, pb.ControlDown]) -> None:
+        from grpc import aio
+
+        self.call = call
+        self.wanted: set[str] = set()
+        self._writing = asyncio.Lock()  # the call takes one write at a time
+        self._ended = (asyncio.InvalidStateError, aio.AioRpcError)
+
+    async def send(self, message: pb.ControlUp) -> None:
+        async with self._writing:
+            with contextlib.suppress(*self._ended):
+                await self.call.write(message)
+
+    async def want_dbc(self, hashes: set[str]) -> None:
+        if hashes != self.wanted:
+            self.wanted = set(hashes)
+            await self.send(pb.ControlUp(dbc_wanted=pb.DbcWanted(sha256=sorted(hashes))))
+
+    async def checkin(self, payload: bytes) -> None:
+        await self.send(pb.ControlUp(checkin=payload))
+
+    async def answer(self, payload: bytes) -> None:
+        await self.send(pb.ControlUp(snapshot_answer=payload))
+
+    async def health(self, payload: bytes) -> None:
+        await self.send(pb.ControlUp(health=payload))
 
 
 class ControlLink:
@@ -109,7 +190,7 @@ class ControlLink:
             self.filters.append(self.request_topic)
         self.keepalive_s = keepalive_s
         self.connected = False
-        self._client: aiomqtt.Client | None = None
+        self.no_control = False  # the gRPC server said it has no Control call
         self._changed = asyncio.Event()  # a check-in to publish
         self._applied = rules_key(campaigns.rules())  # what the agent runs
 
@@ -160,7 +241,19 @@ class ControlLink:
             try:
                 await (self._grpc_session() if self.over_grpc else self._session())
             except self.lost as error:
-                if self.connected:
+                if _unimplemented(error):
+                    # A receiver older than the agent: said once, and asked again as the
+                    # wait grows to its longest (it may be upgraded), never in a tight loop.
+                    if not self.no_control:
+                        log.warning(
+                            "control link %s:%d: the server has no Telemetry.Control call "
+                            "(a receiver older than this agent?): %s",
+                            self.host,
+                            self.port,
+                            error,
+                        )
+                    self.no_control = True
+                elif self.connected:
                     log.warning("control link %s:%d lost: %s", self.host, self.port, error)
                     delay = RETRY_S[0]
                 else:
@@ -182,75 +275,75 @@ class ControlLink:
             log.info("control link %s:%d connected", self.host, self.port)
             for topic in self.filters:
                 await client.subscribe(topic, qos=1)
-            subscribed: set[str] = set()
-            await self._subscribe_dbc(client, subscribed)
-            self._changed.set()  # a check-in on every connect
-            publisher = asyncio.create_task(self._publish_checkins(client))
-            reporter = asyncio.create_task(self._report_health(client))
-            try:
+            async with self._sending(_MqttOut(client, self.vehicle)) as out:
                 async for message in client.messages:
                     payload = message.payload
                     if not isinstance(payload, bytes | bytearray):
                         continue
                     topic = str(message.topic)
                     if topic == self.request_topic:
-                        await self._answer(client, bytes(payload))
+                        await out.answer(self._answer(bytes(payload)))
                     elif topic.startswith("dbc/"):
                         digest = topic.removeprefix("dbc/")
                         self._update(self.campaigns.add_dbc(digest, bytes(payload)))
                     else:
                         self._update(self.campaigns.offer(topic, bytes(payload)))
-                    await self._subscribe_dbc(client, subscribed)
-            finally:
-                publisher.cancel()
-                reporter.cancel()
-                await asyncio.gather(publisher, reporter, return_exceptions=True)
+                    await out.want_dbc(self.campaigns.needed_dbc())
 
     async def _grpc_session(self) -> None:
-        """Campaigns over the cloud's `Telemetry.Campaigns` call (proto/telemetry.proto);
-        check-ins, snapshots and health reports need MQTT, so this link sends none."""
-        import grpc
-        from grpc import aio
-
+        """The cloud's `Telemetry.Control` call (proto/telemetry.proto): campaigns and
+        snapshot requests come down it, the rest goes up."""
         address = f"{self.host}:{self.port}"
         options = channel_options(self.keepalive_s)
-        if self.use_tls:
-            tls = self.tls_files
+        async with grpc_channel(address, self.use_tls, self.tls_files, options) as channel:
+            call = channel.stream_stream(
+                CONTROL_METHOD,
+                request_serializer=pb.ControlUp.SerializeToString,
+                response_deserializer=pb.ControlDown.FromString,
+            )()
+            # The server's answer to the call's opening (the receiver sends its metadata at
+            # once) before anything is written: a server without Control refuses the call
+            # then, and a write would hide its status behind its own failure.
+            await call.initial_metadata()
+            if call.done():
+                await call.wait_for_connection()  # raises with the call's status
+            out = _GrpcOut(call)
+            hello = pb.CampaignsRequest(vehicle_id=self.vehicle, groups=list(self.groups))
+            await out.send(pb.ControlUp(hello=hello))
+            self.connected = True
+            log.info("control link grpc %s connected", address)
+            async with self._sending(out):
+                async for down in call:
+                    kind = down.WhichOneof("message")
+                    if kind == "snapshot_request" and self.snapshot is not None:
+                        await out.answer(self._answer(down.snapshot_request))
+                    elif kind == "dbc":
+                        self._update(self.campaigns.add_dbc(down.dbc.sha256, down.dbc.data))
+                    elif kind == "campaign" and self.campaigns.keys:  # none: health alone
+                        topic = down.campaign.topic
+                        if any(_matches(f, topic) for f in self.filters):
+                            self._update(self.campaigns.offer(topic, down.campaign.document))
+                        else:
+                            log.warning("campaign on %s ignored: not for this vehicle", topic)
+                    await out.want_dbc(self.campaigns.needed_dbc())
 
-            def read(path: Path | None) -> bytes | None:
-                return path.read_bytes() if path else None
+    @asynccontextmanager
+    async def _sending(self, out: _Out) -> AsyncIterator[_Out]:
+        """A session's asks for the DBC files waited for, its check-ins (one at once: on
+        every connect) and its health reports."""
+        await out.want_dbc(self.campaigns.needed_dbc())
+        self._changed.set()
+        publisher = asyncio.create_task(self._publish_checkins(out))
+        reporter = asyncio.create_task(self._report_health(out))
+        try:
+            yield out
+        finally:
+            publisher.cancel()
+            reporter.cancel()
+            await asyncio.gather(publisher, reporter, return_exceptions=True)
 
-            credentials = grpc.ssl_channel_credentials(
-                read(tls.ca_file) if tls else None,
-                read(tls.key_file) if tls else None,
-                read(tls.cert_file) if tls else None,
-            )
-            channel = aio.secure_channel(address, credentials, options)
-        else:
-            channel = aio.insecure_channel(address, options)
-        async with channel:
-            call = channel.unary_stream(
-                CAMPAIGNS_METHOD,
-                request_serializer=pb.CampaignsRequest.SerializeToString,
-                response_deserializer=pb.Campaign.FromString,
-            )(pb.CampaignsRequest(vehicle_id=self.vehicle, groups=list(self.groups)))
-            async for campaign in call:
-                if not self.connected:
-                    self.connected = True
-                    log.info("control link grpc %s: campaigns coming", address)
-                if not any(_matches(f, campaign.topic) for f in self.filters):
-                    log.warning("campaign on %s ignored: not for this vehicle", campaign.topic)
-                    continue
-                self._update(self.campaigns.offer(campaign.topic, campaign.document))
-
-    async def _subscribe_dbc(self, client: aiomqtt.Client, subscribed: set[str]) -> None:
-        """Take the DBC files that waiting campaigns need, and only those."""
-        for digest in sorted(self.campaigns.needed_dbc() - subscribed):
-            await client.subscribe(DBC_TOPIC.format(hash=digest), qos=1)
-            subscribed.add(digest)
-
-    async def _answer(self, client: aiomqtt.Client, payload: bytes) -> None:
-        """A snapshot request: the last values, at once, on the answer topic."""
+    def _answer(self, payload: bytes) -> bytes:
+        """A snapshot request's answer: the last values, now."""
         assert self.snapshot is not None
         try:
             request = json.loads(payload)
@@ -261,29 +354,27 @@ class ControlLink:
         except (ValueError, AttributeError) as error:
             request, answer = {}, {"error": f"not a snapshot request: {error}"}
         answer |= {"id": request.get("id"), "vehicle": self.vehicle, "time": utc(time.time())}
-        topic = SNAPSHOT_ANSWER.format(vehicle=self.vehicle)
-        await client.publish(topic, json.dumps(answer).encode(), qos=1)
+        return json.dumps(answer).encode()
 
-    async def _report_health(self, client: aiomqtt.Client) -> None:
+    async def _report_health(self, out: _Out) -> None:
         """A health report at once on connect, then at each interval while connected."""
         health = self.health
         if health is None or not health.interval_s:
             return
         while True:
             try:
-                await client.publish(health.topic, health.report(), qos=1)
-            except aiomqtt.MqttError as error:
+                await out.health(health.report())
+            except self.lost as error:
                 log.warning("health report not published: %s", error)
             await asyncio.sleep(health.interval_s)
 
-    async def _publish_checkins(self, client: aiomqtt.Client) -> None:
-        topic = checkin_topic(self.vehicle)
+    async def _publish_checkins(self, out: _Out) -> None:
         while True:
             await self._changed.wait()
             self._changed.clear()
             try:
-                await client.publish(topic, self.checkin(), qos=1, retain=True)
-            except aiomqtt.MqttError as error:
+                await out.checkin(self.checkin())
+            except self.lost as error:
                 # The link is going (the session's loop notices) or the broker is slow:
                 # the check-in goes again, with what is true by then.
                 log.warning("check-in not published: %s", error)

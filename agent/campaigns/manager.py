@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,9 @@ from agent.campaigns.document import (
     verify,
 )
 from agent.collect.rules import CollectRule, parse_rules
-from agent.config import BusConfig, Checker
+from agent.config import BusConfig, Checker, Config
+from agent.diagnostics.settings import no_stream
+from agent.diagnostics.streams import answers_hints
 from agent.durable import write_atomically
 
 if TYPE_CHECKING:
@@ -264,7 +266,7 @@ class Campaigns:
         CampaignError with every problem."""
         if doc.kind == "removal":
             return ()
-        problems = [f"buses: no [[bus]] is named {b!r}" for b in doc.buses if b not in self.streams]
+        problems = [f"buses: {no_stream(b)}" for b in doc.buses if b not in self.streams]
         problems += [f"dbc: no [[bus]] is named {b!r}" for b in doc.dbc if b not in self.buses]
         if problems:
             raise CampaignError(problems)  # and not again for each rule that targets them
@@ -280,7 +282,8 @@ class Campaigns:
         try:
             self.validate(rules, self._dbc_paths(doc) if dbc is None else dbc)
         except ValueError as error:  # CollectError and DbcError are ones
-            raise CampaignError([str(error)]) from None
+            hints = answers_hints(rules, self.buses, self.streams)
+            raise CampaignError([str(error), *hints]) from None
         return rules
 
     def _accept(self, doc: Document, rules: tuple[CollectRule, ...], payload: bytes) -> None:
@@ -340,6 +343,29 @@ class Campaigns:
     def _save_state(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomically(self.folder / "state.json", json.dumps(self.checkin(), indent=1).encode())
+
+
+def vehicle_campaigns(
+    config: Config, answers: Sequence[BusDbcs], own: Mapping[str, Decoder] | None = None
+) -> Campaigns:
+    """A vehicle's campaigns as its config makes them: its buses and the streams of its
+    ECUs' answers (`answers`, from diagnostics_streams), which rules select as buses, and
+    the config's own DBC files and the answers' to check rules against (`own`: their
+    decoders, made when None)."""
+    from agent.decode import bus_decoders, default_cache_dir
+
+    def decoded(extra: Mapping[str, list[Path]]) -> list[BusDbcs]:
+        return [*with_dbc(config.buses, extra), *answers]
+
+    if own is None:
+        own = bus_decoders(decoded({}), default_cache_dir())
+    return Campaigns(
+        config.state_dir / "campaigns",
+        config.campaigns.keys,
+        [bus.name for bus in config.buses],
+        fits_dbcs(own, decoded),
+        answers=[stream.name for stream in answers],
+    )
 
 
 def fits_dbcs(

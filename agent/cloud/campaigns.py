@@ -11,16 +11,13 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from agent.exits import EX_CONFIG
-
-#: How long `status` waits for more check-ins after the last one came (retained messages
-#: come at once after the subscription).
-QUIET_S = 0.5
 
 
 def _private_key(path: str) -> Any:
@@ -80,7 +77,13 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """A campaign file against a vehicle's config: its buses, its DBC files."""
+    """A campaign file against a vehicle's config: its buses, its DBC files, and the
+    streams of the answers of the ECUs it asks."""
+    with tempfile.TemporaryDirectory() as folder:  # for the answers' DBC: no state_dir here
+        return _check(args, Path(folder))
+
+
+def _check(args: argparse.Namespace, answers_folder: Path) -> int:
     from agent.campaigns.document import (
         DBC_HASH,
         CampaignError,
@@ -88,14 +91,17 @@ def run_check(args: argparse.Namespace) -> int:
         document_from_toml,
         document_of,
     )
-    from agent.campaigns.manager import Campaigns, fits_dbcs, with_dbc
+    from agent.campaigns.manager import vehicle_campaigns
     from agent.config import ConfigError, load_config
-    from agent.decode import DbcError, bus_decoders, default_cache_dir
+    from agent.decode import DbcError
+    from agent.diagnostics.streams import diagnostics_streams
 
     source = Path(args.campaign)
     try:
         config = load_config(args.config)
-        decoders = bus_decoders(config.buses, default_cache_dir())
+        # The streams of the ECUs' answers that the vehicle's [[diagnostics]] ask for.
+        answers = diagnostics_streams(config, answers_folder)
+        vehicle = vehicle_campaigns(config, answers)
         data = document_from_toml(source.read_text(encoding="utf-8"), str(source), source.parent)
     except ConfigError as error:
         for problem in error.problems:
@@ -115,12 +121,6 @@ def run_check(args: argparse.Namespace) -> int:
         bus: [source.parent / f for f in files if not DBC_HASH.fullmatch(f)]
         for bus, files in named.items()
     }
-    vehicle = Campaigns(
-        config.state_dir / "campaigns",
-        (),
-        [bus.name for bus in config.buses],
-        fits_dbcs(decoders, lambda extra: with_dbc(config.buses, extra)),
-    )
     try:
         rules = vehicle.rules_of(document_of(data, canonical(data)), extra)
     except CampaignError as error:
@@ -140,31 +140,12 @@ def _topics(args: argparse.Namespace, name: str) -> list[str]:
 
 
 async def _publish(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> None:
+    from agent.cloud.control import mqtt_client
+
     async with mqtt_client(args) as client:
         for topic, payload in messages:
             await client.publish(topic, payload, qos=1, retain=True)
             print(f"{topic}: published")
-
-
-def mqtt_client(args: argparse.Namespace) -> Any:
-    import aiomqtt
-
-    from agent.config import URL_SCHEMES, TlsConfig, split_url
-    from agent.tls import client_context
-
-    host, port, use_tls = split_url(args.mqtt, URL_SCHEMES["mqtt"])
-    tls = None
-    if use_tls or args.ca_file:
-        tls = client_context(
-            TlsConfig(
-                Path(args.ca_file) if args.ca_file else None,
-                Path(args.cert_file) if args.cert_file else None,
-                Path(args.key_file) if args.key_file else None,
-            )
-        )
-    return aiomqtt.Client(
-        host, port, protocol=aiomqtt.ProtocolVersion.V5, tls_context=tls, timeout=10
-    )
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -200,26 +181,6 @@ def run_remove(args: argparse.Namespace) -> int:
     return _run(args, _publish(args, [(t, payload) for t in _topics(args, args.name)]))
 
 
-async def _checkins(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from agent.campaigns.link import checkin_topic
-
-    found: dict[str, dict[str, Any]] = {}
-    async with mqtt_client(args) as client:
-        for vehicle in args.vehicle or ["+"]:
-            await client.subscribe(checkin_topic(vehicle), qos=1)
-        while True:
-            try:
-                message = await asyncio.wait_for(anext(client.messages), QUIET_S)
-            except TimeoutError:
-                break
-            try:
-                checkin = json.loads(bytes(message.payload))
-                found[str(checkin["vehicle"])] = checkin
-            except (ValueError, KeyError, TypeError):
-                print(f"{message.topic}: not a check-in", file=sys.stderr)
-    return [found[v] for v in sorted(found)]
-
-
 def status_rows(checkins: Sequence[dict[str, Any]]) -> list[list[str]]:
     """vehicle, campaign, version, state, since: one row per campaign of each vehicle."""
     rows = []
@@ -246,10 +207,13 @@ def status_rows(checkins: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from agent.cloud.control import control_client
+
     checkins: list[dict[str, Any]] = []
 
     async def read() -> None:
-        checkins.extend(await _checkins(args))
+        async with control_client(args) as fleet:
+            checkins.extend(await fleet.checkins(args.vehicle))
 
     code = _run(args, read())
     if code:
@@ -266,26 +230,21 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, work: Any) -> int:
-    import aiomqtt
+    from agent.cloud.control import link_errors, target
 
     try:
         asyncio.run(work)
-    except aiomqtt.MqttError as error:
-        print(f"telemetry-agent campaign: {args.mqtt}: {error}", file=sys.stderr)
+    except link_errors() as error:
+        print(f"telemetry-agent campaign: {target(args)}: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-def broker_options(parser: argparse.ArgumentParser) -> None:
-    """The broker's options: its URL, and the TLS files."""
-    parser.add_argument("--mqtt", required=True, metavar="URL", help="mqtt[s]://HOST[:PORT]")
-    parser.add_argument("--ca-file", metavar="PATH", help="TLS: the broker's CA")
-    parser.add_argument("--cert-file", metavar="PATH", help="TLS: this side's certificate")
-    parser.add_argument("--key-file", metavar="PATH", help="TLS: this side's private key")
-
-
 def _targets(parser: argparse.ArgumentParser) -> None:
-    broker_options(parser)
+    from agent.cloud.control import tls_options
+
+    parser.add_argument("--mqtt", required=True, metavar="URL", help="mqtt[s]://HOST[:PORT]")
+    tls_options(parser)
     parser.add_argument("--vehicle", action="append", default=[], help="a vehicle; repeatable")
     parser.add_argument(
         "--group", action="append", default=[], help="a group of vehicles; repeatable"
@@ -294,6 +253,8 @@ def _targets(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(commands: Any) -> None:
     """The `campaign` command and its subcommands, into the CLI's parser."""
+    from agent.cloud.control import control_options
+
     campaign = commands.add_parser(
         "campaign",
         help="sign campaigns, push them to vehicles, read their check-ins",
@@ -338,7 +299,7 @@ def add_parser(commands: Any) -> None:
     remove.set_defaults(handler=run_remove)
 
     status = sub.add_parser("status", help="the fleet's check-ins as a table")
-    broker_options(status)
+    control_options(status)
     status.add_argument(
         "--vehicle", action="append", default=[], help="only this vehicle; repeatable"
     )

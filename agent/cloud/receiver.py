@@ -477,8 +477,9 @@ class _Telemetry:
 def grpc_server(
     receiver: Receiver, listen: str, tls: TlsConfig | None = None, campaigns: Path | None = None
 ) -> aio.Server:
-    """A Telemetry server; batches arrive as the bytes the agent sent (parsed once). With
-    `campaigns`, its Campaigns call serves the signed documents of that folder."""
+    """A Telemetry server; batches arrive as the bytes the agent sent (parsed once). The
+    vehicles' control plane comes with it (agent/cloud/campaign_server.py); with
+    `campaigns`, the signed documents of that folder go down it."""
     server = aio.server(
         options=[
             *channel_options(30),
@@ -490,11 +491,9 @@ def grpc_server(
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.stream, request_deserializer=None, response_serializer=pb.Ack.SerializeToString
     )
-    handlers = {"Stream": handler}
-    if campaigns is not None:
-        from agent.cloud.campaign_server import campaigns_handler
+    from agent.cloud.campaign_server import control_handlers
 
-        handlers["Campaigns"] = campaigns_handler(campaigns)
+    handlers = {"Stream": handler, **control_handlers(campaigns)}
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("telemetry.v1.Telemetry", handlers)]
     )

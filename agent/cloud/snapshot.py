@@ -1,5 +1,6 @@
 """`telemetry-agent snapshot --vehicle ID [SIGNAL...]`: asks a vehicle for the last values
-its agent decoded, over its control link, and prints the answer (docs/campaigns.md)."""
+its agent decoded, over its control link (through a broker or a receiver's gRPC server),
+and prints the answer (docs/campaigns.md)."""
 
 from __future__ import annotations
 
@@ -7,41 +8,24 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 import uuid
 from typing import Any
 
-from agent.cloud.campaigns import broker_options, mqtt_client
+from agent.cloud.control import control_client, control_options, link_errors, target
 
 
 async def ask(args: argparse.Namespace) -> dict[str, Any] | None:
     """The vehicle's answer, or None when none came within --timeout."""
-    from agent.campaigns.link import SNAPSHOT_ANSWER, SNAPSHOT_REQUEST
-
     request = {"id": uuid.uuid4().hex, "signals": args.signals}
-    async with mqtt_client(args) as client:
-        await client.subscribe(SNAPSHOT_ANSWER.format(vehicle=args.vehicle), qos=1)
-        topic = SNAPSHOT_REQUEST.format(vehicle=args.vehicle)
-        await client.publish(topic, json.dumps(request).encode(), qos=1)
-        deadline = time.monotonic() + args.timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                message = await asyncio.wait_for(anext(client.messages), left)
-            except TimeoutError:
-                break
-            answer: dict[str, Any] = json.loads(bytes(message.payload))
-            if answer.get("id") == request["id"]:
-                return answer
-    return None
+    async with control_client(args) as fleet:
+        return await fleet.snapshot(args.vehicle, request, args.timeout)
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    import aiomqtt
-
     try:
         answer = asyncio.run(ask(args))
-    except aiomqtt.MqttError as error:
-        print(f"telemetry-agent snapshot: {args.mqtt}: {error}", file=sys.stderr)
+    except link_errors() as error:
+        print(f"telemetry-agent snapshot: {target(args)}: {error}", file=sys.stderr)
         return 1
     if answer is None:
         print(
@@ -75,7 +59,7 @@ def add_parser(commands: Any) -> None:
         "globs; none: every signal), from a vehicle whose [campaigns] are on.",
     )
     snapshot.add_argument("signals", nargs="*", metavar="SIGNAL")
-    broker_options(snapshot)
+    control_options(snapshot)
     snapshot.add_argument("--vehicle", required=True, help="the vehicle to ask")
     snapshot.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
     snapshot.add_argument("--json", action="store_true", help="the answer as it came")

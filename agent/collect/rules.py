@@ -10,6 +10,7 @@ from typing import Any
 
 from agent.collect.expression import Expression, ExpressionError, parse
 from agent.config import Checker, one_of
+from agent.diagnostics.settings import no_stream
 
 MODES = ("all", "sample", "change", "aggregate", "trigger", "raw", "faults")
 REDUCES = ("last", "first", "mean", "min", "max")
@@ -110,7 +111,7 @@ def _rule(check: Checker, data: Any, where: str, buses: set[str]) -> CollectRule
     rule_buses = _names(check, data, where, "buses")
     for bus in rule_buses:
         if bus not in buses:
-            check.problems.append(f"{where}.buses: no [[bus]] is named {bus!r}")
+            check.problems.append(f"{where}.buses: {no_stream(bus)}")
     rule = CollectRule(
         name=name,
         mode=mode,

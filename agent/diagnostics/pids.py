@@ -11,6 +11,7 @@ the formulas live in one place.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 #: Bytes 0-3 of every answer frame hold the ECU's response ID.
@@ -200,3 +201,13 @@ def dbc_text() -> str:
     for frame_id in DTC_IDS.values():
         parts.append(f"VAL_ {frame_id | 0x80000000} System {letters} ;\n")
     return "".join(parts)
+
+
+@functools.cache
+def answer_signals() -> tuple[tuple[str, str], ...]:
+    """(message, signal) of every signal of the answers' DBC."""
+    import cantools
+
+    database = cantools.database.can.Database(strict=False)
+    database.add_dbc_string(dbc_text())
+    return tuple((m.name, s.name) for m in database.messages for s in m.signals)

@@ -58,6 +58,17 @@ def stream_name(bus: str) -> str:
     return bus + STREAM_SUFFIX
 
 
+def no_stream(name: str) -> str:
+    """Why a rule cannot select `name`, which is neither a bus nor a stream of answers."""
+    bus = name.removesuffix(STREAM_SUFFIX)
+    if bus != name:
+        return (
+            f"{name!r} is the stream of the ECUs' answers on bus {bus!r}, and no "
+            f"[[diagnostics]] asks them (bus = {bus!r})"
+        )
+    return f"no [[bus]] is named {name!r}"
+
+
 @dataclass(frozen=True)
 class PollGroup:
     """PIDs of service 01 asked together, every `interval_s`."""

@@ -13,6 +13,7 @@ import grpc
 from grpc import aio
 
 from agent.config import URL_SCHEMES, UplinkConfig, split_url
+from agent.tls import grpc_channel
 from agent.uplinks.base import Uplink, UplinkError, register
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.envelope import WireBatch
@@ -35,13 +36,6 @@ class GrpcUplink(Uplink):
         self._reader: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
 
-    def _credentials(self) -> grpc.ChannelCredentials:
-        tls = self.config.tls
-        root = tls.ca_file.read_bytes() if tls and tls.ca_file else None
-        key = tls.key_file.read_bytes() if tls and tls.key_file else None
-        cert = tls.cert_file.read_bytes() if tls and tls.cert_file else None
-        return grpc.ssl_channel_credentials(root, key, cert)
-
     async def connect(self) -> None:
         # Subchannels (the TCP connections) of this channel alone. In grpcio's global pool,
         # a new channel to the same address reuses the old channel's connection: after an
@@ -51,10 +45,7 @@ class GrpcUplink(Uplink):
             *channel_options(self.config.keepalive_s),
             ("grpc.use_local_subchannel_pool", 1),
         ]
-        if self.use_tls:
-            self._channel = aio.secure_channel(self.address, self._credentials(), options)
-        else:
-            self._channel = aio.insecure_channel(self.address, options)
+        self._channel = grpc_channel(self.address, self.use_tls, self.config.tls, options)
         try:
             await asyncio.wait_for(self._channel.channel_ready(), self.config.ack_timeout_s)
         except TimeoutError:

@@ -160,3 +160,63 @@ class Campaign(_message.Message):
     topic: str
     document: bytes
     def __init__(self, topic: _Optional[str] = ..., document: _Optional[bytes] = ...) -> None: ...
+
+class ControlUp(_message.Message):
+    __slots__ = ("hello", "checkin", "snapshot_answer", "health", "dbc_wanted")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    CHECKIN_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    DBC_WANTED_FIELD_NUMBER: _ClassVar[int]
+    hello: CampaignsRequest
+    checkin: bytes
+    snapshot_answer: bytes
+    health: bytes
+    dbc_wanted: DbcWanted
+    def __init__(self, hello: _Optional[_Union[CampaignsRequest, _Mapping]] = ..., checkin: _Optional[bytes] = ..., snapshot_answer: _Optional[bytes] = ..., health: _Optional[bytes] = ..., dbc_wanted: _Optional[_Union[DbcWanted, _Mapping]] = ...) -> None: ...
+
+class DbcWanted(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DbcFile(_message.Message):
+    __slots__ = ("sha256", "data")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    data: bytes
+    def __init__(self, sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ControlDown(_message.Message):
+    __slots__ = ("campaign", "snapshot_request", "dbc")
+    CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DBC_FIELD_NUMBER: _ClassVar[int]
+    campaign: Campaign
+    snapshot_request: bytes
+    dbc: DbcFile
+    def __init__(self, campaign: _Optional[_Union[Campaign, _Mapping]] = ..., snapshot_request: _Optional[bytes] = ..., dbc: _Optional[_Union[DbcFile, _Mapping]] = ...) -> None: ...
+
+class VehiclesRequest(_message.Message):
+    __slots__ = ("vehicle_ids",)
+    VEHICLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    vehicle_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vehicle_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Report(_message.Message):
+    __slots__ = ("vehicle_id", "document")
+    VEHICLE_ID_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    vehicle_id: str
+    document: bytes
+    def __init__(self, vehicle_id: _Optional[str] = ..., document: _Optional[bytes] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("vehicle_id", "request")
+    VEHICLE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    vehicle_id: str
+    request: bytes
+    def __init__(self, vehicle_id: _Optional[str] = ..., request: _Optional[bytes] = ...) -> None: ...

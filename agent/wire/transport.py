@@ -13,7 +13,11 @@ def batch_file_name(stream_id: str, sequence: int) -> str:
 
 
 STREAM_METHOD = "/telemetry.v1.Telemetry/Stream"
-CAMPAIGNS_METHOD = "/telemetry.v1.Telemetry/Campaigns"
+CONTROL_METHOD = "/telemetry.v1.Telemetry/Control"
+#: The cloud's tools' calls (docs/campaigns.md).
+CHECKINS_METHOD = "/telemetry.v1.Telemetry/Checkins"
+HEALTH_METHOD = "/telemetry.v1.Telemetry/Health"
+SNAPSHOT_METHOD = "/telemetry.v1.Telemetry/Snapshot"
 
 
 def channel_options(keepalive_s: int) -> list[tuple[str, int]]:
