@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from agent.collect.rules import CollectRule
 from agent.decode import DecodedBatch, MessageBlock, MessageInfo, MessagePlan, SignalInfo
+from agent.decode.text import TextArray
 from agent.frames import FrameBatch
 
 
@@ -40,6 +41,9 @@ class CollectedBlock:
     can_id: npt.NDArray[np.uint32]
     bits: npt.NDArray[np.uint64]  # (columns, rows): bit fields, or a statistic's bits
     present: npt.NDArray[np.bool_] | None  # (columns, rows); None: every value is there
+    # Text columns by index: a str per row, None where absent; their `present` rows stay
+    # clear, as text is in no numeric column.
+    texts: dict[int, TextArray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.t_ns)
@@ -116,6 +120,7 @@ def take_rows(
         block.can_id[rows],
         block.bits[:, rows],
         None if present is None or present.all() else present,
+        {column: values[rows] for column, values in block.texts.items()},
     )
 
 

@@ -20,6 +20,7 @@ import zstandard
 
 from agent.collect import Collected, CollectedBlock, RawCapture, Selection
 from agent.decode import DecodedBatch, MessageBlock
+from agent.decode.text import text_present
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.columns import DELTA2, PLAIN, deltas, segment_starts, zigzag
 from agent.wire.envelope import FORMAT, WireBatch
@@ -267,9 +268,29 @@ class BatchEncoder:
             value_width=width,
             present=np.packbits(slots, bitorder="little").tobytes() if any_absent else b"",
             raw=[_raw_frames(c, bus) for c, bus in zip(captures, raw_buses, strict=True)],
+            texts=_texts(blocks),
         )
-        signals = int(np.count_nonzero(slots))
+        signals = int(np.count_nonzero(slots)) + sum(len(t.values) for t in body.texts)
         return body.SerializeToString(), int(frames.sum()) + sum(raw_frames), signals, first, last
+
+
+def _texts(blocks: Sequence[MessageBlock | CollectedBlock]) -> list[pb.TextValues]:
+    """The text values of the blocks, a TextValues per text signal that has any. A block
+    without text signals has an empty dictionary: nothing is read for it."""
+    found = []
+    for position, block in enumerate(blocks):
+        for column, values in block.texts.items():
+            frames = np.flatnonzero(text_present(values))
+            if len(frames):
+                found.append(
+                    pb.TextValues(
+                        block=position,
+                        signal=column,
+                        frames=frames.tolist(),
+                        values=values[frames].tolist(),
+                    )
+                )
+    return found
 
 
 def _raw_frames(capture: RawCapture, bus: int) -> pb.RawFrames:
