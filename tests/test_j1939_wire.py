@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+import zstandard
 
 from agent.cloud.parser import SchemaStore, parse_batch
 from agent.collect import Collected, CollectedBlock, Selection
@@ -21,6 +23,7 @@ from agent.j1939.groups import decode_groups
 from agent.logs import open_log
 from agent.service import Agent
 from agent.snapshot import LastValues
+from agent.wire import telemetry_pb2 as pb
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireError, read_envelope
 from tests.data import TRUCK_DBC, TRUCK_LOG
@@ -114,7 +117,7 @@ SOFT = b"\x02SW1.0*SW2.0*"  # software identification: two fields, then their te
 
 
 @pytest.mark.parametrize("rules", ["", EC1_RULE + SOFT_RULE], ids=["no rules", "rules"])
-async def test_groups_go_beside_frames_and_text_is_left_out(tmp_path: Path, rules: str) -> None:
+async def test_groups_go_beside_frames_with_their_text(tmp_path: Path, rules: str) -> None:
     ec1_frames = bam(20, 0x00, EC1_PGN, EC1_DATA)
     vin_frames = bam(500, 0x00, 0xFEEC, VIN)
     soft_frames = bam(800, 0x00, 0xFEDA, SOFT)
@@ -123,36 +126,93 @@ async def test_groups_go_beside_frames_and_text_is_left_out(tmp_path: Path, rule
     ec1 = load_cantools(TRUCK_DBC).get_message_by_name("EC1")
     t = 1_700_000_000 + ec1_frames[-1][0] / 1000
     assert ec1_records(records) == [(t, 0, ec1.decode(EC1_DATA, decode_choices=False))]
-    # Text is longer than a column holds: the VIN (text alone) has no record, and the
-    # software identification's record has its number of fields only (docs/j1939.md).
-    expected = ["EC1", "SOFT"] if rules else ["EEC1", "EC1", "SOFT"]
+    expected = ["EC1", "SOFT"] if rules else ["EEC1", "EC1", "VI", "SOFT"]
     assert [r["message"] for r in records] == expected
+    if not rules:
+        assert records[2]["signals"] == {"Vehicle_Identification_Number": "1FUJGLDR5CLBP8834"}
     assert records[-1]["t"] == 1_700_000_000 + soft_frames[-1][0] / 1000
-    assert records[-1]["signals"] == {"Number of Software Identification Fields": 2}
+    # Both fields in one text signal: the DBC gives the parameter one signal.
+    assert records[-1]["signals"] == {
+        "Number of Software Identification Fields": 2,
+        "Software_Identification": "SW1.0*SW2.0",
+    }
 
 
-def test_a_receiver_refuses_values_of_a_signal_longer_than_a_column() -> None:
-    """Text is named in the schema, never carried: a batch with values for it is broken."""
+def soft_batch(
+    texts: dict[int, npt.NDArray[np.object_]], numbers: bool = False
+) -> tuple[SchemaStore, pb.Batch]:
+    """A batch of two software identification rows with the given text, announced; with
+    `numbers`, the text signal has numeric values too, as no agent sends."""
     soft = truck_decoder().message_of("can0", 0x18FEDA00)
     assert soft is not None
-    text = soft.signals[1]
-    assert text.length == 1600
-    selection = Selection(soft.info, (text,), "soft")
     block = CollectedBlock(
         "can0",
-        selection,
-        np.array([0], np.int64),
-        np.array([0x18FEDA00], np.uint32),
-        np.array([[7]], np.uint64),
-        None,
+        Selection(soft.info, tuple(soft.signals), "soft"),
+        np.array([0, 5], np.int64),
+        np.array([0x18FEDA00, 0x18FEDA00], np.uint32),
+        np.array([[2, 1], [0, 0]], np.uint64),
+        np.array([[True, True], [numbers, False]]),
+        texts,
     )
     encoder = BatchEncoder("v", "s", b"")
     wire = encoder.encode([Collected([block])], 1)
     assert wire is not None
     schemas = SchemaStore()
     schemas.add(read_envelope(encoder.announcement(wire.schema_id)), 1 << 30)
+    return schemas, read_envelope(wire.payload)
+
+
+def test_text_values_travel_apart_and_older_readers_see_them_absent() -> None:
+    schemas, batch = soft_batch({1: np.array(["A*B", None], object)})
+    received = parse_batch(batch, schemas)
+    (block,) = received.blocks
+    assert block.signals[1].physical().tolist() == ["A*B", None]
+    assert block.present is not None and block.present.tolist() == [[True, True], [True, False]]
+    assert batch.signals == received.signals == 3
+    # What a reader without `texts` parses: the body with the field dropped reads whole,
+    # the text signal absent.
+    body = pb.Body.FromString(zstandard.ZstdDecompressor().decompress(batch.body))
+    assert len(body.texts) == 1
+    del body.texts[:]
+    old = pb.Batch()
+    old.CopyFrom(batch)
+    raw = body.SerializeToString()
+    old.compression, old.body, old.body_size = pb.COMPRESSION_NONE, raw, len(raw)
+    (before,) = parse_batch(old, schemas).blocks
+    assert before.present is not None and not before.present[1].any()
+
+
+def test_a_receiver_refuses_numbers_of_a_text_signal() -> None:
+    schemas, batch = soft_batch({}, numbers=True)
     with pytest.raises(WireError, match="Software_Identification of 1600 bits has values"):
-        parse_batch(read_envelope(wire.payload), schemas)
+        parse_batch(batch, schemas)
+
+
+def test_a_receiver_refuses_text_that_does_not_fit_its_block() -> None:
+    schemas, batch = soft_batch({1: np.array(["A", "B"], object)})
+    body = pb.Body.FromString(zstandard.ZstdDecompressor().decompress(batch.body))
+    for broken, message in (
+        ({"signal": 0}, "not text"),
+        ({"block": 3}, "text values of block 3"),
+        ({"frames": [1, 0]}, "out of order"),
+        ({"frames": [0, 2]}, "out of order or range"),
+        ({"values": ["A"]}, "frames and values differ"),
+    ):
+        copy = pb.Body()
+        copy.CopyFrom(body)
+        text = copy.texts[0]
+        for key, value in broken.items():
+            if isinstance(value, list):
+                del getattr(text, key)[:]
+                getattr(text, key).extend(value)
+            else:
+                setattr(text, key, value)
+        raw = copy.SerializeToString()
+        bad = pb.Batch()
+        bad.CopyFrom(batch)
+        bad.compression, bad.body, bad.body_size = pb.COMPRESSION_NONE, raw, len(raw)
+        with pytest.raises(WireError, match=message):
+            parse_batch(bad, schemas)
 
 
 def test_a_batch_too_large_for_one_wire_batch_keeps_its_groups(tmp_path: Path) -> None:
