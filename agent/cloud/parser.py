@@ -235,7 +235,11 @@ def _blocks(
                 bits[row] = column
                 row_present = row
             info = _signal_info(signal)
-            signal_list.append(SignalColumn(info, info.raw_from_bits(bits), row_present))
+            if signal.length > 64:
+                # Text, placed below where the body has values for it.
+                signal_list.append(text_column(info, np.full(n, None, object)))
+            else:
+                signal_list.append(SignalColumn(info, info.raw_from_bits(bits), row_present))
             slot_index += 1
         if k in texts:
             matrix = matrix.copy()

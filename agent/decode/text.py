@@ -1,9 +1,9 @@
 """Text signals: a signal longer than 64 bits that starts and ends on byte boundaries, in
 Intel byte order, is text, as the J1939 DBC gives VIN, ECU and software identification (up
-to 200 characters) and a diagnostic answer its VIN. Its characters are ISO 8859-1 (J1939-71),
-padding after them (NUL, 0xFF, space) is not part of the value, and a `*` ends a field: where
-several text signals share a start bit they are the consecutive fields of one parameter (ECU
-identification's part number, serial number, location, type).
+to 200 characters) and a diagnostic answer its VIN. Its characters are ISO 8859-1 (J1939-71)
+up to a NUL, the padding after them (0xFF, space) is not part of the value, and a `*` ends a
+field: where several text signals share a start bit they are the consecutive fields of one
+parameter (ECU identification's part number, serial number, location, type).
 
 Text is never on the numeric path: the batch pass leaves text signals absent, and a message
 that has any is read here, payload by payload, only when its values are asked for. Text
@@ -12,7 +12,7 @@ comes in identification messages and diagnostic answers, a few a second at most.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -20,8 +20,8 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from agent.decode.plan import SignalInfo
 
-#: Bytes that pad a text field after its end.
-PADDING = b"\x00\xff "
+#: Bytes that pad a text field after its end (besides NUL, which ends it).
+PADDING = b"\xff "
 
 #: Text values of a column: a str per row, None where the row does not carry it.
 TextArray = npt.NDArray[np.object_]
@@ -64,7 +64,8 @@ def text_fields(signals: list[SignalInfo], data: bytes) -> dict[int, str | None]
             found.update(dict.fromkeys(members))
             continue
         end = first + max(signals[i].length for i in members) // 8
-        text = data[first:end].rstrip(PADDING).decode("latin-1")
+        # A NUL ends the text (C strings; nor does PostgreSQL's text hold one).
+        text = data[first:end].split(b"\0", 1)[0].rstrip(PADDING).decode("latin-1")
         parts = text.split("*")
         if parts and parts[-1] == "":
             parts.pop()  # the delimiter ends the last field too
@@ -111,7 +112,3 @@ def text_present(values: TextArray) -> npt.NDArray[np.bool_]:
     present: npt.NDArray[np.bool_] = np.not_equal(values, None).astype(np.bool_)
     return present
 
-
-def as_text(values: npt.NDArray[Any]) -> TextArray:
-    """A column of str (and None) as numpy holds text: objects."""
-    return np.asarray(values, dtype=object)
