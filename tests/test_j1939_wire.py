@@ -302,3 +302,21 @@ def test_a_group_row_holds_what_a_column_can(tmp_path: Path) -> None:
     assert block.bits[1:, 0].tolist() == [4, 0x0B0A]
     assert block.present is not None and block.present[:, 0].tolist() == [False, True, True]
     assert block.can_id.tolist() == [0x18FF2222] and block.t_ns.tolist() == [5_000]
+
+
+def test_a_snapshot_holds_the_last_text(tmp_path: Path) -> None:
+    first, second = b"1FUJGLDR5CLBP8834*", b"2FUJGLDR5CLBP8835*"
+    frames = [EEC1, *bam(100, 0x00, 0xFEEC, first), *bam(900, 0x00, 0xFEEC, second)]
+    log = write_log(tmp_path / "vins.log", frames)
+    text = (
+        f'vehicle_id = "truck"\nstate_dir = "{tmp_path}"\n'
+        f'[[bus]]\nname = "can1"\nsource = "replay"\npath = "{log}"\n{J1939_BUS}\n'
+        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+    )
+    pipeline = Agent(parse_config(text, "test.toml", tmp_path), status=None).pipeline
+    pipeline.last_values = LastValues()
+    for batch in open_log(log).batches():
+        pipeline.close("can1", batch)
+    (vin,) = pipeline.last_values.snapshot(["VI.*"])
+    assert vin["value"] == "2FUJGLDR5CLBP8835"
+    assert vin["t"] == 1_700_000_000 + frames[-1][0] / 1000
