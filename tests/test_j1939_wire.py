@@ -5,6 +5,7 @@ and decoded by cantools; and groups built here, for text and for rules beside th
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 import zstandard
 
 from agent.cloud.parser import SchemaStore, parse_batch
-from agent.collect import Collected, CollectedBlock, Selection
+from agent.collect import Collected, CollectedBlock, Collector, Selection
+from agent.collect.collector import CollectError
 from agent.config import parse_config
 from agent.decode import Decoder
 from agent.frames import FrameBatch
@@ -320,3 +322,46 @@ def test_a_snapshot_holds_the_last_text(tmp_path: Path) -> None:
     (vin,) = pipeline.last_values.snapshot(["VI.*"])
     assert vin["value"] == "2FUJGLDR5CLBP8835"
     assert vin["t"] == 1_700_000_000 + frames[-1][0] / 1000
+
+
+RULES_BUS = (
+    f'vehicle_id = "v"\n[[bus]]\nname = "can1"\nsource = "replay"\npath = "{TRUCK_LOG}"\n'
+    f"{J1939_BUS}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        (
+            'mode = "aggregate"\nwindow_ms = 1000\nsignals = ["Vehicle_Identification_Number"]',
+            "collect rule 'r': mode aggregate takes numbers: signal "
+            "VI.Vehicle_Identification_Number is text",
+        ),
+        (
+            'mode = "change"\nsignals = ["SOFT.Software_Identification"]',
+            "collect rule 'r': mode change takes numbers: signal SOFT.Software_Identification",
+        ),
+        (
+            'mode = "trigger"\nmessages = ["EEC1"]\nsignals = ["*"]\n'
+            'when = "Vehicle_Identification_Number > 0"',
+            "collect rule 'r': when: Vehicle_Identification_Number is text",
+        ),
+    ],
+)
+def test_modes_that_compute_refuse_a_text_signal_they_name(rule: str, problem: str) -> None:
+    text = f"{RULES_BUS}[[collect]]\nname = \"r\"\n"
+    rules = parse_config(text + rule, "t.toml", Path(".")).collect
+    with pytest.raises(CollectError, match=re.escape(problem)):
+        Collector(rules, {"can1": truck_decoder()})
+
+
+def test_a_pattern_of_a_mode_that_computes_leaves_text_out() -> None:
+    text = (
+        f"{RULES_BUS}"
+        '[[collect]]\nname = "soft"\nmode = "change"\nmessages = ["SOFT"]\nsignals = ["*"]\n'
+    )
+    decoder = truck_decoder()
+    collector = Collector(parse_config(text, "t.toml", Path(".")).collect, {"can1": decoder})
+    (target,) = collector.rules[0].targets["can1"]
+    assert [s.name for s in target.signals] == ["Number of Software Identification Fields"]
