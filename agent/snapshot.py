@@ -44,9 +44,9 @@ class LastValues:
                 last = _Last(block.plan, np.zeros(count, np.uint64), np.zeros(count, np.int64))
                 self._messages[key] = last
             for column, values in block.texts.items():
-                carried = text_present(values)
-                if carried.any():
-                    row = int(np.argmax(np.where(carried, block.t_ns, np.iinfo(np.int64).min)))
+                has_text = text_present(values)
+                if has_text.any():
+                    row = int(np.argmax(np.where(has_text, block.t_ns, np.iinfo(np.int64).min)))
                     last.texts[column] = values[row]
                     last.t_ns[column] = block.t_ns[row]
             bits, present, t_ns = block.bits, block.present, block.t_ns

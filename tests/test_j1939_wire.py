@@ -350,7 +350,7 @@ RULES_BUS = (
     ],
 )
 def test_modes_that_compute_refuse_a_text_signal_they_name(rule: str, problem: str) -> None:
-    text = f"{RULES_BUS}[[collect]]\nname = \"r\"\n"
+    text = f'{RULES_BUS}[[collect]]\nname = "r"\n'
     rules = parse_config(text + rule, "t.toml", Path(".")).collect
     with pytest.raises(CollectError, match=re.escape(problem)):
         Collector(rules, {"can1": truck_decoder()})

@@ -494,9 +494,7 @@ def test_text_values_go_from_the_agent_through_mosquitto_into_every_sink(
     assert {(m, s): t for m, s, t, _ in rows} == TEXTS and len(rows) == len(TEXTS)
     assert {v for *_, v in rows} == {None}
     assert {(m, s): t for m, s, t in latest} == TEXTS
-    numeric = sum(
-        1 for r in received for v in r["signals"].values() if not isinstance(v, str)
-    )
+    numeric = sum(1 for r in received for v in r["signals"].values() if not isinstance(v, str))
     assert numbers == (numeric,)
 
     lake_texts = {

@@ -255,12 +255,12 @@ class Consumer:
         if next(column, None) is not None:
             raise SpecError("columns left over")
         for text in body.texts:
-            values = rows[text.block].signals[text.signal]
-            if blocks[text.block].signals[text.signal].length <= 64 or values.present.any():
-                raise SpecError(f"text for {values.name}, a number")
-            values.present = np.zeros(len(rows[text.block].t_ns), np.bool_)
-            values.present[list(text.frames)] = True
-            values.raw = values.physical = np.array(list(text.values), object)
+            texts = rows[text.block].signals[text.signal]
+            if blocks[text.block].signals[text.signal].length <= 64 or texts.present.any():
+                raise SpecError(f"text for {texts.name}, a number")
+            texts.present = np.zeros(len(rows[text.block].t_ns), np.bool_)
+            texts.present[list(text.frames)] = True
+            texts.raw = texts.physical = np.array(list(text.values), object)
         return Read(batch, rows, captures)
 
 
@@ -299,9 +299,11 @@ def same_rows(mine: Rows, theirs: ReceivedBlock | MessageBlock) -> None:
         present = np.ones(len(mine.t_ns), np.bool_) if column.present is None else column.present
         assert (signal.present == present).all(), name
         if column.raw.dtype == object:
-            assert signal.raw.tolist() == column.raw[present].tolist() == column.physical()[
-                present
-            ].tolist()
+            assert (
+                signal.raw.tolist()
+                == column.raw[present].tolist()
+                == column.physical()[present].tolist()
+            )
             continue
         same_values(signal.raw, column.raw[present])
         physical = np.asarray(column.physical(), np.float64)[present]

@@ -244,9 +244,9 @@ def _blocks(
         if k in texts:
             matrix = matrix.copy()
             for text in texts[k]:
-                column = _text_column(block, text, n)
-                signal_list[text.signal] = column
-                matrix[text.signal] = True if column.present is None else column.present
+                placed = _text_column(block, text, n)
+                signal_list[text.signal] = placed
+                matrix[text.signal] = True if placed.present is None else placed.present
         blocks.append(
             ReceivedBlock(
                 schema.buses[block.bus],

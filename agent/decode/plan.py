@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,8 @@ from agent.decode.text import TextArray, frame_texts, text_present
 from agent.frames import MAX_PAYLOAD, FrameBatch
 
 RawArray = npt.NDArray[np.uint64] | npt.NDArray[np.int64] | npt.NDArray[np.floating[Any]]
+# A column's values: raw numbers, or text (str, None where absent; agent.decode.text).
+ColumnArray = RawArray | npt.NDArray[np.object_]
 # Physical values: float64, or int64/uint64 for integer conversions, or object (Python int)
 # where an integer conversion could overflow 64 bits.
 PhysicalArray = npt.NDArray[Any]
@@ -127,7 +129,7 @@ class SignalColumn:
     """
 
     info: SignalInfo
-    raw: RawArray
+    raw: ColumnArray
     present: npt.NDArray[np.bool_] | None
 
     @property
@@ -135,7 +137,9 @@ class SignalColumn:
         return self.info.name
 
     def physical(self) -> PhysicalArray:
-        return self.info.physical(self.raw)
+        if self.raw.dtype == object:
+            return self.raw  # text is its own value
+        return self.info.physical(cast(RawArray, self.raw))
 
 
 def text_info(signal: SignalInfo) -> SignalInfo:

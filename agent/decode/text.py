@@ -12,7 +12,7 @@ comes in identification messages and diagnostic answers, a few a second at most.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -107,8 +107,6 @@ def frame_texts(
     return texts
 
 
-def text_present(values: TextArray) -> npt.NDArray[np.bool_]:
+def text_present(values: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
     """Which rows of a text column carry a value."""
-    present: npt.NDArray[np.bool_] = np.not_equal(values, None).astype(np.bool_)
-    return present
-
+    return np.array([value is not None for value in values.tolist()], np.bool_)

@@ -111,13 +111,13 @@ def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBat
             v if isinstance(v, int) and not (s.is_float and s.length not in (16, 32, 64)) else None
             for s, v in zip(plan.signals, decoded, strict=True)
         ]  # a float of another length is never present, as in frames (docs/wire-format.md)
-        texts = [v if isinstance(v, str) else None for v in (decoded[k] for k in plan.text)]
-        if all(v is None for v in values) and all(v is None for v in texts):
+        text = [v if isinstance(v, str) else None for v in (decoded[k] for k in plan.text)]
+        if all(v is None for v in values) and all(v is None for v in text):
             continue
         entry = found.setdefault((transfer.bus, id(plan)), (plan, [], [], []))
         entry[1].append(transfer)
         entry[2].append(values)
-        entry[3].append(texts)
+        entry[3].append(text)
     if not found:
         return None
     count = sum(len(entry[1]) for entry in found.values())

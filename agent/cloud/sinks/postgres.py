@@ -21,6 +21,7 @@ from psycopg.rows import TupleRow
 
 from agent.cloud.parser import ReceivedBatch
 from agent.cloud.sinks.base import Sink
+from agent.decode.text import text_present
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,9 @@ class PostgresSink(Sink):
         self._copy = sql.SQL(
             "COPY {}.signal_values (series_id, time, value) FROM STDIN (FORMAT BINARY)"
         ).format(s)
-        self._copy_text = sql.SQL(
-            "COPY {}.text_values (series_id, time, value) FROM STDIN"
-        ).format(s)
+        self._copy_text = sql.SQL("COPY {}.text_values (series_id, time, value) FROM STDIN").format(
+            s
+        )
         self._latest_text = sql.SQL(
             "INSERT INTO {s}.latest_text AS l (series_id, time, value) "
             "SELECT series_id, timestamptz 'epoch' + time_us * interval '1 microsecond', value "
@@ -323,10 +324,11 @@ class PostgresSink(Sink):
                     if signal.raw.dtype != object:
                         continue
                     key = (b.vehicle_id, block.bus, block.message.name, signal.name, block.rule)
-                    carried = np.flatnonzero(np.not_equal(signal.raw, None))
+                    carried = np.flatnonzero(text_present(signal.raw))
                     time_us = (block.t_ns[carried] // 1000).tolist()
                     values = signal.raw[carried].tolist()
-                    rows += [(self._series[key], t, v) for t, v in zip(time_us, values, strict=True)]
+                    series_id = self._series[key]
+                    rows += [(series_id, t, v) for t, v in zip(time_us, values, strict=True)]
         if not rows:
             return
         with cursor.copy(self._copy_text) as copy:
