@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.cloud.receiver import Receiver
 from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.cloud.sinks.parquet import ParquetSink
+from agent.cloud.sinks.postgres import MIGRATIONS, PostgresSink
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.envelope import read_envelope
 from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX, batch_file_name
@@ -156,8 +157,29 @@ def test_a_batch_delivered_twice_is_written_once(
         latest = connection.execute(
             f"SELECT count(*), count(DISTINCT (message, signal)) FROM {schema}.latest_values"
         ).fetchone()
-    assert versions == [(1,)]
+    assert versions == [(1,), (2,)]
     assert latest is not None and latest[0] == latest[1] == len({k[:2] for k in sent})
+
+
+def test_a_schema_of_version_1_migrates_to_text_with_its_values(schema: str) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+        connection.execute(f"CREATE TABLE {schema}.schema_migrations (version integer)")
+        connection.execute(MIGRATIONS[0].format(s=schema))
+        connection.execute(f"INSERT INTO {schema}.schema_migrations VALUES (1)")
+        connection.execute(
+            f"INSERT INTO {schema}.series (vehicle, bus, message, signal, rule) "
+            "VALUES ('v', 'can0', 'M', 'S', '')"
+        )
+        connection.execute(
+            f"INSERT INTO {schema}.signal_values VALUES (1, '2026-01-01T00:00:00Z', 2.5)"
+        )
+    PostgresSink(PG_URL, schema).close()
+    with psycopg.connect(PG_URL) as connection:
+        versions = connection.execute(f"SELECT version FROM {schema}.schema_migrations").fetchall()
+        rows = connection.execute(f"SELECT signal, value, text FROM {schema}.signals").fetchall()
+    assert versions == [(1,), (2,)]
+    assert rows == [("S", 2.5, None)]
 
 
 def test_a_receiver_whose_database_session_ends_writes_again_over_a_new_one(
