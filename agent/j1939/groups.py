@@ -157,4 +157,5 @@ def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBat
         rows=rows,
         bits=all_bits,
         present=kept_present,
+        text_blocks=[k for k, (_, plan, _) in enumerate(spans) if plan.text],
     )
