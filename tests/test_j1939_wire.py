@@ -365,3 +365,33 @@ def test_a_pattern_of_a_mode_that_computes_leaves_text_out() -> None:
     collector = Collector(parse_config(text, "t.toml", Path(".")).collect, {"can1": decoder})
     (target,) = collector.rules[0].targets["can1"]
     assert [s.name for s in target.signals] == ["Number of Software Identification Fields"]
+
+
+@pytest.mark.parametrize("reduce", ["first", "last"])
+async def test_a_sample_rule_sends_the_first_or_last_text_of_a_period(
+    tmp_path: Path, reduce: str
+) -> None:
+    vins = [b"1FUJGLDR5CLBP8834*", b"2FUJGLDR5CLBP8835*"]
+    softs = [b"\x01SW1.0.0.1*", b"\x02SW2.0*SW2.1*"]  # a transfer is 9 bytes or more
+    frames = [
+        EEC1,
+        *bam(100, 0x00, 0xFEEC, vins[0]),
+        *bam(300, 0x00, 0xFEDA, softs[0]),
+        *bam(900, 0x00, 0xFEEC, vins[1]),
+        *bam(1200, 0x00, 0xFEDA, softs[1]),
+    ]
+    log = write_log(tmp_path / "texts.log", frames)
+    rule = (
+        f'[[collect]]\nname = "ids"\nmode = "sample"\nperiod_ms = 60000\nreduce = "{reduce}"\n'
+        'messages = ["VI", "SOFT"]\nsignals = ["*"]\n'
+    )
+    records = await run_agent(tmp_path, rule, log)
+    got = {r["message"]: r["signals"] for r in records}
+    k = 0 if reduce == "first" else 1
+    assert got == {
+        "VI": {"Vehicle_Identification_Number": vins[k][:-1].decode()},
+        "SOFT": {
+            "Number of Software Identification Fields": k + 1,
+            "Software_Identification": ["SW1.0.0.1", "SW2.0*SW2.1"][k],
+        },
+    }

@@ -82,8 +82,10 @@ class Collector:
         return out
 
 
-#: The modes that take text signals: those that send values as they came.
+#: The modes that take text signals: those that send values as they came (and `sample`
+#: with these, which picks a value without comparing).
 _TEXT_MODES = ("all", "raw")
+_TEXT_REDUCE = ("first", "last")
 
 
 def _numbers(
@@ -99,7 +101,7 @@ def _numbers(
         elif signal.name in rule.signals or f"{plan.info.name}.{signal.name}" in rule.signals:
             raise CollectError(
                 f"mode {rule.mode} takes numbers: signal {plan.info.name}.{signal.name} is "
-                f"text; mode all sends text as it comes"
+                "text; mode all sends text as it comes, sample its first or last"
             )
     return np.array(kept, np.intp)
 
@@ -136,7 +138,9 @@ def _targets(
                     ],
                     np.intp,
                 )
-            if rule.mode not in _TEXT_MODES:
+            if rule.mode not in _TEXT_MODES and not (
+                rule.mode == "sample" and rule.reduce in _TEXT_REDUCE
+            ):
                 columns = _numbers(rule, plan, columns)
             if len(columns):
                 selection = Selection(
