@@ -245,18 +245,23 @@ def test_a_batch_too_large_for_one_wire_batch_keeps_its_groups(tmp_path: Path) -
     ]
 
 
-def test_a_snapshot_holds_the_last_group(tmp_path: Path) -> None:
+def last_values(folder: Path, log: Path) -> LastValues:
+    """The last values of an agent's pipeline that closed every batch of a J1939 log."""
     text = (
-        f'vehicle_id = "truck"\nstate_dir = "{tmp_path}"\n'
-        f'[[bus]]\nname = "can1"\nsource = "replay"\npath = "{TRUCK_LOG}"\n{J1939_BUS}\n'
-        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+        f'vehicle_id = "truck"\nstate_dir = "{folder}"\n'
+        f'[[bus]]\nname = "can1"\nsource = "replay"\npath = "{log}"\n{J1939_BUS}\n'
+        f'[uplink]\nkind = "file"\nurl = "{folder / "outbox"}"\n[metrics]\nlisten = ""\n'
     )
-    pipeline = Agent(parse_config(text, "test.toml", tmp_path), status=None).pipeline
-    pipeline.last_values = LastValues()
-    for frames in open_log(TRUCK_LOG).batches():
+    pipeline = Agent(parse_config(text, "test.toml", folder), status=None).pipeline
+    last = pipeline.last_values = LastValues()
+    for frames in open_log(log).batches():
         pipeline.close("can1", frames)
+    return last
+
+
+def test_a_snapshot_holds_the_last_group(tmp_path: Path) -> None:
     t, _, values = expected_ec1()[-1]
-    got = pipeline.last_values.snapshot(["EC1.*"])
+    got = last_values(tmp_path, TRUCK_LOG).snapshot(["EC1.*"])
     assert {v["signal"]: v["value"] for v in got} == values
     assert {v["t"] for v in got} == {t}
 
@@ -310,16 +315,7 @@ def test_a_snapshot_holds_the_last_text(tmp_path: Path) -> None:
     first, second = b"1FUJGLDR5CLBP8834*", b"2FUJGLDR5CLBP8835*"
     frames = [EEC1, *bam(100, 0x00, 0xFEEC, first), *bam(900, 0x00, 0xFEEC, second)]
     log = write_log(tmp_path / "vins.log", frames)
-    text = (
-        f'vehicle_id = "truck"\nstate_dir = "{tmp_path}"\n'
-        f'[[bus]]\nname = "can1"\nsource = "replay"\npath = "{log}"\n{J1939_BUS}\n'
-        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
-    )
-    pipeline = Agent(parse_config(text, "test.toml", tmp_path), status=None).pipeline
-    pipeline.last_values = LastValues()
-    for batch in open_log(log).batches():
-        pipeline.close("can1", batch)
-    (vin,) = pipeline.last_values.snapshot(["VI.*"])
+    (vin,) = last_values(tmp_path, log).snapshot(["VI.*"])
     assert vin["value"] == "2FUJGLDR5CLBP8835"
     assert vin["t"] == 1_700_000_000 + frames[-1][0] / 1000
 

@@ -153,6 +153,18 @@ def migrate(connection: psycopg.Connection[TupleRow], schema: str) -> int:
     return len(MIGRATIONS)
 
 
+def _keep_latest(schema: sql.Identifier, table: str, value_type: str) -> sql.Composed:
+    """An upsert of each series' newest value into `table`, from arrays of series ids, times
+    (microseconds since 1970) and values of `value_type`: kept where newer."""
+    return sql.SQL(
+        "INSERT INTO {s}.{t} AS l (series_id, time, value) "
+        "SELECT series_id, timestamptz 'epoch' + time_us * interval '1 microsecond', value "
+        "FROM unnest(%s::int[], %s::bigint[], %s::{v}[]) AS u(series_id, time_us, value) "
+        "ON CONFLICT (series_id) DO UPDATE SET time = excluded.time, value = excluded.value "
+        "WHERE excluded.time >= l.time"
+    ).format(s=schema, t=sql.Identifier(table), v=sql.SQL(value_type))
+
+
 class PostgresSink(Sink):
     """Each `write` is one transaction: the ledger first, then the rows of the batches that
     were new, then the latest values. Committed means durable (synchronous_commit)."""
@@ -175,23 +187,11 @@ class PostgresSink(Sink):
         self._copy_text = sql.SQL("COPY {}.text_values (series_id, time, value) FROM STDIN").format(
             s
         )
-        self._latest_text = sql.SQL(
-            "INSERT INTO {s}.latest_text AS l (series_id, time, value) "
-            "SELECT series_id, timestamptz 'epoch' + time_us * interval '1 microsecond', value "
-            "FROM unnest(%s::int[], %s::bigint[], %s::text[]) AS u(series_id, time_us, value) "
-            "ON CONFLICT (series_id) DO UPDATE SET time = excluded.time, value = excluded.value "
-            "WHERE excluded.time >= l.time"
-        ).format(s=s)
+        self._latest_text = _keep_latest(s, "latest_text", "text")
         self._copy_raw = sql.SQL(
             "COPY {}.raw_frames (vehicle, bus, time, can_id, rule, data) FROM STDIN"
         ).format(s)
-        self._latest = sql.SQL(
-            "INSERT INTO {s}.latest AS l (series_id, time, value) "
-            "SELECT series_id, timestamptz 'epoch' + time_us * interval '1 microsecond', value "
-            "FROM unnest(%s::int[], %s::bigint[], %s::float8[]) AS u(series_id, time_us, value) "
-            "ON CONFLICT (series_id) DO UPDATE SET time = excluded.time, value = excluded.value "
-            "WHERE excluded.time >= l.time"
-        ).format(s=s)
+        self._latest = _keep_latest(s, "latest", "float8")
         self._new_series = sql.SQL(
             "INSERT INTO {s}.series (vehicle, bus, message, signal, rule) "
             "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) "
