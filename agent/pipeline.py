@@ -85,10 +85,11 @@ class Pipeline:
         wire batches it made."""
         decoded = self._decode(bus, frames, count=True)
         groups = self.groups.read(self.decoders[bus], bus, frames, decoded)
-        if groups is not None and self.last_values is not None:
-            self.last_values.update(bus, groups)
+        decoded_groups = groups.decoded if groups else None
+        if decoded_groups is not None and self.last_values is not None:
+            self.last_values.update(bus, decoded_groups)
         if self.collector is None:
-            wires = self._encode_decoded(bus, frames, decoded, groups)
+            wires = self._encode_decoded(bus, frames, decoded, decoded_groups)
         else:
             wires = self._collect(lambda c: c.collect(bus, frames, decoded, groups))
         self._spool(wires)

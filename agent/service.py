@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 #: On Ctrl-C or SIGTERM: how long to wait for the last batches' acknowledgements (what is
 #: not acknowledged by then stays in the spool for the next start).
 STOP_DRAIN_S = 5.0
+#: At start: how long the buses' interfaces may take to open before the agent says it is
+#: ready all the same.
+READY_WAIT_S = 5.0
 
 
 class Ending(enum.Enum):
@@ -247,14 +250,16 @@ class Agent:
         batching = asyncio.create_task(self.batcher.run(), name="batch-age")
         report = asyncio.create_task(self._report(started), name="status")
         control = [asyncio.create_task(self.control.run(), name="control")] if self.control else []
-        # Ready once config, spool and metrics are up: the cloud may well be out of reach,
-        # which is normal in a vehicle and no reason to hold systemd back.
-        self.notifier.notify(READY=1, STATUS=self._summary(started))
-        watchdog = asyncio.create_task(self._watchdog([spool, sender]), name="watchdog")
         buses = [
             asyncio.create_task(self._read(source), name=f"bus-{source.bus.name}")
             for source in self.sources
         ]
+        # Ready once config, spool and metrics are up and the buses' interfaces were tried:
+        # the cloud may well be out of reach, which is normal in a vehicle and no reason to
+        # hold systemd back, and so may a bus, which the agent keeps retrying.
+        await self._interfaces_tried()
+        self.notifier.notify(READY=1, STATUS=self._summary(started))
+        watchdog = asyncio.create_task(self._watchdog([spool, sender]), name="watchdog")
         asking = [
             asyncio.create_task(poller.run(), name=f"diagnostics-{poller.bus.name}")
             for poller in self._pollers()
@@ -291,6 +296,21 @@ class Agent:
             if not stopped:
                 return 1
         return 1 if self.failed_buses else 0
+
+    async def _interfaces_tried(self) -> None:
+        """Until every source has tried to open its interface, READY_WAIT_S at most (a
+        driver that hangs must not keep systemd waiting, nor the watchdog quiet)."""
+        deadline = time.monotonic() + READY_WAIT_S
+        waiting = [source for source in self.sources if not source.tried.is_set()]
+        while waiting and time.monotonic() < deadline:
+            await asyncio.sleep(TICK_S)
+            waiting = [source for source in waiting if not source.tried.is_set()]
+        for source in waiting:
+            log.warning(
+                "bus %s: its interface is not open after %.0f s; the agent is ready without it",
+                source.bus.name,
+                READY_WAIT_S,
+            )
 
     def _pollers(self) -> list[Poller]:
         """A poller per [[diagnostics]] table: the only parts of the agent that transmit."""

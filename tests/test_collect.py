@@ -23,6 +23,7 @@ from agent.collect.trigger import RING_SLACK_NS, Trigger
 from agent.config import Config, parse_config
 from agent.decode import ALL_BUSES, Decoder, bus_decoders
 from agent.frames import FrameBatch, FrameFlag
+from agent.j1939.groups import GroupReader
 from agent.logs import open_log
 from agent.service import Agent
 from agent.wire import telemetry_pb2 as pb
@@ -103,9 +104,12 @@ class Cloud:
 def run_batches(cfg: Config, batches: Iterable[tuple[str, FrameBatch]]) -> Cloud:
     decoders = bus_decoders(cfg.buses)
     collector = Collector(cfg.collect, decoders)
+    groups = GroupReader()  # as the pipeline reads J1939 transfers for the rules
     cloud = Cloud()
     for bus, frames in batches:
-        cloud.send(collector.collect(bus, frames, decoders[bus].decode(frames)))
+        decoded = decoders[bus].decode(frames)
+        completed = groups.read(decoders[bus], bus, frames, decoded)
+        cloud.send(collector.collect(bus, frames, decoded, completed))
     cloud.send(collector.flush())
     return cloud
 

@@ -228,7 +228,8 @@ def test_a_batch_too_large_for_one_wire_batch_keeps_its_groups(tmp_path: Path) -
     frames = FrameBatch.concat(list(open_log(TRUCK_LOG).batches()))
     decoded = pipeline.decoders["can1"].decode(frames)
     groups = pipeline.groups.read(pipeline.decoders["can1"], "can1", frames, decoded)
-    wires = pipeline._encode_decoded("can1", frames, decoded, groups)
+    assert groups is not None
+    wires = pipeline._encode_decoded("can1", frames, decoded, groups.decoded)
     assert len(wires) > 8 and all(len(w) <= 4096 for w in wires)
     assert [w.sequence for w in wires] == list(range(1, len(wires) + 1))
     schemas = SchemaStore()

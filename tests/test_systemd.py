@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 from agent.config import parse_config, restart_changes
 from agent.notify import Notifier
 from agent.service import Agent
+from agent.sources.socketcan import SocketCanSource
 from tests.data import REPO
 from tests.services import agent_command, outbox_lines
 
@@ -222,6 +225,46 @@ async def test_the_watchdog_goes_quiet_when_batches_stop_being_checked(
     finally:
         agent.stop()
         await running
+
+
+async def test_ready_waits_until_the_bus_interfaces_were_tried(
+    tmp_path: Path, systemd: SystemdSocket
+) -> None:
+    """Frames sent once `systemctl start` returns must reach the agent: READY comes only
+    once each SocketCAN interface is bound, or found missing (which the agent retries)."""
+    text = config_text(tmp_path, "outbox").replace('source = "simulate"', 'source = "socketcan"')
+    text += f'[[bus]]\nname = "can1"\nsource = "socketcan"\ndbc = ["{DEMO_DBC}"]\n'
+    notifier = Notifier({"NOTIFY_SOCKET": str(systemd.path)})
+    agent = Agent(parse_config(text, "agent.toml", tmp_path), status=None, notifier=notifier)
+    opening, missing = agent.sources
+    assert isinstance(opening, SocketCanSource) and isinstance(missing, SocketCanSource)
+    release = threading.Event()
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def slow_to_bind() -> socket.socket:
+        release.wait(10)
+        return reader
+
+    def no_such_device() -> socket.socket:
+        raise OSError(errno.ENODEV, "No such device")
+
+    opening.open_socket = slow_to_bind
+    missing.open_socket = no_such_device
+    running = asyncio.create_task(agent.run())
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            await asyncio.to_thread(systemd.next, 0.1)
+        assert missing.tried.is_set()
+        assert not any("READY" in fields for fields in systemd.received)
+        release.set()
+        await asyncio.to_thread(systemd.wait_for, "READY", "1", 10)
+        assert opening.tried.is_set()
+    finally:
+        release.set()
+        agent.stop()
+        await running
+        writer.close()
 
 
 def test_a_reload_names_the_keys_that_need_a_restart(tmp_path: Path) -> None:

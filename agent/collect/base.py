@@ -15,6 +15,8 @@ from agent.collect.rules import CollectRule
 from agent.decode import DecodedBatch, MessageBlock, MessageInfo, MessagePlan, SignalInfo
 from agent.decode.text import TextArray, text_present
 from agent.frames import FrameBatch
+from agent.j1939.groups import Groups
+from agent.j1939.transport import Transfer
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -204,17 +206,19 @@ class BusBatch:
         bus: str,
         frames: FrameBatch,
         decoded: DecodedBatch,
-        groups: DecodedBatch | None = None,
+        groups: Groups | None = None,
     ) -> None:
-        """`groups`: reassembled J1939 groups, whose blocks are over frames of their own
-        (`block.batch` is not `frames`)."""
+        """`groups`: the J1939 transfers the batch completed, their groups decoded in
+        blocks over frames of their own (`block.batch` is not `frames`)."""
         self.bus = bus
         self.frames = frames
         self.decoded = decoded
+        self.transfers: Sequence[Transfer] = groups.transfers if groups else ()
+        group_blocks = groups.decoded.blocks if groups and groups.decoded else ()
         # A bus that replays several channels of a log has a block per channel and
         # message; `block.bus` names the channel.
         self._blocks: dict[int, list[MessageBlock]] = {}
-        for block in [*decoded.blocks, *(groups.blocks if groups else ())]:
+        for block in [*decoded.blocks, *group_blocks]:
             self._blocks.setdefault(id(block.plan), []).append(block)
         self._samples: dict[tuple[int, int], Samples] = {}
 

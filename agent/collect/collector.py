@@ -13,6 +13,7 @@ from agent.collect.base import MODES, BusBatch, Collected, Mode, Reference, Sele
 from agent.collect.rules import CollectRule
 from agent.decode import DecodedBatch, Decoder, MessagePlan
 from agent.frames import FrameBatch
+from agent.j1939.groups import Groups
 
 
 class CollectError(ValueError):
@@ -62,10 +63,10 @@ class Collector:
         bus: str,
         frames: FrameBatch,
         decoded: DecodedBatch,
-        groups: DecodedBatch | None = None,
+        groups: Groups | None = None,
     ) -> Collected:
         """What the rules keep of one bus's batch (and what it ends of earlier ones);
-        `groups`: the J1939 groups its transfers completed, decoded, which rules select as
+        `groups`: the J1939 transfers it completed, whose decoded groups rules select as
         any message."""
         out = Collected()
         batch = BusBatch(bus, frames, decoded, groups)

@@ -5,8 +5,9 @@ An ECU sends its DM1 every second while it has active faults, and one that lists
 lamps alone) when they are gone: a fault is new when the sender's message lists it and its
 last one did not, cleared when its next one no longer does. Each record holds the fault's
 fields (SPN, FMI, occurrence count, conversion method), the lamps of the message that made
-the change, and `active`: 1 appeared, 0 cleared. Transfers are reassembled here, from the
-transport frames the decoder finds; on buses not read as J1939 the rule finds nothing.
+the change, and `active`: 1 appeared, 0 cleared. Multi-packet DM1s are the transfers the
+pipeline reassembled (agent/j1939/groups.py); on buses not read as J1939 the rule finds
+nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from agent.collect.base import (
 from agent.collect.rules import CollectRule
 from agent.decode import MessageInfo
 from agent.j1939.faults import ACTIVE, DM1, DM2, FAULTS_SOURCE, FIELDS, NAMES, dm_frames, read_dm
-from agent.j1939.transport import Reassembler
 
 _COLUMNS = (*FIELDS, ACTIVE)
 
@@ -45,7 +45,6 @@ class Faults(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        self.reassemblers = {bus: Reassembler() for bus in buses}
         # Made once, so the encoder's schema keys them by identity.
         self.selections = {
             pgn: Selection(
@@ -64,8 +63,7 @@ class Faults(Mode):
     def collect(self, batch: BusBatch, out: Collected) -> None:
         decoded = batch.decoded
         messages = dm_frames(batch.frames, decoded.diagnostic)
-        transfers = self.reassemblers[batch.bus].feed(batch.frames, decoded.transport)
-        messages += [t for t in transfers if t.pgn in (DM1, DM2)]
+        messages += [t for t in batch.transfers if t.pgn in (DM1, DM2)]
         rows: dict[int, list[tuple[int, int, list[int]]]] = {}  # PGN -> (t_ns, ID, fields)
         for message in sorted(messages, key=lambda m: m.row):
             read = read_dm(message.data)

@@ -71,6 +71,15 @@ def decode_transfer(decoder: Decoder, transfer: Transfer) -> GroupBlock | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """What a batch's transport frames completed: every transfer, and those whose groups
+    the DBCs define, decoded (None: none)."""
+
+    transfers: list[Transfer]
+    decoded: DecodedBatch | None
+
+
 class GroupReader:
     """The J1939 groups of a stream of batches, bus by bus: each bus's transfers reassembled
     from its first transport frame on and decoded through its DBCs. A bus that never carried
@@ -81,16 +90,16 @@ class GroupReader:
 
     def read(
         self, decoder: Decoder, bus: str, frames: FrameBatch, decoded: DecodedBatch
-    ) -> DecodedBatch | None:
-        """The groups whose transfers `frames` (which `decoder` made `decoded` of) complete,
-        as `decode_groups` gives them; None when there are none."""
+    ) -> Groups | None:
+        """The transfers that `frames` (which `decoder` made `decoded` of) complete, with
+        their groups as `decode_groups` gives them; None when there are none."""
         reassembler = self.reassemblers.get(bus)
         if reassembler is None:
             if not len(decoded.transport):
                 return None
             reassembler = self.reassemblers[bus] = Reassembler()
         transfers = reassembler.feed(frames, decoded.transport)
-        return decode_groups(decoder, transfers) if transfers else None
+        return Groups(transfers, decode_groups(decoder, transfers)) if transfers else None
 
 
 def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBatch | None:

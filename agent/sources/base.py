@@ -78,10 +78,18 @@ class Source(abc.ABC):
 
     kind: ClassVar[str]
     Settings: ClassVar[type[SourceSettings]]
+    #: Whether the source opens an interface, which frames reach only once it is open
+    opens_interface: ClassVar[bool] = False
 
     def __init__(self, bus: BusConfig) -> None:
         self.bus = bus
         self.stats = SourceStats()
+        #: Set once the source has first tried to open its interface, whether it could or
+        #: not: the agent tells systemd it is ready only then, so that frames sent once
+        #: `systemctl start` returns are read. A replay or a simulation opens nothing.
+        self.tried = threading.Event()
+        if not self.opens_interface:
+            self.tried.set()
         # The frames the agent uses, as (ID, extended) pairs: those its DBCs decode, or
         # its collection rules select. None: all of them (raw capture of everything, J1939
         # buses, or not known). A source that can filter in the kernel uses it; the agent

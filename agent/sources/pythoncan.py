@@ -54,6 +54,7 @@ class PythonCanSettings(SourceSettings):
 class PythonCanSource(Source):
     kind = "python-can"
     Settings = PythonCanSettings
+    opens_interface = True
 
     def __init__(self, bus: BusConfig) -> None:
         super().__init__(bus)
@@ -77,6 +78,8 @@ class PythonCanSource(Source):
                 f"bus {self.bus.name}: cannot open python-can interface "
                 f"{self.settings.interface!r}: {error}"
             ) from None
+        finally:
+            self.tried.set()
         reader = threading.Thread(
             target=self._read,
             args=(bus, loop, queue, stop),

@@ -98,6 +98,7 @@ class SocketCanSource(Source):
 
     kind = "socketcan"
     Settings = SocketCanSettings
+    opens_interface = True
     stats: SocketCanStats
 
     def __init__(self, bus: BusConfig) -> None:
@@ -171,12 +172,14 @@ class SocketCanSource(Source):
             try:
                 sock = self.open_socket()
             except OSError as error:
+                self.tried.set()
                 if error.errno in _NO_SOCKETCAN:
                     raise SourceError(
                         f"bus {self.bus.name}: this kernel has no SocketCAN: {error}"
                     ) from None
                 self._lost(f"cannot open interface {self.interface}: {_reason(error)}")
             else:
+                self.tried.set()  # bound: the kernel queues the bus's frames from now on
                 with sock:
                     try:
                         self._read(sock, applied, loop, queue, stop)
