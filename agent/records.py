@@ -94,6 +94,12 @@ def _present_rows(block: Block) -> list[list[int]]:
     matrix = block.present
     if matrix is None:
         return [list(range(len(block.signals)))] * len(block)
+    # A decoder's block leaves text absent from its numeric presence: its columns say it.
+    texts = [(k, c.present) for k, c in enumerate(block.signals) if c.raw.dtype == object]
+    if texts:
+        matrix = matrix.copy()
+        for k, present in texts:
+            matrix[k] = True if present is None else present
     return [np.flatnonzero(row).tolist() for row in matrix.T]
 
 

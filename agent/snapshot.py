@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.decode import DecodedBatch, MessagePlan
+from agent.decode.text import text_present
 
 
 @dataclass
@@ -23,6 +24,7 @@ class _Last:
     plan: MessagePlan
     bits: npt.NDArray[np.uint64]  # per signal: its last bit field
     t_ns: npt.NDArray[np.int64]  # per signal: when; 0: never seen
+    texts: dict[int, str] = field(default_factory=dict)  # text signals' last values
 
 
 class LastValues:
@@ -41,6 +43,12 @@ class LastValues:
                 count = len(block.plan.signals)
                 last = _Last(block.plan, np.zeros(count, np.uint64), np.zeros(count, np.int64))
                 self._messages[key] = last
+            for column, values in block.texts.items():
+                has_text = text_present(values)
+                if has_text.any():
+                    row = int(np.argmax(np.where(has_text, block.t_ns, np.iinfo(np.int64).min)))
+                    last.texts[column] = values[row]
+                    last.t_ns[column] = block.t_ns[row]
             bits, present, t_ns = block.bits, block.present, block.t_ns
             if present is None:
                 # Frames are in time order within a batch but for rare equal times: the
@@ -69,7 +77,9 @@ class LastValues:
                     fnmatch.fnmatchcase(qualified if "." in p else info.name, p) for p in patterns
                 ):
                     continue
-                value = info.physical(info.raw_from_bits(last.bits[k : k + 1])).tolist()[0]
+                value = last.texts.get(k)
+                if value is None:
+                    value = info.physical(info.raw_from_bits(last.bits[k : k + 1])).tolist()[0]
                 if isinstance(value, float) and not math.isfinite(value):
                     value = None
                 out.append(

@@ -156,8 +156,8 @@ def answer_frames(rows: list[tuple[int, bytes]]) -> FrameBatch:
     return frames
 
 
-def values_of(decoder: Decoder, frames: FrameBatch) -> dict[str, dict[str, float]]:
-    found: dict[str, dict[str, float]] = {}
+def values_of(decoder: Decoder, frames: FrameBatch) -> dict[str, dict[str, float | str]]:
+    found: dict[str, dict[str, float | str]] = {}
     for block in decoder.decode(frames).blocks:
         found[block.message.name] = {c.name: c.physical().tolist()[0] for c in block.signals}
     return found
@@ -172,10 +172,18 @@ def test_the_answers_decode_with_the_j1979_formulas(tmp_path: Path) -> None:
         assert found[name]["ECU"] == 0x7E8
     dtcs = values_of(
         decoder,
-        answer_frames([(0x300, b"\x03\x01"), (0x700, b"\xc1\x23"), (0x1902, b"\x12\x34\x56\x09")]),
+        answer_frames(
+            [
+                (0x300, b"\x03\x01P0301\0\0\0\0"),
+                (0x700, b"\xc1\x23U0123\0\0\0\0"),
+                (0x1902, b"\x12\x34\x56\x09"),
+                (0x902, VIN.encode()),
+            ]
+        ),
     )
-    assert dtcs["StoredDTC"] == {"ECU": 0x7E8, "System": 0, "Code": 0x0301}  # P0301
-    assert dtcs["PendingDTC"] == {"ECU": 0x7E8, "System": 3, "Code": 0x0123}  # U0123
+    assert dtcs["StoredDTC"] == {"ECU": 0x7E8, "System": 0, "Code": 0x0301, "DTC": "P0301"}
+    assert dtcs["PendingDTC"] == {"ECU": 0x7E8, "System": 3, "Code": 0x0123, "DTC": "U0123"}
+    assert dtcs["VehicleIdentificationNumber"] == {"ECU": 0x7E8, "VIN": VIN}
     assert dtcs["UdsDTC"]["DTC"] == 0x123456
     assert dtcs["UdsDTC"]["TestFailed"] == 1 and dtcs["UdsDTC"]["ConfirmedDTC"] == 1
     assert len(PIDS) >= 45
@@ -209,7 +217,7 @@ class Collected:
 
     def __init__(self, folder: Path) -> None:
         self.decoder = Decoder({"*": [answers_dbc(folder)]})
-        self.records: list[tuple[str, dict[str, float]]] = []
+        self.records: list[tuple[str, dict[str, float | str]]] = []
 
     def __call__(self, stream: str, frames: FrameBatch) -> None:
         assert stream == "can0.diagnostics"
@@ -220,7 +228,7 @@ class Collected:
                     (block.message.name, {name: v[k] for name, v in columns.items()})
                 )
 
-    def of(self, message: str, ecu: int) -> list[dict[str, float]]:
+    def of(self, message: str, ecu: int) -> list[dict[str, float | str]]:
         return [v for m, v in self.records if m == message and v["ECU"] == ecu]
 
 
@@ -288,9 +296,12 @@ async def test_the_poller_asks_every_ecu_and_counts_those_that_fail(
     assert collected.of("CoolantTemperature", 0x7EA)[0]["CoolantTemperature"] == 60
     assert collected.of("VehicleSpeed", 0x7E9)[0]["VehicleSpeed"] == 87
     vin = collected.of("VehicleIdentificationNumber", 0x7E8)[0]
-    assert "".join(chr(int(vin[f"Char{n:02d}"])) for n in range(1, 18)) == VIN
+    assert vin["VIN"] == VIN
     stored = collected.of("StoredDTC", 0x7E8)
-    assert [(d["System"], d["Code"]) for d in stored[:2]] == [(0, 0x0301), (0, 0x0171)]
+    assert [(d["System"], d["Code"], d["DTC"]) for d in stored[:2]] == [
+        (0, 0x0301, "P0301"),
+        (0, 0x0171, "P0171"),
+    ]
     assert [d["Code"] for d in collected.of("PendingDTC", 0x7E8)][:1] == [0x0420]
     # Never more than six PIDs in one request: the group of nine went in two.
     asked = [r for r in healthy.requests if r[0] == 0x01]
@@ -495,7 +506,7 @@ ENGINE_SPEED_RULE = (
 async def test_the_agent_sends_the_answers_as_records(
     tmp_path: Path, channel: str, ecus: Callable[[EcuAnswers], SimulatedEcu], rules: str
 ) -> None:
-    ecus(EcuAnswers(0x7E8, pids=PID_DATA, dtcs={0x03: [b"\x03\x01"]}))
+    ecus(EcuAnswers(0x7E8, pids=PID_DATA, dtcs={0x03: [b"\x03\x01"]}, vin=VIN))
     ecus(EcuAnswers(0x7E9, pids={0x0D: bytes([5])}, silent=True))
     text = (
         f'vehicle_id = "v1"\nstate_dir = "{tmp_path}"\nstatus_interval_s = 60\n'
@@ -503,7 +514,7 @@ async def test_the_agent_sends_the_answers_as_records(
         f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n'
         '[batch]\nmax_age_ms = 100\n[metrics]\nlisten = ""\n'
         '[[diagnostics]]\nbus = "can0"\necus = [0x7E8, 0x7E9]\ntimeout_s = 0.5\n'
-        'poll = [{pids = [0x0C, 0x0D, 0x05], interval_s = 0.2}]\ndtcs = ["stored"]\n'
+        'poll = [{pids = [0x0C, 0x0D, 0x05], interval_s = 0.2}]\ndtcs = ["stored"]\nvin = true\n'
         f"{rules}"
     )
     agent = Agent(parse_config(text, "test.toml", tmp_path), status=None)
@@ -516,8 +527,8 @@ async def test_the_agent_sends_the_answers_as_records(
         )
         return value or 0.0
 
-    # Three PIDs twice, and the DTC.
-    await until(lambda: decoded() >= 7)
+    # Three PIDs twice, the DTC and the VIN.
+    await until(lambda: decoded() >= 8)
     # The agent asks on the bus its source reads: the channel holds it and the two ECUs.
     assert len(virtual.channels[channel]) == 3
     agent.stop()
@@ -531,7 +542,9 @@ async def test_the_agent_sends_the_answers_as_records(
         assert {r["rule"] for r in answers} == {"obd"}
     else:
         dtc = next(r["signals"] for r in answers if r["message"] == "StoredDTC")
-        assert dtc == {"ECU": 0x7E8, "System": 0, "Code": 0x0301}
+        assert dtc == {"ECU": 0x7E8, "System": 0, "Code": 0x0301, "DTC": "P0301"}
+        vin = next(r["signals"] for r in answers if r["message"] == "VehicleIdentificationNumber")
+        assert vin == {"ECU": 0x7E8, "VIN": VIN}
     assert counter(agent.metrics, "diagnostics_timeouts") >= 1
 
 

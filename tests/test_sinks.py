@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -30,11 +31,21 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.cloud.receiver import Receiver
 from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.cloud.sinks.parquet import ParquetSink
+from agent.cloud.sinks.postgres import MIGRATIONS, PostgresSink
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.envelope import read_envelope
 from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX, batch_file_name
-from tests.data import REPO
-from tests.services import ReceiverProcess, broker, free_port, persistent_settings, run_agent
+from tests.data import REPO, TRUCK_DBC
+from tests.services import (
+    ReceiverProcess,
+    agent_command,
+    broker,
+    free_port,
+    persistent_settings,
+    run_agent,
+)
+from tests.test_j1939 import bam
+from tests.test_j1939_wire import EEC1, write_log
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEMO_DBC = REPO / "dbc" / "demo.dbc"
@@ -146,8 +157,29 @@ def test_a_batch_delivered_twice_is_written_once(
         latest = connection.execute(
             f"SELECT count(*), count(DISTINCT (message, signal)) FROM {schema}.latest_values"
         ).fetchone()
-    assert versions == [(1,)]
+    assert versions == [(1,), (2,)]
     assert latest is not None and latest[0] == latest[1] == len({k[:2] for k in sent})
+
+
+def test_a_schema_of_version_1_migrates_to_text_with_its_values(schema: str) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+        connection.execute(f"CREATE TABLE {schema}.schema_migrations (version integer)")
+        connection.execute(MIGRATIONS[0].format(s=schema))
+        connection.execute(f"INSERT INTO {schema}.schema_migrations VALUES (1)")
+        connection.execute(
+            f"INSERT INTO {schema}.series (vehicle, bus, message, signal, rule) "
+            "VALUES ('v', 'can0', 'M', 'S', '')"
+        )
+        connection.execute(
+            f"INSERT INTO {schema}.signal_values VALUES (1, '2026-01-01T00:00:00Z', 2.5)"
+        )
+    PostgresSink(PG_URL, schema).close()
+    with psycopg.connect(PG_URL) as connection:
+        versions = connection.execute(f"SELECT version FROM {schema}.schema_migrations").fetchall()
+        rows = connection.execute(f"SELECT signal, value, text FROM {schema}.signals").fetchall()
+    assert versions == [(1,), (2,)]
+    assert rows == [("S", 2.5, None)]
 
 
 def test_a_receiver_whose_database_session_ends_writes_again_over_a_new_one(
@@ -389,3 +421,112 @@ def test_a_parquet_lake_written_again_after_a_clean_stop_keeps_the_earlier_files
         closed.append(set(lake.rglob("*.parquet")))
     assert closed[0] < closed[1]
     assert lake_values(lake) == sent
+
+
+# --- Text values: the agent to every sink -------------------------------------------------
+
+VIN = "1FUJGLDR5CLBP8834"
+ECU_ID = {
+    "ECU_Part_Number": "PN-123",
+    "ECU_Serial_Number": "SN-456",
+    "ECU_Location": "CHASSIS",
+    "ECU_Type": "ENGINE",
+    "ECU_Manufacturer_Name": "ACME",
+}
+#: (message, signal) -> text, as the frames below carry it, read by hand from J1939-71.
+TEXTS = {
+    ("VI", "Vehicle_Identification_Number"): VIN,
+    ("SOFT", "Software_Identification"): "SW1.0*SW2.0",
+    **{("ECUID", name): text for name, text in ECU_ID.items()},
+}
+
+
+def text_log(folder: Path) -> Path:
+    """A J1939 log built here: an engine frame, then a VIN, a software identification and
+    an ECU identification, each sent by BAM and padded as ECUs pad them."""
+    ecu = "*".join(ECU_ID.values()).encode() + b"*\xff\xff"
+    return write_log(
+        folder / "text.log",
+        [
+            EEC1,
+            *bam(100, 0x00, 0xFEEC, VIN.encode() + b"*"),
+            *bam(400, 0x00, 0xFEDA, b"\x02SW1.0*SW2.0*"),
+            *bam(700, 0x17, 0xFDC5, ecu),
+        ],
+    )
+
+
+def test_text_values_go_from_the_agent_through_mosquitto_into_every_sink(
+    schema: str, tmp_path: Path
+) -> None:
+    log = text_log(tmp_path)
+    lake = tmp_path / "lake"
+    with broker(tmp_path) as mqtt:
+        common = ("--mqtt", mqtt.url, "--idle-exit", "3")
+        receivers = [
+            ReceiverProcess(tmp_path / "received.jsonl", *common),
+            receive(*common, "--postgres-schema", schema, output=tmp_path / "pg.out"),
+            ReceiverProcess(tmp_path / "lake.out", *common, "--parquet", lake),
+        ]
+        for receiver in receivers:
+            receiver.wait_ready("subscribed to")
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'vehicle_id = "truck"\nstate_dir = "{tmp_path / "state"}"\n'
+            f'[[bus]]\nname = "can1"\nsource = "replay"\npath = "{log}"\n'
+            f'dbc = ["{TRUCK_DBC}"]\nj1939 = true\n'
+            f'[uplink]\nkind = "mqtt"\nurl = "{mqtt.url}"\n[metrics]\nlisten = ""\n'
+        )
+        result = run_agent(config)
+        assert result.returncode == 0, result.stderr
+        for receiver in receivers:
+            assert "0 rejected" in receiver.finish()
+
+    # JSON Lines: what `decode` gives of the log, text as JSON strings.
+    decoded = subprocess.run(
+        agent_command("decode", log, "--dbc", TRUCK_DBC, "--j1939", "*"),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    expected = [json.loads(line) for line in decoded.stdout.splitlines()]
+    received = [json.loads(line) for line in (tmp_path / "received.jsonl").read_text().splitlines()]
+    for record in received:
+        assert record.pop("vehicle") == "truck"
+    assert received == expected
+    texts = {
+        (r["message"], name): value
+        for r in received
+        for name, value in r["signals"].items()
+        if isinstance(value, str)
+    }
+    assert texts == TEXTS
+
+    with psycopg.connect(PG_URL) as connection:
+        rows = connection.execute(
+            f"SELECT message, signal, text, value FROM {schema}.signals WHERE text IS NOT NULL"
+        ).fetchall()
+        latest = connection.execute(
+            f"SELECT message, signal, text FROM {schema}.latest_values WHERE text IS NOT NULL"
+        ).fetchall()
+        numbers = connection.execute(
+            f"SELECT count(*) FROM {schema}.signals WHERE text IS NULL"
+        ).fetchone()
+    assert {(m, s): t for m, s, t, _ in rows} == TEXTS and len(rows) == len(TEXTS)
+    assert {v for *_, v in rows} == {None}
+    assert {(m, s): t for m, s, t in latest} == TEXTS
+    numeric = sum(1 for r in received for v in r["signals"].values() if not isinstance(v, str))
+    assert numbers == (numeric,)
+
+    lake_texts = {
+        (message, name): value
+        for message in ("VI", "SOFT", "ECUID")
+        for name, value in pq.read_table(next(lake.glob(f"vehicle=truck/message={message}/*/*")))
+        .to_pylist()[0]
+        .items()
+        if (message, name) in TEXTS
+    }
+    assert lake_texts == TEXTS
+    vi = pq.read_table(next(lake.glob("vehicle=truck/message=VI/*/*")))
+    assert vi.schema.field("Vehicle_Identification_Number").type == pa.string()

@@ -25,6 +25,7 @@ import zstandard
 
 from agent.cloud.parser import ReceivedBatch, ReceivedBlock, SchemaStore, parse_batch
 from agent.decode import ALL_BUSES, DecodedBatch, Decoder, MessageBlock
+from agent.diagnostics.pids import dbc_text
 from agent.frames import FrameBatch
 from agent.logs import open_log
 from agent.wire import telemetry_pb2 as pb
@@ -62,8 +63,8 @@ class SignalValues:
     name: str
     stat: str
     present: npt.NDArray[np.bool_]  # per row
-    raw: npt.NDArray[Any]  # of the present rows only: uint64, int64 or a float type
-    physical: npt.NDArray[np.float64]  # the same rows
+    raw: npt.NDArray[Any]  # of the present rows only: uint64, int64, a float type, or str
+    physical: npt.NDArray[Any]  # the same rows: float64, or str
 
 
 @dataclass
@@ -253,6 +254,13 @@ class Consumer:
             )
         if next(column, None) is not None:
             raise SpecError("columns left over")
+        for text in body.texts:
+            texts = rows[text.block].signals[text.signal]
+            if blocks[text.block].signals[text.signal].length <= 64 or texts.present.any():
+                raise SpecError(f"text for {texts.name}, a number")
+            texts.present = np.zeros(len(rows[text.block].t_ns), np.bool_)
+            texts.present[list(text.frames)] = True
+            texts.raw = texts.physical = np.array(list(text.values), object)
         return Read(batch, rows, captures)
 
 
@@ -290,6 +298,13 @@ def same_rows(mine: Rows, theirs: ReceivedBlock | MessageBlock) -> None:
         assert name == column.name
         present = np.ones(len(mine.t_ns), np.bool_) if column.present is None else column.present
         assert (signal.present == present).all(), name
+        if column.raw.dtype == object:
+            assert (
+                signal.raw.tolist()
+                == column.raw[present].tolist()
+                == column.physical()[present].tolist()
+            )
+            continue
         same_values(signal.raw, column.raw[present])
         physical = np.asarray(column.physical(), np.float64)[present]
         assert np.array_equal(signal.physical, physical, equal_nan=True), name
@@ -619,8 +634,30 @@ def float_frames() -> FrameBatch:
     return frames
 
 
-def encoder_case(name: str) -> tuple[Decoder, FrameBatch, str]:
+def text_frames() -> FrameBatch:
+    """Diagnostic answers with text: a VIN and DTCs (with their J2012 codes) of two ECUs."""
+    rows = [
+        (0x902, 0x7E8, b"1HGCM82633A004352"),
+        (0x300, 0x7E8, b"\x03\x01P0301\0\0\0\0"),
+        (0x10C, 0x7E8, b"\x1a\xf8"),
+        (0x300, 0x7E9, b"\xc1\x23U0123\0\0\0\0"),
+        (0x300, 0x7E8, b"\x01\x71"),  # no text: the frame ends after the code
+    ]
+    frames = FrameBatch.allocate(len(rows), ("can0",))
+    frames.t_ns[:] = 1_700_000_000_000_000_000 + np.arange(len(rows)) * 1_000_000
+    for k, (frame_id, ecu, data) in enumerate(rows):
+        payload = ecu.to_bytes(4, "little") + data
+        frames.can_id[k], frames.flags[k], frames.length[k] = frame_id, 1, len(payload)
+        frames.data[k, : len(payload)] = np.frombuffer(payload, np.uint8)
+    return frames
+
+
+def encoder_case(name: str, folder: Path) -> tuple[Decoder, FrameBatch, str]:
     """A decoder, the frames it decodes, and the compression of the batch."""
+    if name == "text":
+        dbc = folder / "answers.dbc"
+        dbc.write_text(dbc_text())
+        return Decoder({"can0": [dbc]}), text_frames(), "none"
     if name == "tesla":
         return (
             Decoder({ALL_BUSES: [TESLA_DBC]}),
@@ -633,11 +670,11 @@ def encoder_case(name: str) -> tuple[Decoder, FrameBatch, str]:
     return Decoder({"can0": [CONFORMANCE_DIR / "floating_point.dbc"]}), float_frames(), "none"
 
 
-@pytest.mark.parametrize("name", ["tesla", "truck", "floats"])
-def test_encoded_batches_hold_what_the_decoder_read(name: str) -> None:
-    """Presence bits (the Tesla's multiplexed signals), J1939 frame IDs, float signals and
-    uncompressed batches, against the decoder's own blocks."""
-    decoder, frames, compression = encoder_case(name)
+@pytest.mark.parametrize("name", ["tesla", "truck", "floats", "text"])
+def test_encoded_batches_hold_what_the_decoder_read(name: str, tmp_path: Path) -> None:
+    """Presence bits (the Tesla's multiplexed signals), J1939 frame IDs, float signals,
+    text and uncompressed batches, against the decoder's own blocks."""
+    decoder, frames, compression = encoder_case(name, tmp_path)
     decoded = decoder.decode(frames)
     encoder = BatchEncoder("v", "s", b"d", compression=compression)
     wire = encoder.encode([decoded], 1)
@@ -666,6 +703,20 @@ def test_encoded_batches_hold_what_the_decoder_read(name: str) -> None:
             [s.raw for r in read.rows for s in r.signals if s.raw.dtype.kind == "f"]
         )
         assert np.isnan(values).any() and (values < 0).any()
+    if name == "text":
+        texts = {
+            (r.message, s.name): s.raw.tolist()
+            for r in read.rows
+            for s in r.signals
+            if s.raw.dtype == object
+        }
+        assert texts == {
+            ("VehicleIdentificationNumber", "VIN"): ["1HGCM82633A004352"],
+            ("StoredDTC", "DTC"): ["P0301", "U0123"],
+        }
+        # Text values count as values: VIN, DTC with the ECU and its numbers, engine speed,
+        # and a DTC without text.
+        assert read.batch.signals == 2 + 4 + 2 + 4 + 3
 
 
 def test_an_unknown_format_is_refused() -> None:

@@ -11,6 +11,7 @@ import numpy.typing as npt
 import zstandard
 
 from agent.decode import SignalColumn, SignalInfo
+from agent.decode.plan import text_column
 from agent.frames import FrameBatch
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.columns import DELTA2, PLAIN, segment_starts, segment_sums, unzigzag
@@ -204,6 +205,12 @@ def _blocks(
     position[order] = np.arange(len(order))
     frame_ends = np.cumsum(frames).tolist()
 
+    texts: dict[int, list[pb.TextValues]] = {}
+    for text in body.texts:
+        if text.block >= len(definitions):
+            raise WireError(f"text values of block {text.block} of {len(definitions)}")
+        texts.setdefault(text.block, []).append(text)
+
     blocks: list[ReceivedBlock] = []
     for k, block in enumerate(definitions):
         n = int(frames[k])
@@ -228,8 +235,18 @@ def _blocks(
                 bits[row] = column
                 row_present = row
             info = _signal_info(signal)
-            signal_list.append(SignalColumn(info, info.raw_from_bits(bits), row_present))
+            if signal.length > 64:
+                # Text, placed below where the body has values for it.
+                signal_list.append(text_column(info, np.full(n, None, object)))
+            else:
+                signal_list.append(SignalColumn(info, info.raw_from_bits(bits), row_present))
             slot_index += 1
+        if k in texts:
+            matrix = matrix.copy()
+            for text in texts[k]:
+                placed = _text_column(block, text, n)
+                signal_list[text.signal] = placed
+                matrix[text.signal] = True if placed.present is None else placed.present
         blocks.append(
             ReceivedBlock(
                 schema.buses[block.bus],
@@ -257,6 +274,21 @@ def _blocks(
         )
         start += raw.frames
     return blocks, captures
+
+
+def _text_column(block: pb.Block, text: pb.TextValues, n: int) -> SignalColumn:
+    """The column of a text signal from its values in a block of `n` frames."""
+    if text.signal >= len(block.signals) or block.signals[text.signal].length <= 64:
+        raise WireError(f"text values for signal {text.signal} of {block.message}, not text")
+    signal = block.signals[text.signal]
+    frames = np.array(text.frames, np.int64)
+    if len(frames) != len(text.values) or not len(frames):
+        raise WireError(f"text of {block.message}.{signal.name}: frames and values differ")
+    if frames[0] < 0 or frames[-1] >= n or (np.diff(frames) <= 0).any():
+        raise WireError(f"text of {block.message}.{signal.name}: frames out of order or range")
+    values = np.full(n, None, object)
+    values[frames] = list(text.values)
+    return text_column(_signal_info(signal), values)
 
 
 def _raw_batch(
@@ -320,9 +352,9 @@ def _signal_info(signal: pb.Signal) -> SignalInfo:
     )
     info = _INFOS.get(key)
     if info is None:
-        # A float of a length IEEE 754 has no type for, or a signal longer than a column
-        # (J1939 text), is named in the schema but never present (checked where its column
-        # is read): it costs only itself, not its message.
+        # A float of a length IEEE 754 has no type for is named in the schema but never
+        # present, and a signal longer than a column (text) has no column (checked where
+        # its column is read): each costs only itself, not its message.
         if signal.length < 1:
             raise WireError(f"signal {signal.name} has an impossible length {signal.length}")
         info = SignalInfo(

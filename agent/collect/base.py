@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from agent.collect.rules import CollectRule
 from agent.decode import DecodedBatch, MessageBlock, MessageInfo, MessagePlan, SignalInfo
+from agent.decode.text import TextArray, text_present
 from agent.frames import FrameBatch
 from agent.j1939.groups import Groups
 from agent.j1939.transport import Transfer
@@ -42,6 +43,9 @@ class CollectedBlock:
     can_id: npt.NDArray[np.uint32]
     bits: npt.NDArray[np.uint64]  # (columns, rows): bit fields, or a statistic's bits
     present: npt.NDArray[np.bool_] | None  # (columns, rows); None: every value is there
+    # Text columns by index: a str per row, None where absent; their `present` rows stay
+    # clear, as text is in no numeric column.
+    texts: dict[int, TextArray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.t_ns)
@@ -118,6 +122,7 @@ def take_rows(
         block.can_id[rows],
         block.bits[:, rows],
         None if present is None or present.all() else present,
+        {column: values[rows] for column, values in block.texts.items()},
     )
 
 
@@ -164,10 +169,23 @@ class Samples:
     t_ns: npt.NDArray[np.int64]
     can_id: npt.NDArray[np.uint32]
     bits: npt.NDArray[np.uint64]
-    value: npt.NDArray[np.float64]  # physical
+    value: npt.NDArray[np.float64]  # physical; NaN for text
+    text: TextArray | None = None  # a text signal's values
 
-    def take(self, rows: npt.NDArray[np.bool_] | slice) -> Samples:
-        return Samples(self.t_ns[rows], self.can_id[rows], self.bits[rows], self.value[rows])
+    def take(self, rows: npt.NDArray[np.bool_] | npt.NDArray[np.intp] | slice) -> Samples:
+        text = None if self.text is None else self.text[rows]
+        return Samples(self.t_ns[rows], self.can_id[rows], self.bits[rows], self.value[rows], text)
+
+    @staticmethod
+    def concat(parts: Sequence[Samples]) -> Samples:
+        texts = [p.text for p in parts]
+        return Samples(
+            np.concatenate([p.t_ns for p in parts]),
+            np.concatenate([p.can_id for p in parts]),
+            np.concatenate([p.bits for p in parts]),
+            np.concatenate([p.value for p in parts]),
+            None if any(t is None for t in texts) else np.concatenate(texts),  # type: ignore[arg-type]
+        )
 
 
 def time_order(t_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
@@ -213,6 +231,9 @@ class BusBatch:
         found = self._samples.get(key)
         if found is None:
             info = block.plan.signals[column]
+            if info.is_text:
+                found = self._samples[key] = _text_samples(block, column)
+                return found
             bits = block.bits[column]
             t_ns, can_id = block.t_ns, block.can_id
             present = block.present
@@ -227,6 +248,18 @@ class BusBatch:
         return found
 
 
+def _text_samples(block: MessageBlock, column: int) -> Samples:
+    """A text signal's values in a block, in time order: no bits, no numbers."""
+    values = block.texts[column]
+    rows = text_present(values)
+    t_ns, can_id, text = block.t_ns[rows], block.can_id[rows], values[rows]
+    order = time_order(t_ns)
+    if order is not None:
+        t_ns, can_id, text = t_ns[order], can_id[order], text[order]
+    n = len(t_ns)
+    return Samples(t_ns, can_id, np.zeros(n, np.uint64), np.full(n, np.nan), text)
+
+
 def assemble(
     bus: str,
     selection: Selection,
@@ -234,16 +267,18 @@ def assemble(
     can_id: npt.NDArray[np.uint32],
     column: npt.NDArray[np.intp],
     bits: npt.NDArray[np.uint64],
+    text: TextArray | None = None,
 ) -> CollectedBlock:
     """A block from single values (each with its frame's time and ID, and its column):
     values of one frame share a row. Frames of one ID at one instant (a log's coarse clock)
-    are told apart by their order."""
-    if len(selection.signals) == 1:  # a row per value
+    are told apart by their order. `text`: each value's text, for text columns."""
+    if len(selection.signals) == 1 and text is None:  # a row per value
         order = np.lexsort((can_id, t_ns))
         column_bits = bits[order].reshape(1, -1)
         return CollectedBlock(bus, selection, t_ns[order], can_id[order], column_bits, None)
     order = np.lexsort((column, can_id, t_ns))
     t_ns, can_id, column, bits = t_ns[order], can_id[order], column[order], bits[order]
+    text = None if text is None else text[order]
     n = len(t_ns)
     same = np.zeros(n, np.bool_)
     same[1:] = (t_ns[1:] == t_ns[:-1]) & (can_id[1:] == can_id[:-1]) & (column[1:] == column[:-1])
@@ -254,6 +289,7 @@ def assemble(
         order = np.lexsort((column, occurrence, can_id, t_ns))
         t_ns, can_id, column, bits = t_ns[order], can_id[order], column[order], bits[order]
         occurrence = occurrence[order]
+        text = None if text is None else text[order]
     else:
         occurrence = np.zeros(n, np.intp)
     new_row = np.ones(n, np.bool_)
@@ -267,6 +303,13 @@ def assemble(
     matrix[column, row] = bits
     present = np.zeros((width, rows), np.bool_)
     present[column, row] = True
+    texts: dict[int, TextArray] = {}
+    for j, signal in enumerate(selection.signals):
+        if signal.is_text and text is not None:
+            # Text is in no numeric column: its presence is its values'.
+            texts[j] = np.full(rows, None, object)
+            texts[j][row[column == j]] = text[column == j]
+            present[j] = False
     return CollectedBlock(
         bus,
         selection,
@@ -274,6 +317,7 @@ def assemble(
         can_id[new_row],
         matrix,
         None if present.all() else present,
+        texts,
     )
 
 

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.collect.base import MODES, BusBatch, Collected, Mode, Reference, Selection, Target
 from agent.collect.rules import CollectRule
@@ -82,6 +83,30 @@ class Collector:
         return out
 
 
+#: The modes that take text signals: those that send values as they came (and `sample`
+#: with these, which picks a value without comparing).
+_TEXT_MODES = ("all", "raw")
+_TEXT_REDUCE = ("first", "last")
+
+
+def _numbers(
+    rule: CollectRule, plan: MessagePlan, columns: npt.NDArray[np.intp]
+) -> npt.NDArray[np.intp]:
+    """The columns of a rule whose mode computes with values: a text signal that a pattern
+    matches is left out, one that the rule names is an error."""
+    kept = []
+    for column in columns.tolist():
+        signal = plan.signals[column]
+        if not signal.is_text:
+            kept.append(column)
+        elif signal.name in rule.signals or f"{plan.info.name}.{signal.name}" in rule.signals:
+            raise CollectError(
+                f"mode {rule.mode} takes numbers: signal {plan.info.name}.{signal.name} is "
+                "text; mode all sends text as it comes, sample its first or last"
+            )
+    return np.array(kept, np.intp)
+
+
 def _targets(
     rule: CollectRule, buses: Sequence[str], decoders: Mapping[str, Decoder]
 ) -> list[Target]:
@@ -114,6 +139,10 @@ def _targets(
                     ],
                     np.intp,
                 )
+            if rule.mode not in _TEXT_MODES and not (
+                rule.mode == "sample" and rule.reduce in _TEXT_REDUCE
+            ):
+                columns = _numbers(rule, plan, columns)
             if len(columns):
                 selection = Selection(
                     plan.info, tuple(plan.signals[c] for c in columns.tolist()), rule.name
@@ -157,5 +186,7 @@ def _references(
                 f"when: {name} is in several messages ({where}); write Message.Signal"
             )
         bus, plan, column = candidates[0]
+        if plan.signals[column].is_text:
+            raise CollectError(f"when: {name} is text; a condition compares numbers")
         found[name] = Reference(bus, plan, column)
     return found

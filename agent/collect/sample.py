@@ -56,10 +56,7 @@ def choose(values: Samples, period_ns: int, reduce: str) -> Chosen:
         at = np.where(key == np.repeat(best, counts), np.arange(len(key)), len(key))
         picks = np.minimum.reduceat(at, starts)
         picks = np.where(picks == len(key), starts, picks)  # a period of NaN only
-    return Chosen(
-        period[picks],
-        Samples(values.t_ns[picks], values.can_id[picks], values.bits[picks], values.value[picks]),
-    )
+    return Chosen(period[picks], values.take(picks))
 
 
 def _later_wins(reduce: str, before: float, later: float) -> bool:
@@ -146,23 +143,21 @@ def _replace_first(chosen: Chosen, first: Chosen) -> Chosen:
     rest = chosen.take(slice(1, None))
     return Chosen(
         np.concatenate([first.period, rest.period]),
-        Samples(
-            *(
-                np.concatenate([a, b])
-                for a, b in (
-                    (first.values.t_ns, rest.values.t_ns),
-                    (first.values.can_id, rest.values.can_id),
-                    (first.values.bits, rest.values.bits),
-                    (first.values.value, rest.values.value),
-                )
-            )
-        ),
+        Samples.concat([first.values, rest.values]),
     )
 
 
 def _send(target: Target, channel: str, closed: list[tuple[int, Chosen]], out: Collected) -> None:
     if not closed:
         return
+    text = None
+    if any(c.values.text is not None for _, c in closed):
+        text = np.concatenate(
+            [
+                np.full(len(c.period), None, object) if c.values.text is None else c.values.text
+                for _, c in closed
+            ]
+        )
     out.blocks.append(
         assemble(
             channel,
@@ -171,5 +166,6 @@ def _send(target: Target, channel: str, closed: list[tuple[int, Chosen]], out: C
             np.concatenate([c.values.can_id for _, c in closed]),
             np.concatenate([np.full(len(c.period), j, np.intp) for j, c in closed]),
             np.concatenate([c.values.bits for _, c in closed]),
+            text,
         )
     )

@@ -70,6 +70,9 @@ class DecodedBatch:
     rows: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
     bits: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
     present: npt.NDArray[np.bool_] | None = None
+    # The positions in `blocks` of those whose messages have text signals, which the
+    # blocks' `texts` give: every other block has none.
+    text_blocks: list[int] = field(default_factory=list)
 
 
 # A frame's code sorts it: what kept it from being decoded, or its message. On J1939 buses
@@ -179,6 +182,9 @@ class _BlockSet:
         self.plans = [lookup.plans[m] for m in blocks.tolist()]
         #: Positions of the blocks that need the per-message step.
         self.irregular = np.flatnonzero(lookup.irregular[blocks]).tolist()
+        #: Positions of the blocks of messages with text signals (never in the batch pass,
+        #: so among the irregular ones).
+        self.text = [k for k in self.irregular if self.plans[k][1].text]
         self.signals_in = lookup.width[blocks]
         total = int(self.signals_in.sum())
         self.segment_block = np.repeat(np.arange(len(blocks)), self.signals_in)
@@ -377,6 +383,7 @@ class Decoder:
             _irregular(result.blocks[position], table, layout, fresh)
         result.signals = total if present is None else int(np.count_nonzero(present))
         result.rows, result.bits, result.present = rows, bits, present
+        result.text_blocks = block_set.text
         return result
 
     @staticmethod

@@ -13,15 +13,18 @@ words are read from both.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 
+from agent.decode.text import TextArray, frame_texts, text_present
 from agent.frames import MAX_PAYLOAD, FrameBatch
 
 RawArray = npt.NDArray[np.uint64] | npt.NDArray[np.int64] | npt.NDArray[np.floating[Any]]
+# A column's values: raw numbers, or text (str, None where absent; agent.decode.text).
+ColumnArray = RawArray | npt.NDArray[np.object_]
 # Physical values: float64, or int64/uint64 for integer conversions, or object (Python int)
 # where an integer conversion could overflow 64 bits.
 PhysicalArray = npt.NDArray[Any]
@@ -70,8 +73,9 @@ class SignalInfo:
 
     @property
     def is_text(self) -> bool:
-        """Longer than a number and on byte boundaries: J1939's text parameters (VIN, ECU
-        and software identification) are given so, as fields of up to 200 characters."""
+        """Longer than a number and on byte boundaries (agent.decode.text): J1939's text
+        parameters (VIN, ECU and software identification) are given so, as fields of up to
+        200 characters."""
         return (
             self.length > 64
             and self.byte_order == "little_endian"
@@ -125,7 +129,7 @@ class SignalColumn:
     """
 
     info: SignalInfo
-    raw: RawArray
+    raw: ColumnArray
     present: npt.NDArray[np.bool_] | None
 
     @property
@@ -133,7 +137,21 @@ class SignalColumn:
         return self.info.name
 
     def physical(self) -> PhysicalArray:
-        return self.info.physical(self.raw)
+        if self.raw.dtype == object:
+            return self.raw  # text is its own value
+        return self.info.physical(cast(RawArray, self.raw))
+
+
+def text_info(signal: SignalInfo) -> SignalInfo:
+    """A text signal as its column describes it: text has no scale, so its column's physical
+    value is the text itself."""
+    return replace(signal, scale=1, offset=0, is_signed=False, is_float=False, choices=None)
+
+
+def text_column(signal: SignalInfo, values: TextArray) -> SignalColumn:
+    """A text signal's column: its str values (None where absent) and their presence."""
+    present = text_present(values)
+    return SignalColumn(text_info(signal), values, None if present.all() else present)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +187,8 @@ class MessagePlan:
         for index, signal in enumerate(signals):
             self._place(index, signal)
         self.max_needed = int(self.needed.max()) if k else 0
+        #: The text signals (agent.decode.text), read apart from the numeric pass.
+        self.text = tuple(i for i, s in enumerate(signals) if s.is_text)
         by_name = {s.name: i for i, s in enumerate(signals)}
         children: dict[int, list[int]] = {}
         for index, signal in enumerate(signals):
@@ -208,7 +228,7 @@ class MessagePlan:
         first = signal.first_network_bit
         last = first + length - 1  # bit numbers in payload order, as for `first`
         if signal.is_text:
-            # Text is carried by J1939 transfers, decoded apart from frames (agent.j1939).
+            # Absent from the numeric pass: its text is read apart (MessageBlock.texts).
             self.never[index] = True
             return
         if not 1 <= length <= 64:
@@ -305,6 +325,7 @@ class MessageBlock:
         "_columns",
         "_rows",
         "_span",
+        "_texts",
         "batch",
         "bus",
         "plan",
@@ -319,10 +340,13 @@ class MessageBlock:
         bits: npt.NDArray[np.uint64],
         present: npt.NDArray[np.bool_] | None,
         span: tuple[int, int, int, int],
+        texts: dict[int, TextArray] | None = None,
     ) -> None:
         """`rows`, `bits` and `present` are the whole decoded batch's, shared by its blocks;
         `span` is this block's part: (first frame, end frame, first value, end value).
-        Slicing waits until asked: most consumers touch only some of a block's parts."""
+        Slicing waits until asked: most consumers touch only some of a block's parts.
+        `texts`: the text signals' values where the frames cannot hold them (J1939
+        transfers); otherwise they are read from the frames when asked."""
         self.bus = bus
         self.plan = plan
         self.batch = batch
@@ -331,6 +355,24 @@ class MessageBlock:
         self._batch_present = present
         self._span = span
         self._columns: list[SignalColumn] | None = None
+        self._texts = texts
+
+    @property
+    def texts(self) -> dict[int, TextArray]:
+        """Each text signal's values, by its index in the plan: a str per frame, None where
+        the frame has none. `bits` and `present` leave text signals absent."""
+        if self._texts is None:
+            if self.plan.text:
+                rows = self.rows
+                self._texts = frame_texts(
+                    self.plan.signals,
+                    self.plan.text,
+                    self.batch.data[rows],
+                    self.batch.length[rows],
+                )
+            else:
+                self._texts = {}
+        return self._texts
 
     @property
     def frame_span(self) -> tuple[int, int]:
@@ -382,6 +424,8 @@ class MessageBlock:
                 if matrix is not None and not matrix[j].all():
                     present = matrix[j]
                 columns.append(SignalColumn(info, info.raw_from_bits(bits[j]), present))
+            for j, values in self.texts.items():
+                columns[j] = text_column(self.plan.signals[j], values)
             self._columns = columns
         return self._columns
 

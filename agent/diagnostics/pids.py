@@ -144,6 +144,14 @@ UDS_SNAPSHOT_ID = 0x1904
 VIN_LENGTH = 17
 #: The first letter of a J2012 DTC, from its two top bits.
 DTC_SYSTEMS = {0: "P", 1: "C", 2: "B", 3: "U"}
+#: The DTC as text ("P0301") in a field of this many bytes, NUL-padded: text is longer
+#: than 64 bits.
+DTC_TEXT_BYTES = 9
+
+
+def dtc_text(code: bytes) -> str:
+    """A two-byte OBD-II DTC as J2012 writes it: P0301."""
+    return f"{DTC_SYSTEMS[code[0] >> 6]}{int.from_bytes(code[:2], 'big') & 0x3FFF:04X}"
 
 
 def pid_frame_id(pid: int) -> int:
@@ -174,14 +182,20 @@ def dbc_text() -> str:
     parts = ['VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_:\n\n']
     for pid in _TABLE:
         parts.append(_message(pid_frame_id(pid.pid), pid.name, pid.size, list(pid.fields)))
-    chars = [Field(f"Char{n + 1:02d}", n, 8) for n in range(VIN_LENGTH)]
-    parts.append(_message(VIN_ID, "VehicleIdentificationNumber", VIN_LENGTH, chars))
-    # Code: the 14 bits after the system letter (P0301 is P and 0x0301).
-    dtc = [Field("System", 0, 2, bit=6), Field("Code", 0, 14, bit=5, big_endian=True)]
+    # Text (agent.decode.text): whole bytes, longer than 64 bits.
+    vin = [Field("VIN", 0, 8 * VIN_LENGTH)]
+    parts.append(_message(VIN_ID, "VehicleIdentificationNumber", VIN_LENGTH, vin))
+    # Code: the 14 bits after the system letter (P0301 is P and 0x0301); DTC: the code as
+    # text, after the two bytes of the answer.
+    dtc = [
+        Field("System", 0, 2, bit=6),
+        Field("Code", 0, 14, bit=5, big_endian=True),
+        Field("DTC", 2, 8 * DTC_TEXT_BYTES),
+    ]
     names = {"stored": "StoredDTC", "pending": "PendingDTC", "permanent": "PermanentDTC"}
     letters = " ".join(f'{k} "{v}"' for k, v in DTC_SYSTEMS.items())
     for kind, frame_id in DTC_IDS.items():
-        parts.append(_message(frame_id, names[kind], 2, dtc))
+        parts.append(_message(frame_id, names[kind], 2 + DTC_TEXT_BYTES, dtc))
     uds = [
         _wide("DTC", 24),
         Field("Status", 3, 8),

@@ -28,7 +28,7 @@ from agent.config import BusConfig
 from agent.diagnostics.pids import (
     DTC_IDS,
     DTC_SERVICES,
-    DTC_SYSTEMS,
+    DTC_TEXT_BYTES,
     ECU_BYTES,
     PIDS,
     SUPPORTED_RANGES,
@@ -36,6 +36,7 @@ from agent.diagnostics.pids import (
     UDS_SNAPSHOT_ID,
     VIN_ID,
     VIN_LENGTH,
+    dtc_text,
     pid_frame_id,
 )
 from agent.diagnostics.settings import MAX_PIDS_PER_REQUEST, DiagnosticsConfig, stream_name
@@ -236,15 +237,10 @@ class Poller:
                 code = body[k : k + 2]
                 if code == b"\0\0":
                     continue  # padding, not a DTC
-                records.append(Answer(DTC_IDS[kind], ecu, code))
-                log.info(
-                    "bus %s: ECU 0x%X: %s DTC %s%04X",
-                    self.bus.name,
-                    ecu,
-                    kind,
-                    DTC_SYSTEMS[code[0] >> 6],
-                    int.from_bytes(code, "big") & 0x3FFF,
-                )
+                text = dtc_text(code)
+                padded = text.encode("ascii").ljust(DTC_TEXT_BYTES, b"\0")
+                records.append(Answer(DTC_IDS[kind], ecu, code + padded))
+                log.info("bus %s: ECU 0x%X: %s DTC %s", self.bus.name, ecu, kind, text)
         self._emit(records)
 
     async def _uds_dtcs(self) -> None:

@@ -3,16 +3,13 @@
 A transfer carries up to 1,785 bytes, past the 64 of a frame batch's rows, and the J1939 DBC
 gives text parameters (VIN, ECU and software identification) as 200-byte signals. Transfers
 are few (a DM1 a second, an identification now and then), so each is decoded on its own,
-its payload read as one Python integer. A signal longer than 64 bits that starts and ends
-on byte boundaries is text: ISO 8859-1 characters, each field ended by `*` (J1939-71), where
-several text signals that share a start bit are the consecutive fields of one parameter.
+its payload read as one Python integer, its text signals as agent.decode.text reads them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -24,13 +21,11 @@ from agent.decode import (
     MessageInfo,
     MessagePlan,
     SignalColumn,
-    SignalInfo,
 )
+from agent.decode.plan import text_column
+from agent.decode.text import TextArray, payload_values
 from agent.frames import FrameBatch, FrameFlag
 from agent.j1939.transport import Reassembler, Transfer
-
-#: Bytes that pad a text field after its end.
-_PADDING = b"\x00\xff "
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +50,16 @@ def decode_transfer(decoder: Decoder, transfer: Transfer) -> GroupBlock | None:
     plan = decoder.message_of(transfer.bus, transfer.can_id)
     if plan is None:
         return None
-    values = _values(plan.signals, transfer.data)
+    values = payload_values(plan.signals, transfer.data)
     present = np.array([[v is not None] for v in values], np.bool_)  # (signals, transfers)
     columns = []
     for k, (signal, value) in enumerate(zip(plan.signals, values, strict=True)):
-        info = signal
-        if isinstance(value, str):
-            # Text has no scale: its column's physical value is the text itself.
-            info = replace(signal, scale=1, offset=0, is_signed=False, is_float=False)
-            raw: npt.NDArray[Any] = np.array([value], object)
-        else:
-            raw = signal.raw_from_bits(np.array([value or 0], np.uint64))
-        columns.append(SignalColumn(info, raw, None if value is not None else present[k]))
+        if signal.is_text:
+            columns.append(text_column(signal, np.array([value], object)))
+            continue
+        assert not isinstance(value, str)  # only text signals have text
+        raw = signal.raw_from_bits(np.array([value or 0], np.uint64))
+        columns.append(SignalColumn(signal, raw, None if value is not None else present[k]))
     return GroupBlock(
         transfer.bus,
         plan.info,
@@ -113,31 +106,37 @@ def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBat
     """The transfers that the decoder's DBCs define, as a decoded batch of their own for the
     wire and the collection rules: a block per channel and message, a row per transfer with
     its time (that of its last frame) and its group's ID, over frames made for them. Text
-    signals are absent from every row, as a wire column holds 64 bits, and a group of text
-    alone has no row."""
-    found: dict[tuple[str, int], tuple[MessagePlan, list[Transfer], list[list[int | None]]]] = {}
+    signals are absent from the numeric columns and given as the blocks' `texts`."""
+    found: dict[
+        tuple[str, int],
+        tuple[MessagePlan, list[Transfer], list[list[int | None]], list[list[str | None]]],
+    ] = {}
     for transfer in transfers:
         plan = decoder.message_of(transfer.bus, transfer.can_id)
         if plan is None:
             continue
+        decoded = payload_values(plan.signals, transfer.data)
         values = [
             v if isinstance(v, int) and not (s.is_float and s.length not in (16, 32, 64)) else None
-            for s, v in zip(plan.signals, _values(plan.signals, transfer.data), strict=True)
+            for s, v in zip(plan.signals, decoded, strict=True)
         ]  # a float of another length is never present, as in frames (docs/wire-format.md)
-        if all(v is None for v in values):
-            continue  # text alone (a VIN): nothing a column holds
-        entry = found.setdefault((transfer.bus, id(plan)), (plan, [], []))
+        text = [v if isinstance(v, str) else None for v in (decoded[k] for k in plan.text)]
+        if all(v is None for v in values) and all(v is None for v in text):
+            continue
+        entry = found.setdefault((transfer.bus, id(plan)), (plan, [], [], []))
         entry[1].append(transfer)
         entry[2].append(values)
+        entry[3].append(text)
     if not found:
         return None
-    count = sum(len(kept) for _, kept, _ in found.values())
+    count = sum(len(entry[1]) for entry in found.values())
     channels = tuple(dict.fromkeys(bus for bus, _ in found))
     frames = FrameBatch.allocate(count, channels)
     frames.flags[:] = FrameFlag.EXTENDED
     bits, present, spans = [], [], []
     row = value = 0
-    for (bus, _), (plan, kept, by_transfer) in found.items():
+    text_of: list[dict[int, TextArray]] = []
+    for (bus, _), (plan, kept, by_transfer, texts) in found.items():
         end = row + len(kept)
         frames.t_ns[row:end] = [t.t_ns for t in kept]
         frames.can_id[row:end] = [t.can_id for t in kept]
@@ -147,6 +146,8 @@ def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBat
         carried = [[v is not None for v in r] for r in by_transfer]
         present.append(np.array(carried, np.bool_).T.reshape(-1))
         spans.append((bus, plan, (row, end, value, value + len(bits[-1]))))
+        by_signal = np.array(texts, object).reshape(len(kept), len(plan.text)).T
+        text_of.append(dict(zip(plan.text, by_signal, strict=True)))
         row, value = end, value + len(bits[-1])
     all_bits, all_present = np.concatenate(bits), np.concatenate(present)
     rows = np.arange(count, dtype=np.intp)
@@ -159,71 +160,11 @@ def decode_groups(decoder: Decoder, transfers: Sequence[Transfer]) -> DecodedBat
         remote_frames=0,
         signals=int(all_present.sum()),
         blocks=[
-            MessageBlock(bus, plan, frames, rows, all_bits, kept_present, span)
-            for bus, plan, span in spans
+            MessageBlock(bus, plan, frames, rows, all_bits, kept_present, span, texts)
+            for (bus, plan, span), texts in zip(spans, text_of, strict=True)
         ],
         rows=rows,
         bits=all_bits,
         present=kept_present,
+        text_blocks=[k for k, (_, plan, _) in enumerate(spans) if plan.text],
     )
-
-
-def _values(signals: list[SignalInfo], data: bytes) -> list[int | str | None]:
-    """Each signal's bit field (or text) in a transfer's payload; None where absent."""
-    little = int.from_bytes(data, "little")
-    big = int.from_bytes(data, "big")
-    size = 8 * len(data)
-    values: list[int | str | None] = []
-    fields = _text_fields(signals, data)
-    for index, signal in enumerate(signals):
-        if index in fields:
-            values.append(fields[index])
-        elif signal.length > 64 or signal.needed_bytes > len(data):
-            values.append(None)
-        elif signal.byte_order == "little_endian":
-            values.append((little >> signal.start) & ((1 << signal.length) - 1))
-        else:
-            low = size - signal.first_network_bit - signal.length
-            values.append((big >> low) & ((1 << signal.length) - 1))
-    _select_multiplexed(signals, values)
-    return values
-
-
-def _text_fields(signals: list[SignalInfo], data: bytes) -> dict[int, str | None]:
-    """Each text signal's field: the k-th of the text signals sharing a start bit takes the
-    k-th `*`-ended field there; the last of them takes the rest."""
-    by_start: dict[int, list[int]] = {}
-    for index, signal in enumerate(signals):
-        if signal.is_text:
-            by_start.setdefault(signal.start, []).append(index)
-    found: dict[int, str | None] = {}
-    for start, members in by_start.items():
-        first = start // 8
-        if first >= len(data):
-            found.update(dict.fromkeys(members))
-            continue
-        end = first + max(signals[i].length for i in members) // 8
-        text = data[first:end].rstrip(_PADDING).decode("latin-1")
-        parts = text.split("*")
-        if parts and parts[-1] == "":
-            parts.pop()  # the delimiter ends the last field too
-        for k, index in enumerate(members):
-            last = k == len(members) - 1
-            found[index] = "*".join(parts[k:]) if last else (parts[k] if k < len(parts) else None)
-    return found
-
-
-def _select_multiplexed(signals: list[SignalInfo], values: list[int | str | None]) -> None:
-    """Clears, in place, the multiplexed signals that their multiplexer does not select."""
-    by_name = {s.name: i for i, s in enumerate(signals)}
-    for index, signal in enumerate(signals):
-        if signal.multiplexer is None:
-            continue
-        parent = by_name.get(signal.multiplexer)
-        key = values[parent] if parent is not None else None
-        if parent is None or not isinstance(key, int) or signal.multiplexer_ids is None:
-            values[index] = None
-            continue
-        scaled = int(key * signals[parent].scale + signals[parent].offset)
-        if scaled not in signal.multiplexer_ids:
-            values[index] = None

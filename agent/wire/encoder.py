@@ -20,6 +20,7 @@ import zstandard
 
 from agent.collect import Collected, CollectedBlock, RawCapture, Selection
 from agent.decode import DecodedBatch, MessageBlock
+from agent.decode.text import text_present
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.columns import DELTA2, PLAIN, deltas, segment_starts, zigzag
 from agent.wire.envelope import FORMAT, WireBatch
@@ -194,16 +195,20 @@ class BatchEncoder:
         bits: list[npt.NDArray[np.uint64]] = []
         present: list[npt.NDArray[np.bool_] | None] = []
         captures: list[RawCapture] = []
+        texted: list[tuple[int, MessageBlock | CollectedBlock]] = []
         for section in sections:
             if isinstance(section, DecodedBatch):
+                texted += [(len(blocks) + k, section.blocks[k]) for k in section.text_blocks]
                 blocks.extend(section.blocks)
                 times_of.append(section.blocks[0].batch.t_ns.take(section.rows))
                 bits.append(section.bits)
                 present.append(section.present)
                 continue
-            blocks.extend(section.blocks)
             captures.extend(section.raw)
             for block in section.blocks:
+                if block.texts:
+                    texted.append((len(blocks), block))
+                blocks.append(block)
                 times_of.append(block.t_ns)
                 bits.append(block.bits.reshape(-1))
                 present.append(None if block.present is None else block.present.reshape(-1))
@@ -267,9 +272,29 @@ class BatchEncoder:
             value_width=width,
             present=np.packbits(slots, bitorder="little").tobytes() if any_absent else b"",
             raw=[_raw_frames(c, bus) for c, bus in zip(captures, raw_buses, strict=True)],
+            texts=_texts(texted),
         )
-        signals = int(np.count_nonzero(slots))
+        signals = int(np.count_nonzero(slots)) + sum(len(t.values) for t in body.texts)
         return body.SerializeToString(), int(frames.sum()) + sum(raw_frames), signals, first, last
+
+
+def _texts(blocks: Sequence[tuple[int, MessageBlock | CollectedBlock]]) -> list[pb.TextValues]:
+    """The text values of the blocks that may have some (with their positions in the
+    body), a TextValues per text signal that has any."""
+    found = []
+    for position, block in blocks:
+        for column, values in block.texts.items():
+            frames = np.flatnonzero(text_present(values))
+            if len(frames):
+                found.append(
+                    pb.TextValues(
+                        block=position,
+                        signal=column,
+                        frames=frames.tolist(),
+                        values=values[frames].tolist(),
+                    )
+                )
+    return found
 
 
 def _raw_frames(capture: RawCapture, bus: int) -> pb.RawFrames:

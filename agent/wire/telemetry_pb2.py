@@ -24,49 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61gent/wire/telemetry.proto\x12\x0ctelemetry.v1\"\x9e\x02\n\x05\x42\x61tch\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x12\n\nvehicle_id\x18\x02 \x01(\t\x12\x11\n\tstream_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x12\n\nfirst_t_ns\x18\x05 \x01(\x03\x12\x11\n\tlast_t_ns\x18\x06 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x07 \x01(\r\x12\x0f\n\x07signals\x18\x08 \x01(\r\x12.\n\x0b\x63ompression\x18\t \x01(\x0e\x32\x19.telemetry.v1.Compression\x12\x10\n\x08\x64\x62\x63_hash\x18\n \x01(\x0c\x12\x11\n\tbody_size\x18\x0b \x01(\r\x12\x0c\n\x04\x62ody\x18\x0c \x01(\x0c\x12\x11\n\tschema_id\x18\r \x01(\x0c\x12\x0e\n\x06schema\x18\x0e \x01(\x0c\"<\n\x06Schema\x12\r\n\x05\x62uses\x18\x01 \x03(\t\x12#\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x13.telemetry.v1.Block\"\xab\x01\n\x04\x42ody\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\x12\x0e\n\x06\x66rames\x18\x03 \x03(\r\x12\x14\n\x0ctime_unit_ns\x18\x04 \x01(\x04\x12\x11\n\tencodings\x18\x05 \x01(\x0c\x12\x0e\n\x06values\x18\x06 \x01(\x0c\x12\x13\n\x0bvalue_width\x18\x07 \x01(\r\x12\x0f\n\x07present\x18\x08 \x01(\x0c\x12$\n\x03raw\x18\t \x03(\x0b\x32\x17.telemetry.v1.RawFrames\"d\n\tRawFrames\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0b\n\x03\x62us\x18\x02 \x01(\r\x12\x0e\n\x06\x66rames\x18\x03 \x01(\r\x12\r\n\x05\x66lags\x18\x04 \x01(\x0c\x12\x0f\n\x07lengths\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\xa5\x01\n\x05\x42lock\x12\x0b\n\x03\x62us\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x03 \x01(\r\x12\x10\n\x08\x65xtended\x18\x04 \x01(\x08\x12\x12\n\nhas_can_id\x18\x05 \x01(\x08\x12%\n\x07signals\x18\x06 \x03(\x0b\x32\x14.telemetry.v1.Signal\x12\x0c\n\x04rule\x18\x07 \x01(\t\x12\x11\n\twindow_ms\x18\x08 \x01(\r\"x\n\x06Signal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x11\n\tis_signed\x18\x03 \x01(\x08\x12\x10\n\x08is_float\x18\x04 \x01(\x08\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x0e\n\x06offset\x18\x06 \x01(\x01\x12\x0c\n\x04stat\x18\x07 \x01(\t\"*\n\x03\x41\x63k\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"6\n\x10\x43\x61mpaignsRequest\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\"+\n\x08\x43\x61mpaign\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\x0c\"\xb6\x01\n\tControlUp\x12/\n\x05hello\x18\x01 \x01(\x0b\x32\x1e.telemetry.v1.CampaignsRequestH\x00\x12\x11\n\x07\x63heckin\x18\x02 \x01(\x0cH\x00\x12\x19\n\x0fsnapshot_answer\x18\x03 \x01(\x0cH\x00\x12\x10\n\x06health\x18\x04 \x01(\x0cH\x00\x12-\n\ndbc_wanted\x18\x05 \x01(\x0b\x32\x17.telemetry.v1.DbcWantedH\x00\x42\t\n\x07message\"\x1b\n\tDbcWanted\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"\'\n\x07\x44\x62\x63\x46ile\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x86\x01\n\x0b\x43ontrolDown\x12*\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x16.telemetry.v1.CampaignH\x00\x12\x1a\n\x10snapshot_request\x18\x02 \x01(\x0cH\x00\x12$\n\x03\x64\x62\x63\x18\x03 \x01(\x0b\x32\x15.telemetry.v1.DbcFileH\x00\x42\t\n\x07message\"&\n\x0fVehiclesRequest\x12\x13\n\x0bvehicle_ids\x18\x01 \x03(\t\".\n\x06Report\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\x0c\"6\n\x0fSnapshotRequest\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12\x0f\n\x07request\x18\x02 \x01(\x0c*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01*G\n\x08\x45ncoding\x12\x12\n\x0e\x45NCODING_PLAIN\x10\x00\x12\x12\n\x0e\x45NCODING_DELTA\x10\x01\x12\x13\n\x0f\x45NCODING_DELTA2\x10\x02\x32\x90\x03\n\tTelemetry\x12\x34\n\x06Stream\x12\x13.telemetry.v1.Batch\x1a\x11.telemetry.v1.Ack(\x01\x30\x01\x12\x45\n\tCampaigns\x12\x1e.telemetry.v1.CampaignsRequest\x1a\x16.telemetry.v1.Campaign0\x01\x12\x41\n\x07\x43ontrol\x12\x17.telemetry.v1.ControlUp\x1a\x19.telemetry.v1.ControlDown(\x01\x30\x01\x12\x41\n\x08\x43heckins\x12\x1d.telemetry.v1.VehiclesRequest\x1a\x14.telemetry.v1.Report0\x01\x12?\n\x06Health\x12\x1d.telemetry.v1.VehiclesRequest\x1a\x14.telemetry.v1.Report0\x01\x12?\n\x08Snapshot\x12\x1d.telemetry.v1.SnapshotRequest\x1a\x14.telemetry.v1.Reportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61gent/wire/telemetry.proto\x12\x0ctelemetry.v1\"\x9e\x02\n\x05\x42\x61tch\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x12\n\nvehicle_id\x18\x02 \x01(\t\x12\x11\n\tstream_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x12\n\nfirst_t_ns\x18\x05 \x01(\x03\x12\x11\n\tlast_t_ns\x18\x06 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x07 \x01(\r\x12\x0f\n\x07signals\x18\x08 \x01(\r\x12.\n\x0b\x63ompression\x18\t \x01(\x0e\x32\x19.telemetry.v1.Compression\x12\x10\n\x08\x64\x62\x63_hash\x18\n \x01(\x0c\x12\x11\n\tbody_size\x18\x0b \x01(\r\x12\x0c\n\x04\x62ody\x18\x0c \x01(\x0c\x12\x11\n\tschema_id\x18\r \x01(\x0c\x12\x0e\n\x06schema\x18\x0e \x01(\x0c\"<\n\x06Schema\x12\r\n\x05\x62uses\x18\x01 \x03(\t\x12#\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x13.telemetry.v1.Block\"\xd4\x01\n\x04\x42ody\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\x12\x0e\n\x06\x66rames\x18\x03 \x03(\r\x12\x14\n\x0ctime_unit_ns\x18\x04 \x01(\x04\x12\x11\n\tencodings\x18\x05 \x01(\x0c\x12\x0e\n\x06values\x18\x06 \x01(\x0c\x12\x13\n\x0bvalue_width\x18\x07 \x01(\r\x12\x0f\n\x07present\x18\x08 \x01(\x0c\x12$\n\x03raw\x18\t \x03(\x0b\x32\x17.telemetry.v1.RawFrames\x12\'\n\x05texts\x18\n \x03(\x0b\x32\x18.telemetry.v1.TextValues\"K\n\nTextValues\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06signal\x18\x02 \x01(\r\x12\x0e\n\x06\x66rames\x18\x03 \x03(\r\x12\x0e\n\x06values\x18\x04 \x03(\t\"d\n\tRawFrames\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0b\n\x03\x62us\x18\x02 \x01(\r\x12\x0e\n\x06\x66rames\x18\x03 \x01(\r\x12\r\n\x05\x66lags\x18\x04 \x01(\x0c\x12\x0f\n\x07lengths\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\xa5\x01\n\x05\x42lock\x12\x0b\n\x03\x62us\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x03 \x01(\r\x12\x10\n\x08\x65xtended\x18\x04 \x01(\x08\x12\x12\n\nhas_can_id\x18\x05 \x01(\x08\x12%\n\x07signals\x18\x06 \x03(\x0b\x32\x14.telemetry.v1.Signal\x12\x0c\n\x04rule\x18\x07 \x01(\t\x12\x11\n\twindow_ms\x18\x08 \x01(\r\"x\n\x06Signal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x11\n\tis_signed\x18\x03 \x01(\x08\x12\x10\n\x08is_float\x18\x04 \x01(\x08\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x0e\n\x06offset\x18\x06 \x01(\x01\x12\x0c\n\x04stat\x18\x07 \x01(\t\"*\n\x03\x41\x63k\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"6\n\x10\x43\x61mpaignsRequest\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\"+\n\x08\x43\x61mpaign\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\x0c\"\xb6\x01\n\tControlUp\x12/\n\x05hello\x18\x01 \x01(\x0b\x32\x1e.telemetry.v1.CampaignsRequestH\x00\x12\x11\n\x07\x63heckin\x18\x02 \x01(\x0cH\x00\x12\x19\n\x0fsnapshot_answer\x18\x03 \x01(\x0cH\x00\x12\x10\n\x06health\x18\x04 \x01(\x0cH\x00\x12-\n\ndbc_wanted\x18\x05 \x01(\x0b\x32\x17.telemetry.v1.DbcWantedH\x00\x42\t\n\x07message\"\x1b\n\tDbcWanted\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"\'\n\x07\x44\x62\x63\x46ile\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x86\x01\n\x0b\x43ontrolDown\x12*\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x16.telemetry.v1.CampaignH\x00\x12\x1a\n\x10snapshot_request\x18\x02 \x01(\x0cH\x00\x12$\n\x03\x64\x62\x63\x18\x03 \x01(\x0b\x32\x15.telemetry.v1.DbcFileH\x00\x42\t\n\x07message\"&\n\x0fVehiclesRequest\x12\x13\n\x0bvehicle_ids\x18\x01 \x03(\t\".\n\x06Report\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\x0c\"6\n\x0fSnapshotRequest\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12\x0f\n\x07request\x18\x02 \x01(\x0c*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01*G\n\x08\x45ncoding\x12\x12\n\x0e\x45NCODING_PLAIN\x10\x00\x12\x12\n\x0e\x45NCODING_DELTA\x10\x01\x12\x13\n\x0f\x45NCODING_DELTA2\x10\x02\x32\x90\x03\n\tTelemetry\x12\x34\n\x06Stream\x12\x13.telemetry.v1.Batch\x1a\x11.telemetry.v1.Ack(\x01\x30\x01\x12\x45\n\tCampaigns\x12\x1e.telemetry.v1.CampaignsRequest\x1a\x16.telemetry.v1.Campaign0\x01\x12\x41\n\x07\x43ontrol\x12\x17.telemetry.v1.ControlUp\x1a\x19.telemetry.v1.ControlDown(\x01\x30\x01\x12\x41\n\x08\x43heckins\x12\x1d.telemetry.v1.VehiclesRequest\x1a\x14.telemetry.v1.Report0\x01\x12?\n\x06Health\x12\x1d.telemetry.v1.VehiclesRequest\x1a\x14.telemetry.v1.Report0\x01\x12?\n\x08Snapshot\x12\x1d.telemetry.v1.SnapshotRequest\x1a\x14.telemetry.v1.Reportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.wire.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=1642
-  _globals['_COMPRESSION']._serialized_end=1699
-  _globals['_ENCODING']._serialized_start=1701
-  _globals['_ENCODING']._serialized_end=1772
+  _globals['_COMPRESSION']._serialized_start=1760
+  _globals['_COMPRESSION']._serialized_end=1817
+  _globals['_ENCODING']._serialized_start=1819
+  _globals['_ENCODING']._serialized_end=1890
   _globals['_BATCH']._serialized_start=45
   _globals['_BATCH']._serialized_end=331
   _globals['_SCHEMA']._serialized_start=333
   _globals['_SCHEMA']._serialized_end=393
   _globals['_BODY']._serialized_start=396
-  _globals['_BODY']._serialized_end=567
-  _globals['_RAWFRAMES']._serialized_start=569
-  _globals['_RAWFRAMES']._serialized_end=669
-  _globals['_BLOCK']._serialized_start=672
-  _globals['_BLOCK']._serialized_end=837
-  _globals['_SIGNAL']._serialized_start=839
-  _globals['_SIGNAL']._serialized_end=959
-  _globals['_ACK']._serialized_start=961
-  _globals['_ACK']._serialized_end=1003
-  _globals['_CAMPAIGNSREQUEST']._serialized_start=1005
-  _globals['_CAMPAIGNSREQUEST']._serialized_end=1059
-  _globals['_CAMPAIGN']._serialized_start=1061
-  _globals['_CAMPAIGN']._serialized_end=1104
-  _globals['_CONTROLUP']._serialized_start=1107
-  _globals['_CONTROLUP']._serialized_end=1289
-  _globals['_DBCWANTED']._serialized_start=1291
-  _globals['_DBCWANTED']._serialized_end=1318
-  _globals['_DBCFILE']._serialized_start=1320
-  _globals['_DBCFILE']._serialized_end=1359
-  _globals['_CONTROLDOWN']._serialized_start=1362
-  _globals['_CONTROLDOWN']._serialized_end=1496
-  _globals['_VEHICLESREQUEST']._serialized_start=1498
-  _globals['_VEHICLESREQUEST']._serialized_end=1536
-  _globals['_REPORT']._serialized_start=1538
-  _globals['_REPORT']._serialized_end=1584
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1586
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1640
-  _globals['_TELEMETRY']._serialized_start=1775
-  _globals['_TELEMETRY']._serialized_end=2175
+  _globals['_BODY']._serialized_end=608
+  _globals['_TEXTVALUES']._serialized_start=610
+  _globals['_TEXTVALUES']._serialized_end=685
+  _globals['_RAWFRAMES']._serialized_start=687
+  _globals['_RAWFRAMES']._serialized_end=787
+  _globals['_BLOCK']._serialized_start=790
+  _globals['_BLOCK']._serialized_end=955
+  _globals['_SIGNAL']._serialized_start=957
+  _globals['_SIGNAL']._serialized_end=1077
+  _globals['_ACK']._serialized_start=1079
+  _globals['_ACK']._serialized_end=1121
+  _globals['_CAMPAIGNSREQUEST']._serialized_start=1123
+  _globals['_CAMPAIGNSREQUEST']._serialized_end=1177
+  _globals['_CAMPAIGN']._serialized_start=1179
+  _globals['_CAMPAIGN']._serialized_end=1222
+  _globals['_CONTROLUP']._serialized_start=1225
+  _globals['_CONTROLUP']._serialized_end=1407
+  _globals['_DBCWANTED']._serialized_start=1409
+  _globals['_DBCWANTED']._serialized_end=1436
+  _globals['_DBCFILE']._serialized_start=1438
+  _globals['_DBCFILE']._serialized_end=1477
+  _globals['_CONTROLDOWN']._serialized_start=1480
+  _globals['_CONTROLDOWN']._serialized_end=1614
+  _globals['_VEHICLESREQUEST']._serialized_start=1616
+  _globals['_VEHICLESREQUEST']._serialized_end=1654
+  _globals['_REPORT']._serialized_start=1656
+  _globals['_REPORT']._serialized_end=1702
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1704
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1758
+  _globals['_TELEMETRY']._serialized_start=1893
+  _globals['_TELEMETRY']._serialized_end=2293
 # @@protoc_insertion_point(module_scope)

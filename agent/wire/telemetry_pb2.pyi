@@ -64,7 +64,7 @@ class Schema(_message.Message):
     def __init__(self, buses: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ...) -> None: ...
 
 class Body(_message.Message):
-    __slots__ = ("blocks", "frames", "time_unit_ns", "encodings", "values", "value_width", "present", "raw")
+    __slots__ = ("blocks", "frames", "time_unit_ns", "encodings", "values", "value_width", "present", "raw", "texts")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIT_NS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class Body(_message.Message):
     VALUE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedScalarFieldContainer[int]
     frames: _containers.RepeatedScalarFieldContainer[int]
     time_unit_ns: int
@@ -81,7 +82,20 @@ class Body(_message.Message):
     value_width: int
     present: bytes
     raw: _containers.RepeatedCompositeFieldContainer[RawFrames]
-    def __init__(self, blocks: _Optional[_Iterable[int]] = ..., frames: _Optional[_Iterable[int]] = ..., time_unit_ns: _Optional[int] = ..., encodings: _Optional[bytes] = ..., values: _Optional[bytes] = ..., value_width: _Optional[int] = ..., present: _Optional[bytes] = ..., raw: _Optional[_Iterable[_Union[RawFrames, _Mapping]]] = ...) -> None: ...
+    texts: _containers.RepeatedCompositeFieldContainer[TextValues]
+    def __init__(self, blocks: _Optional[_Iterable[int]] = ..., frames: _Optional[_Iterable[int]] = ..., time_unit_ns: _Optional[int] = ..., encodings: _Optional[bytes] = ..., values: _Optional[bytes] = ..., value_width: _Optional[int] = ..., present: _Optional[bytes] = ..., raw: _Optional[_Iterable[_Union[RawFrames, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[TextValues, _Mapping]]] = ...) -> None: ...
+
+class TextValues(_message.Message):
+    __slots__ = ("block", "signal", "frames", "values")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    signal: int
+    frames: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, block: _Optional[int] = ..., signal: _Optional[int] = ..., frames: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RawFrames(_message.Message):
     __slots__ = ("rule", "bus", "frames", "flags", "lengths", "data")

@@ -528,7 +528,7 @@ EXPECTED_PIDS = {
     "CoolantTemperature": {"ECU": ECU, "CoolantTemperature": 92.0},
 }
 EXPECTED_VIN = "VMTESTISOTPKERNEL"
-EXPECTED_DTCS = {(0, 0x0301), (1, 0x0123)}  # P0301, C0123
+EXPECTED_DTCS = {(0, 0x0301, "P0301"), (1, 0x0123, "C0123")}
 ISOTP_REFS = Path("/sys/module/can_isotp/refcnt")
 
 
@@ -544,7 +544,7 @@ def answer_records(path: Path) -> list[dict[str, Any]]:
 def all_answers(records: list[dict[str, Any]]) -> bool:
     messages = {r["message"] for r in records}
     dtcs = {
-        (r["signals"]["System"], r["signals"]["Code"])
+        (r["signals"]["System"], r["signals"]["Code"], r["signals"]["DTC"])
         for r in records
         if r["message"] == "StoredDTC"
     }
@@ -621,9 +621,7 @@ def diagnostics() -> Figures:
             if r["message"] in EXPECTED_PIDS and r["signals"] != EXPECTED_PIDS[r["message"]]
         ]
         vins = {
-            "".join(chr(int(r["signals"][f"Char{n:02d}"])) for n in range(1, 18))
-            for r in records
-            if r["message"] == "VehicleIdentificationNumber"
+            r["signals"]["VIN"] for r in records if r["message"] == "VehicleIdentificationNumber"
         }
         if wrong or vins != {EXPECTED_VIN}:
             raise Failed(f"decoded wrongly: {wrong[:3]}, VINs {sorted(vins)}")

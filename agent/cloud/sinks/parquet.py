@@ -189,6 +189,9 @@ def _block_table(block: ReceivedBlock) -> pa.Table:
         "rule": pa.array([block.rule] * n, pa.string()),
     }
     for signal in block.signals:
+        if signal.raw.dtype == object:  # text
+            columns[signal.name] = pa.array(signal.raw.tolist(), pa.string())
+            continue
         values = np.asarray(signal.physical())
         if values.dtype == np.uint64 and signal.info.length < 64:
             values = values.astype(np.int64)  # most engines have no unsigned 64-bit type

@@ -21,6 +21,7 @@ from psycopg.rows import TupleRow
 
 from agent.cloud.parser import ReceivedBatch
 from agent.cloud.sinks.base import Sink
+from agent.decode.text import text_present
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,33 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT s.vehicle, s.bus, s.message, s.signal, s.rule, l.time, l.value
         FROM {s}.latest l JOIN {s}.series s USING (series_id);
     """,
+    # Text signals (docs/wire-format.md): a long table and latest values of their own; the
+    # views give them in a column `text`, their `value` null.
+    """
+    CREATE TABLE {s}.text_values (
+        series_id integer NOT NULL,
+        time timestamptz NOT NULL,
+        value text NOT NULL
+    );
+    CREATE INDEX ON {s}.text_values (series_id, time);
+    CREATE TABLE {s}.latest_text (
+        series_id integer PRIMARY KEY,
+        time timestamptz NOT NULL,
+        value text NOT NULL
+    );
+    CREATE OR REPLACE VIEW {s}.signals AS
+        SELECT s.vehicle, s.bus, s.message, s.signal, s.rule, v.time, v.value, NULL::text AS text
+        FROM {s}.signal_values v JOIN {s}.series s USING (series_id)
+        UNION ALL
+        SELECT s.vehicle, s.bus, s.message, s.signal, s.rule, t.time, NULL, t.value
+        FROM {s}.text_values t JOIN {s}.series s USING (series_id);
+    CREATE OR REPLACE VIEW {s}.latest_values AS
+        SELECT s.vehicle, s.bus, s.message, s.signal, s.rule, l.time, l.value, NULL::text AS text
+        FROM {s}.latest l JOIN {s}.series s USING (series_id)
+        UNION ALL
+        SELECT s.vehicle, s.bus, s.message, s.signal, s.rule, t.time, NULL, t.value
+        FROM {s}.latest_text t JOIN {s}.series s USING (series_id);
+    """,
 )
 
 #: PostgreSQL's binary COPY: the header, and a row of (series_id int4, time timestamptz,
@@ -125,6 +153,18 @@ def migrate(connection: psycopg.Connection[TupleRow], schema: str) -> int:
     return len(MIGRATIONS)
 
 
+def _keep_latest(schema: sql.Identifier, table: str, value_type: str) -> sql.Composed:
+    """An upsert of each series' newest value into `table`, from arrays of series ids, times
+    (microseconds since 1970) and values of `value_type`: kept where newer."""
+    return sql.SQL(
+        "INSERT INTO {s}.{t} AS l (series_id, time, value) "
+        "SELECT series_id, timestamptz 'epoch' + time_us * interval '1 microsecond', value "
+        "FROM unnest(%s::int[], %s::bigint[], %s::{v}[]) AS u(series_id, time_us, value) "
+        "ON CONFLICT (series_id) DO UPDATE SET time = excluded.time, value = excluded.value "
+        "WHERE excluded.time >= l.time"
+    ).format(s=schema, t=sql.Identifier(table), v=sql.SQL(value_type))
+
+
 class PostgresSink(Sink):
     """Each `write` is one transaction: the ledger first, then the rows of the batches that
     were new, then the latest values. Committed means durable (synchronous_commit)."""
@@ -144,16 +184,14 @@ class PostgresSink(Sink):
         self._copy = sql.SQL(
             "COPY {}.signal_values (series_id, time, value) FROM STDIN (FORMAT BINARY)"
         ).format(s)
+        self._copy_text = sql.SQL("COPY {}.text_values (series_id, time, value) FROM STDIN").format(
+            s
+        )
+        self._latest_text = _keep_latest(s, "latest_text", "text")
         self._copy_raw = sql.SQL(
             "COPY {}.raw_frames (vehicle, bus, time, can_id, rule, data) FROM STDIN"
         ).format(s)
-        self._latest = sql.SQL(
-            "INSERT INTO {s}.latest AS l (series_id, time, value) "
-            "SELECT series_id, timestamptz 'epoch' + time_us * interval '1 microsecond', value "
-            "FROM unnest(%s::int[], %s::bigint[], %s::float8[]) AS u(series_id, time_us, value) "
-            "ON CONFLICT (series_id) DO UPDATE SET time = excluded.time, value = excluded.value "
-            "WHERE excluded.time >= l.time"
-        ).format(s=s)
+        self._latest = _keep_latest(s, "latest", "float8")
         self._new_series = sql.SQL(
             "INSERT INTO {s}.series (vehicle, bus, message, signal, rule) "
             "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) "
@@ -206,6 +244,7 @@ class PostgresSink(Sink):
                 with cursor.copy(self._copy) as copy:
                     copy.write(_COPY_HEADER + rows.tobytes() + _COPY_TRAILER)
                 self._write_latest(cursor, series, time_us, value)
+            self._write_texts(cursor, new)
             self._write_raw(cursor, new)
         return [b for b in batches if (b.stream_id, b.sequence) not in claimed]
 
@@ -244,6 +283,8 @@ class PostgresSink(Sink):
             for block in b.blocks:
                 time_us = block.t_ns // 1000
                 for signal in block.signals:
+                    if signal.raw.dtype == object:
+                        continue  # text: _write_texts
                     key = (b.vehicle_id, block.bus, block.message.name, signal.name, block.rule)
                     value = np.asarray(signal.physical(), np.float64)
                     t = time_us
@@ -269,6 +310,43 @@ class PostgresSink(Sink):
         last = order[np.r_[series[order][1:] != series[order][:-1], True]]
         cursor.execute(
             self._latest, (series[last].tolist(), time_us[last].tolist(), value[last].tolist())
+        )
+
+    def _write_texts(
+        self, cursor: psycopg.Cursor[TupleRow], batches: Sequence[ReceivedBatch]
+    ) -> None:
+        """The text values of these batches, and each text series' latest. Text comes a few
+        values a minute (identification, diagnostic answers): written row by row."""
+        rows: list[tuple[int, int, str]] = []
+        for b in batches:
+            for block in b.blocks:
+                for signal in block.signals:
+                    if signal.raw.dtype != object:
+                        continue
+                    key = (b.vehicle_id, block.bus, block.message.name, signal.name, block.rule)
+                    carried = np.flatnonzero(text_present(signal.raw))
+                    time_us = (block.t_ns[carried] // 1000).tolist()
+                    values = signal.raw[carried].tolist()
+                    series_id = self._series[key]
+                    rows += [(series_id, t, v) for t, v in zip(time_us, values, strict=True)]
+        if not rows:
+            return
+        with cursor.copy(self._copy_text) as copy:
+            for series_id, time_us, value in rows:
+                t = np.datetime64(time_us, "us").astype(object).replace(tzinfo=UTC)
+                copy.write_row((series_id, t, value))
+        latest: dict[int, tuple[int, str]] = {}
+        for series_id, time_us, value in rows:
+            if series_id not in latest or time_us >= latest[series_id][0]:
+                latest[series_id] = (time_us, value)
+        ordered = sorted(latest.items())  # series order: concurrent receivers lock alike
+        cursor.execute(
+            self._latest_text,
+            (
+                [k for k, _ in ordered],
+                [t for _, (t, _) in ordered],
+                [v for _, (_, v) in ordered],
+            ),
         )
 
     def _write_raw(
