@@ -1,10 +1,13 @@
 """A fleet on one broker: many agents (the real `Agent`, several per process, each with a
-slow simulated bus and a file uplink), one campaign pushed to their group, and the time
+simulated bus and a file uplink), one campaign pushed to their group, and the time
 until every vehicle's check-in says it is active; then, for each vehicle, the time from the
 campaign's arrival there (and from the push) until the first record of the campaign's rules
 reaches the cloud side; then that nothing was lost meanwhile.
 
-`python -m bench.campaigns [--agents 60] [--processes 2]`; `make bench` runs it as a section.
+`python -m bench.campaigns [--agents 60] [--processes 2] [--max-age-ms N] [--pace F]`; `make
+bench` runs it as a section. The buses run at real time (`--pace 1`): a sample rule sends a
+period once the bus's time has passed it, so a bus in slow motion (`--pace 0.2`, a fifth of
+real time) holds each 100 ms period of the campaign's rule for half a second.
 The baseline in the same run is the fleet's first check-ins: the time from the agents'
 start until every one has checked in, which is the broker's and the agents' own pace.
 
@@ -58,16 +61,21 @@ RECORDS_GOAL_S = 1.0
 
 
 def vehicle_config(
-    folder: Path, vehicle: str, broker_url: str, key: str, max_age_ms: int | None = None
+    folder: Path,
+    vehicle: str,
+    broker_url: str,
+    key: str,
+    max_age_ms: int | None = None,
+    pace: float = 1.0,
 ) -> str:
-    """A light agent: the demo DBC simulated at a fifth of real time, batches into files
+    """A light agent: the demo DBC simulated at `pace` (a speed factor), batches into files
     (closed at `max_age_ms`, or the agent's default), a small spool kept off the disk's
     fsyncs, one rule of its own file."""
     batch = "" if max_age_ms is None else f"[batch]\nmax_age_ms = {max_age_ms}\n"
     return (
         f'vehicle_id = "{vehicle}"\nstate_dir = "{folder / vehicle}"\n'
         f'status_interval_s = 3600\nlog_level = "warning"\n'
-        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = 0.2\ndbc = ["{demo_dbc()}"]\n'
+        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = {pace}\ndbc = ["{demo_dbc()}"]\n'
         f'[uplink]\nkind = "file"\nurl = "{folder / vehicle / "outbox"}"\n'
         '[spool]\nmax_bytes = 4194304\nmemory_bytes = 1048576\nfsync = "never"\n'
         f'{batch}[metrics]\nlisten = ""\n'
@@ -116,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     folder = Path(args.folder)
     configs = [
-        vehicle_config(folder, f"v{k:04d}", args.broker, args.key, args.max_age_ms)
+        vehicle_config(folder, f"v{k:04d}", args.broker, args.key, args.max_age_ms, args.pace)
         for k in range(args.first, args.first + args.count)
     ]
 
@@ -231,7 +239,7 @@ def first_campaign_record(outbox: Path) -> float | None:
     )
 
 
-def measure(agents: int, processes: int, max_age_ms: int | None = None) -> Fleet:
+def measure(agents: int, processes: int, max_age_ms: int | None = None, pace: float = 1.0) -> Fleet:
     key = Ed25519PrivateKey.generate()
     from agent.campaigns.document import public_key_text
 
@@ -274,6 +282,7 @@ def measure(agents: int, processes: int, max_age_ms: int | None = None) -> Fleet
                             "--count",
                             str(size),
                         ]
+                        + ["--pace", str(pace)]
                         + ([] if max_age_ms is None else ["--max-age-ms", str(max_age_ms)]),
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
@@ -314,8 +323,10 @@ def spread(seconds: list[float]) -> str:
     return f"{statistics.median(seconds):.2f} / {p99:.2f} / {max(seconds):.2f} s"
 
 
-def run(agents: int = 60, processes: int = 2, max_age_ms: int | None = None) -> Report:
-    fleet = measure(agents, processes, max_age_ms)
+def run(
+    agents: int = 60, processes: int = 2, max_age_ms: int | None = None, pace: float = 1.0
+) -> Report:
+    fleet = measure(agents, processes, max_age_ms, pace)
     checked_in, active = fleet.checked_in, fleet.active
     problems = lost(fleet.results)
     frames = sum(r["frames_read"] for r in fleet.results)
@@ -353,7 +364,8 @@ def run(agents: int = 60, processes: int = 2, max_age_ms: int | None = None) -> 
     age_ms = BatchConfig().max_age_ms if max_age_ms is None else max_age_ms
     text += "\n\n" + table(
         [
-            f"the campaign's first record at the receiver (batches of {age_ms} ms at most)",
+            f"the campaign's first record at the receiver (batches of {age_ms} ms at most, "
+            f"buses at {pace:g} x real time)",
             "median / p99 / max",
             f"vehicles at {RECORDS_GOAL_S:.0f} s or later",
             "vehicles without one",
@@ -377,7 +389,8 @@ def run(agents: int = 60, processes: int = 2, max_age_ms: int | None = None) -> 
         f"fleet: a campaign's records at the receiver within {RECORDS_GOAL_S:.0f} s of its "
         f"arrival at each of {agents} vehicles",
         18,
-        f"median / p99 / max {spread(from_arrival)} with batches of {age_ms} ms; {late} of "
+        f"median / p99 / max {spread(from_arrival)} with batches of {age_ms} ms, buses at "
+        f"{pace:g} x real time; {late} of "
         f"{agents} vehicles at "
         f"{RECORDS_GOAL_S:.0f} s or later, {never} without one",
         not late and not never,
@@ -401,11 +414,17 @@ def main() -> None:
         help="the agents' [batch] max_age_ms (default: the agent's own, "
         f"{BatchConfig().max_age_ms})",
     )
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=1.0,
+        help="the simulated buses' speed factor (default 1: real time)",
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    print(run(args.agents, args.processes, args.max_age_ms))
+    print(run(args.agents, args.processes, args.max_age_ms, args.pace))
 
 
 if __name__ == "__main__":
