@@ -2,8 +2,9 @@
 
 Transmitting is a right the agent has only where a table gives it: a bus without one is
 never written to, and a table on a bus marked `listen_only`, or read by a source that
-cannot send (a replay, the simulation), is refused with the key that asks for it. This
-module only reads the config, so that `check-config` imports no CAN library.
+cannot send (a replay, the simulation), is refused with the key that asks for it. A table
+with `listen = true` asks nothing: it hears the answers to someone else's requests, on any
+bus. This module only reads the config, so that `check-config` imports no CAN library.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FUNCTIONAL_29BIT = 0x18DB33F1
 
 DIAGNOSTICS_KEYS = {
     "bus",
+    "listen",
     "addressing",
     "extended",
     "ecus",
@@ -44,6 +46,19 @@ DIAGNOSTICS_KEYS = {
     "timeout_s",
     "max_requests_per_s",
 }
+#: The keys that only asking gives a meaning to: refused with `listen = true`.
+ASKING_KEYS = (
+    "addressing",
+    "poll",
+    "discover",
+    "vin",
+    "dtcs",
+    "dtc_interval_s",
+    "uds_dtc_status_mask",
+    "uds_snapshot_dids",
+    "timeout_s",
+    "max_requests_per_s",
+)
 POLL_KEYS = {"pids", "interval_s"}
 SNAPSHOT_KEYS = {"did", "bytes"}
 #: The widest snapshot value the answers' DBC holds.
@@ -80,6 +95,8 @@ class PollGroup:
 @dataclass(frozen=True)
 class DiagnosticsConfig:
     bus: str
+    #: hear the answers to requests that others send, never asking (agent/diagnostics/listener.py)
+    listen: bool = False
     addressing: str = "functional"
     extended: bool = False  # 29-bit IDs (0x18DB33F1, 0x18DAxxF1) instead of 11-bit ones
     ecus: tuple[int, ...] = ()  # the ECUs' response IDs; () is the first engine ECU
@@ -144,10 +161,19 @@ def parse_diagnostics(
         check.table(data, where, DIAGNOSTICS_KEYS)
         config = _table(check, data, where)
         bus = by_name.get(config.bus)
+        if config.listen:
+            for key in ASKING_KEYS:
+                if key in data:
+                    check.problems.append(
+                        f"{where}.{key}: asks the ECUs, and a table with listen = true never "
+                        "asks: it hears the answers to others' requests"
+                    )
         if "bus" not in data:
             check.problems.append(f"{where}.bus: missing (the name of a [[bus]])")
         elif bus is None:
             check.problems.append(f"{where}.bus: no [[bus]] is named {config.bus!r}")
+        elif config.listen:
+            pass  # hearing transmits nothing: any bus, any source
         elif bus.listen_only:
             check.problems.append(
                 f"{where}.bus: bus {bus.name!r} is listen_only: the agent never transmits "
@@ -237,6 +263,7 @@ def _table(check: Checker, data: Mapping[str, Any], where: str) -> DiagnosticsCo
     addressing = check.get(data, where, "addressing", str, "functional", one_of(ADDRESSING))
     return DiagnosticsConfig(
         bus=check.get(data, where, "bus", str, ""),
+        listen=check.get(data, where, "listen", bool, False),
         addressing=addressing,
         extended=extended,
         ecus=tuple(dict.fromkeys(ecus)),
