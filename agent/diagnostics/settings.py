@@ -133,7 +133,8 @@ def request_id(response_id: int, extended: bool) -> int:
     return (response_id & 0x1FFF0000) | (ecu << 8) | tester
 
 
-def _ecu(value: Any, extended: bool) -> str | None:
+def ecu_problem(value: Any, extended: bool) -> str | None:
+    """What is wrong with `value` as an ECU's response ID, or None."""
     if isinstance(value, bool) or not isinstance(value, int):
         return f"expected a response ID, got {value!r}"
     if extended:
@@ -195,7 +196,7 @@ def _table(check: Checker, data: Mapping[str, Any], where: str) -> DiagnosticsCo
     extended = check.get(data, where, "extended", bool, False)
     ecus: list[int] = []
     for n, value in enumerate(check.get(data, where, "ecus", list, [])):
-        problem = _ecu(value, extended)
+        problem = ecu_problem(value, extended)
         if problem:
             check.problems.append(f"{where}.ecus[{n}]: {problem}")
         else:
