@@ -30,22 +30,6 @@ ADDRESSING = ("functional", "physical")
 FUNCTIONAL_11BIT = 0x7DF
 FUNCTIONAL_29BIT = 0x18DB33F1
 
-DIAGNOSTICS_KEYS = {
-    "bus",
-    "listen",
-    "addressing",
-    "extended",
-    "ecus",
-    "poll",
-    "discover",
-    "vin",
-    "dtcs",
-    "dtc_interval_s",
-    "uds_dtc_status_mask",
-    "uds_snapshot_dids",
-    "timeout_s",
-    "max_requests_per_s",
-}
 #: The keys that only asking gives a meaning to: refused with `listen = true`.
 ASKING_KEYS = (
     "addressing",
@@ -59,6 +43,7 @@ ASKING_KEYS = (
     "timeout_s",
     "max_requests_per_s",
 )
+DIAGNOSTICS_KEYS = {"bus", "listen", "extended", "ecus", *ASKING_KEYS}
 POLL_KEYS = {"pids", "interval_s"}
 SNAPSHOT_KEYS = {"did", "bytes"}
 #: The widest snapshot value the answers' DBC holds.
