@@ -17,10 +17,16 @@ from typing import Any
 
 import can
 import isotp
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.config import ConfigError, parse_config
+from agent.diagnostics.answers import AnswerError, answer_frames, heard_answers
+from agent.diagnostics.listener import AnswerListener
 from agent.diagnostics.settings import FUNCTIONAL_11BIT, request_id
+from agent.frames import FrameBatch, FrameFlag
 from agent.service import Agent
 from agent.sources.socketcan import SocketCanSource
 from tests.data import REPO, TESLA_DBC, TESLA_EXCERPT, TESLA_LOG
@@ -363,6 +369,44 @@ async def test_the_agent_hears_a_live_conversation_and_sends_nothing(
     assert records_of(lines) == rounded(expected)
     # Every request the ECU had was the tester's: the agent asked nothing.
     assert len(ecu.requests) == 6
+
+
+# -- garbage on the ECUs' IDs --
+
+
+@given(st.binary(max_size=80))
+def test_any_answer_is_read_without_error(data: bytes) -> None:
+    """What a listener hears may be anything: read as far as it makes sense, or refused
+    as unreadable, never raising otherwise."""
+    try:
+        records = heard_answers(0x7E8, data)
+    except AnswerError:
+        return
+    assert all(len(r.data) <= 60 for r in records)
+    assert (
+        answer_frames("can0.diagnostics", records, [0] * len(records)).length.max(initial=0) <= 64
+    )
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0x7E8, 0x7E0, 0x18DAF110, 0x123]), st.binary(max_size=64)),
+        max_size=40,
+    )
+)
+def test_frames_of_any_content_on_the_ecus_ids_are_heard_without_error(
+    frames: list[tuple[int, bytes]],
+) -> None:
+    listener = AnswerListener([(0x7E8, False), (0x18DAF110, True)])
+    batch = FrameBatch.allocate(len(frames), ("can0",))
+    for row, (can_id, data) in enumerate(frames):
+        batch.t_ns[row], batch.can_id[row], batch.length[row] = row * 1_000_000, can_id, len(data)
+        batch.flags[row] = FrameFlag.EXTENDED if can_id > 0x7FF else 0
+        batch.data[row, : len(data)] = np.frombuffer(data, np.uint8)
+    heard = listener.hear(batch)
+    assert sum(len(h.frames) for h in heard) >= listener.answers
+    assert all(h.stream == "can0.diagnostics" for h in heard)
+    assert all(set(h.rows.tolist()) <= set(range(len(frames))) for h in heard)
 
 
 # -- the config and the kernel filter --
