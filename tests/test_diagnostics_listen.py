@@ -374,6 +374,31 @@ async def test_the_agent_hears_a_live_conversation_and_sends_nothing(
 # -- garbage on the ECUs' IDs --
 
 
+def test_an_answer_that_does_not_read_is_counted_and_makes_no_record() -> None:
+    """A UDS DTC answer cut inside its second record; a negative answer; a request."""
+    frames = [
+        (0x7E8, bytes([0x07, 0x59, 0x02, 0xFF, 0x12, 0x34, 0x56, 0x09])),  # one whole DTC
+        (0x7E8, bytes([0x05, 0x59, 0x02, 0xFF, 0x12, 0x34])),
+        (0x7E8, bytes([0x03, 0x7F, 0x19, 0x11])),
+        (0x7E0, bytes([0x03, 0x19, 0x02, 0x08])),
+    ]
+    listener = AnswerListener([(0x7E8, False)])
+    (heard,) = listener.hear(batch_of(frames))
+    assert len(heard.frames) == 1 and heard.rows.tolist() == [0]
+    assert (listener.answers, listener.unreadable, listener.isotp.counts.messages) == (1, 1, 4)
+    assert listener.summary().endswith("1 diagnostic answers heard, 1 unreadable")
+
+
+def batch_of(frames: list[tuple[int, bytes]]) -> FrameBatch:
+    """Frames on bus can0, a millisecond apart; IDs above 0x7FF are 29-bit."""
+    batch = FrameBatch.allocate(len(frames), ("can0",))
+    for row, (can_id, data) in enumerate(frames):
+        batch.t_ns[row], batch.can_id[row], batch.length[row] = row * 1_000_000, can_id, len(data)
+        batch.flags[row] = FrameFlag.EXTENDED if can_id > 0x7FF else 0
+        batch.data[row, : len(data)] = np.frombuffer(data, np.uint8)
+    return batch
+
+
 @given(st.binary(max_size=80))
 def test_any_answer_is_read_without_error(data: bytes) -> None:
     """What a listener hears may be anything: read as far as it makes sense, or refused
@@ -398,12 +423,7 @@ def test_frames_of_any_content_on_the_ecus_ids_are_heard_without_error(
     frames: list[tuple[int, bytes]],
 ) -> None:
     listener = AnswerListener([(0x7E8, False), (0x18DAF110, True)])
-    batch = FrameBatch.allocate(len(frames), ("can0",))
-    for row, (can_id, data) in enumerate(frames):
-        batch.t_ns[row], batch.can_id[row], batch.length[row] = row * 1_000_000, can_id, len(data)
-        batch.flags[row] = FrameFlag.EXTENDED if can_id > 0x7FF else 0
-        batch.data[row, : len(data)] = np.frombuffer(data, np.uint8)
-    heard = listener.hear(batch)
+    heard = listener.hear(batch_of(frames))
     assert sum(len(h.frames) for h in heard) >= listener.answers
     assert all(h.stream == "can0.diagnostics" for h in heard)
     assert all(set(h.rows.tolist()) <= set(range(len(frames))) for h in heard)
