@@ -30,8 +30,29 @@ from agent.records import WRITERS
 
 if TYPE_CHECKING:
     from agent.cloud.sinks.base import Sink
+    from agent.diagnostics.listener import AnswerListener, Heard
+    from agent.records import Block
 
 _BUS_NAME = re.compile(r"[A-Za-z0-9_.*-]+")
+
+
+def parse_ecus_option(value: str) -> list[tuple[int, bool]]:
+    """`0x7E8,0x7E9` -> the ECUs' response IDs, each with whether it is 29-bit (above
+    0x7FF: 0x18DAF110)."""
+    from agent.diagnostics.settings import ecu_problem
+
+    ecus = []
+    for part in value.split(","):
+        try:
+            ecu = int(part.strip(), 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is no CAN ID") from None
+        extended = ecu > 0x7FF
+        problem = ecu_problem(ecu, extended)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        ecus.append((ecu, extended))
+    return ecus
 
 
 def parse_dbc_option(value: str) -> tuple[str, str]:
@@ -111,6 +132,20 @@ def run_decode(args: argparse.Namespace) -> int:
         from agent.j1939 import J1939Listener
 
         listener = J1939Listener(decoder)
+    # Diagnostic answers to others' requests: records of `<bus>.diagnostics`, each after the
+    # frame that completed it.
+    hearing: AnswerListener | None = None
+    answers = decoder
+    if args.obd_ecus:
+        from agent.diagnostics.listener import AnswerListener
+        from agent.diagnostics.streams import answers_dbc
+
+        hearing = AnswerListener(ecu for ecus in args.obd_ecus for ecu in ecus)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:  # read as the decoder is made
+            dbc = answers_dbc(Path(folder))
+            answers = Decoder({ALL_BUSES: [str(dbc)]}, cache_dir=default_cache_dir())
     totals = DecodeTotals()
     progress = Progress(sys.stderr)
     failed = False
@@ -131,7 +166,12 @@ def run_decode(args: argparse.Namespace) -> int:
                     totals.error_frames += result.error_frames
                     totals.remote_frames += result.remote_frames
                     totals.signals += result.signals
-                    groups = listener.listen(batch, result) if listener is not None else []
+                    groups: list[Block] = []
+                    if listener is not None:
+                        groups += listener.listen(batch, result)
+                    if hearing is not None:
+                        for heard in hearing.hear(batch):
+                            groups += heard_blocks(answers, heard)
                     if writer is not None:
                         writer.write(result.blocks, after=groups)
                     progress.show(Path(log).name, reader.progress(), totals, started)
@@ -147,8 +187,29 @@ def run_decode(args: argparse.Namespace) -> int:
         out.flush()
     if listener is not None:
         print(listener.summary(), file=sys.stderr)
+    if hearing is not None:
+        print(hearing.summary(), file=sys.stderr)
     print(totals.summary(time.perf_counter() - started), file=sys.stderr)
     return 1 if failed else 0
+
+
+def heard_blocks(decoder: Decoder, heard: Heard) -> list[Block]:
+    """The answers heard in a batch, decoded; each row the row of the batch's frame that
+    completed its answer."""
+    from agent.j1939.groups import GroupBlock
+
+    return [
+        GroupBlock(
+            block.bus,
+            block.plan.info,
+            block.t_ns,
+            block.can_id,
+            block.signals,
+            block.present,
+            heard.rows[block.rows],
+        )
+        for block in decoder.decode(heard.frames).blocks
+    ]
 
 
 #: syslog priorities, which journald reads from a `<N>` prefix of each line.
@@ -372,6 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="BUS",
         help="match this bus's extended frames by J1939 PGN; '*' for every bus; repeatable",
+    )
+    decode.add_argument(
+        "--obd-ecus",
+        action="append",
+        default=[],
+        type=parse_ecus_option,
+        metavar="ID,ID",
+        help="hear the OBD-II and UDS answers of the ECUs answering on these response IDs "
+        "(0x7E8,0x7E9; 0x18DAF110 for 29-bit) to requests in the log, as records of "
+        "BUS.diagnostics; repeatable",
     )
     decode.add_argument("--format", choices=[*WRITERS, "none"], default="jsonl")
     decode.add_argument("--output", metavar="PATH", help="write records here (default: stdout)")

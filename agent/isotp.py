@@ -105,10 +105,13 @@ class IsoTpListener:
                 return
             complete(payload[start : start + size])
         elif kind == FIRST:
+            if len(payload) < 8:  # a first frame fills a whole frame
+                self.counts.bad_frames += 1
+                return
             size, start = (payload[0] & 0x0F) << 8 | payload[1], 2
-            if size == 0 and len(payload) >= 6:  # more than 4,095 bytes: 32 bits of length
+            if size == 0:  # more than 4,095 bytes: 32 bits of length
                 size, start = int.from_bytes(payload[2:6], "big"), 6
-            if size <= len(payload) - start or len(payload) < 8:
+            if size <= len(payload) - start:
                 self.counts.bad_frames += 1  # a first frame whose message fits in it
                 return
             if key in self._open:

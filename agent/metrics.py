@@ -77,6 +77,29 @@ class Metrics:
             "Answers to no request outstanding (late ones, to an earlier request), dropped.",
             ("bus",),
         )
+        self.diagnostics_heard = counter(
+            "diagnostics_answers_heard",
+            "Answers of ECUs to others' requests, heard (listen = true) and made records.",
+            ("bus",),
+        )
+        self.isotp_messages = counter(
+            "isotp_messages", "ISO-TP messages heard whole on a bus (listen = true).", ("bus",)
+        )
+        self.isotp_aborted = counter(
+            "isotp_aborted",
+            "ISO-TP messages given up: an overflow, or a first frame over an unfinished one.",
+            ("bus",),
+        )
+        self.isotp_timed_out = counter(
+            "isotp_timed_out",
+            "ISO-TP messages given up after more than 1 s without their next frame.",
+            ("bus",),
+        )
+        self.isotp_bad_frames = counter(
+            "isotp_bad_frames",
+            "Frames of the ECUs' conversations that break ISO-TP (a lost frame, garbage).",
+            ("bus",),
+        )
         self.batches_built = counter("batches_built", "Wire batches built.")
         self.batch_body_bytes = counter(
             "batch_body_bytes", "Bytes of batch bodies before compression."

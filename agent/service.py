@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     # Campaigns and health bring cryptography, aiomqtt and grpc: loaded only when configured.
     from agent.campaigns.link import ControlLink
     from agent.campaigns.manager import Campaigns
+    from agent.diagnostics.listener import AnswerListener
     from agent.diagnostics.poller import Poller
     from agent.health import Health
 
@@ -148,6 +149,14 @@ class Agent:
             self.pipeline.close,
         )
         self.sources: list[Source] = create_sources(config.buses)
+        # Buses whose ECUs' answers to others' requests are heard ([[diagnostics]] listen).
+        self._listeners: dict[str, AnswerListener] = {}
+        if any(table.listen for table in config.diagnostics):
+            from agent.diagnostics.listener import AnswerListener
+
+            self._listeners = {
+                table.bus: AnswerListener.of(table) for table in config.diagnostics if table.listen
+            }
         self._filter_sources()
         self.uplink = create_uplink(config.uplink, config.vehicle_id)
         self.sender = Sender(self.uplink, self.metrics, self.spool)
@@ -226,7 +235,11 @@ class Agent:
 
     def _filter_sources(self) -> None:
         for source in self.sources:
-            source.frame_ids = self.pipeline.frame_ids(source.bus.name)
+            ids = self.pipeline.frame_ids(source.bus.name)
+            listener = self._listeners.get(source.bus.name)
+            if ids is not None and listener is not None:
+                ids |= listener.frame_ids()  # the ECUs' conversations, which the listener hears
+            source.frame_ids = ids
 
     async def run(self) -> int:
         """Run until every source has ended (then deliver everything and return 0) or a
@@ -308,7 +321,8 @@ class Agent:
             )
 
     def _pollers(self) -> list[Poller]:
-        """A poller per [[diagnostics]] table: the only parts of the agent that transmit."""
+        """A poller per [[diagnostics]] table that asks: the only parts of the agent that
+        transmit."""
         from agent.diagnostics.poller import Poller
         from agent.diagnostics.transport import SharedBus, open_transport
 
@@ -324,6 +338,7 @@ class Agent:
                 functools.partial(open_transport, shared=shared.get(table.bus)),
             )
             for table in self.config.diagnostics
+            if not table.listen
         ]
 
     async def _until_end(
@@ -397,11 +412,19 @@ class Agent:
 
         # Also with the status line: an interface that is down delivers no batches.
         self._counts.append(count)
+        listener = self._listeners.get(name)
+        if listener is not None:
+            heard = listener.counting(self.metrics, name)
+            self._counts.append(heard)
         try:
             async for frames in source.batches():
                 received.inc(len(frames))
                 count()
                 self.batcher.add(name, frames)
+                if listener is not None:
+                    for answers in listener.hear(frames):
+                        self.batcher.add(answers.stream, answers.frames)
+                    heard()
         except SourceError as error:
             log.error("%s", error)
             self.failed_buses.append(name)

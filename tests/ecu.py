@@ -3,9 +3,10 @@ supported-PID bitmaps), the VIN (09 02), DTCs (03, 07, 0A) and UDS ReadDTCInform
 status mask (19 02) with snapshots (19 04), over can-isotp, physically and functionally
 addressed, 11- or 29-bit.
 
-It can be slow (`delay_s`), say "response pending" first (`pending_s`), answer the PIDs of
-a request in reverse order and send a stale copy of its previous answer first
-(`out_of_order`), refuse services (a negative response, 0x7F), or never answer (`silent`).
+It can answer in CAN FD frames (`fd`), be slow (`delay_s`), say "response pending" first
+(`pending_s`), answer the PIDs of a request in reverse order and send a stale copy of its
+previous answer first (`out_of_order`), refuse services (a negative response, 0x7F), or
+never answer (`silent`).
 As real ECUs do, it refuses a request for seven PIDs.
 """
 
@@ -44,6 +45,7 @@ class EcuAnswers:
     pending_s: float = 0.0
     out_of_order: bool = False
     silent: bool = False
+    fd: bool = False  # answers in CAN FD frames of up to 64 bytes
 
 
 def supported_bitmap(pids: Mapping[int, bytes], base: int) -> bytes:
@@ -75,8 +77,11 @@ class SimulatedEcu:
         address = isotp.Address(
             mode, txid=answers.response_id, rxid=request_id(answers.response_id, answers.extended)
         )
+        params: dict[str, Any] = {"tx_padding": 0xAA}
+        if answers.fd:
+            params |= {"can_fd": True, "tx_data_length": 64}
         self.stack = isotp.NotifierBasedCanStack(
-            self.bus, self.notifier, address=address, params={"tx_padding": 0xAA}
+            self.bus, self.notifier, address=address, params=params
         )
         self.stack.start()
         self.functional_id = FUNCTIONAL_29BIT if answers.extended else FUNCTIONAL_11BIT

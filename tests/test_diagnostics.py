@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from agent.config import BusConfig, ConfigError, parse_config, restart_changes
 from agent.decode import Decoder
+from agent.diagnostics.answers import read_pids
 from agent.diagnostics.pids import PIDS, dbc_text
-from agent.diagnostics.poller import Poller, pid_matcher, read_pids
+from agent.diagnostics.poller import Poller, pid_matcher
 from agent.diagnostics.settings import DiagnosticsConfig, PollGroup, request_id
 from agent.diagnostics.streams import answers_dbc
 from agent.diagnostics.transport import (

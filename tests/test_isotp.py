@@ -101,6 +101,8 @@ def test_garbage_on_a_pair_is_counted() -> None:
         (3, RESPONSE, bytes([0x10, 5, 1, 2, 3, 4, 5, 6]), False),  # fits one frame
         (4, RESPONSE, bytes([0x40, 1, 2, 3, 4, 5, 6, 7]), False),  # no such frame type
         (5, RESPONSE, b"", False),
+        (6, RESPONSE, bytes([0x10]), False),  # a first frame cut short
+        (7, RESPONSE, bytes([0x10, 0x20, 1]), False),
     ]
     listener = IsoTpListener([(REQUEST, RESPONSE)])
     assert listener.feed(batch_of(frames)) == []

@@ -17,31 +17,27 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
-from udsoncan.common.DidCodec import DidCodec
-from udsoncan.Response import Response
 from udsoncan.services.ReadDTCInformation import ReadDTCInformation
 
 from agent.config import BusConfig
-from agent.diagnostics.pids import (
-    DTC_IDS,
-    DTC_SERVICES,
-    DTC_TEXT_BYTES,
-    ECU_BYTES,
-    PIDS,
-    SUPPORTED_RANGES,
-    UDS_DTC_ID,
-    UDS_SNAPSHOT_ID,
-    VIN_ID,
-    VIN_LENGTH,
-    dtc_text,
-    pid_frame_id,
+from agent.diagnostics.answers import (
+    Answer,
+    AnswerError,
+    answer_frames,
+    dtc_answers,
+    dtc_of,
+    is_vin,
+    pid_answers,
+    read_pids,
+    snapshot_answers,
+    uds_dtc_answers,
+    vin_answer,
 )
+from agent.diagnostics.pids import DTC_SERVICES, PIDS, SUPPORTED_RANGES
 from agent.diagnostics.settings import MAX_PIDS_PER_REQUEST, DiagnosticsConfig, stream_name
 from agent.diagnostics.transport import Transport, open_transport
-from agent.frames import FrameBatch, FrameFlag
+from agent.frames import FrameBatch
 from agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -53,15 +49,6 @@ RESPONSE_PENDING = 0x78
 PENDING_S = 5.0
 #: How often ECUs that have not answered the supported-PID discovery are asked again.
 REDISCOVER_S = 10.0
-
-
-@dataclass
-class Answer:
-    """A record to emit: the frame ID of what it answers, the ECU, the data bytes."""
-
-    frame_id: int
-    ecu: int
-    data: bytes
 
 
 @dataclass
@@ -206,23 +193,21 @@ class Poller:
             expected = [e for e in self._expected() if self._supports(e, chunk)]
             answers = await self._ask(bytes([0x01, *chunk]), expected, pid_matcher(set(chunk)))
             for ecu, data in answers.items():
-                for pid, value in read_pids(data).items():
-                    if pid in chunk:
-                        records.append(Answer(pid_frame_id(pid), ecu, value))
+                records += pid_answers(ecu, data, chunk)
         self._emit(records)
 
     async def _vin(self) -> None:
         """Service 09 PID 02, until an ECU has told it."""
         if any(e.vin for e in self.ecus.values()):
             return
-        answers = await self._ask(bytes([0x09, 0x02]), self._expected(), _vin_matcher)
+        answers = await self._ask(bytes([0x09, 0x02]), self._expected(), is_vin)
         records = []
         for ecu, data in answers.items():
-            # 49 02, then on CAN the number of data items (1), then the 17 characters.
-            vin = data[-VIN_LENGTH:]
-            self.ecus[ecu].vin = vin.decode("ascii", "replace")
+            record = vin_answer(ecu, data)
+            assert record is not None  # the matcher took only VIN answers
+            self.ecus[ecu].vin = record.data.decode("ascii", "replace")
             log.info("bus %s: ECU 0x%X: VIN %s", self.bus.name, ecu, self.ecus[ecu].vin)
-            records.append(Answer(VIN_ID, ecu, vin))
+            records.append(record)
         self._emit(records)
 
     async def _dtcs(self, kind: str) -> None:
@@ -231,16 +216,9 @@ class Poller:
         answers = await self._ask(bytes([service]), self._expected(), _service_matcher(service))
         records = []
         for ecu, data in answers.items():
-            # On CAN the count comes first, then two bytes per DTC.
-            body = data[2 : 2 + 2 * data[1]] if len(data) > 1 else b""
-            for k in range(0, len(body) - 1, 2):
-                code = body[k : k + 2]
-                if code == b"\0\0":
-                    continue  # padding, not a DTC
-                text = dtc_text(code)
-                padded = text.encode("ascii").ljust(DTC_TEXT_BYTES, b"\0")
-                records.append(Answer(DTC_IDS[kind], ecu, code + padded))
-                log.info("bus %s: ECU 0x%X: %s DTC %s", self.bus.name, ecu, kind, text)
+            for record in dtc_answers(kind, ecu, data):
+                log.info("bus %s: ECU 0x%X: %s DTC %s", self.bus.name, ecu, kind, dtc_of(record))
+                records.append(record)
         self._emit(records)
 
     async def _uds_dtcs(self) -> None:
@@ -252,26 +230,16 @@ class Poller:
         answers = await self._ask(request, self._expected(), _service_matcher(0x19, 0x02))
         records = []
         for ecu, data in answers.items():
-            response = Response.from_payload(data)
             try:
-                ReadDTCInformation.interpret_response(
-                    response,
-                    subfunction=ReadDTCInformation.Subfunction.reportDTCByStatusMask,
-                    tolerate_zero_padding=True,
-                    ignore_all_zero_dtc=True,
-                )
-            except Exception as error:  # udsoncan raises several kinds for a bad answer
+                found = uds_dtc_answers(ecu, data)
+            except AnswerError as error:
                 log.warning("bus %s: ECU 0x%X: bad DTC answer: %s", self.bus.name, ecu, error)
                 self.unexpected.inc()
                 continue
-            dtcs = getattr(response.service_data, "dtcs", [])
-            for dtc in dtcs:
-                status = dtc.status.get_byte_as_int()
-                body = dtc.id.to_bytes(3, "big") + bytes([status])
-                records.append(Answer(UDS_DTC_ID, ecu, body))
+            records += found
             if self.config.uds_snapshot_dids:
-                for dtc in dtcs:
-                    records += await self._snapshots(ecu, dtc.id)
+                for record in found:
+                    records += await self._snapshots(ecu, int.from_bytes(record.data[:3], "big"))
         self._emit(records)
 
     async def _snapshots(self, ecu: int, dtc: int) -> list[Answer]:
@@ -284,35 +252,14 @@ class Poller:
         answers = await self._ask(request, [ecu], _service_matcher(0x19, 0x04), physical=True)
         if ecu not in answers:
             return []
-        response = Response.from_payload(answers[ecu])
-        codecs: dict[int | str, Any] = {
-            did: _DidValue(size) for did, size in self.config.uds_snapshot_dids
-        }
         try:
-            ReadDTCInformation.interpret_response(
-                response,
-                subfunction=subfunction,
-                dtc_snapshot_did_size=2,
-                didconfig=codecs,
-                tolerate_zero_padding=True,
-            )
-        except Exception as error:  # an unknown DID, a bad length: udsoncan says which
+            return snapshot_answers(ecu, answers[ecu], self.config.uds_snapshot_dids)
+        except AnswerError as error:
             log.warning(
                 "bus %s: ECU 0x%X: snapshot of DTC 0x%06X: %s", self.bus.name, ecu, dtc, error
             )
             self.unexpected.inc()
             return []
-        records = []
-        for found in getattr(response.service_data, "dtcs", []):
-            for snapshot in found.snapshots:
-                body = (
-                    found.id.to_bytes(3, "big")
-                    + bytes([snapshot.record_number])
-                    + snapshot.did.to_bytes(2, "big")
-                    + int(snapshot.data).to_bytes(4, "big")
-                )
-                records.append(Answer(UDS_SNAPSHOT_ID, ecu, body))
-        return records
 
     # -- asking --
 
@@ -424,49 +371,9 @@ class Poller:
 
     def _emit(self, records: list[Answer]) -> None:
         """The answers as frames of the diagnostics stream, stamped now."""
-        if not records:
-            return
-        frames = FrameBatch.allocate(len(records), (self.stream,))
-        frames.t_ns[:] = time.time_ns()
-        for row, record in enumerate(records):
-            length = ECU_BYTES + len(record.data)
-            frames.can_id[row] = record.frame_id
-            frames.flags[row] = FrameFlag.EXTENDED | (FrameFlag.FD if length > 8 else 0)
-            frames.length[row] = length
-            frames.data[row, :ECU_BYTES] = np.frombuffer(
-                record.ecu.to_bytes(ECU_BYTES, "little"), np.uint8
-            )
-            frames.data[row, ECU_BYTES:length] = np.frombuffer(record.data, np.uint8)
-        self.deliver(self.stream, frames)
-
-
-class _DidValue(DidCodec):
-    """A snapshot's data identifier read as one unsigned big-endian number (udsoncan's
-    DID codec interface): its meaning is the ECU maker's, the agent sends it raw."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def decode(self, payload: bytes) -> Any:
-        return int.from_bytes(payload[: self.size], "big")
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def read_pids(data: bytes) -> dict[int, bytes]:
-    """A service 01 answer (41 PID data PID data ...) as {PID: data}, read by PID number;
-    a PID the table does not know ends the reading, as its size is not known."""
-    values: dict[int, bytes] = {}
-    at = 1
-    while at < len(data):
-        pid = data[at]
-        size = 4 if pid in SUPPORTED_RANGES else PIDS[pid].size if pid in PIDS else None
-        if size is None or at + 1 + size > len(data):
-            break
-        values[pid] = data[at + 1 : at + 1 + size]
-        at += 1 + size
-    return values
+        if records:
+            now = time.time_ns()
+            self.deliver(self.stream, answer_frames(self.stream, records, [now] * len(records)))
 
 
 def pid_matcher(pids: set[int]) -> Callable[[bytes], bool]:
@@ -474,10 +381,6 @@ def pid_matcher(pids: set[int]) -> Callable[[bytes], bool]:
         return len(data) > 1 and data[0] == 0x41 and bool(pids & set(read_pids(data)))
 
     return matches
-
-
-def _vin_matcher(data: bytes) -> bool:
-    return len(data) >= 2 + VIN_LENGTH and data[0] == 0x49 and data[1] == 0x02
 
 
 def _service_matcher(service: int, subfunction: int | None = None) -> Callable[[bytes], bool]:

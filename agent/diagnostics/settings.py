@@ -2,8 +2,9 @@
 
 Transmitting is a right the agent has only where a table gives it: a bus without one is
 never written to, and a table on a bus marked `listen_only`, or read by a source that
-cannot send (a replay, the simulation), is refused with the key that asks for it. This
-module only reads the config, so that `check-config` imports no CAN library.
+cannot send (a replay, the simulation), is refused with the key that asks for it. A table
+with `listen = true` asks nothing: it hears the answers to someone else's requests, on any
+bus. This module only reads the config, so that `check-config` imports no CAN library.
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ ADDRESSING = ("functional", "physical")
 FUNCTIONAL_11BIT = 0x7DF
 FUNCTIONAL_29BIT = 0x18DB33F1
 
-DIAGNOSTICS_KEYS = {
-    "bus",
+#: The keys that only asking gives a meaning to: refused with `listen = true`.
+ASKING_KEYS = (
     "addressing",
-    "extended",
-    "ecus",
     "poll",
     "discover",
     "vin",
@@ -43,7 +42,8 @@ DIAGNOSTICS_KEYS = {
     "uds_snapshot_dids",
     "timeout_s",
     "max_requests_per_s",
-}
+)
+DIAGNOSTICS_KEYS = {"bus", "listen", "extended", "ecus", *ASKING_KEYS}
 POLL_KEYS = {"pids", "interval_s"}
 SNAPSHOT_KEYS = {"did", "bytes"}
 #: The widest snapshot value the answers' DBC holds.
@@ -80,6 +80,8 @@ class PollGroup:
 @dataclass(frozen=True)
 class DiagnosticsConfig:
     bus: str
+    #: hear the answers to requests that others send, never asking (agent/diagnostics/listener.py)
+    listen: bool = False
     addressing: str = "functional"
     extended: bool = False  # 29-bit IDs (0x18DB33F1, 0x18DAxxF1) instead of 11-bit ones
     ecus: tuple[int, ...] = ()  # the ECUs' response IDs; () is the first engine ECU
@@ -116,7 +118,8 @@ def request_id(response_id: int, extended: bool) -> int:
     return (response_id & 0x1FFF0000) | (ecu << 8) | tester
 
 
-def _ecu(value: Any, extended: bool) -> str | None:
+def ecu_problem(value: Any, extended: bool) -> str | None:
+    """What is wrong with `value` as an ECU's response ID, or None."""
     if isinstance(value, bool) or not isinstance(value, int):
         return f"expected a response ID, got {value!r}"
     if extended:
@@ -144,10 +147,19 @@ def parse_diagnostics(
         check.table(data, where, DIAGNOSTICS_KEYS)
         config = _table(check, data, where)
         bus = by_name.get(config.bus)
+        if config.listen:
+            for key in ASKING_KEYS:
+                if key in data:
+                    check.problems.append(
+                        f"{where}.{key}: asks the ECUs, and a table with listen = true never "
+                        "asks: it hears the answers to others' requests"
+                    )
         if "bus" not in data:
             check.problems.append(f"{where}.bus: missing (the name of a [[bus]])")
         elif bus is None:
             check.problems.append(f"{where}.bus: no [[bus]] is named {config.bus!r}")
+        elif config.listen:
+            pass  # hearing transmits nothing: any bus, any source
         elif bus.listen_only:
             check.problems.append(
                 f"{where}.bus: bus {bus.name!r} is listen_only: the agent never transmits "
@@ -169,7 +181,7 @@ def _table(check: Checker, data: Mapping[str, Any], where: str) -> DiagnosticsCo
     extended = check.get(data, where, "extended", bool, False)
     ecus: list[int] = []
     for n, value in enumerate(check.get(data, where, "ecus", list, [])):
-        problem = _ecu(value, extended)
+        problem = ecu_problem(value, extended)
         if problem:
             check.problems.append(f"{where}.ecus[{n}]: {problem}")
         else:
@@ -237,6 +249,7 @@ def _table(check: Checker, data: Mapping[str, Any], where: str) -> DiagnosticsCo
     addressing = check.get(data, where, "addressing", str, "functional", one_of(ADDRESSING))
     return DiagnosticsConfig(
         bus=check.get(data, where, "bus", str, ""),
+        listen=check.get(data, where, "listen", bool, False),
         addressing=addressing,
         extended=extended,
         ecus=tuple(dict.fromkeys(ecus)),
