@@ -422,8 +422,11 @@ class Agent:
                 count()
                 self.batcher.add(name, frames)
                 if listener is not None:
-                    for answers in listener.hear(frames):
-                        self.batcher.add(answers.stream, answers.frames)
+                    try:
+                        for answers in listener.hear(frames):
+                            self.batcher.add(answers.stream, answers.frames)
+                    except Exception:  # a bug: it costs the batch's answers, not the bus
+                        log.exception("bus %s: the ECUs' answers of a batch were not read", name)
                     heard()
         except SourceError as error:
             log.error("%s", error)
