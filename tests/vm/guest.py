@@ -520,6 +520,11 @@ DIAGNOSTICS = (
     '\n[[diagnostics]]\nbus = "can0"\nvin = true\ndtcs = ["stored"]\ntimeout_s = 2.0\n'
     "poll = [{ pids = [0x0C, 0x0D, 0x05], interval_s = 0.5 }]\n"
 )
+#: Hearing what a tester asks: the agent asks nothing, its raw socket's filter lets the
+#: conversation through.
+HEARING = '\n[[diagnostics]]\nbus = "can0"\nlisten = true\necus = [0x7E8]\n'
+#: What the tester asks: PIDs, the VIN (a multi-frame answer) and the stored DTCs.
+TESTER_REQUESTS = (bytes([0x01, 0x0C, 0x0D, 0x05]), bytes([0x09, 0x02]), bytes([0x03]))
 ECU = 0x7E8
 #: kernel_ecu.py's data bytes by the J1979 formulas: 0x1AF8 / 4 rpm, 88 km/h, 132 - 40 degC.
 EXPECTED_PIDS = {
@@ -551,9 +556,58 @@ def all_answers(records: list[dict[str, Any]]) -> bool:
     return {*EXPECTED_PIDS, "VehicleIdentificationNumber"} <= messages and dtcs >= EXPECTED_DTCS
 
 
+def tester_asks(interface: str) -> int:
+    """A scan tool's requests to the ECU over a kernel ISO-TP socket of its own; how many
+    it got answers to."""
+    answered = 0
+    with socket.socket(socket.AF_CAN, socket.SOCK_DGRAM, socket.CAN_ISOTP) as sock:
+        sock.bind((interface, ECU, ECU - 8))
+        sock.settimeout(5)
+        for request in TESTER_REQUESTS:
+            sock.send(request)
+            if sock.recv(4096):
+                answered += 1
+    return answered
+
+
+def hearing(interface: str) -> Figures:
+    """The agent, told to listen, hears the ECU answer a tester: the same records, no
+    request of its own."""
+    write_config(config(rules=HEARING))
+    must("systemctl", "restart", UNIT, timeout=120)
+    # What the asking agent left in its spool goes first, to the receiver before this one.
+    wait_for("the spool emptied", lambda: metric("spool_batches") == 0, 60)
+    receiver = Receiver("hearing")
+    try:
+        answered = tester_asks(interface)
+        records: list[dict[str, Any]] = []
+
+        def arrived() -> bool:
+            nonlocal records
+            records = answer_records(receiver.records)
+            return all_answers(records)
+
+        try:
+            wait_for("every answer heard at the receiver", arrived, 60)
+        except Failed as error:
+            counts = {k: v for k, v in metrics().items() if "isotp" in k or "heard" in k}
+            seen = sorted({r["message"] for r in records})
+            raise Failed(f"{error}: {answered} answered, only {seen}; {counts}") from None
+        asked = metric("diagnostics_requests_total", bus="can0")
+        if asked:
+            raise Failed(f"a listening agent sent {asked:.0f} requests")
+        return {
+            "heard_records": len(records),
+            "heard_answers": int(metric("diagnostics_answers_heard_total", bus="can0")),
+        }
+    finally:
+        receiver.stop()
+
+
 @check("diagnostics")
 def diagnostics() -> Figures:
-    """The agent asks a simulated ECU over the kernel's ISO-TP on vcan0: PIDs, VIN, DTCs."""
+    """The agent asks a simulated ECU over the kernel's ISO-TP on vcan0: PIDs, VIN, DTCs;
+    then, told to listen, hears the same answers to a tester's requests."""
     must("modprobe", "can-isotp")
     module = must("modinfo", "-n", "can-isotp").strip()
     ecu_log = WORK / "ecu.log"
@@ -635,7 +689,7 @@ def diagnostics() -> Figures:
             raise Failed(f"metrics: {count('answers')} answers, {decoded} answer frames decoded")
         if main_pid() == 0 or not active():
             raise Failed("the agent stopped")
-        figures = {
+        figures: Figures = {
             "detail": f"{asking.split(': ', 1)[1]}; {len(records)} answer records decoded "
             f"(PIDs, VIN {EXPECTED_VIN}, DTCs P0301 C0123) {answered:.1f} s after the start; "
             f"{module}",
@@ -652,6 +706,8 @@ def diagnostics() -> Figures:
                 1 for line in ecu_log.read_text().splitlines() if " " in line
             ),
         }
+        figures |= hearing(BUSES["can0"])
+        figures["detail"] += f"; told to listen, {figures['heard_records']} records heard"
     finally:
         for process in (ecu, candump):
             process.kill()
