@@ -556,6 +556,26 @@ def all_answers(records: list[dict[str, Any]]) -> bool:
     return {*EXPECTED_PIDS, "VehicleIdentificationNumber"} <= messages and dtcs >= EXPECTED_DTCS
 
 
+def answers_at(
+    receiver: Receiver, timeout: float, context: Callable[[], str]
+) -> tuple[list[dict[str, Any]], float]:
+    """The answer records once every one expected reached the receiver, and the seconds that
+    took; Failed naming those seen, and `context()`, when they did not."""
+    records: list[dict[str, Any]] = []
+
+    def arrived() -> bool:
+        nonlocal records
+        records = answer_records(receiver.records)
+        return all_answers(records)
+
+    try:
+        took = wait_for("every answer at the receiver", arrived, timeout)
+    except Failed as error:
+        seen = sorted({r["message"] for r in records})
+        raise Failed(f"{error}: only {seen}; {context()}") from None
+    return records, took
+
+
 def tester_asks(interface: str) -> int:
     """A scan tool's requests to the ECU over a kernel ISO-TP socket of its own; how many
     it got answers to."""
@@ -580,19 +600,14 @@ def hearing(interface: str) -> Figures:
     receiver = Receiver("hearing")
     try:
         answered = tester_asks(interface)
-        records: list[dict[str, Any]] = []
-
-        def arrived() -> bool:
-            nonlocal records
-            records = answer_records(receiver.records)
-            return all_answers(records)
-
-        try:
-            wait_for("every answer heard at the receiver", arrived, 60)
-        except Failed as error:
-            counts = {k: v for k, v in metrics().items() if "isotp" in k or "heard" in k}
-            seen = sorted({r["message"] for r in records})
-            raise Failed(f"{error}: {answered} answered, only {seen}; {counts}") from None
+        records, _ = answers_at(
+            receiver,
+            60,
+            lambda: (
+                f"{answered} answered; "
+                f"{ {k: v for k, v in metrics().items() if 'isotp' in k or 'heard' in k} }"
+            ),
+        )
         asked = metric("diagnostics_requests_total", bus="can0")
         if asked:
             raise Failed(f"a listening agent sent {asked:.0f} requests")
@@ -653,22 +668,15 @@ def diagnostics() -> Figures:
             raise Failed(f"not the kernel's ISO-TP: {asking}")
         # Each CAN_ISOTP socket holds a reference to the module: the agent's for ECU 0x7E8.
         refs_agent = int(ISOTP_REFS.read_text()) - refs_ecu
-        records: list[dict[str, Any]] = []
-
-        def arrived() -> bool:
-            nonlocal records
-            records = answer_records(receiver.records)
-            return all_answers(records)
-
-        try:
-            answered = wait_for("every answer at the receiver", arrived, 120)
-        except Failed as error:
-            seen = sorted({r["message"] for r in records})
-            counts = {k: v for k, v in metrics().items() if "diagnostics" in k and "_total" in k}
-            raise Failed(
-                f"{error}: only {seen}; {counts}; the ECU's last: {ecu_log.read_text()[-300:]!r}; "
+        records, answered = answers_at(
+            receiver,
+            120,
+            lambda: (
+                f"{ {k: v for k, v in metrics().items() if 'diagnostics' in k} }; "
+                f"the ECU's last: {ecu_log.read_text()[-300:]!r}; "
                 f"frames: {frames_log.read_text()[-600:]!r}"
-            ) from None
+            ),
+        )
         wrong = [
             r
             for r in records
