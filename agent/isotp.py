@@ -19,6 +19,8 @@ import numpy as np
 from agent.frames import FrameBatch, FrameFlag
 
 SINGLE, FIRST, CONSECUTIVE, FLOW_CONTROL = 0, 1, 2, 3
+#: Marks a 29-bit ID (linux/can.h)
+CAN_EFF_FLAG = 0x80000000
 CONTINUE, WAIT, OVERFLOW = 0, 1, 2
 #: N_Bs and N_Cr: a sender waits this long for flow control, a receiver for the next
 #: consecutive frame, before the message is given up.
@@ -56,7 +58,8 @@ class _Message:
 
 class IsoTpListener:
     """Reassembles the messages sent on the given pairs of IDs (each ID of a pair sends, the
-    other answers with flow control), on every bus of the batches it is fed."""
+    other answers with flow control), on every bus of the batches it is fed. A 29-bit ID is
+    given with CAN_EFF_FLAG set, as SocketCAN writes it: 0x7E8 and 0x80007E8 are two IDs."""
 
     def __init__(self, pairs: Iterable[tuple[int, int]]) -> None:
         self.counts = IsoTpCounts()
@@ -64,12 +67,14 @@ class IsoTpListener:
         for one, other in pairs:
             self._partner[one], self._partner[other] = other, one
         self._ids = np.array(sorted(self._partner), np.uint32)
-        # (bus, sending ID) -> the message under way
+        # (bus, sending ID with its flag) -> the message under way
         self._open: dict[tuple[str, int], _Message] = {}
 
     def feed(self, batch: FrameBatch) -> list[IsoTpMessage]:
         """The messages that the frames of `batch` complete, in frame order."""
-        rows = np.flatnonzero(np.isin(batch.can_id, self._ids))
+        extended = (batch.flags & FrameFlag.EXTENDED) != 0
+        keys = batch.can_id | np.where(extended, np.uint32(CAN_EFF_FLAG), np.uint32(0))
+        rows = np.flatnonzero(np.isin(keys, self._ids))
         rows = rows[(batch.flags[rows] & _NOT_DATA) == 0]
         done: list[IsoTpMessage] = []
         for row in rows.tolist():
@@ -89,8 +94,9 @@ class IsoTpListener:
         bus = batch.buses[batch.bus[row]]
         can_id, t_ns = int(batch.can_id[row]), int(batch.t_ns[row])
         extended = bool(batch.flags[row] & FrameFlag.EXTENDED)
+        flagged = can_id | CAN_EFF_FLAG if extended else can_id
         kind = payload[0] >> 4
-        key = (bus, can_id)
+        key = (bus, flagged)
 
         def complete(data: bytes) -> None:
             self.counts.messages += 1
@@ -138,7 +144,7 @@ class IsoTpListener:
                 complete(bytes(message.data[: message.size]))
         elif kind == FLOW_CONTROL:
             # Sent by the receiver, on the pair's other ID, about the message sent on it.
-            sender = (bus, self._partner[can_id])
+            sender = (bus, self._partner[flagged])
             message = self._open.get(sender)
             if message is None:
                 return  # flow control for a message this listener did not hear begin

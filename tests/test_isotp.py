@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from agent.frames import FrameBatch, FrameFlag
-from agent.isotp import IsoTpListener
+from agent.isotp import CAN_EFF_FLAG, IsoTpListener
 
 REQUEST, RESPONSE = 0x7E0, 0x7E8
 # (milliseconds, ID, payload, CAN FD)
@@ -107,3 +107,23 @@ def test_garbage_on_a_pair_is_counted() -> None:
     listener = IsoTpListener([(REQUEST, RESPONSE)])
     assert listener.feed(batch_of(frames)) == []
     assert listener.counts.bad_frames == len(frames)
+
+
+def test_an_id_of_the_other_width_is_another_conversation() -> None:
+    """A 29-bit frame numbered 0x7E8 neither ends nor breaks the 11-bit answer under way;
+    a 29-bit pair is heard on its own."""
+    vin = b"\x49\x02\x01" + b"1FUJGLDR5CLBP8834"
+    frames = send(vin)
+    other_width = (3, RESPONSE, bytes([0x10, 0x30, 1, 2, 3, 4, 5, 6]), False)
+    batch = batch_of([*frames[:3], other_width])
+    batch.flags[3] |= np.uint8(FrameFlag.EXTENDED)
+    listener = IsoTpListener([(REQUEST, RESPONSE)])
+    assert listener.feed(batch) == []
+    (whole,) = listener.feed(batch_of(frames[3:]))
+    assert whole.data == vin and not whole.extended
+    assert listener.counts.bad_frames == 0 and listener.counts.aborted == 0
+    wide = IsoTpListener([(REQUEST | CAN_EFF_FLAG, RESPONSE | CAN_EFF_FLAG)])
+    extended = batch_of(send(vin))
+    extended.flags[:] |= np.uint8(FrameFlag.EXTENDED)
+    assert [m.data for m in wide.feed(extended)] == [vin]
+    assert wide.feed(batch_of(send(vin))) == []

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from agent.diagnostics.answers import Answer, AnswerError, answer_frames, heard_answers
 from agent.diagnostics.settings import DiagnosticsConfig, request_id, stream_name
 from agent.frames import FrameBatch
-from agent.isotp import IsoTpListener
+from agent.isotp import CAN_EFF_FLAG, IsoTpListener
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
@@ -45,7 +45,11 @@ class AnswerListener:
 
     def __init__(self, ecus: Iterable[tuple[int, bool]]) -> None:
         self.ecus = frozenset(ecus)
-        self.isotp = IsoTpListener((request_id(ecu, x), ecu) for ecu, x in self.ecus)
+        self.isotp = IsoTpListener(
+            (request_id(ecu, x) | flag, ecu | flag)
+            for ecu, x in self.ecus
+            for flag in [CAN_EFF_FLAG if x else 0]
+        )
         self.answers = 0
         self.unreadable = 0
 
