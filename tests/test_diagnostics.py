@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import can
 import numpy as np
 import pytest
 from can.interfaces import virtual
@@ -34,6 +35,7 @@ from agent.diagnostics.transport import (
 from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.service import Agent
+from agent.sources.pythoncan import PythonCanSource
 from tests.data import REPO
 from tests.ecu import EcuAnswers, SimulatedEcu
 from tests.services import free_port
@@ -480,9 +482,7 @@ def test_seven_pids_in_one_request_get_a_negative_answer(
     """What the agent never sends, and why: the ECU refuses it (0x13, wrong length)."""
     ecus(EcuAnswers(0x7E8, pids=PID_DATA))
     config = DiagnosticsConfig(bus="can0")
-    transport = CanIsoTpTransport(
-        config, own_bus({"interface": "virtual", "channel": channel}), owned=True
-    )
+    transport = CanIsoTpTransport(config, own_bus({"interface": "virtual", "channel": channel}))
     try:
         transport.send(0x7E8, bytes([0x01, *list(PID_DATA)[:7]]))
         assert transport.receive(0x7E8, 2.0) == bytes([0x7F, 0x01, 0x13])
@@ -534,6 +534,8 @@ async def test_the_agent_sends_the_answers_as_records(
     assert len(virtual.channels[channel]) == 3
     agent.stop()
     assert await running == 0
+    (source,) = agent.sources
+    assert isinstance(source, PythonCanSource) and source.taps == []  # the transport let go
     lines = [json.loads(line) for line in received_lines(tmp_path / "outbox")]
     answers = [r for r in lines if r["bus"] == "can0.diagnostics"]
     speeds = [r["signals"] for r in answers if r["message"] == "EngineSpeed"]
@@ -565,6 +567,36 @@ def test_a_socketcan_bus_uses_the_kernels_iso_tp_or_falls_back_to_can_isotp() ->
     assert kernel_isotp(config.diagnostics[0], "can9") is None
     with pytest.raises(TransportError, match="cannot open 'socketcan'"):
         open_transport(config.diagnostics[0], config.buses[0])
+
+
+async def test_a_failing_reader_of_the_frames_never_stops_the_bus(
+    channel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = PythonCanSource(bus_config(channel))
+
+    def broken(message: can.Message) -> None:
+        raise RuntimeError("a bug")
+
+    source.taps = [broken]
+    got: list[int] = []
+
+    async def read() -> None:
+        async for batch in source.batches():
+            got.extend(batch.can_id.tolist())
+
+    reading = asyncio.create_task(read())
+    sender = can.Bus(interface="virtual", channel=channel)
+    try:
+        await until(lambda: source.can_bus is not None)
+        for n in range(3):
+            sender.send(can.Message(arbitration_id=0x100 + n, is_extended_id=False))
+        await until(lambda: len(got) == 3)
+    finally:
+        sender.shutdown()
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    assert got == [0x100, 0x101, 0x102] and source.taps == []
+    assert "a reader of its frames failed" in caplog.text
 
 
 # -- the page --

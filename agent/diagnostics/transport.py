@@ -16,6 +16,7 @@ import logging
 import queue
 import socket
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -85,7 +86,8 @@ class Transport(abc.ABC):
 @runtime_checkable
 class SharedBus(Protocol):
     """A python-can bus that a source reads: the transport sends on it, and the source
-    passes each frame it receives to the taps (`deliver`), in its reader thread."""
+    passes each frame it receives to the taps (`deliver`), in its reader thread, which
+    iterates the list it finds: taps are added and removed by replacing the list."""
 
     can_bus: can.BusABC | None
     taps: list[Callable[[can.Message], None]]
@@ -93,19 +95,25 @@ class SharedBus(Protocol):
 
 class CanIsoTpTransport(Transport):
     """`can-isotp` stacks (one per ECU) over a python-can bus: one the transport opened
-    and reads (`owned`), or the one a source reads, which hands each frame to `deliver`:
-    many interfaces (PCAN, Vector, Kvaser) open a channel only once."""
+    and reads, or the one a source reads (`shared`), which hands each frame to `deliver`:
+    many interfaces (PCAN, Vector, Kvaser) open a channel only once. The stacks' flow
+    control and the poller's requests come from several threads, and python-can does not
+    promise that an interface takes concurrent sends: they take turns."""
 
     kind = "can-isotp"
 
-    def __init__(self, config: DiagnosticsConfig, bus: can.BusABC, owned: bool) -> None:
+    def __init__(
+        self, config: DiagnosticsConfig, bus: can.BusABC, shared: SharedBus | None = None
+    ) -> None:
         super().__init__(config)
         import can
         import isotp
 
         self._can = can
         self.bus = bus
-        self.owned = owned
+        self.shared = shared
+        self._sending = threading.Lock()
+        self._closed = False
         mode = (
             isotp.AddressingMode.Normal_29bits
             if self.extended
@@ -128,11 +136,15 @@ class CanIsoTpTransport(Transport):
             )
             stack.start()
             self.stacks[ecu] = stack
-        self.notifier = can.Notifier(bus, [self.deliver], timeout=0.05) if owned else None
+        self.notifier = None
+        if shared is None:
+            self.notifier = can.Notifier(bus, [self.deliver], timeout=0.05)
+        else:
+            shared.taps = [*shared.taps, self.deliver]
 
     def deliver(self, message: can.Message) -> None:
         """A frame received on the bus: to the stack of the ECU that sent it."""
-        if message.is_error_frame or message.is_remote_frame:
+        if self._closed or message.is_error_frame or message.is_remote_frame:
             return
         if message.is_extended_id == self.extended:
             inbox = self._inboxes.get(message.arbitration_id)
@@ -140,7 +152,7 @@ class CanIsoTpTransport(Transport):
                 inbox.put(message)
 
     def _send_frame(self, frame: Any) -> None:
-        self.bus.send(
+        self._send(
             self._can.Message(
                 arbitration_id=frame.arbitration_id,
                 is_extended_id=frame.is_extended_id,
@@ -150,28 +162,41 @@ class CanIsoTpTransport(Transport):
             )
         )
 
+    def _send(self, message: can.Message) -> None:
+        with self._sending:
+            self.bus.send(message)
+
+    def _check_open(self) -> None:
+        if self.shared is not None and self.shared.can_bus is not self.bus:
+            raise TransportError("the bus's interface was closed")
+
     def send(self, ecu: int, payload: bytes) -> None:
+        self._check_open()
         self.stacks[ecu].send(payload)
 
     def broadcast(self, payload: bytes) -> None:
+        self._check_open()
         message = self._can.Message(
             arbitration_id=self.config.functional_id,
             is_extended_id=self.extended,
             data=self.single_frame(payload),
         )
-        self.bus.send(message)
+        self._send(message)
 
     def receive(self, ecu: int, timeout: float) -> bytes | None:
         data = self.stacks[ecu].recv(block=timeout > 0, timeout=timeout or None)
         return None if data is None else bytes(data)
 
     def close(self) -> None:
+        self._closed = True
+        if self.shared is not None:
+            self.shared.taps = [t for t in self.shared.taps if t != self.deliver]
         for stack in self.stacks.values():
             with contextlib.suppress(Exception):
                 stack.stop()
         if self.notifier is not None:
             self.notifier.stop()
-        if self.owned:
+        if self.shared is None:
             with contextlib.suppress(Exception):
                 self.bus.shutdown()
 
@@ -276,15 +301,11 @@ def open_transport(
         transport = kernel_isotp(config, interface)
         if transport is not None:
             return transport
-        return CanIsoTpTransport(
-            config, own_bus({"interface": "socketcan", "channel": interface}), owned=True
-        )
+        return CanIsoTpTransport(config, own_bus({"interface": "socketcan", "channel": interface}))
     if shared is not None:
         if shared.can_bus is None:
             raise TransportError(f"bus {bus.name} is not open")
-        transport = CanIsoTpTransport(config, shared.can_bus, owned=False)
-        shared.taps.append(transport.deliver)
-        return transport
+        return CanIsoTpTransport(config, shared.can_bus, shared)
     args: dict[str, Any] = {
         "interface": settings.interface,
         "channel": settings.channel,
@@ -292,4 +313,4 @@ def open_transport(
         "fd": settings.fd,
         **dict(settings.options),
     }
-    return CanIsoTpTransport(config, own_bus(args), owned=True)
+    return CanIsoTpTransport(config, own_bus(args))

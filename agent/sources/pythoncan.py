@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -22,6 +24,8 @@ from agent.sources.base import (
     hand_over,
     register,
 )
+
+log = logging.getLogger(__name__)
 
 #: The reader thread hands frames over at least this often, and at most this many at once.
 FLUSH_S = 0.05
@@ -62,7 +66,8 @@ class PythonCanSource(Source):
         #: The open interface, which diagnostics transmit on: many interfaces open a
         #: channel only once (agent/diagnostics/transport.py's SharedBus).
         self.can_bus: can.BusABC | None = None
-        #: Called with each frame received, in the reader thread.
+        #: Called with each frame received, in the reader thread; replaced, never changed
+        #: in place, as the reader iterates it.
         self.taps: list[Callable[[can.Message], None]] = []
 
     async def batches(self) -> AsyncIterator[FrameBatch]:
@@ -71,12 +76,16 @@ class PythonCanSource(Source):
         stop = threading.Event()
         try:
             settings = self.settings
-            bus = can.Bus(
-                interface=settings.interface,
-                channel=settings.channel,
-                bitrate=settings.bitrate,
-                fd=settings.fd,
-                **dict(settings.options),
+            # In a thread: a driver that hangs must not stop the loop (nor READY's limit).
+            bus = await asyncio.to_thread(
+                functools.partial(
+                    can.Bus,
+                    interface=settings.interface,
+                    channel=settings.channel,
+                    bitrate=settings.bitrate,
+                    fd=settings.fd,
+                    **dict(settings.options),
+                )
             )
         except Exception as error:  # python-can raises many kinds for a bad interface
             raise SourceError(
@@ -124,7 +133,11 @@ class PythonCanSource(Source):
             if message is not None:
                 pending.append(message)
                 for tap in self.taps:
-                    tap(message)
+                    try:
+                        tap(message)
+                    except Exception:  # a bug: it costs the tap, never the bus
+                        log.exception("bus %s: a reader of its frames failed", self.bus.name)
+                        self.taps = [t for t in self.taps if t != tap]
             now = time.monotonic()
             if pending and (len(pending) >= FLUSH_FRAMES or now - flushed >= FLUSH_S):
                 hand_over(loop, queue, self._batch(pending), stop)
