@@ -199,6 +199,7 @@ def test_a_receiver_refuses_text_that_does_not_fit_its_block() -> None:
         ({"frames": [1, 0]}, "out of order"),
         ({"frames": [0, 2]}, "out of order or range"),
         ({"values": ["A"]}, "frames and values differ"),
+        ({"values": ["A", "B\0C"]}, "a NUL character"),
     ):
         copy = pb.Body()
         copy.CopyFrom(body)

@@ -286,6 +286,9 @@ def _text_column(block: pb.Block, text: pb.TextValues, n: int) -> SignalColumn:
         raise WireError(f"text of {block.message}.{signal.name}: frames and values differ")
     if frames[0] < 0 or frames[-1] >= n or (np.diff(frames) <= 0).any():
         raise WireError(f"text of {block.message}.{signal.name}: frames out of order or range")
+    if any("\0" in value for value in text.values):
+        # A NUL ends text on the agent; no sink's text (PostgreSQL's) would take one.
+        raise WireError(f"text of {block.message}.{signal.name}: a NUL character")
     values = np.full(n, None, object)
     values[frames] = list(text.values)
     return text_column(_signal_info(signal), values)
