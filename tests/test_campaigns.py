@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -33,6 +34,8 @@ from agent.collect import Collector
 from agent.collect.rules import CollectRule
 from agent.config import BusConfig, Config, demo_dbc
 from agent.decode import bus_decoders, default_cache_dir
+from agent.wire import telemetry_pb2 as pb
+from agent.wire.transport import SNAPSHOT_METHOD
 from tests.campaign_fleet import (
     agent_config,
     campaign_of,
@@ -704,6 +707,16 @@ async def test_the_whole_control_plane_goes_over_grpc(tmp_path: Path) -> None:
         absent = tool("snapshot", "--vehicle", "v9", "--grpc", url, "--timeout", "2")
         assert absent.returncode == 1
         assert "v9 is not connected" in absent.stderr and "no answer from v9" in absent.stderr
+        # An answer is matched by its request's id: a request must carry one.
+        with grpc.insecure_channel(url.removeprefix("grpc://")) as channel:
+            ask = channel.unary_unary(
+                SNAPSHOT_METHOD,
+                request_serializer=pb.SnapshotRequest.SerializeToString,
+                response_deserializer=pb.Report.FromString,
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                ask(pb.SnapshotRequest(vehicle_id="v8", request=b'{"signals": []}'), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
         health = tool("health", "--grpc", url, "--vehicle", "v8", "--count", "2", "--timeout", "20")
         assert health.returncode == 0, health.stderr

@@ -228,6 +228,13 @@ class ControlHub:
             )
         assert vehicle is not None
         asking = _request_id(request.request)
+        # The answer is matched by the request's id: one outstanding request per id.
+        if not asking:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a snapshot request needs an id")
+        if asking in vehicle.answers:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"a snapshot request {asking!r} is under way"
+            )
         asked = vehicle.answers[asking] = asyncio.Future()
         vehicle.down.put_nowait(pb.ControlDown(snapshot_request=request.request))
         try:
