@@ -825,6 +825,37 @@ async def test_a_campaign_brings_its_dbc_file_and_decodes_with_it(tmp_path: Path
     assert (tmp_path / "v9" / "campaigns" / "dbc" / f"{digest}.dbc").is_file()
 
 
+def test_push_and_remove_write_the_folder_a_grpc_receiver_serves(tmp_path: Path) -> None:
+    key_file = tmp_path / "fleet.key"
+    key_file.write_bytes(KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    document = tmp_path / "tesla.signed.json"
+    document.write_bytes(signed(KEY, "tesla"))
+    folder = tmp_path / "fleet"
+
+    def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            agent_command("campaign", *args), capture_output=True, text=True, timeout=60
+        )
+
+    pushed = cli("push", document, "--group", "trucks", "--vehicle", "v1", "--dbc", TESLA_DBC,
+                 "--folder", folder)  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    digest = hashlib.sha256(TESLA_DBC.read_bytes()).hexdigest()
+    assert (folder / "dbc" / f"{digest}.dbc").read_bytes() == TESLA_DBC.read_bytes()
+    for place in ("groups/trucks", "vehicles/v1"):
+        assert (folder / place / "campaigns" / "tesla.json").read_bytes() == document.read_bytes()
+    removed = cli("remove", "tesla", "--version", "2", "--key", key_file, "--group", "trucks",
+                  "--folder", folder)  # fmt: skip
+    assert removed.returncode == 0, removed.stderr
+    removal = json.loads((folder / "groups/trucks/campaigns/tesla.json").read_bytes())
+    assert removal["document"]["kind"] == "removal" and removal["document"]["version"] == 2
+    assert not list(folder.rglob("*.partial"))
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    refused = cli("push", document, "--vehicle", "v1", "--folder", blocked)
+    assert refused.returncode == 1 and str(blocked) in refused.stderr
+
+
 async def test_a_campaigns_dbc_file_comes_over_grpc_too(tmp_path: Path) -> None:
     """The vehicle asks its Control call for the file by hash; the receiver sends it from
     its folder's `dbc/` once it is there."""

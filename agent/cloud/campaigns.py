@@ -142,10 +142,29 @@ def _topics(args: argparse.Namespace, name: str) -> list[str]:
 async def _publish(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> None:
     from agent.cloud.control import mqtt_client
 
+    if args.folder is not None:
+        for topic, payload in messages:
+            print(f"{_write_document(Path(args.folder), topic, payload)}: written")
+        return
     async with mqtt_client(args) as client:
         for topic, payload in messages:
             await client.publish(topic, payload, qos=1, retain=True)
             print(f"{topic}: published")
+
+
+def _write_document(folder: Path, topic: str, payload: bytes) -> Path:
+    """A topic's document into the folder a gRPC receiver serves (`receive --campaigns`),
+    laid out as the topics: written aside, then renamed into place, so that no call sends
+    half of it."""
+    path = folder / (topic + (".dbc" if topic.startswith("dbc/") else ".json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("wb") as out:
+        out.write(payload)
+        out.flush()
+        os.fsync(out.fileno())
+    partial.replace(path)
+    return path
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -237,13 +256,23 @@ def _run(args: argparse.Namespace, work: Any) -> int:
     except link_errors() as error:
         print(f"telemetry-agent campaign: {target(args)}: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # the folder of --folder
+        print(f"telemetry-agent campaign: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _targets(parser: argparse.ArgumentParser) -> None:
     from agent.cloud.control import tls_options
 
-    parser.add_argument("--mqtt", required=True, metavar="URL", help="mqtt[s]://HOST[:PORT]")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mqtt", metavar="URL", help="mqtt[s]://HOST[:PORT]: the broker")
+    where.add_argument(
+        "--folder",
+        metavar="DIR",
+        help="the folder of a receiver that serves the vehicles' gRPC control calls "
+        "(receive --campaigns DIR)",
+    )
     tls_options(parser)
     parser.add_argument("--vehicle", action="append", default=[], help="a vehicle; repeatable")
     parser.add_argument(

@@ -211,7 +211,7 @@ async def control_client(args: argparse.Namespace) -> AsyncIterator[Control]:
 
 def target(args: argparse.Namespace) -> str:
     """The URL the options name, for messages."""
-    return str(args.grpc or args.mqtt)
+    return str(getattr(args, "grpc", None) or args.mqtt)  # push and remove have no --grpc
 
 
 def control_options(parser: argparse.ArgumentParser) -> None:
