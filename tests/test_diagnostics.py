@@ -6,9 +6,10 @@ and one that never answers; then the whole agent, its answers arriving as record
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import can
@@ -240,6 +241,22 @@ def bus_config(channel: str) -> BusConfig:
     return parse_config(text, "t.toml", REPO).buses[0]
 
 
+@contextlib.asynccontextmanager
+async def polling(
+    config: DiagnosticsConfig, channel: str, folder: Path
+) -> AsyncIterator[tuple[Collected, Metrics]]:
+    """A poller of `config` on the virtual `channel` while the block runs: what it delivered
+    and what it counted."""
+    metrics = Metrics()
+    collected = Collected(folder)
+    running = asyncio.create_task(Poller(config, bus_config(channel), metrics, collected).run())
+    try:
+        yield collected, metrics
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
 async def until(condition: Callable[[], bool], seconds: float = 8.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -278,11 +295,7 @@ async def test_the_poller_asks_every_ecu_and_counts_those_that_fail(
         timeout_s=0.6,
         max_requests_per_s=50,
     )
-    metrics = Metrics()
-    collected = Collected(tmp_path)
-    poller = Poller(config, bus_config(channel), metrics, collected)
-    running = asyncio.create_task(poller.run())
-    try:
+    async with polling(config, channel, tmp_path) as (collected, metrics):
         await until(
             lambda: (
                 len(collected.of("EngineSpeed", 0x7EA)) >= 3
@@ -290,9 +303,6 @@ async def test_the_poller_asks_every_ecu_and_counts_those_that_fail(
                 and len(collected.of("VehicleSpeed", 0x7EB)) >= 3
             )
         )
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
     for name, value in EXPECTED.items():
         assert collected.of(name, 0x7E8)[0][name] == pytest.approx(value), name
     assert collected.of("EngineSpeed", 0x7EA)[0]["EngineSpeed"] == 1000.0
@@ -352,20 +362,13 @@ async def test_physical_addressing_with_29_bit_ids_and_uds_dtcs(
         timeout_s=0.6,
         max_requests_per_s=50,
     )
-    metrics = Metrics()
-    collected = Collected(tmp_path)
-    poller = Poller(config, bus_config(channel), metrics, collected)
-    running = asyncio.create_task(poller.run())
-    try:
+    async with polling(config, channel, tmp_path) as (collected, metrics):
         await until(
             lambda: (
                 bool(collected.of("UdsDTC", 0x18DAF110))
                 and len(collected.of("EngineSpeed", 0x18DAF110)) >= 2
             )
         )
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
     assert collected.of("EngineSpeed", 0x18DAF110)[0]["EngineSpeed"] == 750.0
     (uds,) = collected.of("UdsDTC", 0x18DAF110)[:1]
     assert uds["DTC"] == 0x123456 and uds["Status"] == 0x09  # 0x10 is not in the mask
@@ -398,15 +401,8 @@ async def test_functional_29_bit_and_an_ecu_that_asks_for_more_time(
         timeout_s=1.5,
         max_requests_per_s=50,
     )
-    metrics = Metrics()
-    collected = Collected(tmp_path)
-    poller = Poller(config, bus_config(channel), metrics, collected)
-    running = asyncio.create_task(poller.run())
-    try:
+    async with polling(config, channel, tmp_path) as (collected, metrics):
         await until(lambda: len(collected.of("EngineSpeed", 0x18DAF118)) >= 2, 30)
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
     assert collected.of("EngineSpeed", 0x18DAF110)[0]["EngineSpeed"] == 750.0
     assert collected.of("EngineSpeed", 0x18DAF118)[0]["EngineSpeed"] == 500.0
     assert counter(metrics, "diagnostics_timeouts") == 0
@@ -424,14 +420,8 @@ async def test_requests_keep_to_the_rate_limit(
         poll=tuple(PollGroup((pid,), 0.01) for pid in (0x0C, 0x0D, 0x05)),
         max_requests_per_s=10,
     )
-    collected = Collected(tmp_path)
-    poller = Poller(config, bus_config(channel), Metrics(), collected)
-    running = asyncio.create_task(poller.run())
-    try:
+    async with polling(config, channel, tmp_path):
         await until(lambda: len(ecu.request_times) >= 8)
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
     # The rate over the whole run: single gaps, as the ECU's thread sees them, jitter.
     times = ecu.request_times
     assert (len(times) - 1) / (times[-1] - times[0]) <= 10 * 1.1, np.diff(times)
