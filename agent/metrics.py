@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from agent import __version__
 
 PREFIX = "telemetry_agent"
+
+
+def following(counters: Mapping[str, Counter], count: Callable[[str], int]) -> Callable[[], None]:
+    """A function that brings each counter up to what `count(key)` says now: for counts
+    kept as plain numbers by parts that know nothing of metrics (a source's reader thread,
+    a listener)."""
+    counted = dict.fromkeys(counters, 0)
+
+    def follow() -> None:
+        for key, metric in counters.items():
+            value = count(key)
+            if value != counted[key]:
+                metric.inc(value - counted[key])
+                counted[key] = value
+
+    return follow
 
 
 class Metrics:

@@ -36,7 +36,7 @@ from agent.config import (
 from agent.decode import DbcError, Decoder, bus_decoders, default_cache_dir
 from agent.decode.decoder import BusDbcs
 from agent.diagnostics.streams import diagnostics_streams
-from agent.metrics import Metrics
+from agent.metrics import Metrics, following
 from agent.notify import Notifier
 from agent.pipeline import Pipeline, Totals
 from agent.snapshot import LastValues
@@ -402,13 +402,7 @@ class Agent:
             "dropped": self.metrics.frames_dropped.labels(name),
             "outages": self.metrics.bus_outages.labels(name),
         }
-        counted = dict.fromkeys(counters, 0)
-
-        def count() -> None:
-            for key, metric in counters.items():
-                value = getattr(source.stats, key)
-                metric.inc(value - counted[key])
-                counted[key] = value
+        count = following(counters, lambda key: int(getattr(source.stats, key)))
 
         # Also with the status line: an interface that is down delivers no batches.
         self._counts.append(count)

@@ -68,6 +68,8 @@ class AnswerListener:
 
     def counting(self, metrics: Metrics, bus: str) -> Callable[[], None]:
         """What brings the metrics of `bus` up to this listener's counts."""
+        from agent.metrics import following  # the agent's: `decode` counts without metrics
+
         counters = {
             "answers": metrics.diagnostics_heard.labels(bus),
             "messages": metrics.isotp_messages.labels(bus),
@@ -75,16 +77,10 @@ class AnswerListener:
             "timed_out": metrics.isotp_timed_out.labels(bus),
             "bad_frames": metrics.isotp_bad_frames.labels(bus),
         }
-        counted = dict.fromkeys(counters, 0)
-
-        def count() -> None:
-            for key, metric in counters.items():
-                value = self.answers if key == "answers" else getattr(self.isotp.counts, key)
-                if value != counted[key]:
-                    metric.inc(value - counted[key])
-                    counted[key] = value
-
-        return count
+        return following(
+            counters,
+            lambda key: self.answers if key == "answers" else int(getattr(self.isotp.counts, key)),
+        )
 
     def summary(self) -> str:
         counts = self.isotp.counts
