@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from agent.batcher import TICK_S, Batcher
 from agent.collect import CollectError, Collector
-from agent.collect.rules import CollectRule, rules_key
+from agent.collect.rules import CollectRule
 from agent.config import (
     RESTART_KEYS,
     Config,
@@ -499,7 +499,7 @@ class Agent:
             try:
                 loaded = load_config(path)
                 collector = self.pipeline.collector
-                if rules_key(loaded.collect) != rules_key(self.config.collect):
+                if loaded.collect != self.config.collect:
                     decoders = self.pipeline.decoders
                     collector = self._collector(loaded.collect, decoders)
             except ConfigError as error:

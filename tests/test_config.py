@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.collect.aggregate import AggregateSettings
+from agent.collect.expression import parse
+from agent.collect.raw import RawSettings
+from agent.collect.sample import SampleSettings
+from agent.collect.trigger import TriggerSettings
 from agent.config import ConfigError, load_config, parse_config
 from agent.exits import EX_CONFIG
 from agent.sources.pacing import Pace
@@ -206,27 +211,21 @@ def test_collection_rules_parse_with_their_defaults() -> None:
         Path("/etc/agent"),
     )
     speed, stats, fast, log = config.collect
-    assert (speed.mode, speed.signals, speed.period_ms, speed.reduce) == (
+    assert (speed.mode, speed.signals, speed.settings) == (
         "sample",
         ("SPEED",),
-        1000,
-        "last",
+        SampleSettings(period_ms=1000, reduce="last"),
     )
-    assert stats.signals == ("WHEEL_*",) and stats.stats == (
-        "min",
-        "max",
-        "mean",
-        "count",
-        "stddev",
+    assert stats.signals == ("WHEEL_*",) and stats.settings == AggregateSettings(
+        window_ms=500, stats=("min", "max", "mean", "count", "stddev")
     )
-    assert fast.when is not None and fast.when.signals == {"SPEED.SPEED", "WHEEL_SPEED_FL"}
-    assert (fast.before_ms, fast.after_ms, fast.min_interval_ms, fast.edge) == (
-        1000,
-        1000,
-        0,
-        "rising",
+    when = "SPEED.SPEED > 60 and mean(WHEEL_SPEED_FL, 1000) > 50"
+    assert fast.settings == TriggerSettings(
+        when=parse(when), before_ms=1000, after_ms=1000, min_interval_ms=0, edge="rising"
     )
-    assert log.ids == (37, 0x1FFFFFFF) and log.buses == ("can0",)
+    assert isinstance(fast.settings, TriggerSettings) and fast.settings.when is not None
+    assert fast.settings.when.signals == {"SPEED.SPEED", "WHEEL_SPEED_FL"}
+    assert log.settings == RawSettings(ids=(37, 0x1FFFFFFF)) and log.buses == ("can0",)
     assert parse_config(config_text(), "agent.toml", Path(".")).collect == ()
 
 
@@ -253,14 +252,14 @@ def test_collection_rule_problems_are_named_by_rule_and_key() -> None:
         "collect[0].period_ms: missing",
         "collect[0].window_ms: does not apply to mode 'sample'",
         "collect[1].name: 'a' is used by another rule",
-        "collect[1].mode: must be one of all, sample, change, aggregate, trigger, raw",
+        "collect[1].mode: must be one of aggregate, all, change, faults, raw, sample, trigger",
         "collect[2].name: missing",
         "collect[2]: deadband and deadband_rel exclude each other",
         "collect[2].heartbeat_ms: must be 0 to 86,400,000 ms",
         "collect[2].deadband_rel: must be a number of 0 or more",
         "collect[3]: before_ms and after_ms are both 0",
         "collect[3].min_interval_ms: must be 0 to 86,400,000 ms",
-        "collect[3].when: rule 't': position 12: expected ')', found end of expression",
+        "collect[3].when: position 12: expected ')', found end of expression",
         "collect[3].edge: must be one of rising, always",
         "collect[4].signals: missing",
         "collect[4].stats: expected a list of distinct min, max, mean, count, stddev",

@@ -28,7 +28,6 @@ from aiomqtt import ProtocolVersion
 
 from agent import __version__
 from agent.campaigns.manager import Campaigns, utc
-from agent.collect.rules import rules_key
 from agent.config import URL_SCHEMES, TlsConfig, split_url
 from agent.health import HEALTH_TOPIC, Health
 from agent.tls import client_context, grpc_channel
@@ -192,7 +191,7 @@ class ControlLink:
         self.connected = False
         self.no_control = False  # the gRPC server said it has no Control call
         self._changed = asyncio.Event()  # a check-in to publish
-        self._applied = rules_key(campaigns.rules())  # what the agent runs
+        self._applied = campaigns.rules()  # what the agent runs
 
     def checkin(self) -> bytes:
         return json.dumps(
@@ -211,7 +210,7 @@ class ControlLink:
         (a refusal changes the report only, and the running rules keep their windows)."""
         if not changed:
             return
-        rules = rules_key(self.campaigns.rules())
+        rules = self.campaigns.rules()
         if rules != self._applied:
             self._applied = rules
             self.apply()

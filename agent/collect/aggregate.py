@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.collect.base import BusBatch, Collected, Mode, Reference, Target, assemble, register
-from agent.collect.rules import STATS, CollectRule
+from agent.collect.rules import DAY_MS, CollectRule, ModeSettings, duration
+from agent.config import Checker
 from agent.decode import SignalInfo
 
 Floats = npt.NDArray[np.float64]
+
+STATS = ("min", "max", "mean", "count", "stddev")
 
 
 @dataclass(slots=True)
@@ -133,9 +137,36 @@ def stat_info(signal: SignalInfo, stat: str) -> SignalInfo:
     )
 
 
+@dataclass(frozen=True)
+class AggregateSettings(ModeSettings):
+    window_ms: int = 1000
+    stats: tuple[str, ...] = STATS
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
+        if "window_ms" not in data:
+            check.problems.append(f"{where}.window_ms: missing")
+        stats = data.get("stats", list(STATS))
+        if (
+            not isinstance(stats, list)
+            or not stats
+            or any(s not in STATS for s in stats)
+            or len(set(stats)) != len(stats)
+        ):
+            check.problems.append(
+                f"{where}.stats: expected a list of distinct {', '.join(STATS)}; got {stats!r}"
+            )
+            stats = list(STATS)
+        return cls(
+            window_ms=check.get(data, where, "window_ms", int, cls.window_ms, duration(1, DAY_MS)),
+            stats=tuple(stats),
+        )
+
+
 @register
 class Aggregate(Mode):
     name = "aggregate"
+    Settings = AggregateSettings
 
     def __init__(
         self,
@@ -143,10 +174,16 @@ class Aggregate(Mode):
         targets: Sequence[Target],
         buses: Sequence[str],
         references: Mapping[str, Reference],
+        windows: tuple[int, tuple[str, ...]] | None = None,
     ) -> None:
+        """`windows`: the window length in ms and the statistics, where they are not the
+        rule's own (a sample rule's mean)."""
         super().__init__(rule, targets, buses, references)
-        self.stats = rule.stats if rule.mode == "aggregate" else ("mean",)
-        length_ms = rule.window_ms if rule.mode == "aggregate" else rule.period_ms
+        if windows is None:
+            settings = rule.settings
+            assert isinstance(settings, AggregateSettings)
+            windows = settings.window_ms, settings.stats
+        length_ms, self.stats = windows
         self.length_ns = length_ms * 1_000_000
         self.selections = {
             id(target): replace(

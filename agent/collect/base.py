@@ -6,17 +6,20 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.collect.rules import CollectRule
+from agent.collect.rules import CollectRule, ModeSettings
 from agent.decode import DecodedBatch, MessageBlock, MessageInfo, MessagePlan, SignalInfo
 from agent.decode.text import TextArray, text_present
 from agent.frames import FrameBatch
 from agent.j1939.groups import Groups
 from agent.j1939.transport import Transfer
+
+if TYPE_CHECKING:
+    from agent.collect.expression import Expression
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -326,6 +329,22 @@ class Mode(abc.ABC):
     rule needs across batches (open windows, last values sent, a trigger's ring buffer)."""
 
     name: ClassVar[str]
+    #: Its own keys of a [[collect]] table; the rule's `settings` are of this type
+    Settings: ClassVar[type[ModeSettings]] = ModeSettings
+    #: Why a rule of the mode takes no `signals` (it keeps frames, or faults); empty: it
+    #: needs them
+    no_signals: ClassVar[str] = ""
+
+    @classmethod
+    def takes_text(cls, settings: ModeSettings) -> bool:
+        """Whether it keeps text signals, which only a mode that sends values as they came
+        can; the others leave out the text signals a pattern matches."""
+        return False
+
+    @classmethod
+    def condition(cls, settings: ModeSettings) -> Expression | None:
+        """The condition whose signals the rule reads besides those it keeps."""
+        return None
 
     def __init__(
         self,

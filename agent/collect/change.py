@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.collect.base import BusBatch, Collected, Mode, Reference, Target, assemble, register
-from agent.collect.rules import CollectRule
+from agent.collect.rules import DAY_MS, CollectRule, ModeSettings, band, duration
+from agent.config import Checker
 
 
 class Deadband:
@@ -80,9 +83,28 @@ class Deadband:
         return np.array(chosen, np.intp)
 
 
+@dataclass(frozen=True)
+class ChangeSettings(ModeSettings):
+    deadband: float = 0.0
+    deadband_rel: float = 0.0
+    heartbeat_ms: int = 0  # 0: none
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
+        if "deadband" in data and "deadband_rel" in data:
+            check.problems.append(f"{where}: deadband and deadband_rel exclude each other")
+        number = (int, float)
+        return cls(
+            deadband=float(check.get(data, where, "deadband", number, cls.deadband, band)),
+            deadband_rel=float(check.get(data, where, "deadband_rel", number, 0.0, band)),
+            heartbeat_ms=check.get(data, where, "heartbeat_ms", int, 0, duration(0, DAY_MS)),
+        )
+
+
 @register
 class Change(Mode):
     name = "change"
+    Settings = ChangeSettings
 
     def __init__(
         self,
@@ -92,6 +114,9 @@ class Change(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
+        settings = rule.settings
+        assert isinstance(settings, ChangeSettings)
+        self.settings = settings
         # Per target, channel, column and sender.
         self.deadbands: dict[tuple[Target, str, int, int], Deadband] = {}
 
@@ -100,7 +125,7 @@ class Change(Mode):
         batch: BusBatch,
         out: Collected,
     ) -> None:
-        rule = self.rule
+        settings = self.settings
         for target, block in self.blocks(batch):
             t_ns, can_id, column, bits = [], [], [], []
             for j, c in enumerate(target.columns.tolist()):
@@ -111,7 +136,9 @@ class Change(Mode):
                     deadband = self.deadbands.get(key)
                     if deadband is None:
                         deadband = self.deadbands[key] = Deadband(
-                            rule.deadband, rule.deadband_rel, rule.heartbeat_ms * 1_000_000
+                            settings.deadband,
+                            settings.deadband_rel,
+                            settings.heartbeat_ms * 1_000_000,
                         )
                     sent = deadband.sends(values.t_ns, values.value)
                     t_ns.append(values.t_ns[sent])

@@ -83,12 +83,6 @@ class Collector:
         return out
 
 
-#: The modes that take text signals: those that send values as they came (and `sample`
-#: with these, which picks a value without comparing).
-_TEXT_MODES = ("all", "raw")
-_TEXT_REDUCE = ("first", "last")
-
-
 def _numbers(
     rule: CollectRule, plan: MessagePlan, columns: npt.NDArray[np.intp]
 ) -> npt.NDArray[np.intp]:
@@ -139,9 +133,7 @@ def _targets(
                     ],
                     np.intp,
                 )
-            if rule.mode not in _TEXT_MODES and not (
-                rule.mode == "sample" and rule.reduce in _TEXT_REDUCE
-            ):
+            if not MODES[rule.mode].takes_text(rule.settings):
                 columns = _numbers(rule, plan, columns)
             if len(columns):
                 selection = Selection(
@@ -165,10 +157,11 @@ def _references(
 ) -> dict[str, Reference]:
     """The signals the condition names, found on the rule's buses: a plain name must be
     one signal's; `Message.Signal` names one message's."""
-    if rule.when is None:
+    when = MODES[rule.mode].condition(rule.settings)
+    if when is None:
         return {}
     found: dict[str, Reference] = {}
-    for name in sorted(rule.when.signals):
+    for name in sorted(when.signals):
         message, _, signal = name.rpartition(".")
         candidates: list[tuple[str, MessagePlan, int]] = [
             (bus, plan, k)

@@ -747,6 +747,14 @@ class Expression:
     def __repr__(self) -> str:
         return f"Expression({self.text!r})"
 
+    # Two rules with the same condition are the same rule: a reload or a campaign that
+    # leaves them as they were keeps their open windows.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Expression) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
     def evaluate(
         self,
         t_ns: npt.NDArray[np.int64],

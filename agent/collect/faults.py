@@ -36,6 +36,7 @@ _COLUMNS = (*FIELDS, ACTIVE)
 @register
 class Faults(Mode):
     name = "faults"
+    no_signals = "sends DM1/DM2 faults, not signals"
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from agent.collect.base import (
     register,
     time_order,
 )
+from agent.collect.rules import ModeSettings
 from agent.decode import MessageBlock
 from agent.decode.text import TextArray, text_present
 
@@ -18,6 +19,10 @@ from agent.decode.text import TextArray, text_present
 @register
 class KeepAll(Mode):
     name = "all"
+
+    @classmethod
+    def takes_text(cls, settings: ModeSettings) -> bool:
+        return True
 
     def collect(
         self,

@@ -8,12 +8,15 @@ DBC, as `decode` does a log."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.collect.base import BusBatch, Collected, Mode, RawCapture, Reference, Target, register
-from agent.collect.rules import CollectRule
+from agent.collect.rules import CollectRule, ModeSettings
+from agent.config import Checker
 from agent.frames import FrameBatch, FrameFlag
 
 _ERROR = np.uint8(FrameFlag.ERROR)
@@ -21,9 +24,30 @@ _REMOTE = np.uint8(FrameFlag.REMOTE)
 _EXTENDED = np.uint8(FrameFlag.EXTENDED)
 
 
+@dataclass(frozen=True)
+class RawSettings(ModeSettings):
+    ids: tuple[int, ...] = ()  # frame IDs, besides those of `messages`
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
+        ids = data.get("ids", [])
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 29 for i in ids
+        ):
+            check.problems.append(f"{where}.ids: expected a list of frame IDs, got {ids!r}")
+            ids = []
+        return cls(ids=tuple(ids))
+
+
 @register
 class Raw(Mode):
     name = "raw"
+    Settings = RawSettings
+    no_signals = "takes whole frames: use messages or ids"
+
+    @classmethod
+    def takes_text(cls, settings: ModeSettings) -> bool:
+        return True
 
     def __init__(
         self,
@@ -33,8 +57,10 @@ class Raw(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        self.ids = np.array(sorted(rule.ids), np.uint32)
-        self.everything = not rule.messages and not rule.ids
+        settings = rule.settings
+        assert isinstance(settings, RawSettings)
+        self.ids = np.array(sorted(settings.ids), np.uint32)
+        self.everything = not rule.messages and not settings.ids
         # Remote frames carry no data to decode: they are matched by their messages' IDs.
         self.remote = {
             bus: np.array(

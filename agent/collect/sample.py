@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +24,8 @@ from agent.collect.base import (
     assemble,
     register,
 )
-from agent.collect.rules import CollectRule
+from agent.collect.rules import DAY_MS, CollectRule, ModeSettings, duration
+from agent.config import Checker, one_of
 
 
 @dataclass(slots=True)
@@ -70,9 +72,34 @@ def _later_wins(reduce: str, before: float, later: float) -> bool:
     return later < before if reduce == "min" else later > before
 
 
+REDUCES = ("last", "first", "mean", "min", "max")
+#: The reductions that pick a value without comparing, which text allows
+_PICKS = ("first", "last")
+
+
+@dataclass(frozen=True)
+class SampleSettings(ModeSettings):
+    period_ms: int = 1000
+    reduce: str = "last"
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
+        if "period_ms" not in data:
+            check.problems.append(f"{where}.period_ms: missing")
+        return cls(
+            period_ms=check.get(data, where, "period_ms", int, cls.period_ms, duration(1, DAY_MS)),
+            reduce=check.get(data, where, "reduce", str, cls.reduce, one_of(REDUCES)),
+        )
+
+
 @register
 class Sample(Mode):
     name = "sample"
+    Settings = SampleSettings
+
+    @classmethod
+    def takes_text(cls, settings: ModeSettings) -> bool:
+        return isinstance(settings, SampleSettings) and settings.reduce in _PICKS
 
     def __init__(
         self,
@@ -82,8 +109,15 @@ class Sample(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        self.period_ns = rule.period_ms * 1_000_000
-        self.mean = Aggregate(rule, targets, buses, references) if rule.reduce == "mean" else None
+        settings = rule.settings
+        assert isinstance(settings, SampleSettings)
+        self.reduce = settings.reduce
+        self.period_ns = settings.period_ms * 1_000_000
+        self.mean = (
+            Aggregate(rule, targets, buses, references, (settings.period_ms, ("mean",)))
+            if settings.reduce == "mean"
+            else None
+        )
         # Per target and channel, and per column and sender: the value chosen so far in the
         # last period seen.
         self.open: dict[tuple[Target, str], dict[tuple[int, int], Chosen]] = {}
@@ -96,7 +130,7 @@ class Sample(Mode):
         if self.mean is not None:
             self.mean.collect(batch, out)
             return
-        reduce = self.rule.reduce
+        reduce = self.reduce
         for target, block in self.blocks(batch):
             opened = self.open.setdefault((target, block.bus), {})
             closed = []

@@ -15,6 +15,8 @@ the condition's bus falls silent).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -29,8 +31,10 @@ from agent.collect.base import (
     register,
     take_rows,
 )
+from agent.collect.expression import Expression, ExpressionError, parse
 from agent.collect.keep_all import selected
-from agent.collect.rules import CollectRule
+from agent.collect.rules import DAY_MS, CollectRule, ModeSettings, duration
+from agent.config import Checker, one_of
 
 #: Ring values are also dropped this long after the newest value the rule has seen, so a
 #: condition whose bus falls silent does not let the ring grow without bound.
@@ -40,9 +44,54 @@ _NS_PER_MS = 1_000_000
 Times = npt.NDArray[np.int64]
 
 
+EDGES = ("rising", "always")
+#: The longest capture before or after a firing: what comes before is held in memory.
+CAPTURE_MS = 600_000
+
+
+@dataclass(frozen=True)
+class TriggerSettings(ModeSettings):
+    when: Expression | None = None
+    before_ms: int = 1000
+    after_ms: int = 1000
+    min_interval_ms: int = 0
+    edge: str = "rising"
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
+        text = check.get(data, where, "when", str, "")
+        when = None
+        if not text:
+            check.problems.append(f'{where}.when: missing (a condition such as "SPEED > 60")')
+        else:
+            try:
+                when = parse(text)
+            except ExpressionError as error:
+                check.problems.append(f"{where}.when: {error}")
+        capture = duration(0, CAPTURE_MS)
+        settings = cls(
+            when=when,
+            before_ms=check.get(data, where, "before_ms", int, cls.before_ms, capture),
+            after_ms=check.get(data, where, "after_ms", int, cls.after_ms, capture),
+            min_interval_ms=check.get(data, where, "min_interval_ms", int, 0, duration(0, DAY_MS)),
+            edge=check.get(data, where, "edge", str, cls.edge, one_of(EDGES)),
+        )
+        if settings.before_ms == settings.after_ms == 0:
+            check.problems.append(
+                f"{where}: before_ms and after_ms are both 0: a capture would hold only the "
+                "values at the instants it fires"
+            )
+        return settings
+
+
 @register
 class Trigger(Mode):
     name = "trigger"
+    Settings = TriggerSettings
+
+    @classmethod
+    def condition(cls, settings: ModeSettings) -> Expression | None:
+        return settings.when if isinstance(settings, TriggerSettings) else None
 
     def __init__(
         self,
@@ -52,11 +101,13 @@ class Trigger(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        assert rule.when is not None
-        self.when = rule.when
-        self.before_ns = rule.before_ms * _NS_PER_MS
-        self.after_ns = rule.after_ms * _NS_PER_MS
-        self.min_interval_ns = rule.min_interval_ms * _NS_PER_MS
+        settings = rule.settings
+        assert isinstance(settings, TriggerSettings) and settings.when is not None
+        self.when = settings.when
+        self.edge = settings.edge
+        self.before_ns = settings.before_ms * _NS_PER_MS
+        self.after_ns = settings.after_ms * _NS_PER_MS
+        self.min_interval_ns = settings.min_interval_ms * _NS_PER_MS
         self.held = {name: np.nan for name in references}
         self.history: dict[str, tuple[Times, npt.NDArray[np.float64]]] = {
             name: (np.zeros(0, np.int64), np.zeros(0, np.float64)) for name in self.when.windows
@@ -135,7 +186,7 @@ class Trigger(Mode):
         true = self.when.evaluate(timeline, held, series)
         for name, (_, value) in values.items():
             self.held[name] = float(value[-1])
-        if self.rule.edge == "rising":
+        if self.edge == "rising":
             before = np.concatenate([[self.was_true], true[:-1]])
             firing = true & ~before
         else:
