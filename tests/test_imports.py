@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from tests.data import REPO
+from harness.data import REPO
 
 
 def loaded(code: str) -> set[str]:
