@@ -71,8 +71,8 @@ proto: install
 		proto/telemetry.proto
 
 lint: install
-	$(BIN)/ruff check agent tests bench
-	$(BIN)/ruff format --check agent tests bench
+	$(BIN)/ruff check agent harness tests bench
+	$(BIN)/ruff format --check agent harness tests bench
 	$(BIN)/mypy
 
 bench: install

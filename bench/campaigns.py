@@ -49,8 +49,8 @@ from agent.cloud.sinks.base import Sink
 from agent.config import BatchConfig, demo_dbc, parse_config
 from agent.wire.transport import batch_file_name
 from bench.common import Measured, Report, table
-from tests.campaign_fleet import campaign_of, client, signed, state_is, to_group
-from tests.services import broker
+from harness.campaigns import campaign_of, client, signed, state_is, to_group
+from harness.services import broker
 
 GROUP = "fleet"
 CAMPAIGN = "fleet-speed"

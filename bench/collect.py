@@ -30,7 +30,7 @@ from agent.wire.encoder import BatchEncoder
 from bench.command import big_log
 from bench.common import LOGS, Measured, Report, best_of, count_frames, read_all, table
 from bench.pipeline import AGENT_SUMMARY, agent_config, run_measured
-from tests.services import broker
+from harness.services import broker
 
 ROUNDS = 7
 #: The agent runs: the RAV4 log this many times end to end, each variant this many times.

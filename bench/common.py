@@ -14,7 +14,7 @@ import cantools
 from agent.decode import ALL_BUSES
 from agent.frames import FrameBatch
 from agent.logs import open_log
-from tests.data import DATA
+from harness.data import DATA
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ import numpy as np
 from agent.decode import ALL_BUSES, Decoder
 from agent.frames import FrameBatch, FrameFlag
 from bench.common import LOGS, Measured, Report, best_of, load_cantools, rate, read_all, table
-from tests.data import TESLA_DBC
+from harness.data import TESLA_DBC
 
 BATCH_SIZES = (1_000, 2_000, 5_000, 10_000)
 #: The batch size that issue 2's target is judged at: the largest measured.

@@ -38,16 +38,9 @@ from types import FrameType
 from typing import IO
 
 from bench.common import table
-from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO
-from tests.services import (
-    Broker,
-    ReceiverProcess,
-    agent_command,
-    free_port,
-    persistent_settings,
-    scrape_metrics,
-    spooled_frames,
-)
+from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO
+from harness.outputs import scrape_metrics, spooled_frames
+from harness.services import Broker, ReceiverProcess, agent_command, free_port, persistent_settings
 
 PREFIX = "telemetry_agent_"
 #: How often the agent's metrics are scraped.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data import (
+from harness.data import (
     RAV4_ADAS_DBC,
     RAV4_LOG,
     RAV4_PT_DBC,
@@ -17,13 +17,13 @@ from tests.data import (
     TRUCK_DBC,
     TRUCK_LOG,
 )
-from tests.services import (
+from harness.outputs import records
+from harness.services import (
     ReceiverProcess,
     agent_command,
     broker,
     free_port,
     make_certificates,
-    records,
     run_agent,
 )
 from tests.test_j1939 import reference_transfers

@@ -19,8 +19,9 @@ from agent.logs import open_log
 from agent.records import JsonLinesWriter
 from agent.service import Agent
 from agent.sources.pythoncan import PythonCanSettings, PythonCanSource
-from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_EXCERPT
-from tests.services import free_port, outbox_lines, scrape_metrics
+from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_EXCERPT
+from harness.outputs import outbox_lines, scrape_metrics
+from harness.services import free_port
 from tests.test_agent_end_to_end import replay_bus
 
 DEMO_DBC = REPO / "dbc" / "demo.dbc"

@@ -36,7 +36,7 @@ from agent.config import BusConfig, Config, demo_dbc
 from agent.decode import bus_decoders, default_cache_dir
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.transport import SNAPSHOT_METHOD
-from tests.campaign_fleet import (
+from harness.campaigns import (
     agent_config,
     campaign_of,
     publish,
@@ -46,8 +46,9 @@ from tests.campaign_fleet import (
     to_vehicle,
     wait_checkins,
 )
-from tests.data import TESLA_DBC, TESLA_LOG
-from tests.services import ReceiverProcess, agent_command, broker, free_port, scrape_metrics
+from harness.data import TESLA_DBC, TESLA_LOG
+from harness.outputs import scrape_metrics
+from harness.services import ReceiverProcess, agent_command, broker, free_port
 from tests.test_diagnostics import until
 
 KEY = Ed25519PrivateKey.generate()
@@ -765,7 +766,7 @@ def test_rules_changed_again_and_again_keep_their_names_on_the_wire() -> None:
     from agent.logs import open_log
     from agent.wire.encoder import BatchEncoder
     from agent.wire.envelope import read_envelope
-    from tests.data import TESLA_EXCERPT
+    from harness.data import TESLA_EXCERPT
 
     bus = BusConfig("can0", "replay", (TESLA_DBC,))
     decoders = bus_decoders([bus], default_cache_dir())

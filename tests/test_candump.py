@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import LogError, open_log
 from agent.logs.candump import CHUNK_BYTES, CandumpReader
-from tests.data import RAV4_LOG, TESLA_LOG, TRUCK_LOG
+from harness.data import RAV4_LOG, TESLA_LOG, TRUCK_LOG
 
 
 def read(path: Path, max_frames: int = 100_000, **options: int) -> tuple[FrameBatch, CandumpReader]:

@@ -16,7 +16,7 @@ import can
 from agent.commands import DecodeTotals, Progress
 from agent.decode.cache import CACHE_ENV
 from agent.logs import open_log
-from tests.data import (
+from harness.data import (
     RAV4_ADAS_DBC,
     RAV4_LOG,
     RAV4_PT_DBC,

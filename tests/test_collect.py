@@ -29,8 +29,9 @@ from agent.service import Agent
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireError, read_envelope
-from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
-from tests.services import ReceiverProcess, broker, outbox_lines, records, run_agent
+from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
+from harness.outputs import outbox_lines, records
+from harness.services import ReceiverProcess, broker, run_agent
 
 Point = tuple[int, float]  # (t_ns, physical value)
 #: (rule, message, signal, or signal.stat) -> the values the cloud got, in arrival order

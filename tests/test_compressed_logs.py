@@ -15,7 +15,7 @@ import zstandard
 
 from agent.frames import FrameBatch
 from agent.logs import LogError, open_log
-from tests.data import TESLA_DBC, TESLA_LOG, TRUCK_DIR, TRUCK_LOG
+from harness.data import TESLA_DBC, TESLA_LOG, TRUCK_DIR, TRUCK_LOG
 from tests.test_agent_sources import agent_for, received_lines
 from tests.test_cli_decode import decode
 from tests.test_pythoncan_logs import read

@@ -17,8 +17,8 @@ from agent.exits import EX_CONFIG
 from agent.sources.pacing import Pace
 from agent.sources.replay import ReplaySettings
 from agent.uplinks.mqtt import MqttSettings
-from tests.data import RAV4_LOG, RAV4_PT_DBC, REPO
-from tests.services import agent_command
+from harness.data import RAV4_LOG, RAV4_PT_DBC, REPO
+from harness.services import agent_command
 
 
 def config_text(bus: str = "", rest: str = "") -> str:

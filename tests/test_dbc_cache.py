@@ -15,7 +15,7 @@ import pytest
 from agent.decode import DbcError, Decoder, MessagePlan, load_dbc
 from agent.decode import cache as dbc_cache
 from agent.logs import open_log
-from tests.data import RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_LOG
+from harness.data import RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_LOG
 from tests.oracle import decoded_rows
 
 

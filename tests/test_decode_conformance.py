@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.decode import DbcError, Decoder, load_dbc
-from tests.data import CONFORMANCE_DIR
+from harness.data import CONFORMANCE_DIR
 from tests.oracle import batch_of, decoded_rows, mismatches, reference
 
 DBC_FILES = sorted(CONFORMANCE_DIR.glob("*.dbc"))

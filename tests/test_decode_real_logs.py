@@ -15,7 +15,7 @@ import pytest
 from agent.decode import ALL_BUSES, DecodedBatch, Decoder
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import open_log
-from tests.data import (
+from harness.data import (
     RAV4_ADAS_DBC,
     RAV4_LOG,
     RAV4_PT_DBC,

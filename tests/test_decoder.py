@@ -9,7 +9,7 @@ import pytest
 
 from agent.decode import DbcError, Decoder, load_dbc
 from agent.frames import FrameBatch, FrameFlag
-from tests.data import RAV4_PT_DBC, TRUCK_DBC
+from harness.data import RAV4_PT_DBC, TRUCK_DBC
 from tests.oracle import batch_of, decoded_rows, load_cantools
 
 DBC = """VERSION ""

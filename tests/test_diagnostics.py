@@ -37,9 +37,9 @@ from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.service import Agent
 from agent.sources.pythoncan import PythonCanSource
-from tests.data import REPO
+from harness.data import REPO
+from harness.services import free_port
 from tests.ecu import EcuAnswers, SimulatedEcu
-from tests.services import free_port
 from tests.test_agent_sources import received_lines
 
 DEMO_DBC = REPO / "dbc" / "demo.dbc"

@@ -29,9 +29,9 @@ from agent.diagnostics.settings import FUNCTIONAL_11BIT, request_id
 from agent.frames import FrameBatch, FrameFlag
 from agent.service import Agent
 from agent.sources.socketcan import SocketCanSource
-from tests.data import REPO, TESLA_DBC, TESLA_EXCERPT, TESLA_LOG
+from harness.data import REPO, TESLA_DBC, TESLA_EXCERPT, TESLA_LOG
+from harness.services import free_port
 from tests.ecu import EcuAnswers, SimulatedEcu
-from tests.services import free_port
 from tests.test_agent_end_to_end import replay_bus
 from tests.test_agent_sources import agent_for, received_lines
 from tests.test_cli_decode import decode

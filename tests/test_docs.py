@@ -57,8 +57,8 @@ from agent.metrics import Metrics
 from agent.sources.base import settings_keys, source_class
 from agent.uplinks.base import settings_keys as uplink_settings_keys
 from agent.uplinks.base import uplink_class
-from tests.data import REPO
-from tests.services import Broker, broker, make_certificates
+from harness.data import REPO
+from harness.services import Broker, broker, make_certificates
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LANGUAGES = {"sh", "toml", "python", "text"}

@@ -13,8 +13,8 @@ from agent.config import ConfigError, parse_config
 from agent.decode import bus_decoders
 from agent.logs import open_log
 from agent.service import Agent
-from tests.data import TRUCK_DBC, TRUCK_LOG
-from tests.services import outbox_lines
+from harness.data import TRUCK_DBC, TRUCK_LOG
+from harness.outputs import outbox_lines
 from tests.test_collect import Cloud, config, one_second_batches, run_rules
 from tests.test_j1939 import bam, batch_of, reference_dm1, reference_transfers
 

@@ -23,17 +23,9 @@ from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.config import load_config
 from agent.service import Agent
 from agent.spool import RECORD, scan_segment
-from tests.data import RAV4_LOG
-from tests.services import (
-    Broker,
-    ReceiverProcess,
-    agent_command,
-    free_port,
-    persistent_settings,
-    records,
-    scrape_metrics,
-    spooled_frames,
-)
+from harness.data import RAV4_LOG
+from harness.outputs import records, scrape_metrics, spooled_frames
+from harness.services import Broker, ReceiverProcess, agent_command, free_port, persistent_settings
 from tests.test_agent_end_to_end import decoded, write_config
 
 

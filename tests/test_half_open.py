@@ -19,9 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from tests.data import REPO
+from harness.data import REPO
+from harness.services import ReceiverProcess, agent_command, broker, free_port
 from tests.proxy import StallingProxy
-from tests.services import ReceiverProcess, agent_command, broker, free_port
 from tests.test_agent_end_to_end import check_delivered, write_config
 
 KEEPALIVE_S = 2

@@ -12,8 +12,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.health import HEALTH_TOPIC
-from tests.campaign_fleet import agent_config, client, publish, signed, to_vehicle
-from tests.services import agent_command, broker
+from harness.campaigns import agent_config, client, publish, signed, to_vehicle
+from harness.services import agent_command, broker
 from tests.test_campaigns import Agent, tampered
 
 

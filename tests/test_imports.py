@@ -1,6 +1,6 @@
 """Each entry point loads what it uses and nothing more: a gateway reading SocketCAN never
-imports python-can, the cloud's receiver none of the device's stages, and the config file
-alone not numpy. Each check runs in a fresh interpreter."""
+imports python-can, the cloud's receiver none of the device's stages, the config file alone
+not numpy, and the benchmarks nothing of the tests. Each check runs in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from tests.data import REPO
+from harness.data import REPO
 
 
 def loaded(code: str) -> set[str]:
@@ -70,3 +70,12 @@ def test_the_receiver_loads_a_sink_library_only_when_its_sink_is_chosen() -> Non
     )
     assert "agent.cloud.sinks.jsonl" in modules
     assert not {"psycopg", "pyarrow", "duckdb"} & modules
+
+
+def test_the_benchmarks_load_nothing_of_the_tests() -> None:
+    # What they share with the tests lives in `harness`: a benchmark must not change when the
+    # tests do. Importing bench/__main__.py runs every benchmark: it is left out.
+    benchmarks = sorted(path.stem for path in (REPO / "bench").glob("[!_]*.py"))
+    modules = loaded("\n".join(f"import bench.{name}" for name in benchmarks))
+    assert {"bench.soak", "harness.services"} <= modules
+    assert not {m for m in modules if m == "tests" or m.startswith("tests.")}

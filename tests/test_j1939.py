@@ -23,7 +23,7 @@ from agent.frames import FrameBatch, FrameFlag
 from agent.j1939 import GroupBlock, J1939Listener, Reassembler, Transfer
 from agent.logs import open_log
 from agent.records import JsonLinesWriter
-from tests.data import TESLA_DBC, TESLA_LOG, TRUCK_DBC, TRUCK_LOG
+from harness.data import TESLA_DBC, TESLA_LOG, TRUCK_DBC, TRUCK_LOG
 from tests.oracle import load_cantools
 
 _LINE = re.compile(r"\((\d+)\.(\d+)\) (\S+) ([0-9A-F]{8})#([0-9A-F]*)")

@@ -28,9 +28,9 @@ from agent.snapshot import LastValues
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireError, read_envelope
-from tests.data import TRUCK_DBC, TRUCK_LOG
+from harness.data import TRUCK_DBC, TRUCK_LOG
+from harness.outputs import outbox_lines
 from tests.oracle import load_cantools
-from tests.services import outbox_lines
 from tests.test_j1939 import bam, reference_transfers, truck_decoder
 
 J1939_BUS = f'dbc = ["{TRUCK_DBC}"]\nj1939 = true'

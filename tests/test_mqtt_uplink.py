@@ -10,8 +10,9 @@ from pathlib import Path
 
 import aiomqtt
 
-from tests.data import REPO
-from tests.services import ReceiverProcess, agent_command, broker, records, run_agent
+from harness.data import REPO
+from harness.outputs import records
+from harness.services import ReceiverProcess, agent_command, broker, run_agent
 from tests.test_agent_end_to_end import decoded, write_config
 
 DEMO_DBC = REPO / "dbc" / "demo.dbc"

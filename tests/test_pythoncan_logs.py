@@ -15,7 +15,7 @@ import pytest
 
 from agent.frames import FrameBatch, FrameFlag
 from agent.logs import LogError, open_log
-from tests.data import TRUCK_DIR, TRUCK_LOG
+from harness.data import TRUCK_DIR, TRUCK_LOG
 
 # The ASC file dates its trigger block 179 ms after the frames' recorded epoch times (the
 # converter that wrote it rounded the start); offsets from that date are exact.

@@ -8,8 +8,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.data import REPO
-from tests.services import agent_command, records
+from harness.data import REPO
+from harness.outputs import records
+from harness.services import agent_command
 
 
 def test_the_embedded_defaults_run_and_stop_cleanly_on_ctrl_c(tmp_path: Path) -> None:

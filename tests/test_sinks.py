@@ -35,8 +35,8 @@ from agent.cloud.sinks.postgres import MIGRATIONS, PostgresSink
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.envelope import read_envelope
 from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX, batch_file_name
-from tests.data import REPO, TRUCK_DBC
-from tests.services import (
+from harness.data import REPO, TRUCK_DBC
+from harness.services import (
     ReceiverProcess,
     agent_command,
     broker,

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.decode import ALL_BUSES, Decoder, default_cache_dir
 from agent.logs import open_log
 from agent.snapshot import LastValues
-from tests.campaign_fleet import agent_config, wait_checkins
-from tests.data import TESLA_DBC, TESLA_LOG
-from tests.services import agent_command, broker
+from harness.campaigns import agent_config, wait_checkins
+from harness.data import TESLA_DBC, TESLA_LOG
+from harness.services import agent_command, broker
 from tests.test_campaigns import Agent
 
 

@@ -21,7 +21,7 @@ from agent.metrics import Metrics
 from agent.spool import RECORD, SEGMENT_HEADER, Spool, SpoolError
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireBatch
-from tests.data import TRUCK_DBC, TRUCK_LOG
+from harness.data import TRUCK_DBC, TRUCK_LOG
 
 Batch = tuple[WireBatch, bytes]  # a batch and its schema announcement
 

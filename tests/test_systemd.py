@@ -22,8 +22,9 @@ from agent.config import parse_config, restart_changes
 from agent.notify import Notifier
 from agent.service import Agent
 from agent.sources.socketcan import SocketCanSource
-from tests.data import REPO
-from tests.services import agent_command, outbox_lines
+from harness.data import REPO
+from harness.outputs import outbox_lines
+from harness.services import agent_command
 
 DEMO_DBC = REPO / "dbc" / "demo.dbc"
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from harness.services import agent_command
 from tests.oracle import load_cantools, mismatches, reference
-from tests.services import agent_command
 from tests.vm import guest, host
 
 

@@ -31,7 +31,7 @@ from agent.logs import open_log
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import read_envelope
-from tests.data import (
+from harness.data import (
     CONFORMANCE_DIR,
     RAV4_ADAS_DBC,
     RAV4_LOG,
@@ -41,7 +41,7 @@ from tests.data import (
     TRUCK_DBC,
     TRUCK_LOG,
 )
-from tests.services import run_agent
+from harness.services import run_agent
 
 # --- The consumer, from docs/wire-format.md -------------------------------------------------
 

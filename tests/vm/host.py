@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import table
-from tests.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
-from tests.services import agent_command
+from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
+from harness.services import agent_command
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -154,19 +154,15 @@ def payload(folder: Path) -> dict[str, Any]:
     (folder / "dbc").mkdir(parents=True)
     for name in ("deploy", "dbc"):
         shutil.copytree(REPO / name, folder / "src" / name)
-    # The reader's benchmark runs in the guest too, on a real CAN_RAW socket.
-    shutil.copytree(REPO / "bench", folder / "bench", ignore=shutil.ignore_patterns("__pycache__"))
-    # bench.common names the test data through tests.data: its module, without the logs.
-    (folder / "tests" / "data").mkdir(parents=True)
-    (folder / "tests" / "vm").mkdir()
+    # The reader's benchmark runs in the guest too, on a real CAN_RAW socket; bench.common
+    # names the logs through harness.data, which finds none of them there and unpacks nothing.
+    for package in ("bench", "harness"):
+        shutil.copytree(
+            REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    (folder / "tests" / "vm").mkdir(parents=True)
     # The simulated ECU of the diagnostics check: tests/ecu.py's answers over kernel ISO-TP.
-    for module in (
-        "__init__.py",
-        "data/__init__.py",
-        "ecu.py",
-        "vm/__init__.py",
-        "vm/kernel_ecu.py",
-    ):
+    for module in ("__init__.py", "ecu.py", "vm/__init__.py", "vm/kernel_ecu.py"):
         shutil.copy(REPO / "tests" / module, folder / "tests" / module)
     for dbc in DBCS.values():
         shutil.copy(dbc, folder / "dbc" / dbc.name)

@@ -1,4 +1,4 @@
-"""What the campaign tests and the fleet benchmark share: a signing key, signed documents,
+"""What the campaign tests and the campaign benchmark share: a signing key, signed documents,
 agent configs with campaigns on, and a watcher of check-ins on a real broker."""
 
 from __future__ import annotations

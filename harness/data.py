@@ -1,7 +1,7 @@
 """The real CAN logs and DBC files that the tests and benchmarks read.
 
-They live beside this module compressed with xz, each source's licence beside its files
-(README.md here says what each is). cantools, python-can's readers used as oracles and the
+They live in tests/data compressed with xz, each source's licence beside its files (its
+README.md says what each is). cantools, python-can's readers used as oracles and the
 benchmarks, which time the plain-file path, need plain files: the first import unpacks them
 under build/data, and again whenever a compressed file is newer than its plain copy.
 """
@@ -11,8 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-PACKED = Path(__file__).resolve().parent
-REPO = PACKED.parents[1]
+REPO = Path(__file__).resolve().parents[1]
+PACKED = REPO / "tests" / "data"
 DATA = REPO / "build" / "data"
 
 

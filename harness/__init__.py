@@ -1,0 +1,3 @@
+"""What the tests and the benchmarks share: the repository's real logs and DBC files,
+mosquitto and the agent run as real processes, and what those processes leave behind read
+back. The benchmarks import this package, never `tests`."""
