@@ -306,6 +306,51 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         check.problems.append(f"vehicle_id: {vehicle_id!r} cannot be part of an MQTT topic")
     state_dir = check.path(check.get(data, "", "state_dir", str, "/var/lib/telemetry-agent"))
 
+    buses = _buses(check, data)
+    batch = _batch(check, data)
+    uplink = _uplink(check, data)
+    spool = _spool(check, data, batch)
+    metrics = _metrics(check, data)
+    diagnostics: tuple[DiagnosticsConfig, ...] = ()
+    streams = {bus.name for bus in buses}
+    if "diagnostics" in data:
+        from agent.diagnostics.settings import parse_diagnostics, stream_name
+
+        diagnostics = parse_diagnostics(check, data["diagnostics"], buses)
+        # Rules may select the answers of the ECUs too.
+        streams |= {stream_name(table.bus) for table in diagnostics}
+    rules: tuple[CollectRule, ...] = ()
+    rule_tables = data.get("collect", [])
+    if rule_tables:
+        # Only a config with rules loads their condition language, and numpy with it.
+        from agent.collect.rules import parse_rules
+
+        rules = parse_rules(check, rule_tables, streams)
+    health = _health(check, data)
+    campaigns = _campaigns(check, data, uplink, health)
+    status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
+    log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
+    if check.problems:
+        raise ConfigError(source, check.problems)
+    return Config(
+        vehicle_id=vehicle_id,
+        state_dir=state_dir,
+        buses=buses,
+        batch=batch,
+        uplink=uplink,
+        spool=spool,
+        metrics=metrics,
+        collect=rules,
+        diagnostics=diagnostics,
+        status_interval_s=float(status),
+        log_level=log_level,
+        campaigns=campaigns,
+        health=health,
+        source=source,
+    )
+
+
+def _buses(check: Checker, data: Mapping[str, Any]) -> tuple[BusConfig, ...]:
     buses: list[BusConfig] = []
     bus_tables = data.get("bus", [])
     if not isinstance(bus_tables, list) or not bus_tables:
@@ -317,9 +362,25 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             if bus.name and any(b.name == bus.name for b in buses):
                 check.problems.append(f"bus[{k}].name: {bus.name!r} is used by another bus")
             buses.append(bus)
+    return tuple(buses)
 
+
+def _metrics(check: Checker, data: Mapping[str, Any]) -> MetricsConfig:
+    return MetricsConfig(
+        listen=check.get(
+            _section(check, data, "metrics", {"listen"}),
+            "metrics",
+            "listen",
+            str,
+            "127.0.0.1:9108",
+            _listen,
+        )
+    )
+
+
+def _batch(check: Checker, data: Mapping[str, Any]) -> BatchConfig:
     batch = _section(check, data, "batch", {"max_age_ms", "max_bytes", "compression"})
-    batch_config = BatchConfig(
+    return BatchConfig(
         max_age_ms=check.get(batch, "batch", "max_age_ms", int, 1000, positive),
         max_bytes=check.get(
             batch,
@@ -334,6 +395,8 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         compression=check.get(batch, "batch", "compression", str, "zstd", one_of(COMPRESSIONS)),
     )
 
+
+def _uplink(check: Checker, data: Mapping[str, Any]) -> UplinkConfig:
     uplink, uplink_settings = _uplink_section(check, data)
     kind = check.get(uplink, "uplink", "kind", str, "file", one_of(UPLINKS))
     url = check.get(uplink, "uplink", "url", str, "")
@@ -343,22 +406,18 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             check.problems.append("uplink.url: missing")
     if kind == "file":
         url = str(check.path(url))
-    tls_table = _section(check, uplink, "tls", {"ca_file", "cert_file", "key_file"}, "uplink.tls")
-    tls = None
-    if "tls" in uplink:
-        files = {}
-        for key in ("ca_file", "cert_file", "key_file"):
-            value = check.get(tls_table, "uplink.tls", key, str, "")
-            files[key] = check.path(value) if value else None
-            if files[key] is not None and not files[key].is_file():  # type: ignore[union-attr]
-                check.problems.append(f"uplink.tls.{key}: no such file {files[key]}")
-        if (files["cert_file"] is None) != (files["key_file"] is None):
-            check.problems.append("uplink.tls: cert_file and key_file go together")
-        tls = TlsConfig(**files)
-    uplink_config = UplinkConfig(
+    if kind in URL_SCHEMES and url:
+        schemes = URL_SCHEMES[kind]
+        address = url if "://" in url or kind != "grpc" else f"grpc://{url}"
+        try:
+            split_url(address, schemes)
+        except ValueError as error:
+            check.problems.append(f"uplink.url: {error}")
+
+    return UplinkConfig(
         kind=kind,
         url=url,
-        tls=tls,
+        tls=_tls(check, uplink) if "tls" in uplink else None,
         keepalive_s=check.get(uplink, "uplink", "keepalive_s", int, 30, positive),
         ack_timeout_s=float(
             check.get(uplink, "uplink", "ack_timeout_s", (int, float), 10.0, positive)
@@ -369,20 +428,29 @@ def parse_config(text: str, source: str, base: Path) -> Config:
         ),
         settings=uplink_settings,
     )
-    if kind in URL_SCHEMES and url:
-        schemes = URL_SCHEMES[kind]
-        address = url if "://" in url or kind != "grpc" else f"grpc://{url}"
-        try:
-            split_url(address, schemes)
-        except ValueError as error:
-            check.problems.append(f"uplink.url: {error}")
+
+
+def _tls(check: Checker, uplink: Mapping[str, Any]) -> TlsConfig:
+    table = _section(check, uplink, "tls", {"ca_file", "cert_file", "key_file"}, "uplink.tls")
+    files = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = check.get(table, "uplink.tls", key, str, "")
+        files[key] = check.path(value) if value else None
+        if files[key] is not None and not files[key].is_file():  # type: ignore[union-attr]
+            check.problems.append(f"uplink.tls.{key}: no such file {files[key]}")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        check.problems.append("uplink.tls: cert_file and key_file go together")
+    return TlsConfig(**files)
+
+
+def _spool(check: Checker, data: Mapping[str, Any], batch: BatchConfig) -> SpoolConfig:
     spool = _section(
         check,
         data,
         "spool",
         {"max_bytes", "when_full", "fsync", "fsync_interval_ms", "memory_bytes"},
     )
-    spool_config = SpoolConfig(
+    return SpoolConfig(
         max_bytes=check.get(
             spool,
             "spool",
@@ -393,8 +461,8 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             # segment never has to drop the one being written.
             lambda v: (
                 None
-                if v >= 4 * batch_config.max_bytes
-                else f"must be at least 4 times batch.max_bytes ({4 * batch_config.max_bytes})"
+                if v >= 4 * batch.max_bytes
+                else f"must be at least 4 times batch.max_bytes ({4 * batch.max_bytes})"
             ),
         ),
         when_full=check.get(
@@ -412,32 +480,16 @@ def parse_config(text: str, source: str, base: Path) -> Config:
             SpoolConfig.memory_bytes,
             lambda v: (
                 None
-                if v >= 2 * batch_config.max_bytes
-                else f"must be at least 2 times batch.max_bytes ({2 * batch_config.max_bytes})"
+                if v >= 2 * batch.max_bytes
+                else f"must be at least 2 times batch.max_bytes ({2 * batch.max_bytes})"
             ),
         ),
     )
-    metrics = _section(check, data, "metrics", {"listen"})
-    metrics_config = MetricsConfig(
-        listen=check.get(metrics, "metrics", "listen", str, "127.0.0.1:9108", _listen)
-    )
-    diagnostics: tuple[DiagnosticsConfig, ...] = ()
-    streams = {bus.name for bus in buses}
-    if "diagnostics" in data:
-        from agent.diagnostics.settings import parse_diagnostics, stream_name
 
-        diagnostics = parse_diagnostics(check, data["diagnostics"], buses)
-        # Rules may select the answers of the ECUs too.
-        streams |= {stream_name(table.bus) for table in diagnostics}
-    rules: tuple[CollectRule, ...] = ()
-    rule_tables = data.get("collect", [])
-    if rule_tables:
-        # Only a config with rules loads their condition language, and numpy with it.
-        from agent.collect.rules import parse_rules
 
-        rules = parse_rules(check, rule_tables, streams)
+def _health(check: Checker, data: Mapping[str, Any]) -> HealthConfig:
     health_table = _section(check, data, "health", {"interval_s"})
-    health = HealthConfig(
+    return HealthConfig(
         interval_s=float(
             check.get(
                 health_table,
@@ -448,27 +500,6 @@ def parse_config(text: str, source: str, base: Path) -> Config:
                 lambda v: None if v >= 0 else "must be 0 (off) or more",
             )
         )
-    )
-    campaigns = _campaigns(check, data, uplink_config, health)
-    status = check.get(data, "", "status_interval_s", (int, float), 5.0, positive)
-    log_level = check.get(data, "", "log_level", str, "info", one_of(LOG_LEVELS))
-    if check.problems:
-        raise ConfigError(source, check.problems)
-    return Config(
-        vehicle_id=vehicle_id,
-        state_dir=state_dir,
-        buses=tuple(buses),
-        batch=batch_config,
-        uplink=uplink_config,
-        spool=spool_config,
-        metrics=metrics_config,
-        collect=rules,
-        diagnostics=diagnostics,
-        status_interval_s=float(status),
-        log_level=log_level,
-        campaigns=campaigns,
-        health=health,
-        source=source,
     )
 
 

@@ -58,9 +58,8 @@ SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 #: this often, with the running count, so the journal shows it without a line per batch.
 DROP_WARNING_INTERVAL_S = 60.0
 #: With `fsync = "batch"`, fsync at most this often: an fsync costs a few hundred
-#: microseconds of CPU, more than the bytes it carries (measured: 240 to 340 us for 5 kB to
-#: 500 kB), so at full speed (hundreds of batches a second) the batches closed within this
-#: time share one. A batch waits this long at most; a live bus's batch (one a second)
+#: microseconds of CPU whatever the bytes it carries, so at full speed (hundreds of batches
+#: a second) the batches closed within this time share one. A batch waits this long at most; a live bus's batch (one a second)
 #: seldom waits at all.
 GROUP_COMMIT_S = 0.1
 #: How often the acknowledged position is saved at most (losing it re-sends, never loses).
