@@ -161,6 +161,45 @@ def test_a_batch_delivered_twice_is_written_once(
     assert latest is not None and latest[0] == latest[1] == len({k[:2] for k in sent})
 
 
+def test_the_latest_table_keeps_each_signals_newest_value_and_answers_a_snapshot(
+    outbox: Path, sent: Counter[Value], schema: str
+) -> None:
+    # The batches come newest first, a group each: a late batch never overwrites a newer value.
+    receiver = Receiver(PostgresSink(PG_URL, schema))
+    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *reversed(batch_files(outbox))]:
+        receiver.accept(path.read_bytes(), str(path))
+        receiver.flush()
+    receiver.finish()
+    assert receiver.stats.rejected == 0
+    newest: dict[tuple[str, str], tuple[int, float]] = {}
+    for message, name, t_us, value in sent:
+        if (message, name) not in newest or t_us > newest[(message, name)][0]:
+            newest[(message, name)] = (t_us, value)
+
+    def snapshot(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            agent_command("snapshot", "--postgres", PG_URL, "--postgres-schema", schema, *args),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=REPO,
+        )
+
+    answer = snapshot("--vehicle", "sink-test", "--json")
+    assert answer.returncode == 0, answer.stderr
+    found = {
+        (s["message"], s["signal"]): (round(s["t"] * 1e6), s["value"])
+        for s in json.loads(answer.stdout)["signals"]
+    }
+    assert found == newest
+    table = snapshot("--vehicle", "sink-test", "VehicleSpeed.*").stdout.splitlines()
+    assert table[0].split() == ["bus", "message", "signal", "value", "unit", "t"]
+    assert {line.split()[1] for line in table[1:]} == {"VehicleSpeed"}
+    unknown = snapshot("--vehicle", "no-such-vehicle")
+    assert unknown.returncode == 1 and "no values of no-such-vehicle" in unknown.stderr
+
+
 def test_a_schema_of_version_1_migrates_to_text_with_its_values(schema: str) -> None:
     with psycopg.connect(PG_URL, autocommit=True) as connection:
         connection.execute(f"CREATE SCHEMA {schema}")
