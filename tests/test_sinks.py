@@ -401,6 +401,20 @@ def test_the_parquet_lake_reads_back_in_duckdb_as_sent(
     assert dataset.count_rows() == frames
     schema = pq.read_schema(files[0])
     assert schema.field("time").type == pa.timestamp("us", tz="UTC")
+    # Each signal's physical type: whole numbers where scale and offset are (as cantools
+    # decodes them), doubles where either is a fraction.
+    columns = pa.unify_schemas([pq.read_schema(f) for f in files])
+    types = {
+        name: columns.field(name).type
+        for name in ("EngineCounter", "CoolantTemp", "SteeringAngle", "Speed", "Latitude")
+    }
+    assert types == {
+        "EngineCounter": pa.int64(),
+        "CoolantTemp": pa.int64(),
+        "SteeringAngle": pa.int64(),
+        "Speed": pa.float64(),
+        "Latitude": pa.float64(),
+    }
 
 
 def test_a_quiet_receiver_closes_its_parquet_files_by_age(outbox: Path, tmp_path: Path) -> None:
