@@ -417,6 +417,46 @@ def test_the_parquet_lake_reads_back_in_duckdb_as_sent(
     }
 
 
+CLOCK_DBC = """VERSION ""
+NS_ :
+BS_:
+BU_: ECU
+BO_ 1280 Clock: 3 ECU
+ SG_ time : 0|8@1+ (1,0) [0|255] "s" ECU
+ SG_ Date : 8|8@1+ (1,0) [0|31] "" ECU
+ SG_ Hours : 16|8@1+ (1,0) [0|23] "h" ECU
+"""
+
+
+def test_signals_named_as_the_lakes_own_columns_keep_their_values(tmp_path: Path) -> None:
+    # A signal `time` would take the place of the time column, and one `Date` would be
+    # hidden by the partition key `date` in engines that ignore case.
+    dbc = tmp_path / "clock.dbc"
+    dbc.write_text(CLOCK_DBC)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'vehicle_id = "clock"\nstate_dir = "{tmp_path}"\n'
+        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = 5\n'
+        f'dbc = ["{dbc}"]\n'
+        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+    )
+    result = run_agent(config)
+    assert result.returncode == 0, result.stderr
+    outbox = tmp_path / "outbox"
+    lake = tmp_path / "lake"
+    receiver = Receiver(ParquetSink(lake))
+    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]:
+        receiver.accept(path.read_bytes(), str(path))
+    receiver.finish()
+    assert receiver.stats.rejected == 0
+    renamed = {"time": "signal_time", "Date": "signal_Date", "Hours": "Hours"}
+    sent = values_of(outbox, batch_files(outbox))
+    assert {name for _, name, _, _ in sent} == set(renamed)
+    assert lake_values(lake) == Counter(
+        {(m, renamed[name], t, v): n for (m, name, t, v), n in sent.items()}
+    )
+
+
 def test_a_quiet_receiver_closes_its_parquet_files_by_age(outbox: Path, tmp_path: Path) -> None:
     lake = tmp_path / "lake"
     receiver = ReceiverProcess(
