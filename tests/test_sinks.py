@@ -330,6 +330,54 @@ def test_a_receiver_killed_mid_write_has_every_batch_it_acknowledged(
     assert acknowledged <= ledger(schema)  # what the agent may delete from its spool
 
 
+def test_an_mqtt_receiver_killed_mid_write_loses_nothing_the_broker_let_go(
+    outbox: Path, sent: Counter[Value], schema: str, tmp_path: Path
+) -> None:
+    # The broker forgets a batch once the receiver's PUBACK came: sent before the batch
+    # was written, a kill between the two would lose it for good. The ledger is locked
+    # here, so the receiver is killed with every batch in hand and its write waiting.
+    with broker(tmp_path, persistent_settings(tmp_path)) as mqtt:
+
+        def start() -> ReceiverProcess:
+            receiver = receive(
+                "--mqtt",
+                mqtt.url,
+                "--session",
+                "killed",
+                "--postgres-schema",
+                schema,
+                output=tmp_path / f"r-{time.monotonic_ns()}.out",
+            )
+            receiver.wait_ready("subscribed to")
+            return receiver
+
+        receiver = start()
+        count = len(batch_files(outbox))
+        with psycopg.connect(PG_URL) as lock:
+            lock.execute(f"LOCK TABLE {schema}.batches IN ACCESS EXCLUSIVE MODE")
+            publish(mqtt.port, outbox, threading.Event(), count, threading.Event())
+
+            def waiting() -> bool:
+                with psycopg.connect(PG_URL) as connection:
+                    row = connection.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE application_name = %s AND wait_event_type = 'Lock'",
+                        (f"telemetry-agent receive {schema}",),
+                    ).fetchone()
+                return row == (1,)
+
+            wait_for(waiting, "the receiver's write waiting on the ledger")
+            receiver.process.send_signal(signal.SIGKILL)
+            receiver.process.wait(10)
+            lock.rollback()
+        assert not ledger(schema)
+        receiver = start()
+        wait_for(lambda: len(ledger(schema)) == count, "every batch in the ledger")
+        receiver.process.send_signal(signal.SIGINT)
+        summary = receiver.finish()
+    assert stored(schema) == sent, summary
+
+
 def send_until_killed(receiver: ReceiverProcess, port: int, outbox: Path) -> set[tuple[str, int]]:
     """The outbox sent over gRPC as an agent sends it, the receiver SIGKILLed once it
     acknowledged a third; the batches it acknowledged."""
