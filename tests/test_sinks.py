@@ -21,6 +21,7 @@ from pathlib import Path
 import duckdb
 import grpc
 import paho.mqtt.client as paho
+import pandas as pd
 import psycopg
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -451,6 +452,13 @@ def test_the_parquet_lake_reads_back_in_duckdb_as_sent(
     assert schema.field("time").type == pa.timestamp("us", tz="UTC")
     # Each signal's physical type: whole numbers where scale and offset are (as cantools
     # decodes them), doubles where either is a fraction.
+    # pandas, as docs/sinks.md says to read it: a message's folder, its partitions as columns.
+    speeds = pd.read_parquet(lake / "vehicle=sink-test" / "message=VehicleSpeed")
+    assert Counter(
+        ("VehicleSpeed", "Speed", int(t.value) // 1000, float(v))
+        for t, v in zip(speeds["time"], speeds["Speed"], strict=True)
+    ) == Counter({k: n for k, n in sent.items() if k[:2] == ("VehicleSpeed", "Speed")})
+    assert set(speeds["date"].astype(str)) == {str(t.date()) for t in speeds["time"]}
     columns = pa.unify_schemas([pq.read_schema(f) for f in files])
     types = {
         name: columns.field(name).type
