@@ -72,10 +72,7 @@ class LastValues:
             for k, info in enumerate(last.plan.signals):
                 if not last.t_ns[k]:
                     continue
-                qualified = f"{message}.{info.name}"
-                if patterns and not any(
-                    fnmatch.fnmatchcase(qualified if "." in p else info.name, p) for p in patterns
-                ):
+                if not named(patterns, message, info.name):
                     continue
                 value = last.texts.get(k)
                 if value is None:
@@ -93,3 +90,12 @@ class LastValues:
                     }
                 )
         return out
+
+
+def named(patterns: list[str], message: str, signal: str) -> bool:
+    """Whether a snapshot's patterns (`Signal`, `Message.Signal`, globs; none: every
+    signal) name this signal."""
+    qualified = f"{message}.{signal}"
+    return not patterns or any(
+        fnmatch.fnmatchcase(qualified if "." in p else signal, p) for p in patterns
+    )

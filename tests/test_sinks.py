@@ -21,6 +21,7 @@ from pathlib import Path
 import duckdb
 import grpc
 import paho.mqtt.client as paho
+import pandas as pd
 import psycopg
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -161,6 +162,45 @@ def test_a_batch_delivered_twice_is_written_once(
     assert latest is not None and latest[0] == latest[1] == len({k[:2] for k in sent})
 
 
+def test_the_latest_table_keeps_each_signals_newest_value_and_answers_a_snapshot(
+    outbox: Path, sent: Counter[Value], schema: str
+) -> None:
+    # The batches come newest first, a group each: a late batch never overwrites a newer value.
+    receiver = Receiver(PostgresSink(PG_URL, schema))
+    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *reversed(batch_files(outbox))]:
+        receiver.accept(path.read_bytes(), str(path))
+        receiver.flush()
+    receiver.finish()
+    assert receiver.stats.rejected == 0
+    newest: dict[tuple[str, str], tuple[int, float]] = {}
+    for message, name, t_us, value in sent:
+        if (message, name) not in newest or t_us > newest[(message, name)][0]:
+            newest[(message, name)] = (t_us, value)
+
+    def snapshot(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            agent_command("snapshot", "--postgres", PG_URL, "--postgres-schema", schema, *args),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=REPO,
+        )
+
+    answer = snapshot("--vehicle", "sink-test", "--json")
+    assert answer.returncode == 0, answer.stderr
+    found = {
+        (s["message"], s["signal"]): (round(s["t"] * 1e6), s["value"])
+        for s in json.loads(answer.stdout)["signals"]
+    }
+    assert found == newest
+    table = snapshot("--vehicle", "sink-test", "VehicleSpeed.*").stdout.splitlines()
+    assert table[0].split() == ["bus", "message", "signal", "value", "unit", "t"]
+    assert {line.split()[1] for line in table[1:]} == {"VehicleSpeed"}
+    unknown = snapshot("--vehicle", "no-such-vehicle")
+    assert unknown.returncode == 1 and "no values of no-such-vehicle" in unknown.stderr
+
+
 def test_a_schema_of_version_1_migrates_to_text_with_its_values(schema: str) -> None:
     with psycopg.connect(PG_URL, autocommit=True) as connection:
         connection.execute(f"CREATE SCHEMA {schema}")
@@ -291,6 +331,54 @@ def test_a_receiver_killed_mid_write_has_every_batch_it_acknowledged(
     assert acknowledged <= ledger(schema)  # what the agent may delete from its spool
 
 
+def test_an_mqtt_receiver_killed_mid_write_loses_nothing_the_broker_let_go(
+    outbox: Path, sent: Counter[Value], schema: str, tmp_path: Path
+) -> None:
+    # The broker forgets a batch once the receiver's PUBACK came: sent before the batch
+    # was written, a kill between the two would lose it for good. The ledger is locked
+    # here, so the receiver is killed with every batch in hand and its write waiting.
+    with broker(tmp_path, persistent_settings(tmp_path)) as mqtt:
+
+        def start() -> ReceiverProcess:
+            receiver = receive(
+                "--mqtt",
+                mqtt.url,
+                "--session",
+                "killed",
+                "--postgres-schema",
+                schema,
+                output=tmp_path / f"r-{time.monotonic_ns()}.out",
+            )
+            receiver.wait_ready("subscribed to")
+            return receiver
+
+        receiver = start()
+        count = len(batch_files(outbox))
+        with psycopg.connect(PG_URL) as lock:
+            lock.execute(f"LOCK TABLE {schema}.batches IN ACCESS EXCLUSIVE MODE")
+            publish(mqtt.port, outbox, threading.Event(), count, threading.Event())
+
+            def waiting() -> bool:
+                with psycopg.connect(PG_URL) as connection:
+                    row = connection.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE application_name = %s AND wait_event_type = 'Lock'",
+                        (f"telemetry-agent receive {schema}",),
+                    ).fetchone()
+                return row == (1,)
+
+            wait_for(waiting, "the receiver's write waiting on the ledger")
+            receiver.process.send_signal(signal.SIGKILL)
+            receiver.process.wait(10)
+            lock.rollback()
+        assert not ledger(schema)
+        receiver = start()
+        wait_for(lambda: len(ledger(schema)) == count, "every batch in the ledger")
+        receiver.process.send_signal(signal.SIGINT)
+        summary = receiver.finish()
+    assert stored(schema) == sent, summary
+
+
 def send_until_killed(receiver: ReceiverProcess, port: int, outbox: Path) -> set[tuple[str, int]]:
     """The outbox sent over gRPC as an agent sends it, the receiver SIGKILLed once it
     acknowledged a third; the batches it acknowledged."""
@@ -362,6 +450,67 @@ def test_the_parquet_lake_reads_back_in_duckdb_as_sent(
     assert dataset.count_rows() == frames
     schema = pq.read_schema(files[0])
     assert schema.field("time").type == pa.timestamp("us", tz="UTC")
+    # Each signal's physical type: whole numbers where scale and offset are (as cantools
+    # decodes them), doubles where either is a fraction.
+    # pandas, as docs/sinks.md says to read it: a message's folder, its partitions as columns.
+    speeds = pd.read_parquet(lake / "vehicle=sink-test" / "message=VehicleSpeed")
+    assert Counter(
+        ("VehicleSpeed", "Speed", int(t.value) // 1000, float(v))
+        for t, v in zip(speeds["time"], speeds["Speed"], strict=True)
+    ) == Counter({k: n for k, n in sent.items() if k[:2] == ("VehicleSpeed", "Speed")})
+    assert set(speeds["date"].astype(str)) == {str(t.date()) for t in speeds["time"]}
+    columns = pa.unify_schemas([pq.read_schema(f) for f in files])
+    types = {
+        name: columns.field(name).type
+        for name in ("EngineCounter", "CoolantTemp", "SteeringAngle", "Speed", "Latitude")
+    }
+    assert types == {
+        "EngineCounter": pa.int64(),
+        "CoolantTemp": pa.int64(),
+        "SteeringAngle": pa.int64(),
+        "Speed": pa.float64(),
+        "Latitude": pa.float64(),
+    }
+
+
+CLOCK_DBC = """VERSION ""
+NS_ :
+BS_:
+BU_: ECU
+BO_ 1280 Clock: 3 ECU
+ SG_ time : 0|8@1+ (1,0) [0|255] "s" ECU
+ SG_ Date : 8|8@1+ (1,0) [0|31] "" ECU
+ SG_ Hours : 16|8@1+ (1,0) [0|23] "h" ECU
+"""
+
+
+def test_signals_named_as_the_lakes_own_columns_keep_their_values(tmp_path: Path) -> None:
+    # A signal `time` would take the place of the time column, and one `Date` would be
+    # hidden by the partition key `date` in engines that ignore case.
+    dbc = tmp_path / "clock.dbc"
+    dbc.write_text(CLOCK_DBC)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'vehicle_id = "clock"\nstate_dir = "{tmp_path}"\n'
+        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = 5\n'
+        f'dbc = ["{dbc}"]\n'
+        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+    )
+    result = run_agent(config)
+    assert result.returncode == 0, result.stderr
+    outbox = tmp_path / "outbox"
+    lake = tmp_path / "lake"
+    receiver = Receiver(ParquetSink(lake))
+    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]:
+        receiver.accept(path.read_bytes(), str(path))
+    receiver.finish()
+    assert receiver.stats.rejected == 0
+    renamed = {"time": "signal_time", "Date": "signal_Date", "Hours": "Hours"}
+    sent = values_of(outbox, batch_files(outbox))
+    assert {name for _, name, _, _ in sent} == set(renamed)
+    assert lake_values(lake) == Counter(
+        {(m, renamed[name], t, v): n for (m, name, t, v), n in sent.items()}
+    )
 
 
 def test_a_quiet_receiver_closes_its_parquet_files_by_age(outbox: Path, tmp_path: Path) -> None:

@@ -214,8 +214,9 @@ def target(args: argparse.Namespace) -> str:
     return str(getattr(args, "grpc", None) or args.mqtt)  # push and remove have no --grpc
 
 
-def control_options(parser: argparse.ArgumentParser) -> None:
-    """Where the fleet's control plane is: a broker, or a receiver's gRPC server."""
+def control_options(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """Where the fleet's control plane is: a broker, or a receiver's gRPC server; the group
+    of these options, for a command that has another place to ask."""
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--mqtt", metavar="URL", help="mqtt[s]://HOST[:PORT]: the broker")
     where.add_argument(
@@ -225,6 +226,7 @@ def control_options(parser: argparse.ArgumentParser) -> None:
         "reach (telemetry-agent receive --grpc-listen)",
     )
     tls_options(parser)
+    return where
 
 
 def tls_options(parser: argparse.ArgumentParser) -> None:

@@ -31,6 +31,9 @@ ROLL_AGE_S = 300.0
 #: The partition of the raw frames that collection rules capture.
 RAW_MESSAGE = "_raw_frames"
 TIME = pa.timestamp("us", tz="UTC")
+#: The lake's own columns and partition keys, lower case: engines match column names
+#: ignoring case, and a partition key read from the path hides a column of its name.
+OWN_COLUMNS = frozenset({"time", "bus", "can_id", "rule", "data", "vehicle", "message", "date"})
 
 Partition = tuple[str, str, str]  # vehicle, message, date
 
@@ -190,14 +193,20 @@ def _block_table(block: ReceivedBlock) -> pa.Table:
     }
     for signal in block.signals:
         if signal.raw.dtype == object:  # text
-            columns[signal.name] = pa.array(signal.raw.tolist(), pa.string())
+            columns[_column(signal.name)] = pa.array(signal.raw.tolist(), pa.string())
             continue
         values = np.asarray(signal.physical())
         if values.dtype == np.uint64 and signal.info.length < 64:
             values = values.astype(np.int64)  # most engines have no unsigned 64-bit type
         mask = None if signal.present is None else ~signal.present
-        columns[signal.name] = pa.array(values, mask=mask)
+        columns[_column(signal.name)] = pa.array(values, mask=mask)
     return pa.table(columns)
+
+
+def _column(signal: str) -> str:
+    """A signal's column: its name, or `signal_NAME` where the name is one of the lake's own
+    columns (a signal `Date` or `time`), whose values it would replace or be hidden by."""
+    return f"signal_{signal}" if signal.lower() in OWN_COLUMNS else signal
 
 
 def _raw_table(raw: ReceivedRaw) -> pa.Table:

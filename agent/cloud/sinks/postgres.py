@@ -153,6 +153,25 @@ def migrate(connection: psycopg.Connection[TupleRow], schema: str) -> int:
     return len(MIGRATIONS)
 
 
+def latest_values(
+    url: str, schema: str, vehicle: str
+) -> list[tuple[str, str, str, float | str, float]]:
+    """A vehicle's newest value of each signal in `schema`'s latest tables: bus, message,
+    signal, value (a double, or the text of a text signal) and Unix seconds; of a signal
+    that several collection rules keep, the newest of theirs."""
+    query = sql.SQL(
+        "SELECT DISTINCT ON (bus, message, signal) bus, message, signal, "
+        "value, text, extract(epoch FROM time)::float8 "
+        "FROM {}.latest_values WHERE vehicle = %s ORDER BY bus, message, signal, time DESC"
+    ).format(sql.Identifier(schema))
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(query, (vehicle,)).fetchall()
+    return [
+        (str(bus), str(message), str(signal), text if value is None else float(value), float(t))
+        for bus, message, signal, value, text, t in rows
+    ]
+
+
 def _keep_latest(schema: sql.Identifier, table: str, value_type: str) -> sql.Composed:
     """An upsert of each series' newest value into `table`, from arrays of series ids, times
     (microseconds since 1970) and values of `value_type`: kept where newer."""
