@@ -59,8 +59,8 @@ SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 DROP_WARNING_INTERVAL_S = 60.0
 #: With `fsync = "batch"`, fsync at most this often: an fsync costs a few hundred
 #: microseconds of CPU whatever the bytes it carries, so at full speed (hundreds of batches
-#: a second) the batches closed within this time share one. A batch waits this long at most; a live bus's batch (one a second)
-#: seldom waits at all.
+#: a second) the batches closed within this time share one. A batch waits this long at
+#: most; a live bus's batch (one a second) seldom waits at all.
 GROUP_COMMIT_S = 0.1
 #: How often the acknowledged position is saved at most (losing it re-sends, never loses).
 STATE_SAVE_S = 1.0
