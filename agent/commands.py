@@ -8,11 +8,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent import __version__
 from agent.decode import (
@@ -377,7 +377,7 @@ def run_receive(args: argparse.Namespace) -> int:
                 receiving, args.grpc_listen, tls, args.idle_exit, campaigns
             )
         try:
-            asyncio.run(work)
+            asyncio.run(_until_terminated(work))
         except ValueError as error:  # a malformed URL
             print(f"telemetry-agent receive: {error}", file=sys.stderr)
             return 2
@@ -390,6 +390,32 @@ def run_receive(args: argparse.Namespace) -> int:
             receiving.finish()
             print(receiving.stats.summary(), file=sys.stderr)
     return 0
+
+
+async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
+    """Run the receiver until it returns, or until SIGTERM: a service manager's stop, which
+    ends it as Ctrl-C does, with what is queued written and the sink closed (the Parquet
+    lake's open files among them), rather than killing it mid-write."""
+    import asyncio
+    import signal
+
+    task = asyncio.ensure_future(work)
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _receiver_sink(args: argparse.Namespace, out: TextIO) -> Sink:

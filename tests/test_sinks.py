@@ -679,3 +679,28 @@ def test_text_values_go_from_the_agent_through_mosquitto_into_every_sink(
     assert lake_texts == TEXTS
     vi = pq.read_table(next(lake.glob("vehicle=truck/message=VI/*/*")))
     assert vi.schema.field("Vehicle_Identification_Number").type == pa.string()
+
+
+def test_a_receiver_stopped_by_sigterm_closes_its_lake_with_every_batch(
+    outbox: Path, sent: Counter[Value], tmp_path: Path
+) -> None:
+    # systemd and Kubernetes stop a service with SIGTERM: the receiver must stop as Ctrl-C
+    # stops it, its open files closed into the lake, not leave them to the next start.
+    lake, taken = tmp_path / "lake", tmp_path / "taken.jsonl"
+    receiver = ReceiverProcess(
+        tmp_path / "r", "--dir", outbox, "--parquet", lake, "--batches", taken
+    )
+    count = len(batch_files(outbox))
+
+    def all_taken() -> bool:
+        return taken.exists() and len(taken.read_text().splitlines()) == count
+
+    try:
+        wait_for(all_taken, "every batch taken", 30)
+    finally:
+        receiver.process.terminate()
+        stderr = receiver.finish()
+    assert receiver.process.returncode == 0, stderr
+    assert f"{count} batches received" in stderr
+    assert not list((lake / "_journal").rglob("*.arrow"))
+    assert lake_values(lake) == sent
