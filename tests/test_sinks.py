@@ -473,6 +473,48 @@ def test_the_parquet_lake_reads_back_in_duckdb_as_sent(
     }
 
 
+def test_readers_of_the_lake_never_see_a_half_written_file(
+    outbox: Path, sent: Counter[Value], tmp_path: Path
+) -> None:
+    # A writer thread rolls a file every 20 kB while this thread reads the whole lake over
+    # and over, as a query engine would: every read must succeed, and rows only appear.
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    files = [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]
+    frames = sum(read_envelope(p.read_bytes()).frames for p in batch_files(outbox))
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            receiver = Receiver(ParquetSink(lake, roll_bytes=20_000))
+            for path in files:
+                receiver.accept(path.read_bytes(), str(path))
+                receiver.flush()
+            receiver.finish()
+        except BaseException as error:
+            failed.append(error)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    seen = [0]
+    deadline = time.monotonic() + 120
+    while writer.is_alive() and time.monotonic() < deadline:
+        rows = pads.dataset(lake, format="parquet", partitioning="hive").count_rows()
+        if rows:  # DuckDB refuses a pattern that matches no file
+            query = (
+                f"SELECT count(*) FROM read_parquet('{lake}/**/*.parquet', union_by_name = true)"
+            )
+            counted = duckdb.connect().execute(query).fetchone()
+            assert counted is not None and counted[0] >= rows
+        assert rows >= seen[-1]
+        seen.append(rows)
+    writer.join()
+    assert not failed
+    assert len(set(seen)) > 3  # the reads saw the lake grow, file by file
+    assert pads.dataset(lake, format="parquet", partitioning="hive").count_rows() == frames
+    assert lake_values(lake) == sent
+
+
 CLOCK_DBC = """VERSION ""
 NS_ :
 BS_:
