@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.cloud.parser import ReceivedBatch, SchemaStore, parse_batch
-from agent.collect import Collected, Collector
+from agent.collect import Collected, CollectError, Collector, CollectRule
+from agent.collect.sample import SampleSettings
 from agent.collect.trigger import RING_SLACK_NS, Trigger
 from agent.config import Config, parse_config
 from agent.decode import ALL_BUSES, Decoder, bus_decoders
@@ -1114,3 +1115,11 @@ def test_a_period_is_sent_once_the_bus_has_passed_it(synthetic_dbc: Path) -> Non
         ("SLOW", [200 * MS]),
     ]
     assert not collector.flush()
+
+
+def test_a_rule_built_in_code_with_another_modes_settings_is_refused() -> None:
+    # The config file's rules come with their mode's settings; a rule built by hand may not.
+    decoders = bus_decoders(config(RAV4_BUS, "").buses)
+    rule = CollectRule("fast", "trigger", signals=("SPEED",), settings=SampleSettings())
+    with pytest.raises(CollectError, match="mode trigger takes TriggerSettings, not Sample"):
+        Collector((rule,), decoders)
