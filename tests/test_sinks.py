@@ -519,21 +519,24 @@ CLOCK_DBC = """VERSION ""
 NS_ :
 BS_:
 BU_: ECU
-BO_ 1280 Clock: 3 ECU
+BO_ 1280 Clock: 4 ECU
  SG_ time : 0|8@1+ (1,0) [0|255] "s" ECU
  SG_ Date : 8|8@1+ (1,0) [0|31] "" ECU
  SG_ Hours : 16|8@1+ (1,0) [0|23] "h" ECU
+ SG_ signal_time : 24|8@1+ (1,0) [0|255] "s" ECU
 """
 
 
 def test_signals_named_as_the_lakes_own_columns_keep_their_values(tmp_path: Path) -> None:
     # A signal `time` would take the place of the time column, and one `Date` would be
-    # hidden by the partition key `date` in engines that ignore case.
+    # hidden by the partition key `date` in engines that ignore case; `signal_time` must
+    # not then meet the renamed `time`. The vehicle's name is kept as Hive keeps it, UTF-8
+    # as it is, so that Spark and Athena read it back as DuckDB does.
     dbc = tmp_path / "clock.dbc"
     dbc.write_text(CLOCK_DBC)
     config = tmp_path / "agent.toml"
     config.write_text(
-        f'vehicle_id = "clock"\nstate_dir = "{tmp_path}"\n'
+        f'vehicle_id = "Uhr ä=1"\nstate_dir = "{tmp_path}"\n'
         f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = 5\n'
         f'dbc = ["{dbc}"]\n'
         f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
@@ -547,12 +550,22 @@ def test_signals_named_as_the_lakes_own_columns_keep_their_values(tmp_path: Path
         receiver.accept(path.read_bytes(), str(path))
     receiver.finish()
     assert receiver.stats.rejected == 0
-    renamed = {"time": "signal_time", "Date": "signal_Date", "Hours": "Hours"}
+    renamed = {
+        "time": "signal_time",
+        "Date": "signal_Date",
+        "Hours": "Hours",
+        "signal_time": "signal_signal_time",
+    }
     sent = values_of(outbox, batch_files(outbox))
     assert {name for _, name, _, _ in sent} == set(renamed)
     assert lake_values(lake) == Counter(
         {(m, renamed[name], t, v): n for (m, name, t, v), n in sent.items()}
     )
+    assert [p.name for p in lake.iterdir() if p.name.startswith("vehicle=")] == [
+        "vehicle=Uhr ä%3D1"
+    ]
+    dataset = pads.dataset(lake, format="parquet", partitioning="hive")
+    assert set(dataset.to_table(columns=["vehicle"]).column("vehicle").to_pylist()) == {"Uhr ä=1"}
 
 
 def test_a_quiet_receiver_closes_its_parquet_files_by_age(outbox: Path, tmp_path: Path) -> None:
