@@ -17,7 +17,8 @@ from agent.exits import EX_CONFIG
 from agent.sources.pacing import Pace
 from agent.sources.replay import ReplaySettings
 from agent.uplinks.mqtt import MqttSettings
-from harness.data import RAV4_LOG, RAV4_PT_DBC, REPO
+from harness import REPO
+from harness.data import RAV4_LOG, RAV4_PT_DBC
 from harness.services import agent_command
 
 

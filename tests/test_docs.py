@@ -56,7 +56,7 @@ from agent.exits import EX_CONFIG
 from agent.metrics import Metrics
 from agent.sources.base import source_class
 from agent.uplinks.base import uplink_class
-from harness.data import REPO
+from harness import REPO
 from harness.services import Broker, broker, make_certificates
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -36,7 +36,8 @@ from agent.cloud.sinks.postgres import MIGRATIONS, PostgresSink
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.envelope import read_envelope
 from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX, batch_file_name
-from harness.data import REPO, TRUCK_DBC
+from harness import REPO
+from harness.data import TRUCK_DBC
 from harness.services import (
     ReceiverProcess,
     agent_command,
@@ -123,10 +124,10 @@ def batch_files(outbox: Path) -> list[Path]:
     return sorted(outbox.glob(f"*{SUFFIX}"))
 
 
-def wait_for(check: object, what: str, timeout: float = 30) -> None:
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return
         time.sleep(0.05)
     raise TimeoutError(what)
