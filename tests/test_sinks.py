@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.cloud.receiver import Receiver
+from agent.cloud.receiver import Receiver, accept_files
 from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.cloud.sinks.parquet import ParquetSink
 from agent.cloud.sinks.postgres import MIGRATIONS, PostgresSink
@@ -59,11 +59,17 @@ Value = tuple[str, str, int, float]  # message, signal, time in us, value
 def outbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The batch files of a minute of simulated traffic, a batch every quarter second."""
     folder = tmp_path_factory.mktemp("agent")
+    return simulated_outbox(folder, "sink-test", DEMO_DBC, 60, "[batch]\nmax_age_ms = 250\n")
+
+
+def simulated_outbox(folder: Path, vehicle: str, dbc: Path, seconds: int, more: str = "") -> Path:
+    """The batch files of an agent that simulates `seconds` of the traffic of `dbc`, as
+    fast as it goes; `more`: more of its config."""
     config = folder / "agent.toml"
     config.write_text(
-        f'vehicle_id = "sink-test"\nstate_dir = "{folder}"\n'
-        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = 60\n'
-        f'dbc = ["{DEMO_DBC}"]\n[batch]\nmax_age_ms = 250\n'
+        f'vehicle_id = "{vehicle}"\nstate_dir = "{folder}"\n'
+        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = {seconds}\n'
+        f'dbc = ["{dbc}"]\n{more}'
         f'[uplink]\nkind = "file"\nurl = "{folder / "outbox"}"\n[metrics]\nlisten = ""\n'
     )
     result = run_agent(config)
@@ -535,20 +541,10 @@ def test_signals_named_as_the_lakes_own_columns_keep_their_values(tmp_path: Path
     # as it is, so that Spark and Athena read it back as DuckDB does.
     dbc = tmp_path / "clock.dbc"
     dbc.write_text(CLOCK_DBC)
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'vehicle_id = "Uhr ä=1"\nstate_dir = "{tmp_path}"\n'
-        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = 5\n'
-        f'dbc = ["{dbc}"]\n'
-        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
-    )
-    result = run_agent(config)
-    assert result.returncode == 0, result.stderr
-    outbox = tmp_path / "outbox"
+    outbox = simulated_outbox(tmp_path, "Uhr ä=1", dbc, 5)
     lake = tmp_path / "lake"
     receiver = Receiver(ParquetSink(lake))
-    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]:
-        receiver.accept(path.read_bytes(), str(path))
+    accept_files(receiver, outbox, set())
     receiver.finish()
     assert receiver.stats.rejected == 0
     renamed = {
