@@ -404,8 +404,9 @@ async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
 
     def terminate() -> None:
         nonlocal terminated
-        terminated = True
-        task.cancel()
+        if not terminated:  # a second SIGTERM must not cut the stop short
+            terminated = True
+            task.cancel()
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, terminate)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import urlsplit
 
 from agent.sources import KINDS as source_kinds
@@ -202,6 +202,48 @@ class Checker:
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.base / path
 
+    def component_keys(
+        self,
+        data: Mapping[str, Any],
+        where: str,
+        shared: Collection[str],
+        component: tuple[str, str],
+        settings_of: Callable[[str], type[Settings]],
+        kinds: Sequence[str],
+    ) -> None:
+        """The keys of a component's table (`component`: what it is, and its kind, such as
+        ("source", "replay")) that are neither `shared` nor its kind's own: a key that
+        another kind takes does not apply, naming that kind; one that none takes is unknown.
+        The other kinds' modules are imported only to place such a key."""
+        noun, kind = component
+        own = settings_of(kind).own_keys() if kind in kinds else frozenset()
+        for key in data:
+            if key in shared or key in own:
+                continue
+            other = [k for k in kinds if key in settings_of(k).own_keys()]
+            if other and kind in kinds:
+                self.problems.append(
+                    f"{where}.{key}: does not apply to {noun} {kind!r} (only to {other[0]!r})"
+                )
+            elif not other:
+                self.problems.append(f"{where}.{key}: unknown key")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A component's own keys of its table (a source's of [[bus]], an uplink's of [uplink],
+    a rule mode's of [[collect]]): a frozen dataclass declared beside the component, whose
+    fields are the keys with their defaults, and whose `parse` reads them."""
+
+    @classmethod
+    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
+        """The settings in the component's table, with every problem added to `check`."""
+        return cls()
+
+    @classmethod
+    def own_keys(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
+
 
 def positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
@@ -227,7 +269,7 @@ _BUS_KEYS = {"name", "source", "dbc", "j1939", "listen_only"}
 
 
 def _bus(check: Checker, data: Any, where: str) -> BusConfig | None:
-    from agent.sources.base import settings_keys, source_class
+    from agent.sources.base import source_class
 
     if not isinstance(data, dict):
         check.problems.append(f"{where}: expected a table")
@@ -236,18 +278,9 @@ def _bus(check: Checker, data: Any, where: str) -> BusConfig | None:
     if "source" not in data:
         check.problems.append(f"{where}.source: missing (one of {', '.join(SOURCES)})")
     settings_type = source_class(source).Settings if source in SOURCES else None
-    own = settings_keys(settings_type) if settings_type else set()
-    for key in data:
-        if key in _BUS_KEYS or key in own:
-            continue
-        # Only a key that no source knows is unknown; the others name where they apply.
-        other = [s for s in SOURCES if key in settings_keys(source_class(s).Settings)]
-        if other and source:
-            check.problems.append(
-                f"{where}.{key}: does not apply to source {source!r} (only to {other[0]!r})"
-            )
-        elif not other:
-            check.problems.append(f"{where}.{key}: unknown key")
+    check.component_keys(
+        data, where, _BUS_KEYS, ("source", source), lambda s: source_class(s).Settings, SOURCES
+    )
     name = check.get(data, where, "name", str, "")
     if not name:
         check.problems.append(f"{where}.name: missing")
@@ -580,7 +613,7 @@ _UPLINK_KEYS = {
 
 def _uplink_section(check: Checker, data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
     """The [uplink] table, and its uplink's own settings (None for an unknown kind)."""
-    from agent.uplinks.base import settings_keys, uplink_class
+    from agent.uplinks.base import uplink_class
 
     uplink = data.get("uplink", {})
     if not isinstance(uplink, dict):
@@ -588,18 +621,14 @@ def _uplink_section(check: Checker, data: Mapping[str, Any]) -> tuple[Mapping[st
         return {}, None
     kind = uplink.get("kind", "file")
     settings_type = uplink_class(kind).Settings if kind in UPLINKS else None
-    own = settings_keys(settings_type) if settings_type else set()
-    for key in uplink:
-        if key in _UPLINK_KEYS or key in own:
-            continue
-        # Only a key that no uplink knows is unknown; the others name where they apply.
-        other = [u for u in UPLINKS if key in settings_keys(uplink_class(u).Settings)]
-        if other and kind in UPLINKS:
-            check.problems.append(
-                f"uplink.{key}: does not apply to uplink {kind!r} (only to {other[0]!r})"
-            )
-        elif not other:
-            check.problems.append(f"uplink.{key}: unknown key")
+    check.component_keys(
+        uplink,
+        "uplink",
+        _UPLINK_KEYS,
+        ("uplink", kind),
+        lambda u: uplink_class(u).Settings,
+        UPLINKS,
+    )
     return uplink, settings_type.parse(check, uplink, "uplink") if settings_type else None
 
 

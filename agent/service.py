@@ -520,6 +520,9 @@ class Agent:
         later = restart_changes(running, loaded)
         if collector is not self.pipeline.collector:
             self.pipeline.set_rules(collector)
+            # As for a campaign: the new rules' first records go out moments after the
+            # reload, not a whole batch age later.
+            self.batcher.rules_changed()
             self._filter_sources()
         if loaded.batch.compression != running.batch.compression:
             self.pipeline.encoder.set_compression(loaded.batch.compression)

@@ -7,7 +7,6 @@ block with a few array operations; values are scaled only when a snapshot is ask
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ import numpy.typing as npt
 
 from agent.decode import DecodedBatch, MessagePlan
 from agent.decode.text import text_present
+from agent.wire.snapshot import named
 
 
 @dataclass
@@ -90,12 +90,3 @@ class LastValues:
                     }
                 )
         return out
-
-
-def named(patterns: list[str], message: str, signal: str) -> bool:
-    """Whether a snapshot's patterns (`Signal`, `Message.Signal`, globs; none: every
-    signal) name this signal."""
-    qualified = f"{message}.{signal}"
-    return not patterns or any(
-        fnmatch.fnmatchcase(qualified if "." in p else signal, p) for p in patterns
-    )

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from agent.decode.cache import CACHE_ENV
-from bench.common import LOGS, REPO, Measured, Report, count_frames, table
+from bench.common import LOGS, Measured, Report, count_frames, table
+from harness import REPO
 
 #: Longer logs, made of the RAV4 log end to end: start-up weighs less the longer the log.
 REPEATS = (8, 32)

@@ -14,9 +14,8 @@ import cantools
 from agent.decode import ALL_BUSES
 from agent.frames import FrameBatch
 from agent.logs import open_log
+from harness import REPO
 from harness.data import DATA
-
-REPO = Path(__file__).resolve().parents[1]
 
 #: name -> (log, DBCs per bus, J1939 buses)
 LOGS: dict[str, tuple[Path, dict[str, list[Path]], list[str]]] = {

@@ -35,7 +35,7 @@ from agent.wire import telemetry_pb2 as pb
 from agent.wire.envelope import read_envelope
 from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX
 from bench.common import table
-from harness.data import REPO
+from harness import REPO
 from harness.services import ReceiverProcess, broker, run_agent
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"

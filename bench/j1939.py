@@ -28,7 +28,8 @@ from agent.decode import Decoder
 from agent.frames import FrameBatch
 from agent.j1939 import J1939Listener, Reassembler
 from agent.j1939.groups import GroupReader
-from bench.common import LOGS, REPO, Measured, Report, read_all, table
+from bench.common import LOGS, Measured, Report, read_all, table
+from harness import REPO
 
 #: The last commit before issue 19's reassembly: its decoder is "today's" in the issue.
 BEFORE = "6d540d9"

@@ -44,7 +44,7 @@ from agent.logs import open_log
 from agent.wire.encoder import BatchEncoder
 from bench.command import big_log
 from bench.common import LOGS, Measured, Report, count_frames, table
-from harness.data import REPO
+from harness import REPO
 from harness.services import broker
 
 #: The RAV4 log this many times end to end for the agent's runs: the difference between

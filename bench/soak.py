@@ -38,7 +38,8 @@ from types import FrameType
 from typing import IO
 
 from bench.common import table
-from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO
+from harness import REPO
+from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC
 from harness.outputs import scrape_metrics, spooled_frames
 from harness.services import Broker, ReceiverProcess, agent_command, free_port, persistent_settings
 

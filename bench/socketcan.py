@@ -62,7 +62,8 @@ from agent.socketcan.abi import CAN_EFF_FLAG, CAN_RAW_FD_FRAMES, SO_TIMESTAMPNS_
 from agent.socketcan.slab import FrameSlab
 from agent.socketcan.sockets import open_can_socket, size_receive_buffer
 from agent.sources.socketcan import SocketCanSettings, SocketCanSource
-from bench.common import REPO, Measured, Report, table
+from bench.common import Measured, Report, table
+from harness import REPO
 
 FLOOD_FRAMES = 100_000
 PACED_RATE = 5_000  # frames per second, evenly spaced as on a bus

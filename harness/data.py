@@ -9,9 +9,9 @@ under build/data, and again whenever a compressed file is newer than its plain c
 import lzma
 import os
 import shutil
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO
+
 PACKED = REPO / "tests" / "data"
 DATA = REPO / "build" / "data"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: The checkout, where the agent and the receiver run as a developer runs them.
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO
 
 
 def free_port() -> int:

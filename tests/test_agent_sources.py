@@ -19,7 +19,8 @@ from agent.logs import open_log
 from agent.records import JsonLinesWriter
 from agent.service import Agent
 from agent.sources.pythoncan import PythonCanSettings, PythonCanSource
-from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_EXCERPT
+from harness import REPO
+from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, TESLA_DBC, TESLA_EXCERPT
 from harness.outputs import outbox_lines, scrape_metrics
 from harness.services import free_port
 from tests.test_agent_end_to_end import replay_bus

@@ -17,10 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.batcher import FIRST_AFTER_CHANGE_S
 from agent.cloud.parser import ReceivedBatch, SchemaStore, parse_batch
-from agent.collect import Collected, Collector
+from agent.collect import Collected, CollectError, Collector, CollectRule
+from agent.collect.sample import SampleSettings
 from agent.collect.trigger import RING_SLACK_NS, Trigger
-from agent.config import Config, parse_config
+from agent.config import Config, load_config, parse_config
 from agent.decode import ALL_BUSES, Decoder, bus_decoders
 from agent.frames import FrameBatch, FrameFlag
 from agent.j1939.groups import GroupReader
@@ -1114,3 +1116,45 @@ def test_a_period_is_sent_once_the_bus_has_passed_it(synthetic_dbc: Path) -> Non
         ("SLOW", [200 * MS]),
     ]
     assert not collector.flush()
+
+
+def test_a_rule_built_in_code_with_another_modes_settings_is_refused() -> None:
+    # The config file's rules come with their mode's settings; a rule built by hand may not.
+    decoders = bus_decoders(config(RAV4_BUS, "").buses)
+    rule = CollectRule("fast", "trigger", signals=("SPEED",), settings=SampleSettings())
+    with pytest.raises(CollectError, match="mode trigger takes TriggerSettings, not Sample"):
+        Collector((rule,), decoders)
+
+
+async def test_a_reload_keeps_unchanged_rules_and_runs_new_ones_from_the_open_batch(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.toml"
+    text = (
+        f'vehicle_id = "v"\nstate_dir = "{tmp_path}"\n'
+        f'[[bus]]\nname = "can0"\nsource = "replay"\npath = "{RAV4_LOG}"\n{RAV4_BUS}\n'
+        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
+        '[[collect]]\nname = "fast"\nmode = "trigger"\nsignals = ["SPEED"]\nwhen = "SPEED > 1"\n'
+    )
+    path.write_text(text)
+    agent = Agent(load_config(path), status=None, config_path=path)
+    try:
+        running = agent.pipeline.collector
+        agent.reload()
+        assert agent._reloading is not None
+        await agent._reloading
+        # Read again, the same trigger rule: its ring and state go on.
+        assert agent.pipeline.collector is running
+        frames = FrameBatch.concat(list(rav4_frames())).take(slice(0, 100))
+        agent.batcher.add("can0", frames)
+        spooled = len(agent.spool)
+        path.write_text(text.replace("SPEED > 1", "SPEED > 2"))
+        agent.reload()
+        await agent._reloading
+        assert agent.pipeline.collector is not running
+        # The open batch closed under the new rules, and the next closes soon after.
+        assert len(agent.spool) > spooled
+        agent.batcher.add("can0", frames)
+        assert agent.batcher._age_s(agent.batcher._open["can0"]) == FIRST_AFTER_CHANGE_S
+    finally:
+        await agent.spool.close()

@@ -17,7 +17,8 @@ from agent.exits import EX_CONFIG
 from agent.sources.pacing import Pace
 from agent.sources.replay import ReplaySettings
 from agent.uplinks.mqtt import MqttSettings
-from harness.data import RAV4_LOG, RAV4_PT_DBC, REPO
+from harness import REPO
+from harness.data import RAV4_LOG, RAV4_PT_DBC
 from harness.services import agent_command
 
 
@@ -197,19 +198,18 @@ def test_uplink_urls_seeds_sizes_and_templates_are_checked() -> None:
 
 
 def test_collection_rules_parse_with_their_defaults() -> None:
-    config = parse_config(
-        config_text(
-            rest='[[collect]]\nname = "speed"\nmode = "sample"\nsignals = ["SPEED"]\n'
-            "period_ms = 1000\n"
-            '[[collect]]\nname = "stats"\nmode = "aggregate"\nsignals = "WHEEL_*"\n'
-            "window_ms = 500\n"
-            '[[collect]]\nname = "fast"\nmode = "trigger"\nsignals = ["*"]\n'
-            'when = "SPEED.SPEED > 60 and mean(WHEEL_SPEED_FL, 1000) > 50"\n'
-            '[[collect]]\nname = "log"\nmode = "raw"\nids = [37, 0x1FFFFFFF]\nbuses = ["can0"]\n'
-        ),
-        "agent.toml",
-        Path("/etc/agent"),
+    text = config_text(
+        rest='[[collect]]\nname = "speed"\nmode = "sample"\nsignals = ["SPEED"]\n'
+        "period_ms = 1000\n"
+        '[[collect]]\nname = "stats"\nmode = "aggregate"\nsignals = "WHEEL_*"\n'
+        "window_ms = 500\n"
+        '[[collect]]\nname = "fast"\nmode = "trigger"\nsignals = ["*"]\n'
+        'when = "SPEED.SPEED > 60 and mean(WHEEL_SPEED_FL, 1000) > 50"\n'
+        '[[collect]]\nname = "log"\nmode = "raw"\nids = [37, 0x1FFFFFFF]\nbuses = ["can0"]\n'
     )
+    config = parse_config(text, "agent.toml", Path("/etc/agent"))
+    # Read again, the rules are the same: a reload that leaves them keeps their state.
+    assert parse_config(text, "agent.toml", Path("/etc/agent")).collect == config.collect
     speed, stats, fast, log = config.collect
     assert (speed.mode, speed.signals, speed.settings) == (
         "sample",

@@ -15,7 +15,8 @@ import pytest
 from agent.decode import DbcError, Decoder, MessagePlan, load_dbc
 from agent.decode import cache as dbc_cache
 from agent.logs import open_log
-from harness.data import RAV4_PT_DBC, REPO, TESLA_DBC, TESLA_LOG
+from harness import REPO
+from harness.data import RAV4_PT_DBC, TESLA_DBC, TESLA_LOG
 from tests.oracle import decoded_rows
 
 

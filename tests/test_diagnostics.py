@@ -37,7 +37,7 @@ from agent.frames import FrameBatch
 from agent.metrics import Metrics
 from agent.service import Agent
 from agent.sources.pythoncan import PythonCanSource
-from harness.data import REPO
+from harness import REPO
 from harness.services import free_port
 from tests.ecu import EcuAnswers, SimulatedEcu
 from tests.test_agent_sources import received_lines

@@ -29,7 +29,8 @@ from agent.diagnostics.settings import FUNCTIONAL_11BIT, request_id
 from agent.frames import FrameBatch, FrameFlag
 from agent.service import Agent
 from agent.sources.socketcan import SocketCanSource
-from harness.data import REPO, TESLA_DBC, TESLA_EXCERPT, TESLA_LOG
+from harness import REPO
+from harness.data import TESLA_DBC, TESLA_EXCERPT, TESLA_LOG
 from harness.services import free_port
 from tests.ecu import EcuAnswers, SimulatedEcu
 from tests.test_agent_end_to_end import replay_bus

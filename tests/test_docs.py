@@ -54,10 +54,9 @@ from agent.config import (
 from agent.diagnostics.settings import DIAGNOSTICS_KEYS
 from agent.exits import EX_CONFIG
 from agent.metrics import Metrics
-from agent.sources.base import settings_keys, source_class
-from agent.uplinks.base import settings_keys as uplink_settings_keys
+from agent.sources.base import source_class
 from agent.uplinks.base import uplink_class
-from harness.data import REPO
+from harness import REPO
 from harness.services import Broker, broker, make_certificates
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -574,9 +573,9 @@ def known_keys() -> dict[Scope, set[str]]:
         ("health", None): {f.name for f in fields(HealthConfig)},
     }
     for source in agent_config.SOURCES:
-        keys[("bus", source)] = settings_keys(source_class(source).Settings)
+        keys[("bus", source)] = set(source_class(source).Settings.own_keys())
     for kind in agent_config.UPLINKS:
-        own = uplink_settings_keys(uplink_class(kind).Settings)
+        own = set(uplink_class(kind).Settings.own_keys())
         if own:
             keys[("uplink", kind)] = own
     for mode, mode_class in MODES.items():

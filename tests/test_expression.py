@@ -706,3 +706,11 @@ def test_long_windows_against_numpy_per_point() -> None:
             ).evaluate(t_ns, held, series)
             assert same.all(), (call, np.flatnonzero(~same)[:5])
             assert parse(call).windows == {"s": ms}
+
+
+def test_conditions_compare_and_hash_by_their_text() -> None:
+    # A reload or a campaign that brings a trigger rule back unchanged keeps its state.
+    assert parse("SPEED > 60") == parse("SPEED > 60")
+    assert hash(parse("SPEED > 60")) == hash(parse("SPEED > 60"))
+    assert parse("SPEED > 60") != parse("SPEED > 61")
+    assert parse("SPEED > 60") != "SPEED > 60"

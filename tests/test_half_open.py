@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness.data import REPO
+from harness import REPO
 from harness.services import ReceiverProcess, agent_command, broker, free_port
 from tests.proxy import StallingProxy
 from tests.test_agent_end_to_end import check_delivered, write_config

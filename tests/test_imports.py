@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from harness.data import REPO
+from harness import REPO
 
 
 def loaded(code: str) -> set[str]:

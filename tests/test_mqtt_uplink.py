@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from harness.data import REPO
+from harness import REPO
 from harness.outputs import records
 from harness.services import ReceiverProcess, agent_command, broker, run_agent
 from tests.test_agent_end_to_end import decoded, write_config

@@ -8,7 +8,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness.data import REPO
+from harness import REPO
 from harness.outputs import records
 from harness.services import agent_command
 

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -29,14 +29,15 @@ import pyarrow.parquet as pq
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.cloud.receiver import Receiver
+from agent.cloud.receiver import Receiver, accept_files
 from agent.cloud.sinks.jsonl import JsonLinesSink
 from agent.cloud.sinks.parquet import ParquetSink
 from agent.cloud.sinks.postgres import MIGRATIONS, PostgresSink
 from agent.wire import telemetry_pb2 as pb
 from agent.wire.envelope import read_envelope
 from agent.wire.transport import SCHEMA_SUFFIX, SUFFIX, batch_file_name
-from harness.data import REPO, TRUCK_DBC
+from harness import REPO
+from harness.data import TRUCK_DBC
 from harness.services import (
     ReceiverProcess,
     agent_command,
@@ -58,11 +59,17 @@ Value = tuple[str, str, int, float]  # message, signal, time in us, value
 def outbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The batch files of a minute of simulated traffic, a batch every quarter second."""
     folder = tmp_path_factory.mktemp("agent")
+    return simulated_outbox(folder, "sink-test", DEMO_DBC, 60, "[batch]\nmax_age_ms = 250\n")
+
+
+def simulated_outbox(folder: Path, vehicle: str, dbc: Path, seconds: int, more: str = "") -> Path:
+    """The batch files of an agent that simulates `seconds` of the traffic of `dbc`, as
+    fast as it goes; `more`: more of its config."""
     config = folder / "agent.toml"
     config.write_text(
-        f'vehicle_id = "sink-test"\nstate_dir = "{folder}"\n'
-        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = 60\n'
-        f'dbc = ["{DEMO_DBC}"]\n[batch]\nmax_age_ms = 250\n'
+        f'vehicle_id = "{vehicle}"\nstate_dir = "{folder}"\n'
+        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = {seconds}\n'
+        f'dbc = ["{dbc}"]\n{more}'
         f'[uplink]\nkind = "file"\nurl = "{folder / "outbox"}"\n[metrics]\nlisten = ""\n'
     )
     result = run_agent(config)
@@ -123,10 +130,10 @@ def batch_files(outbox: Path) -> list[Path]:
     return sorted(outbox.glob(f"*{SUFFIX}"))
 
 
-def wait_for(check: object, what: str, timeout: float = 30) -> None:
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return
         time.sleep(0.05)
     raise TimeoutError(what)
@@ -519,40 +526,43 @@ CLOCK_DBC = """VERSION ""
 NS_ :
 BS_:
 BU_: ECU
-BO_ 1280 Clock: 3 ECU
+BO_ 1280 Clock: 4 ECU
  SG_ time : 0|8@1+ (1,0) [0|255] "s" ECU
  SG_ Date : 8|8@1+ (1,0) [0|31] "" ECU
  SG_ Hours : 16|8@1+ (1,0) [0|23] "h" ECU
+ SG_ signal_time : 24|8@1+ (1,0) [0|255] "s" ECU
 """
 
 
 def test_signals_named_as_the_lakes_own_columns_keep_their_values(tmp_path: Path) -> None:
     # A signal `time` would take the place of the time column, and one `Date` would be
-    # hidden by the partition key `date` in engines that ignore case.
+    # hidden by the partition key `date` in engines that ignore case; `signal_time` must
+    # not then meet the renamed `time`. The vehicle's name is kept as Hive keeps it, UTF-8
+    # as it is, so that Spark and Athena read it back as DuckDB does.
     dbc = tmp_path / "clock.dbc"
     dbc.write_text(CLOCK_DBC)
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'vehicle_id = "clock"\nstate_dir = "{tmp_path}"\n'
-        f'[[bus]]\nname = "can0"\nsource = "simulate"\npace = "max"\nduration_s = 5\n'
-        f'dbc = ["{dbc}"]\n'
-        f'[uplink]\nkind = "file"\nurl = "{tmp_path / "outbox"}"\n[metrics]\nlisten = ""\n'
-    )
-    result = run_agent(config)
-    assert result.returncode == 0, result.stderr
-    outbox = tmp_path / "outbox"
+    outbox = simulated_outbox(tmp_path, "Uhr ä=1", dbc, 5)
     lake = tmp_path / "lake"
     receiver = Receiver(ParquetSink(lake))
-    for path in [*outbox.glob(f"*{SCHEMA_SUFFIX}"), *batch_files(outbox)]:
-        receiver.accept(path.read_bytes(), str(path))
+    accept_files(receiver, outbox, set())
     receiver.finish()
     assert receiver.stats.rejected == 0
-    renamed = {"time": "signal_time", "Date": "signal_Date", "Hours": "Hours"}
+    renamed = {
+        "time": "signal_time",
+        "Date": "signal_Date",
+        "Hours": "Hours",
+        "signal_time": "signal_signal_time",
+    }
     sent = values_of(outbox, batch_files(outbox))
     assert {name for _, name, _, _ in sent} == set(renamed)
     assert lake_values(lake) == Counter(
         {(m, renamed[name], t, v): n for (m, name, t, v), n in sent.items()}
     )
+    assert [p.name for p in lake.iterdir() if p.name.startswith("vehicle=")] == [
+        "vehicle=Uhr ä%3D1"
+    ]
+    dataset = pads.dataset(lake, format="parquet", partitioning="hive")
+    assert set(dataset.to_table(columns=["vehicle"]).column("vehicle").to_pylist()) == {"Uhr ä=1"}
 
 
 def test_a_quiet_receiver_closes_its_parquet_files_by_age(outbox: Path, tmp_path: Path) -> None:

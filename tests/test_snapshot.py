@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.decode import ALL_BUSES, Decoder, default_cache_dir
 from agent.logs import open_log
 from agent.snapshot import LastValues
+from agent.wire.snapshot import named
 from harness.campaigns import agent_config, wait_checkins
 from harness.data import TESLA_DBC, TESLA_LOG
 from harness.services import agent_command, broker
@@ -93,3 +95,41 @@ def test_a_running_agent_answers_a_snapshot_now(tmp_path: Path, signals: list[st
     assert speed["unit"] == "km/h" and 0 <= speed["value"] <= 300
     # The value is from the last decoded batch: a batch's age (200 ms) old, and its way.
     assert asked - 10.0 < speed["t"] <= time.time()
+
+
+@pytest.mark.parametrize(
+    ("patterns", "message", "signal", "expected"),
+    [
+        ([], "VehicleSpeed", "Speed", True),
+        (["Speed"], "VehicleSpeed", "Speed", True),
+        (["VehicleSpeed.Speed"], "VehicleSpeed", "Speed", True),
+        (["Other.Speed"], "VehicleSpeed", "Speed", False),
+        (["Spe*"], "VehicleSpeed", "Speed", True),
+        # A window statistic: its signal's name has a dot.
+        (["Speed.mean"], "VehicleSpeed", "Speed.mean", True),
+        (["*.mean"], "VehicleSpeed", "Speed.mean", True),
+        (["VehicleSpeed.Speed.*"], "VehicleSpeed", "Speed.max", True),
+        (["Speed"], "VehicleSpeed", "Speed.mean", False),
+    ],
+)
+def test_a_snapshots_patterns_name_signals_and_window_statistics(
+    patterns: list[str], message: str, signal: str, expected: bool
+) -> None:
+    assert named(patterns, message, signal) is expected
+
+
+def test_a_snapshot_from_a_database_that_does_not_answer_ends_at_its_timeout() -> None:
+    # A socket that listens but never answers: the command must give up, not hang.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/test"
+        result = subprocess.run(
+            agent_command("snapshot", "--vehicle", "v1", "--postgres", url, "--timeout", "1"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "telemetry-agent snapshot: PostgreSQL:" in result.stderr

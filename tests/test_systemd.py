@@ -22,7 +22,7 @@ from agent.config import parse_config, restart_changes
 from agent.notify import Notifier
 from agent.service import Agent
 from agent.sources.socketcan import SocketCanSource
-from harness.data import REPO
+from harness import REPO
 from harness.outputs import outbox_lines
 from harness.services import agent_command
 

@@ -22,7 +22,8 @@ from agent.wire import telemetry_pb2 as pb
 from agent.wire.columns import deltas, segment_sums, unzigzag, zigzag
 from agent.wire.encoder import BatchEncoder
 from agent.wire.envelope import WireBatch, WireError, read_envelope
-from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, REPO, TRUCK_DBC, TRUCK_LOG
+from harness import REPO
+from harness.data import RAV4_ADAS_DBC, RAV4_LOG, RAV4_PT_DBC, TRUCK_DBC, TRUCK_LOG
 from harness.outputs import records
 from harness.services import agent_command
 from tests.oracle import batch_of

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from agent.cloud.control import control_client, control_options, link_errors, target
-from agent.snapshot import named
+from agent.wire.snapshot import named
 
 
 async def ask(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -31,7 +31,7 @@ def stored(args: argparse.Namespace) -> dict[str, Any] | None:
     units, numbers as doubles."""
     from agent.cloud.sinks.postgres import latest_values
 
-    rows = latest_values(args.postgres, args.postgres_schema, args.vehicle)
+    rows = latest_values(args.postgres, args.postgres_schema, args.vehicle, args.timeout)
     if not rows:
         return None
     return {
@@ -52,8 +52,15 @@ def stored(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def run_snapshot(args: argparse.Namespace) -> int:
     if args.postgres:
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:
+            print(
+                "telemetry-agent snapshot: --postgres needs the cloud extra: "
+                "pip install 'vehicle-telemetry-agent[cloud]'",
+                file=sys.stderr,
+            )
+            return 1
         try:
             answer = stored(args)
         except psycopg.Error as error:
@@ -124,6 +131,11 @@ def add_parser(commands: Any) -> None:
         help="the receivers' PostgreSQL schema (default telemetry)",
     )
     snapshot.add_argument("--vehicle", required=True, help="the vehicle to ask")
-    snapshot.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
+    snapshot.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for the vehicle's answer, or for PostgreSQL",
+    )
     snapshot.add_argument("--json", action="store_true", help="the answer as it came")
     snapshot.set_defaults(handler=run_snapshot)

@@ -164,7 +164,7 @@ class AggregateSettings(ModeSettings):
 
 
 @register
-class Aggregate(Mode):
+class Aggregate(Mode[AggregateSettings]):
     name = "aggregate"
     Settings = AggregateSettings
 
@@ -174,16 +174,10 @@ class Aggregate(Mode):
         targets: Sequence[Target],
         buses: Sequence[str],
         references: Mapping[str, Reference],
-        windows: tuple[int, tuple[str, ...]] | None = None,
     ) -> None:
-        """`windows`: the window length in ms and the statistics, where they are not the
-        rule's own (a sample rule's mean)."""
         super().__init__(rule, targets, buses, references)
-        if windows is None:
-            settings = rule.settings
-            assert isinstance(settings, AggregateSettings)
-            windows = settings.window_ms, settings.stats
-        length_ms, self.stats = windows
+        self.stats = self.settings.stats
+        length_ms = self.settings.window_ms
         self.length_ns = length_ms * 1_000_000
         self.selections = {
             id(target): replace(

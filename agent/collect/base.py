@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -324,7 +324,10 @@ def assemble(
     )
 
 
-class Mode(abc.ABC):
+S = TypeVar("S", bound=ModeSettings)
+
+
+class Mode(abc.ABC, Generic[S]):
     """How a rule keeps the signals it selects. One instance per rule; it holds whatever the
     rule needs across batches (open windows, last values sent, a trigger's ring buffer)."""
 
@@ -354,8 +357,10 @@ class Mode(abc.ABC):
         references: Mapping[str, Reference],
     ) -> None:
         """`targets`: the signals the rule selects; `buses`: the buses it applies to;
-        `references`: the signals its condition names."""
+        `references`: the signals its condition names. The collector has checked that the
+        rule's settings are of the mode's `Settings`."""
         self.rule = rule
+        self.settings = cast(S, rule.settings)
         self.buses = frozenset(buses)
         self.references = references
         self.targets: dict[str, list[Target]] = {}
@@ -393,9 +398,11 @@ class Mode(abc.ABC):
         return None
 
 
-MODES: dict[str, type[Mode]] = {}
+MODES: dict[str, type[Mode[Any]]] = {}
+
+M = TypeVar("M", bound=type[Mode[Any]])
 
 
-def register(mode: type[Mode]) -> type[Mode]:
+def register(mode: M) -> M:
     MODES[mode.name] = mode
     return mode

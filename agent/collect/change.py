@@ -96,13 +96,17 @@ class ChangeSettings(ModeSettings):
         number = (int, float)
         return cls(
             deadband=float(check.get(data, where, "deadband", number, cls.deadband, band)),
-            deadband_rel=float(check.get(data, where, "deadband_rel", number, 0.0, band)),
-            heartbeat_ms=check.get(data, where, "heartbeat_ms", int, 0, duration(0, DAY_MS)),
+            deadband_rel=float(
+                check.get(data, where, "deadband_rel", number, cls.deadband_rel, band)
+            ),
+            heartbeat_ms=check.get(
+                data, where, "heartbeat_ms", int, cls.heartbeat_ms, duration(0, DAY_MS)
+            ),
         )
 
 
 @register
-class Change(Mode):
+class Change(Mode[ChangeSettings]):
     name = "change"
     Settings = ChangeSettings
 
@@ -114,9 +118,6 @@ class Change(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        settings = rule.settings
-        assert isinstance(settings, ChangeSettings)
-        self.settings = settings
         # Per target, channel, column and sender.
         self.deadbands: dict[tuple[Target, str, int, int], Deadband] = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,9 +34,17 @@ class Collector:
 
     def __init__(self, rules: Sequence[CollectRule], decoders: Mapping[str, Decoder]) -> None:
         problems = []
-        self.rules: list[Mode] = []
+        self.rules: list[Mode[Any]] = []
         for rule in rules:
             buses = list(rule.buses) or list(decoders)
+            settings = MODES[rule.mode].Settings
+            if not isinstance(rule.settings, settings):
+                # Only code builds rules by hand; the config file's come with their own.
+                problems.append(
+                    f"collect rule {rule.name!r}: mode {rule.mode} takes {settings.__name__}, "
+                    f"not {type(rule.settings).__name__}"
+                )
+                continue
             try:
                 targets = _targets(rule, buses, decoders)
                 references = _references(rule, buses, decoders)

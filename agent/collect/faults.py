@@ -26,7 +26,7 @@ from agent.collect.base import (
     Target,
     register,
 )
-from agent.collect.rules import CollectRule
+from agent.collect.rules import CollectRule, ModeSettings
 from agent.decode import MessageInfo
 from agent.j1939.faults import ACTIVE, DM1, DM2, FAULTS_SOURCE, FIELDS, NAMES, dm_frames, read_dm
 
@@ -34,7 +34,7 @@ _COLUMNS = (*FIELDS, ACTIVE)
 
 
 @register
-class Faults(Mode):
+class Faults(Mode[ModeSettings]):
     name = "faults"
     no_signals = "sends DM1/DM2 faults, not signals"
 

@@ -17,7 +17,7 @@ from agent.decode.text import TextArray, text_present
 
 
 @register
-class KeepAll(Mode):
+class KeepAll(Mode[ModeSettings]):
     name = "all"
 
     @classmethod

@@ -40,7 +40,7 @@ class RawSettings(ModeSettings):
 
 
 @register
-class Raw(Mode):
+class Raw(Mode[RawSettings]):
     name = "raw"
     Settings = RawSettings
     no_signals = "takes whole frames: use messages or ids"
@@ -57,10 +57,8 @@ class Raw(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        settings = rule.settings
-        assert isinstance(settings, RawSettings)
-        self.ids = np.array(sorted(settings.ids), np.uint32)
-        self.everything = not rule.messages and not settings.ids
+        self.ids = np.array(sorted(self.settings.ids), np.uint32)
+        self.everything = not rule.messages and not self.settings.ids
         # Remote frames carry no data to decode: they are matched by their messages' IDs.
         self.remote = {
             bus: np.array(

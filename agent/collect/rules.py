@@ -6,27 +6,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Self
+from dataclasses import dataclass, field
+from typing import Any
 
-from agent.config import Checker, one_of
+from agent.config import Checker, Settings, one_of
 from agent.diagnostics.settings import no_stream
 
 
 @dataclass(frozen=True)
-class ModeSettings:
-    """A mode's own keys of a [[collect]] table: a frozen dataclass declared beside the
-    mode, whose fields are the keys with their defaults, and whose `parse` reads them.
-    A mode without keys of its own has this one."""
-
-    @classmethod
-    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
-        """The settings in a [[collect]] table, with every problem added to `check`."""
-        return cls()
-
-    @classmethod
-    def own_keys(cls) -> frozenset[str]:
-        return frozenset(f.name for f in fields(cls))
+class ModeSettings(Settings):
+    """A rule mode's own keys of a [[collect]] table; a mode without keys of its own has
+    this one. A reload applies them: changed rules start afresh."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,9 @@ def parse_rules(check: Checker, tables: Any, buses: set[str]) -> tuple[CollectRu
 
 
 def _rule(check: Checker, data: Any, where: str, buses: set[str]) -> CollectRule | None:
-    from agent.collect.base import MODES  # the modes register on the package's import
+    # Not at the top: each mode's module imports this one for ModeSettings. By the time a
+    # rule is read, the package's import has registered every mode.
+    from agent.collect.base import MODES
 
     if not isinstance(data, dict):
         check.problems.append(f"{where}: expected a table")
@@ -86,15 +78,7 @@ def _rule(check: Checker, data: Any, where: str, buses: set[str]) -> CollectRule
     if "mode" not in data:
         check.problems.append(f"{where}.mode: missing (one of {', '.join(modes)})")
     kind = MODES.get(mode)
-    own = kind.Settings.own_keys() if kind else frozenset()
-    for key in data:
-        if key in RULE_KEYS or key in own:
-            continue
-        other = [m for m, k in MODES.items() if key in k.Settings.own_keys()]
-        if other and mode:
-            check.problems.append(f"{where}.{key}: does not apply to mode {mode!r}")
-        elif not other:
-            check.problems.append(f"{where}.{key}: unknown key")
+    check.component_keys(data, where, RULE_KEYS, ("mode", mode), lambda m: MODES[m].Settings, modes)
     signals = _names(check, data, where, "signals")
     if kind is not None and kind.no_signals and signals:
         check.problems.append(f"{where}.signals: mode {mode} {kind.no_signals}")

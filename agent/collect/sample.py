@@ -7,13 +7,13 @@ the stream), so values of one period can come over several batches."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.collect.aggregate import Aggregate
+from agent.collect.aggregate import Aggregate, AggregateSettings
 from agent.collect.base import (
     BusBatch,
     Collected,
@@ -93,7 +93,7 @@ class SampleSettings(ModeSettings):
 
 
 @register
-class Sample(Mode):
+class Sample(Mode[SampleSettings]):
     name = "sample"
     Settings = SampleSettings
 
@@ -109,13 +109,13 @@ class Sample(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        settings = rule.settings
-        assert isinstance(settings, SampleSettings)
-        self.reduce = settings.reduce
-        self.period_ns = settings.period_ms * 1_000_000
+        period_ms = self.settings.period_ms
+        self.period_ns = period_ms * 1_000_000
+        # The period's mean is an aggregate of the one statistic.
+        windows = AggregateSettings(window_ms=period_ms, stats=("mean",))
         self.mean = (
-            Aggregate(rule, targets, buses, references, (settings.period_ms, ("mean",)))
-            if settings.reduce == "mean"
+            Aggregate(replace(rule, settings=windows), targets, buses, references)
+            if self.settings.reduce == "mean"
             else None
         )
         # Per target and channel, and per column and sender: the value chosen so far in the
@@ -130,7 +130,7 @@ class Sample(Mode):
         if self.mean is not None:
             self.mean.collect(batch, out)
             return
-        reduce = self.reduce
+        reduce = self.settings.reduce
         for target, block in self.blocks(batch):
             opened = self.open.setdefault((target, block.bus), {})
             closed = []

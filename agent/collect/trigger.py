@@ -73,7 +73,9 @@ class TriggerSettings(ModeSettings):
             when=when,
             before_ms=check.get(data, where, "before_ms", int, cls.before_ms, capture),
             after_ms=check.get(data, where, "after_ms", int, cls.after_ms, capture),
-            min_interval_ms=check.get(data, where, "min_interval_ms", int, 0, duration(0, DAY_MS)),
+            min_interval_ms=check.get(
+                data, where, "min_interval_ms", int, cls.min_interval_ms, duration(0, DAY_MS)
+            ),
             edge=check.get(data, where, "edge", str, cls.edge, one_of(EDGES)),
         )
         if settings.before_ms == settings.after_ms == 0:
@@ -85,7 +87,7 @@ class TriggerSettings(ModeSettings):
 
 
 @register
-class Trigger(Mode):
+class Trigger(Mode[TriggerSettings]):
     name = "trigger"
     Settings = TriggerSettings
 
@@ -101,10 +103,9 @@ class Trigger(Mode):
         references: Mapping[str, Reference],
     ) -> None:
         super().__init__(rule, targets, buses, references)
-        settings = rule.settings
-        assert isinstance(settings, TriggerSettings) and settings.when is not None
+        settings = self.settings
+        assert settings.when is not None  # parse refuses a rule without
         self.when = settings.when
-        self.edge = settings.edge
         self.before_ns = settings.before_ms * _NS_PER_MS
         self.after_ns = settings.after_ms * _NS_PER_MS
         self.min_interval_ns = settings.min_interval_ms * _NS_PER_MS
@@ -186,7 +187,7 @@ class Trigger(Mode):
         true = self.when.evaluate(timeline, held, series)
         for name, (_, value) in values.items():
             self.held[name] = float(value[-1])
-        if self.edge == "rising":
+        if self.settings.edge == "rising":
             before = np.concatenate([[self.was_true], true[:-1]])
             firing = true & ~before
         else:

@@ -6,11 +6,11 @@ import abc
 import asyncio
 import importlib
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Self, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
-from agent.config import BusConfig, Checker
+from agent.config import BusConfig, Settings
 from agent.frames import FrameBatch
 from agent.sources import KINDS
 
@@ -57,19 +57,9 @@ class SourceStats:
 
 
 @dataclass(frozen=True)
-class SourceSettings:
-    """A source's own keys of a [[bus]] table: a frozen dataclass declared beside the
-    source, whose fields are the keys with their defaults, and whose `parse` reads them.
-    None of them changes on a reload: a bus's settings take a restart."""
-
-    @classmethod
-    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
-        """The settings in a [[bus]] table, with every problem added to `check`."""
-        return cls()
-
-
-def settings_keys(settings: type[SourceSettings]) -> set[str]:
-    return {f.name for f in fields(settings)}
+class SourceSettings(Settings):
+    """A source's own keys of a [[bus]] table. None of them changes on a reload: a bus's
+    settings take a restart."""
 
 
 class Source(abc.ABC):

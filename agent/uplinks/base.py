@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Self, TypeVar
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
-from agent.config import Checker, UplinkConfig
+from agent.config import Settings, UplinkConfig
 from agent.uplinks import KINDS
 from agent.wire.envelope import WireBatch
 
@@ -18,19 +17,9 @@ class UplinkError(Exception):
 
 
 @dataclass(frozen=True)
-class UplinkSettings:
-    """An uplink's own keys of the [uplink] table: a frozen dataclass declared beside the
-    uplink, whose fields are the keys with their defaults, and whose `parse` reads them.
-    A reload applies them all: a changed [uplink] replaces the uplink."""
-
-    @classmethod
-    def parse(cls, check: Checker, data: Mapping[str, Any], where: str) -> Self:
-        """The settings in the [uplink] table, with every problem added to `check`."""
-        return cls()
-
-
-def settings_keys(settings: type[UplinkSettings]) -> set[str]:
-    return {f.name for f in fields(settings)}
+class UplinkSettings(Settings):
+    """An uplink's own keys of the [uplink] table. A reload applies them all: a changed
+    [uplink] replaces the uplink."""
 
 
 class Uplink(abc.ABC):

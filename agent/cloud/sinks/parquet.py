@@ -69,8 +69,18 @@ def _write_atomically(path: Path, write: object) -> None:
     _fsync_dir(path.parent)
 
 
+#: What Hive escapes in a partition value (as %XX): control characters and those that mean
+#: something in a path or a partition. Everything else, UTF-8 included, stays as it is, as
+#: Spark and Athena read it back; they decode each escaped byte as a character of its own.
+_ESCAPED = frozenset("\"#%'*/:=?\\{[]^\x7f") | {chr(c) for c in range(1, 0x20)}
+
+
+def _escape(value: str) -> str:
+    return "".join(f"%{ord(c):02X}" if c in _ESCAPED else c for c in value)
+
+
 def _folder(root: Path, partition: Partition) -> Path:
-    vehicle, message, date = (urllib.parse.quote(p, safe="") for p in partition)
+    vehicle, message, date = (_escape(p) for p in partition)
     return root / f"vehicle={vehicle}" / f"message={message}" / f"date={date}"
 
 
@@ -205,8 +215,11 @@ def _block_table(block: ReceivedBlock) -> pa.Table:
 
 def _column(signal: str) -> str:
     """A signal's column: its name, or `signal_NAME` where the name is one of the lake's own
-    columns (a signal `Date` or `time`), whose values it would replace or be hidden by."""
-    return f"signal_{signal}" if signal.lower() in OWN_COLUMNS else signal
+    columns (a signal `Date` or `time`), whose values it would replace or be hidden by. A
+    name that starts with `signal_` takes the prefix too, so that a message with signals
+    `time` and `signal_time` keeps both."""
+    renamed = signal.lower() in OWN_COLUMNS or signal.lower().startswith("signal_")
+    return f"signal_{signal}" if renamed else signal
 
 
 def _raw_table(raw: ReceivedRaw) -> pa.Table:

@@ -9,6 +9,7 @@ the versions in `MIGRATIONS` (docs/sinks.md describes the tables).
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from collections.abc import Sequence
 from datetime import UTC
@@ -154,17 +155,21 @@ def migrate(connection: psycopg.Connection[TupleRow], schema: str) -> int:
 
 
 def latest_values(
-    url: str, schema: str, vehicle: str
+    url: str, schema: str, vehicle: str, timeout_s: float
 ) -> list[tuple[str, str, str, float | str, float]]:
     """A vehicle's newest value of each signal in `schema`'s latest tables: bus, message,
     signal, value (a double, or the text of a text signal) and Unix seconds; of a signal
-    that several collection rules keep, the newest of theirs."""
+    that several collection rules keep, the newest of theirs. A database that does not
+    answer within `timeout_s` is an error, not a wait."""
     query = sql.SQL(
         "SELECT DISTINCT ON (bus, message, signal) bus, message, signal, "
         "value, text, extract(epoch FROM time)::float8 "
         "FROM {}.latest_values WHERE vehicle = %s ORDER BY bus, message, signal, time DESC"
     ).format(sql.Identifier(schema))
-    with psycopg.connect(url) as connection:
+    whole_seconds = max(1, math.ceil(timeout_s))
+    with psycopg.connect(url, connect_timeout=whole_seconds) as connection:
+        timeout = sql.SQL("SET statement_timeout = {}").format(sql.Literal(whole_seconds * 1000))
+        connection.execute(timeout)
         rows = connection.execute(query, (vehicle,)).fetchall()
     return [
         (str(bus), str(message), str(signal), text if value is None else float(value), float(t))
