@@ -4,6 +4,7 @@ blocks a rule keeps, and the interface every mode implements."""
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
@@ -327,6 +328,14 @@ def assemble(
 S = TypeVar("S", bound=ModeSettings)
 
 
+class Selects(enum.Enum):
+    """Which DBC signals a rule of a mode takes."""
+
+    SIGNALS = "signals"  # those its `signals` patterns name
+    MESSAGES = "messages"  # all of the messages its `messages` name (none named: none)
+    NOTHING = "nothing"  # none: it reads frames of its own
+
+
 class Mode(abc.ABC, Generic[S]):
     """How a rule keeps the signals it selects. One instance per rule; it holds whatever the
     rule needs across batches (open windows, last values sent, a trigger's ring buffer)."""
@@ -334,9 +343,12 @@ class Mode(abc.ABC, Generic[S]):
     name: ClassVar[str]
     #: Its own keys of a [[collect]] table; the rule's `settings` are of this type
     Settings: ClassVar[type[ModeSettings]] = ModeSettings
+    selects: ClassVar[Selects] = Selects.SIGNALS
     #: Why a rule of the mode takes no `signals` (it keeps frames, or faults); empty: it
     #: needs them
     no_signals: ClassVar[str] = ""
+    #: What it reads that only J1939 buses carry; a rule of it needs such a bus
+    reads_j1939: ClassVar[str] = ""
 
     @classmethod
     def takes_text(cls, settings: ModeSettings) -> bool:

@@ -10,7 +10,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.collect.base import MODES, BusBatch, Collected, Mode, Reference, Selection, Target
+from agent.collect.base import (
+    MODES,
+    BusBatch,
+    Collected,
+    Mode,
+    Reference,
+    Selection,
+    Selects,
+    Target,
+)
 from agent.collect.rules import CollectRule
 from agent.decode import DecodedBatch, Decoder, MessagePlan
 from agent.frames import FrameBatch
@@ -114,15 +123,15 @@ def _targets(
     rule: CollectRule, buses: Sequence[str], decoders: Mapping[str, Decoder]
 ) -> list[Target]:
     targets: list[Target] = []
-    if rule.mode == "faults":
-        if not any(decoders[bus].is_j1939(bus) for bus in buses):
-            raise CollectError(
-                f"mode faults reads J1939 DM1/DM2 messages: no bus of {', '.join(buses)} "
-                "is J1939 (j1939 = true)"
-            )
-        return targets  # DM1/DM2 of its J1939 buses, no DBC message
-    if rule.mode == "raw" and not rule.messages:
-        return targets  # the frames of its IDs, or all
+    mode = MODES[rule.mode]
+    if mode.reads_j1939 and not any(decoders[bus].is_j1939(bus) for bus in buses):
+        raise CollectError(
+            f"mode {rule.mode} reads J1939 {mode.reads_j1939}: no bus of {', '.join(buses)} "
+            "is J1939 (j1939 = true)"
+        )
+    whole = mode.selects is Selects.MESSAGES
+    if mode.selects is Selects.NOTHING or (whole and not rule.messages):
+        return targets
     # A pattern with a dot names Message.Signal; without, the signal's own name.
     messages = _pattern(rule.messages)
     plain = _pattern([g for g in rule.signals if "." not in g])
@@ -131,7 +140,7 @@ def _targets(
         for plan in decoders[bus].messages(bus):
             if rule.messages and not messages.match(plan.info.name):
                 continue
-            if rule.mode == "raw":
+            if whole:
                 columns = np.arange(len(plan.signals), dtype=np.intp)
             else:
                 columns = np.array(
@@ -142,7 +151,7 @@ def _targets(
                     ],
                     np.intp,
                 )
-            if not MODES[rule.mode].takes_text(rule.settings):
+            if not mode.takes_text(rule.settings):
                 columns = _numbers(rule, plan, columns)
             if len(columns):
                 selection = Selection(
@@ -150,8 +159,8 @@ def _targets(
                 )
                 by_sender = decoders[bus].is_j1939(bus) and plan.info.is_extended
                 targets.append(Target(bus, plan, columns, selection, by_sender))
-    if rule.mode == "raw":
-        if rule.messages and not targets:
+    if whole:
+        if not targets:
             raise CollectError(f"no message matches {', '.join(rule.messages)}")
     elif not targets:
         where = f" in messages {', '.join(rule.messages)}" if rule.messages else ""

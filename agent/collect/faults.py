@@ -23,6 +23,7 @@ from agent.collect.base import (
     Mode,
     Reference,
     Selection,
+    Selects,
     Target,
     register,
 )
@@ -36,7 +37,9 @@ _COLUMNS = (*FIELDS, ACTIVE)
 @register
 class Faults(Mode[ModeSettings]):
     name = "faults"
+    selects = Selects.NOTHING  # DM1/DM2 of its J1939 buses, which no DBC need describe
     no_signals = "sends DM1/DM2 faults, not signals"
+    reads_j1939 = "DM1/DM2 messages"
 
     def __init__(
         self,

@@ -14,7 +14,16 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from agent.collect.base import BusBatch, Collected, Mode, RawCapture, Reference, Target, register
+from agent.collect.base import (
+    BusBatch,
+    Collected,
+    Mode,
+    RawCapture,
+    Reference,
+    Selects,
+    Target,
+    register,
+)
 from agent.collect.rules import CollectRule, ModeSettings
 from agent.config import Checker
 from agent.frames import FrameBatch, FrameFlag
@@ -43,6 +52,7 @@ class RawSettings(ModeSettings):
 class Raw(Mode[RawSettings]):
     name = "raw"
     Settings = RawSettings
+    selects = Selects.MESSAGES  # whole frames: of its messages, of its IDs, or all
     no_signals = "takes whole frames: use messages or ids"
 
     @classmethod
