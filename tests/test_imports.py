@@ -79,3 +79,14 @@ def test_the_benchmarks_load_nothing_of_the_tests() -> None:
     modules = loaded("\n".join(f"import bench.{name}" for name in benchmarks))
     assert {"bench.soak", "harness.services"} <= modules
     assert not {m for m in modules if m == "tests" or m.startswith("tests.")}
+
+
+def test_the_command_line_loads_the_cloud_tools_only_when_one_runs() -> None:
+    # Every command starts by building the parser: `decode` on a short log must not pay
+    # for asyncio, TLS or the config file, which only the fleet's tools and `run` need.
+    modules = loaded(
+        "from agent.commands import build_parser\n"
+        "build_parser().parse_args(['decode', 'a.log', '--dbc', 'a.dbc'])"
+    )
+    assert "agent.cloud.snapshot" in modules
+    assert not {"asyncio", "ssl", "agent.config"} & modules

@@ -6,7 +6,6 @@ them, publishes them retained to vehicles or groups, and reads the fleet's check
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import os
@@ -249,6 +248,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, work: Any) -> int:
+    import asyncio
+
     from agent.cloud.control import link_errors, target
 
     try:

@@ -6,7 +6,6 @@ holds the vehicles' gRPC Control calls (`--grpc`). One interface, two ways to re
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -15,11 +14,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.config import URL_SCHEMES, TlsConfig, split_url
-
 if TYPE_CHECKING:
     import aiomqtt
     from grpc import aio
+
+    from agent.config import TlsConfig
 
 #: How long reading check-ins over MQTT waits for more after the last one came (retained
 #: messages come at once after the subscription).
@@ -45,6 +44,8 @@ class Control(Protocol):
 
 
 def _tls(args: argparse.Namespace, use_tls: bool) -> TlsConfig | None:
+    from agent.config import TlsConfig
+
     if not use_tls and not args.ca_file:
         return None
     files = (args.ca_file, args.cert_file, args.key_file)
@@ -65,6 +66,7 @@ def mqtt_client(args: argparse.Namespace) -> aiomqtt.Client:
     """A client of the broker that `--mqtt` and the TLS options name."""
     import aiomqtt
 
+    from agent.config import URL_SCHEMES, split_url
     from agent.tls import client_context
 
     host, port, use_tls = split_url(args.mqtt, URL_SCHEMES["mqtt"])
@@ -83,6 +85,8 @@ class MqttControl:
         self.client = client
 
     async def checkins(self, vehicles: Sequence[str]) -> list[dict[str, Any]]:
+        import asyncio
+
         from agent.campaigns.link import checkin_topic
 
         found: dict[str, dict[str, Any]] = {}
@@ -101,6 +105,8 @@ class MqttControl:
     async def snapshot(
         self, vehicle: str, request: dict[str, Any], timeout: float
     ) -> dict[str, Any] | None:
+        import asyncio
+
         from agent.campaigns.link import SNAPSHOT_ANSWER, SNAPSHOT_REQUEST
 
         await self.client.subscribe(SNAPSHOT_ANSWER.format(vehicle=vehicle), qos=1)
@@ -198,6 +204,7 @@ async def control_client(args: argparse.Namespace) -> AsyncIterator[Control]:
         async with mqtt_client(args) as client:
             yield MqttControl(client)
         return
+    from agent.config import URL_SCHEMES, split_url
     from agent.tls import grpc_channel
     from agent.wire.transport import channel_options
 

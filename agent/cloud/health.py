@@ -4,7 +4,6 @@ lines, docs/campaigns.md), as they come, through a broker or a receiver's gRPC s
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any
@@ -26,6 +25,8 @@ async def follow(args: argparse.Namespace) -> int:
 
 
 def run_health(args: argparse.Namespace) -> int:
+    import asyncio
+
     try:
         printed = asyncio.run(asyncio.wait_for(follow(args), args.timeout))
     except TimeoutError:

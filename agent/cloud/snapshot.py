@@ -6,7 +6,6 @@ answer (docs/campaigns.md)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import sys
@@ -51,6 +50,8 @@ def stored(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
+    import asyncio
+
     if args.postgres:
         try:
             import psycopg
