@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
     from agent.config import TlsConfig
 
+# asyncio and agent.config are imported in the functions that use them: every command
+# imports this module to build its parser, and must not pay for them (test_imports).
+
 #: How long reading check-ins over MQTT waits for more after the last one came (retained
 #: messages come at once after the subscription).
 QUIET_S = 0.5
