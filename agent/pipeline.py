@@ -65,7 +65,7 @@ class Pipeline:
         for mode in collector.rules if collector else ():
             # Every rule shows in the metrics from the start, at 0.
             self.metrics.collect_values.labels(mode.rule.name)
-            if mode.rule.mode == "trigger":
+            if mode.condition(mode.settings) is not None:  # a rule that fires
                 self.metrics.collect_triggers.labels(mode.rule.name)
 
     def frame_ids(self, bus: str) -> frozenset[tuple[int, bool]] | None:
