@@ -264,17 +264,16 @@ def _run(args: argparse.Namespace, work: Any) -> int:
 
 
 def _targets(parser: argparse.ArgumentParser) -> None:
-    from agent.cloud.control import tls_options
+    from agent.cloud.control import control_options
 
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mqtt", metavar="URL", help="mqtt[s]://HOST[:PORT]: the broker")
-    where.add_argument(
+    # A receiver's campaigns are files it watches, not something to send it over gRPC.
+    folder = (
         "--folder",
-        metavar="DIR",
-        help="the folder of a receiver that serves the vehicles' gRPC control calls "
+        "DIR",
+        "the folder of a receiver that serves the vehicles' gRPC control calls "
         "(receive --campaigns DIR)",
     )
-    tls_options(parser)
+    control_options(parser, grpc=False, other=folder)
     parser.add_argument("--vehicle", action="append", default=[], help="a vehicle; repeatable")
     parser.add_argument(
         "--group", action="append", default=[], help="a group of vehicles; repeatable"

@@ -224,19 +224,26 @@ def target(args: argparse.Namespace) -> str:
     return str(getattr(args, "grpc", None) or args.mqtt)  # push and remove have no --grpc
 
 
-def control_options(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """Where the fleet's control plane is: a broker, or a receiver's gRPC server; the group
-    of these options, for a command that has another place to ask."""
+def control_options(
+    parser: argparse.ArgumentParser,
+    grpc: bool = True,
+    other: tuple[str, str, str] | None = None,
+) -> None:
+    """Where the fleet's control plane is, one of: a broker, (`grpc`) a receiver's gRPC
+    server, or the command's `other` place to reach (option, metavar, help); then TLS."""
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--mqtt", metavar="URL", help="mqtt[s]://HOST[:PORT]: the broker")
-    where.add_argument(
-        "--grpc",
-        metavar="URL",
-        help="grpc[s]://HOST[:PORT] or HOST:PORT: a receiver the vehicles' control calls "
-        "reach (telemetry-agent receive --grpc-listen)",
-    )
+    if grpc:
+        where.add_argument(
+            "--grpc",
+            metavar="URL",
+            help="grpc[s]://HOST[:PORT] or HOST:PORT: a receiver the vehicles' control calls "
+            "reach (telemetry-agent receive --grpc-listen)",
+        )
+    if other is not None:
+        option, metavar, help_text = other
+        where.add_argument(option, metavar=metavar, help=help_text)
     tls_options(parser)
-    return where
 
 
 def tls_options(parser: argparse.ArgumentParser) -> None:

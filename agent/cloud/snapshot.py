@@ -119,12 +119,13 @@ def add_parser(commands: Any) -> None:
         "--postgres as its last batches brought them.",
     )
     snapshot.add_argument("signals", nargs="*", metavar="SIGNAL")
-    control_options(snapshot).add_argument(
+    postgres = (
         "--postgres",
-        metavar="URL",
-        help="read the last values that receivers wrote into PostgreSQL instead of asking the "
+        "URL",
+        "read the last values that receivers wrote into PostgreSQL instead of asking the "
         "vehicle (telemetry-agent receive --postgres; docs/sinks.md)",
     )
+    control_options(snapshot, other=postgres)
     snapshot.add_argument(
         "--postgres-schema",
         default="telemetry",
