@@ -7,7 +7,6 @@ block with a few array operations; values are scaled only when a snapshot is ask
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy.typing as npt
 
 from agent.decode import DecodedBatch, MessagePlan
 from agent.decode.text import text_present
-from agent.wire.snapshot import named
+from agent.wire.snapshot import answer_signal, named
 
 
 @dataclass
@@ -77,16 +76,6 @@ class LastValues:
                 value = last.texts.get(k)
                 if value is None:
                     value = info.physical(info.raw_from_bits(last.bits[k : k + 1])).tolist()[0]
-                if isinstance(value, float) and not math.isfinite(value):
-                    value = None
-                out.append(
-                    {
-                        "bus": bus,
-                        "message": message,
-                        "signal": info.name,
-                        "value": value,
-                        "unit": info.unit or "",
-                        "t": int(last.t_ns[k]) / 1e9,
-                    }
-                )
+                t = int(last.t_ns[k]) / 1e9
+                out.append(answer_signal(bus, message, info.name, value, info.unit or "", t))
         return out

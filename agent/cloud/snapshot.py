@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import uuid
 from typing import Any
 
 from agent.cloud.control import control_client, control_options, link_errors, target
-from agent.wire.snapshot import named
+from agent.wire.snapshot import answer_signal, named
 
 
 async def ask(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -35,14 +34,7 @@ def stored(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     return {
         "signals": [
-            {
-                "bus": bus,
-                "message": message,
-                "signal": signal,
-                "value": None if isinstance(value, float) and not math.isfinite(value) else value,
-                "unit": "",
-                "t": t,
-            }
+            answer_signal(bus, message, signal, value, "", t)
             for bus, message, signal, value, t in rows
             if named(args.signals, message, signal)
         ]

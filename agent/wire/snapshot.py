@@ -1,9 +1,12 @@
-"""What a snapshot request means on both ends: which signals its patterns name. The agent
-answers from its last decoded values, the cloud from the receivers' latest table."""
+"""What a snapshot means on both ends: which signals a request's patterns name, and the
+form of each signal in the answer. The agent answers from its last decoded values, the
+cloud from the receivers' latest table."""
 
 from __future__ import annotations
 
 import fnmatch
+import math
+from typing import Any
 
 
 def named(patterns: list[str], message: str, signal: str) -> bool:
@@ -15,3 +18,13 @@ def named(patterns: list[str], message: str, signal: str) -> bool:
         fnmatch.fnmatchcase(signal, p) or ("." in p and fnmatch.fnmatchcase(qualified, p))
         for p in patterns
     )
+
+
+def answer_signal(
+    bus: str, message: str, signal: str, value: float | str | None, unit: str, t: float
+) -> dict[str, Any]:
+    """One signal of an answer, as JSON carries it: a value that is not finite (NaN, inf)
+    is null, which JSON has, where it has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        value = None
+    return {"bus": bus, "message": message, "signal": signal, "value": value, "unit": unit, "t": t}
